@@ -1,0 +1,42 @@
+# make test: a virtualenv with everything the tests need, Chromium from Debian, then pytest.
+# make demo: the same setup, the demo trainings, then TensorBoard on 127.0.0.1:$(PORT).
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 6006
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test demo demo-retrain bench bench-plugin chromium setup clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements-test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-test.txt
+	$(BIN)/pip install -q -e .
+	touch $@
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; }
+
+test: $(STAMP) chromium
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python demo/run_all.py
+	$(BIN)/tensorboard --logdir demo/logs --host 127.0.0.1 --port $(PORT)
+
+demo-retrain: $(STAMP)
+	$(BIN)/python demo/run_all.py --retrain
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+bench-plugin: $(STAMP)
+	$(BIN)/python bench/plugin_scale.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

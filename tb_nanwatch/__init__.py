@@ -1,0 +1,19 @@
+"""tb_nanwatch: where did my TensorFlow training first go NaN or Inf?
+
+    import tb_nanwatch
+    model.fit(x, y, callbacks=[tb_nanwatch.NanWatchCallback("logs/run1")])
+
+`NanWatchCallback` (Keras) and `Watch` (custom training loops) import TensorFlow
+on first use; the reader, plugin and CLI never do.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["NanWatchCallback", "Watch", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("NanWatchCallback", "Watch"):
+        from tb_nanwatch import writer
+        return getattr(writer, name)
+    raise AttributeError("module 'tb_nanwatch' has no attribute %r" % name)

@@ -1,0 +1,193 @@
+"""Turns nanwatch records into runs x sites x rows.  TensorFlow-free.
+
+Reads through a TensorBoard data provider, so the plugin (RustBoard or the
+Python multiplexer behind `context.data_provider`) and the CLI (`open_logdir`)
+share every line of it.
+"""
+
+import json
+import logging
+
+import numpy as np
+from tensorboard import context as tb_context
+from tensorboard.data import provider as tb_provider
+
+from tb_nanwatch import metadata, stats
+
+logger = logging.getLogger(__name__)
+
+# read_tensors takes a sample cap; ask for everything that was kept.
+_ALL = 2**31 - 1
+
+
+class RunNotFound(KeyError):
+    """No nanwatch data for this run (or group)."""
+
+    def __str__(self):
+        return self.args[0] if self.args else "run not found"
+
+
+class RunData:
+    """Everything nanwatch logged for one (run, group).
+
+    rows[i, s, k] is statistic `stats.STATS[k]` of site s in the row ending at
+    steps[i]; flight rows likewise at step resolution.
+    """
+
+    def __init__(self, run, group, sites, steps, rows, flight_steps, flight_rows,
+                 first_nonfinite, events):
+        self.run = run
+        self.group = group
+        self.sites = sites
+        self.steps = steps
+        self.rows = rows
+        self.flight_steps = flight_steps
+        self.flight_rows = flight_rows
+        self.first_nonfinite = first_nonfinite
+        self.events = events
+
+    @property
+    def labels(self):
+        from tb_nanwatch.summary import site_label
+        return [site_label(s) for s in self.sites]
+
+    def site_index(self, layer, kind, tensor=""):
+        for i, s in enumerate(self.sites):
+            if s["layer"] == layer and s["kind"] == kind and s.get("tensor", "") == (tensor or ""):
+                return i
+        return None
+
+
+def _to_table_columns(matrix, stat_names):
+    """Maps columns named by the writer onto the current table (missing -> NaN)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if tuple(stat_names) == stats.STAT_NAMES:
+        return matrix
+    out = np.full(matrix.shape[:-1] + (len(stats.STATS),), np.nan)
+    for j, name in enumerate(stat_names):
+        if name in stats.STAT_INDEX:
+            out[..., stats.STAT_INDEX[name]] = matrix[..., j]
+    return out
+
+
+def _decode_string(datum):
+    value = datum.numpy
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return json.loads(value)
+
+
+def list_runs(provider, ctx, experiment_id):
+    """{run: sorted list of groups (None for the default site list)} with nanwatch rows."""
+    listing = provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME)
+    out = {}
+    for run, tags in listing.items():
+        for tag in tags:
+            parsed = metadata.parse_tag(tag)
+            if parsed and parsed[1] == metadata.ROWS:
+                out.setdefault(run, []).append(parsed[0])
+    return {run: sorted(groups, key=lambda g: g or "") for run, groups in sorted(out.items())}
+
+
+def read_run(provider, ctx, experiment_id, run, group=None):
+    """The RunData of `run`, or RunNotFound."""
+    tags = {record: metadata.tag(record, group) for record in metadata.RECORDS}
+    listing = provider.list_tensors(
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=list(tags.values())))
+    series = listing.get(run, {})
+    if tags[metadata.ROWS] not in series:
+        raise RunNotFound("no nanwatch data for run %r%s" % (run, "" if group is None else " group %r" % group))
+    content = metadata.parse_plugin_metadata(series[tags[metadata.ROWS]].plugin_content)
+    sites = content.get("sites", [])
+    stat_names = content.get("stats", stats.STAT_NAMES)
+    data = provider.read_tensors(
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
+        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[t for t in tags.values() if t in series]),
+    ).get(run, {})
+
+    def matrices(record):
+        got = [d for d in data.get(tags[record], []) if np.ndim(d.numpy) == 2 and d.numpy.shape[0] == len(sites)]
+        got.sort(key=lambda d: d.step)
+        steps = np.array([d.step for d in got], dtype=np.int64)
+        if not got:
+            return steps, np.zeros((0, len(sites), len(stats.STATS)))
+        return steps, _to_table_columns(np.stack([d.numpy for d in got]), stat_names)
+
+    steps, rows = matrices(metadata.ROWS)
+    flight_steps, flight_rows = matrices(metadata.FLIGHT)
+    first = None
+    for datum in data.get(tags[metadata.FIRST_NONFINITE], []):
+        try:
+            record = _decode_string(datum)
+        except (ValueError, UnicodeDecodeError) as e:
+            logger.warning("run %s: unreadable first_nonfinite record at step %s: %s", run, datum.step, e)
+            continue
+        if first is None or record.get("step", datum.step) < first.get("step", 0):
+            first = record
+    events = []
+    for datum in sorted(data.get(tags[metadata.EVENTS], []), key=lambda d: d.step):
+        try:
+            events.extend(_decode_string(datum))
+        except (ValueError, UnicodeDecodeError) as e:
+            logger.warning("run %s: unreadable events record at step %s: %s", run, datum.step, e)
+    return RunData(run, group, sites, steps, rows, flight_steps, flight_rows, first, events)
+
+
+FIRST_NONFINITE_FIELDS = ("step", "layer", "kind", "tensor", "nan", "posinf", "neginf")
+
+
+def first_nonfinite_json(run_data):
+    """The `first_nonfinite` object of `report --json` and `/first_nonfinite`: the contract
+    fields first (see FIRST_NONFINITE_FIELDS), then whatever else the writer recorded."""
+    first = run_data.first_nonfinite
+    if first is None:
+        first = _first_from_rows(run_data)
+    if first is None:
+        return None
+    out = {k: first.get(k, "" if k == "tensor" else 0) for k in FIRST_NONFINITE_FIELDS}
+    for k, v in first.items():
+        out.setdefault(k, v)
+    return out
+
+
+def _first_from_rows(run_data):
+    """Fallback when the record itself was lost (e.g. an old or truncated file): the
+    earliest first_nonfinite_step over all rows, in site (execution) order."""
+    best = None
+    for steps, rows in ((run_data.flight_steps, run_data.flight_rows), (run_data.steps, run_data.rows)):
+        if len(steps) == 0:
+            continue
+        first_col = rows[..., stats.STAT_INDEX["first_nonfinite_step"]]
+        for i in range(rows.shape[0]):
+            for s in range(rows.shape[1]):
+                step = first_col[i, s]
+                if not np.isnan(step) and (best is None or step < best[0]):
+                    best = (int(step), s, i, rows)
+    if best is None:
+        return None
+    step, s, i, rows = best
+    site = run_data.sites[s]
+    row = rows[i, s]
+    return dict(step=step, layer=site["layer"], kind=site["kind"], tensor=site.get("tensor", ""),
+                nan=int(np.nan_to_num(row[stats.STAT_INDEX["nan"]])),
+                posinf=int(np.nan_to_num(row[stats.STAT_INDEX["posinf"]])),
+                neginf=int(np.nan_to_num(row[stats.STAT_INDEX["neginf"]])),
+                source="rows")
+
+
+def open_logdir(logdir):
+    """(provider, ctx, experiment_id) for a logdir on disk, as TensorBoard's Python
+    loader reads it, keeping every record (the CLI's view of a logdir)."""
+    from tensorboard.backend.event_processing import data_provider as tb_data_provider
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(
+        size_guidance={event_accumulator.TENSORS: 0}, max_reload_threads=1)
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = tb_data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    return provider, tb_context.RequestContext(), ""

@@ -1,0 +1,137 @@
+"""The one table of site kinds and statistics.
+
+Writer, reader, plugin, CLI and frontend all take their names, meanings and
+aggregation rules from here (the frontend receives it from the `/info` route),
+so a statistic is added or renamed in exactly one place.
+
+A logged *row* covers the training steps since the previous row.  Two cadences:
+
+* ``every_step``: exact over every step of the row (the writer reduces each
+  watched tensor once per step, a ``reduce_sum``: a sum is non-finite whenever
+  any element is, so non-finite counts are computed exactly on the steps whose
+  sum says so, and are zero on all others).
+* sampled: computed on the row's last step (and on the first non-finite step),
+  over the *finite* elements only, so they stay meaningful when some are not.
+
+``aggregate`` says how rows combine when several are merged into one heatmap
+column or one report line: never by averaging away a NaN or an Inf.
+"""
+
+import collections
+
+import numpy as np
+
+# In the order they happen inside a training step.
+KINDS = (
+    "input",
+    "activation",        # a layer's output, forward order
+    "loss",
+    "activation_grad",   # gradient w.r.t. a layer's output, backward order
+    "weight_grad",
+    "optimizer_state",   # every slot the optimizer keeps, per variable
+    "weight",            # after the update
+)
+
+KIND_MEANINGS = {
+    "input": "the batch fed to the model",
+    "activation": "a layer's output",
+    "loss": "the training loss",
+    "activation_grad": "gradient of the loss w.r.t. a layer's output",
+    "weight_grad": "gradient of the loss w.r.t. a weight",
+    "optimizer_state": "a slot the optimizer keeps for a weight (e.g. Adam's velocity)",
+    "weight": "a weight after the optimizer update",
+}
+
+Stat = collections.namedtuple(
+    "Stat", ["name", "meaning", "aggregate", "every_step", "scale"]
+)
+# aggregate: how values of several rows combine: sum | min | max | mean (weighted by steps) | last
+# scale:     how the frontend colours it: log (magnitudes), linear, or count
+
+STATS = (
+    Stat("steps", "training steps this row covers", "sum", True, "linear"),
+    Stat("size", "elements in the tensor (0: the site was not computed, e.g. off the gradient path)", "max", True, "log"),
+    Stat("nan", "NaN elements, summed over every step of the row", "sum", True, "count"),
+    Stat("posinf", "+Inf elements, summed over every step of the row", "sum", True, "count"),
+    Stat("neginf", "-Inf elements, summed over every step of the row", "sum", True, "count"),
+    Stat("nonfinite_steps", "steps of the row at which the site held a NaN or Inf", "sum", True, "count"),
+    Stat("first_nonfinite_step", "first step of the row at which the site held a NaN or Inf (NaN: none)", "min", True, "linear"),
+    Stat("mean_every_step", "mean of the per-step means of the finite elements", "mean", True, "linear"),
+    Stat("min", "smallest finite element (row's last step)", "min", False, "linear"),
+    Stat("max", "largest finite element (row's last step)", "max", False, "linear"),
+    Stat("mean", "mean of the finite elements (row's last step)", "mean", False, "linear"),
+    Stat("std", "standard deviation of the finite elements (row's last step)", "max", False, "log"),
+    Stat("max_abs", "largest |x| of the finite elements (row's last step)", "max", False, "log"),
+    Stat("norm", "L2 norm of the finite elements (row's last step)", "max", False, "log"),
+    Stat("zero_frac", "fraction of elements exactly 0 (row's last step)", "max", False, "linear"),
+    Stat("headroom", "log2(largest finite value of the dtype / max_abs): doublings left before overflow", "min", False, "linear"),
+    Stat("underflow_frac", "float16/bfloat16 only: fraction of elements below the smallest normal, zeros included", "max", False, "linear"),
+)
+
+STAT_NAMES = tuple(s.name for s in STATS)
+STAT_INDEX = {s.name: i for i, s in enumerate(STATS)}
+STATS_BY_NAME = {s.name: s for s in STATS}
+NONFINITE_STATS = ("nan", "posinf", "neginf")
+
+
+def aggregate_rows(rows, axis=0):
+    """Combines rows ([..., n_stats] arrays in table order) along `axis` by the table's rules.
+
+    NaN means "not measured" and is skipped; a column where every row is NaN stays NaN.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    out_shape = list(rows.shape)
+    del out_shape[axis]
+    out = np.full(out_shape, np.nan)
+    steps = np.moveaxis(rows, axis, 0)[..., STAT_INDEX["steps"]]
+    for i, stat in enumerate(STATS):
+        col = np.moveaxis(rows, axis, 0)[..., i]
+        present = ~np.isnan(col)
+        anyp = present.any(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if stat.aggregate == "sum":
+                val = np.where(present, col, 0).sum(axis=0)
+            elif stat.aggregate == "min":
+                val = np.where(present, col, np.inf).min(axis=0)
+            elif stat.aggregate == "max":
+                val = np.where(present, col, -np.inf).max(axis=0)
+            elif stat.aggregate == "mean":
+                weight = np.where(present, np.nan_to_num(steps, nan=1.0), 0)
+                val = (np.where(present, col, 0) * weight).sum(axis=0) / weight.sum(axis=0)
+            elif stat.aggregate == "last":
+                idx = np.where(present, np.arange(col.shape[0]).reshape((-1,) + (1,) * (col.ndim - 1)), -1).max(axis=0)
+                val = np.take_along_axis(col, np.maximum(idx, 0)[None], axis=0)[0]
+            else:  # pragma: no cover - the table is fixed above
+                raise ValueError(stat.aggregate)
+        out[..., i] = np.where(anyp, val, np.nan)
+    return out
+
+
+def nonfinite_status(row):
+    """One code per site from a row ([..., n_stats]): 0 finite, 1 NaN, 2 +Inf, 3 -Inf,
+    4 several kinds, 5 not computed (size 0 or missing).  Shared by heatmap, CLI and frontend."""
+    row = np.asarray(row, dtype=np.float64)
+    nan = np.nan_to_num(row[..., STAT_INDEX["nan"]]) > 0
+    pos = np.nan_to_num(row[..., STAT_INDEX["posinf"]]) > 0
+    neg = np.nan_to_num(row[..., STAT_INDEX["neginf"]]) > 0
+    kinds = nan.astype(int) + pos.astype(int) + neg.astype(int)
+    size = row[..., STAT_INDEX["size"]]
+    status = np.zeros(row.shape[:-1], dtype=np.uint8)
+    status[nan] = 1
+    status[pos] = 2
+    status[neg] = 3
+    status[kinds > 1] = 4
+    status[(kinds == 0) & ~(size > 0)] = 5
+    return status
+
+
+STATUS_NAMES = ("finite", "nan", "+inf", "-inf", "mixed", "absent")
+
+
+def table_as_json():
+    """The table as the frontend and `report --json` consumers see it."""
+    return {
+        "kinds": [{"name": k, "meaning": KIND_MEANINGS[k]} for k in KINDS],
+        "stats": [s._asdict() for s in STATS],
+        "status": list(STATUS_NAMES),
+    }

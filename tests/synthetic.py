@@ -1,0 +1,87 @@
+"""Synthetic nanwatch logdirs written through the real record format (summary.RecordWriter).
+
+For plugin and CLI tests that need known data without training a model.
+"""
+
+import numpy as np
+
+from tb_nanwatch import stats, summary
+
+LAYERS = ("dense", "dense_1", "dense_2")
+
+
+def sites_for(layers=LAYERS):
+    sites = [summary.make_site("input_layer", "input", "", "float32", (32, 8))]
+    sites += [summary.make_site(l, "activation", "", "float32", (32, 16)) for l in layers]
+    sites += [summary.make_site("", "loss", "", "float32", ())]
+    sites += [summary.make_site(l, "activation_grad", "", "float32", (32, 16)) for l in reversed(layers)]
+    for l in reversed(layers):
+        sites += [summary.make_site(l, "weight_grad", t, "float32", (8, 16)) for t in ("kernel", "bias")]
+    for l in layers:
+        for t in ("kernel", "bias"):
+            sites += [summary.make_site(l, "optimizer_state", "%s/%s" % (slot, t), "float32", (8, 16))
+                      for slot in ("momentum", "velocity")]
+            sites.append(summary.make_site(l, "weight", t, "float32", (8, 16)))
+    return sites
+
+
+def finite_row(n_sites, step, steps=1, scale=1.0):
+    row = np.full((n_sites, len(stats.STATS)), np.nan)
+    col = stats.STAT_INDEX
+    row[:, col["steps"]] = steps
+    row[:, col["size"]] = 128
+    for name in ("nan", "posinf", "neginf", "nonfinite_steps", "zero_frac"):
+        row[:, col[name]] = 0
+    magnitude = scale * (1 + np.arange(n_sites)) * (1 + step / 1000.0)
+    row[:, col["min"]] = -magnitude
+    row[:, col["max"]] = magnitude
+    row[:, col["max_abs"]] = magnitude
+    row[:, col["mean"]] = 0.01 * magnitude
+    row[:, col["mean_every_step"]] = 0.01 * magnitude
+    row[:, col["std"]] = 0.5 * magnitude
+    row[:, col["norm"]] = magnitude * 8
+    row[:, col["headroom"]] = np.log2(3.4e38 / magnitude)
+    return row
+
+
+def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8):
+    """A run with `n_rows` rows every `log_every` steps.  `first=(step, site_index, kind)`
+    with kind in nan/posinf/neginf makes that site non-finite from `step` on, writes the
+    first non-finite record, the flight recorder, and the propagation to later sites."""
+    sites = sites or sites_for()
+    n = len(sites)
+    col = stats.STAT_INDEX
+    with summary.RecordWriter(logdir, sites) as writer:
+        for i in range(n_rows):
+            step = (i + 1) * log_every - 1
+            row = finite_row(n, step, steps=log_every)
+            if first is not None and step >= first[0]:
+                f_step, f_site, f_kind = first
+                start = max(f_step, step - log_every + 1)
+                bad = range(f_site, n)
+                for s in bad:
+                    row[s, col[f_kind]] = 3 * (step - start + 1)
+                    row[s, col["nonfinite_steps"]] = step - start + 1
+                    row[s, col["first_nonfinite_step"]] = start if s == f_site or start > f_step else f_step
+            writer.write_row(step, row)
+            if first is not None and step - log_every < first[0] <= step:
+                f_step, f_site, f_kind = first
+                fsteps = list(range(max(0, f_step - flight + 1), f_step + 1))
+                frows = []
+                for fs in fsteps:
+                    fr = finite_row(n, fs, steps=1)
+                    if fs == f_step:
+                        for s in range(f_site, n):
+                            fr[s, col[f_kind]] = 3
+                            fr[s, col["nonfinite_steps"]] = 1
+                            fr[s, col["first_nonfinite_step"]] = f_step
+                    frows.append(fr)
+                writer.write_flight(fsteps, frows)
+                site = sites[f_site]
+                counts = {k: (3 if k == f_kind else 0) for k in stats.NONFINITE_STATS}
+                writer.write_first_nonfinite(f_step, dict(
+                    layer=site["layer"], kind=site["kind"], tensor=site["tensor"], site=f_site,
+                    propagators=[dict(layer=sites[s]["layer"], kind=sites[s]["kind"], tensor=sites[s]["tensor"],
+                                      **counts) for s in range(f_site + 1, n)],
+                    **counts))
+    return sites
