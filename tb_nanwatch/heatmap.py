@@ -24,6 +24,7 @@ class Heatmap:
         self.last_steps = last_steps      # per column: last training step it covers
         self.values = values              # [n_sites, n_columns] float64, NaN = not measured
         self.status = status              # [n_sites, n_columns] uint8, stats.STATUS_NAMES
+        self.rows_per_column = np.ones(len(first_steps), dtype=np.int64)  # logged rows in each column
 
 
 def row_first_steps(steps, rows):
@@ -31,6 +32,45 @@ def row_first_steps(steps, rows):
     count = rows[:, :, stats.STAT_INDEX["steps"]]
     count = np.nanmax(np.where(np.isnan(count), 1, count), axis=1) if rows.shape[1] else np.ones(len(steps))
     return steps - count.astype(np.int64) + 1
+
+
+def aggregate_bins(rows, edges, stat_indices=None):
+    """`stats.aggregate_rows` over many bins at once: rows [n, ...sites, n_stats], bins
+    [edges[c], edges[c+1]) (non-empty, ascending).  Returns [n_bins, ...sites, n_stats];
+    statistics not in `stat_indices` (default: all) are left NaN."""
+    rows = np.asarray(rows, dtype=np.float64)
+    starts = np.asarray(edges[:-1], dtype=np.intp)
+    out = np.full((len(starts),) + rows.shape[1:], np.nan)
+    if not len(starts):
+        return out
+    steps = rows[..., stats.STAT_INDEX["steps"]]
+    for k in (range(len(stats.STATS)) if stat_indices is None else stat_indices):
+        rule = stats.STATS[k].aggregate
+        col = rows[..., k]
+        present = ~np.isnan(col)
+        anyp = np.add.reduceat(present.astype(np.int64), starts, axis=0) > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if rule == "sum":
+                val = np.add.reduceat(np.where(present, col, 0.0), starts, axis=0)
+            elif rule == "min":
+                val = np.minimum.reduceat(np.where(present, col, np.inf), starts, axis=0)
+            elif rule == "max":
+                val = np.maximum.reduceat(np.where(present, col, -np.inf), starts, axis=0)
+            elif rule == "mean":
+                weight = np.where(present, np.nan_to_num(steps, nan=1.0), 0.0)
+                val = (np.add.reduceat(np.where(present, col, 0.0) * weight, starts, axis=0)
+                       / np.add.reduceat(weight, starts, axis=0))
+            elif rule == "last":
+                index = np.arange(len(col)).reshape((-1,) + (1,) * (col.ndim - 1))
+                last = np.maximum.reduceat(np.where(present, index, -1), starts, axis=0)
+                val = np.take_along_axis(col, np.maximum(last, 0), axis=0)
+            else:  # pragma: no cover - the table is fixed
+                raise ValueError(rule)
+        out[..., k] = np.where(anyp, val, np.nan)
+    return out
+
+
+_STATUS_STATS = tuple(stats.STAT_INDEX[n] for n in ("steps", "size") + stats.NONFINITE_STATS)
 
 
 def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None, last_step=None,
@@ -54,18 +94,16 @@ def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None,
     steps, firsts, rows = steps[keep], firsts[keep], rows[keep][:, site_indices, :]
     n = len(steps)
     n_cols = min(n, max_columns)
-    # Equal-count bins of consecutive rows: every column covers real rows.
+    # Equal-count bins of consecutive rows: every column covers real rows (at least one).
     edges = np.linspace(0, n, n_cols + 1).round().astype(int)
-    values = np.full((len(site_indices), n_cols), np.nan)
-    status = np.zeros((len(site_indices), n_cols), dtype=np.uint8)
-    col_first = np.zeros(n_cols, dtype=np.int64)
-    col_last = np.zeros(n_cols, dtype=np.int64)
     k = stats.STAT_INDEX[stat]
-    for c in range(n_cols):
-        lo, hi = edges[c], edges[c + 1]
-        combined = stats.aggregate_rows(rows[lo:hi], axis=0) if hi - lo > 1 else rows[lo]
-        values[:, c] = combined[:, k]
-        status[:, c] = stats.nonfinite_status(combined)
-        col_first[c], col_last[c] = firsts[lo], steps[hi - 1]
-    labels = [run_data.labels[i] for i in site_indices]
-    return Heatmap(site_indices, labels, col_first, col_last, values, status)
+    combined = aggregate_bins(rows, edges, sorted(set(_STATUS_STATS + (k,))))
+    values = np.ascontiguousarray(combined[..., k].T)                      # [sites, cols]
+    status = np.ascontiguousarray(stats.nonfinite_status(combined).T)     # [sites, cols]
+    col_first = firsts[edges[:-1]] if n_cols else np.zeros(0, dtype=np.int64)
+    col_last = steps[edges[1:] - 1] if n_cols else np.zeros(0, dtype=np.int64)
+    all_labels = run_data.labels
+    labels = [all_labels[i] for i in site_indices]
+    hm = Heatmap(site_indices, labels, col_first, col_last, values, status)
+    hm.rows_per_column = np.diff(edges)
+    return hm
