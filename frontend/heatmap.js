@@ -1,0 +1,354 @@
+// Canvas drawing of the layers x steps heatmap, its colour scale and its legend.
+// Strings from the logs (layer names) only ever reach the page through canvas fillText
+// or textContent.
+
+// Status codes of stats.nonfinite_status (the /info route names them).
+export const STATUS = {FINITE: 0, NAN: 1, POSINF: 2, NEGINF: 3, MIXED: 4, ABSENT: 5};
+
+// Colours of the non-finite statuses: saturated hues that the blue ramp of finite values never uses.
+export const SPECIAL = [
+  {status: STATUS.NAN, name: "NaN", colour: [230, 0, 126]},        // magenta
+  {status: STATUS.POSINF, name: "+Inf", colour: [220, 20, 20]},    // red
+  {status: STATUS.NEGINF, name: "\u2212Inf", colour: [255, 140, 0]}, // orange
+  {status: STATUS.MIXED, name: "mixed", colour: [0, 170, 70]},     // green
+  {status: STATUS.ABSENT, name: "not computed", colour: [189, 189, 189]},
+];
+const SPECIAL_BY_STATUS = Object.fromEntries(SPECIAL.map((s) => [s.status, s.colour]));
+export const NOT_MEASURED = [255, 255, 255];
+
+// Sequential ramp for finite values, light (low) to dark (high).
+const RAMP = [
+  [235, 243, 251],
+  [198, 219, 239],
+  [158, 202, 225],
+  [107, 174, 214],
+  [66, 146, 198],
+  [33, 113, 181],
+  [8, 81, 156],
+  [8, 48, 107],
+];
+
+export function rampColour(t) {
+  const x = Math.min(1, Math.max(0, t)) * (RAMP.length - 1);
+  const i = Math.min(RAMP.length - 2, Math.floor(x));
+  const f = x - i;
+  const a = RAMP[i];
+  const b = RAMP[i + 1];
+  return [0, 1, 2].map((k) => Math.round(a[k] + (b[k] - a[k]) * f));
+}
+
+export function css(rgb) {
+  return `rgb(${rgb[0]}, ${rgb[1]}, ${rgb[2]})`;
+}
+
+export function formatNumber(v) {
+  if (v === null || v === undefined) return "\u2013";
+  if (typeof v === "string") return v === "Infinity" ? "+Inf" : v === "-Infinity" ? "\u2212Inf" : v;
+  if (Number.isNaN(v)) return "NaN";
+  if (v === Infinity) return "+Inf";
+  if (v === -Infinity) return "\u2212Inf";
+  const a = Math.abs(v);
+  if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(2);
+  if (Number.isInteger(v)) return String(v);
+  return String(Number(v.toPrecision(4)));
+}
+
+// The colour scale of one statistic over the values on screen.  `scale` comes from the
+// statistics table: log (magnitudes), linear, or count (0 at the bottom, log above).
+export function makeScale(hm, stat) {
+  const kind = stat.scale;
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (let i = 0; i < hm.values.length; i++) {
+    const v = hm.values[i];
+    if (!Number.isFinite(v)) continue;
+    if (kind === "log" && v <= 0) continue;
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
+  }
+  if (lo === Infinity) {
+    lo = kind === "linear" ? 0 : 1;
+    hi = kind === "linear" ? 1 : 10;
+  }
+  if (kind === "count") {
+    lo = 0;
+    hi = Math.max(hi, 1);
+  }
+  const L = Math.log10;
+  const t = (v) => {
+    if (Number.isNaN(v)) return NaN;
+    if (v === Infinity) return 1;
+    if (v === -Infinity) return 0;
+    if (kind === "log") {
+      if (v <= 0) return 0;
+      return hi > lo ? (L(v) - L(lo)) / (L(hi) - L(lo)) : 0.5;
+    }
+    if (kind === "count") return Math.log1p(Math.max(0, v)) / Math.log1p(hi);
+    return hi > lo ? (v - lo) / (hi - lo) : 0.5;
+  };
+  const inverse = (u) => {
+    if (kind === "log") return Math.pow(10, L(lo) + u * (L(hi) - L(lo)));
+    if (kind === "count") return Math.expm1(u * Math.log1p(hi));
+    return lo + u * (hi - lo);
+  };
+  return {kind, lo, hi, t, inverse, stat};
+}
+
+export function cellColour(status, value, scale) {
+  if (status !== STATUS.FINITE) return SPECIAL_BY_STATUS[status] || NOT_MEASURED;
+  const t = scale.t(value);
+  return Number.isNaN(t) ? NOT_MEASURED : rampColour(t);
+}
+
+const FONT = '11px "Roboto", "DejaVu Sans", Arial, sans-serif';
+const AXIS_H = 30;
+const MARGIN_R = 12;
+const MARGIN_B = 8;
+
+export function rowHeightFor(nSites) {
+  if (nSites <= 24) return 18;
+  if (nSites <= 60) return 14;
+  return 12;
+}
+
+function ellipsize(ctx, text, width) {
+  if (ctx.measureText(text).width <= width) return text;
+  // Keep the end (tensor and kind) and the start (layer) visible.
+  let keep = text.length;
+  while (keep > 4) {
+    keep -= 1;
+    const head = Math.ceil(keep / 2);
+    const candidate = text.slice(0, head) + "\u2026" + text.slice(text.length - (keep - head));
+    if (ctx.measureText(candidate).width <= width) return candidate;
+  }
+  return "\u2026";
+}
+
+// Width the label gutter needs for these sites (bounded).
+export function labelWidthFor(hm) {
+  const probe = document.createElement("canvas").getContext("2d");
+  probe.font = FONT;
+  let w = 60;
+  for (const s of hm.sites) w = Math.max(w, probe.measureText(s.label || "(unnamed)").width);
+  return Math.min(320, Math.ceil(w) + 14);
+}
+
+// Lays out and draws the heatmap into `canvas` (CSS width `width`).  Returns the layout
+// used for hit testing by the controls.
+export function drawHeatmap(canvas, hm, scale, width) {
+  const labelW = labelWidthFor(hm);
+  const rowH = rowHeightFor(hm.n_sites);
+  const gridX = labelW;
+  const gridY = AXIS_H;
+  const gridW = Math.max(40, width - labelW - MARGIN_R);
+  const gridH = rowH * hm.n_sites;
+  const height = gridY + gridH + MARGIN_B;
+  const colW = hm.n_columns ? gridW / hm.n_columns : gridW;
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = Math.round(width * dpr);
+  canvas.height = Math.round(height * dpr);
+  canvas.style.width = `${width}px`;
+  canvas.style.height = `${height}px`;
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  ctx.font = FONT;
+
+  // Cells: one pixel per cell in an offscreen image, scaled up without smoothing.
+  if (hm.n_sites && hm.n_columns) {
+    const off = document.createElement("canvas");
+    off.width = hm.n_columns;
+    off.height = hm.n_sites;
+    const octx = off.getContext("2d");
+    const image = octx.createImageData(hm.n_columns, hm.n_sites);
+    for (let r = 0; r < hm.n_sites; r++) {
+      for (let c = 0; c < hm.n_columns; c++) {
+        const i = r * hm.n_columns + c;
+        const rgb = cellColour(hm.status[i], hm.values[i], scale);
+        image.data[i * 4] = rgb[0];
+        image.data[i * 4 + 1] = rgb[1];
+        image.data[i * 4 + 2] = rgb[2];
+        image.data[i * 4 + 3] = 255;
+      }
+    }
+    octx.putImageData(image, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(off, gridX, gridY, gridW, gridH);
+  }
+
+  // Row separators, thicker between kinds; labels in the gutter.
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "right";
+  for (let r = 0; r < hm.n_sites; r++) {
+    const site = hm.sites[r];
+    const y = gridY + r * rowH;
+    const newKind = r > 0 && hm.sites[r - 1].kind !== site.kind;
+    if (newKind) {
+      ctx.fillStyle = "#e0e0e0";
+      ctx.fillRect(0, y - 0.5, gridX, 1);
+      ctx.fillStyle = "#263238";
+      ctx.fillRect(gridX, y - 1, gridW, 2);
+    } else if (r > 0) {
+      ctx.fillStyle = "rgba(255, 255, 255, 0.75)";
+      ctx.fillRect(gridX, y - 0.5, gridW, 1);
+    }
+    ctx.fillStyle = "#212121";
+    ctx.fillText(ellipsize(ctx, site.label || "(unnamed)", labelW - 12), labelW - 8, y + rowH / 2);
+  }
+
+  // Step axis: ~8 ticks labelled with the first step of their column.
+  ctx.textAlign = "center";
+  ctx.textBaseline = "alphabetic";
+  ctx.fillStyle = "#616161";
+  ctx.textAlign = "right";
+  ctx.fillText(hm.source === "flight" ? "step (one column per step)" : "step", gridX - 8, gridY - 10);
+  const ticks = Math.min(hm.n_columns, Math.max(2, Math.floor(gridW / 110)));
+  for (let k = 0; k < ticks; k++) {
+    const c = ticks === 1 ? 0 : Math.round((k * (hm.n_columns - 1)) / (ticks - 1));
+    const x = gridX + (c + 0.5) * colW;
+    ctx.fillRect(x - 0.5, gridY - 5, 1, 5);
+    ctx.textAlign = k === 0 && colW < 30 ? "left" : k === ticks - 1 && colW < 30 ? "right" : "center";
+    const tx = ctx.textAlign === "left" ? x - 2 : ctx.textAlign === "right" ? x + 2 : x;
+    ctx.fillText(String(hm.first_steps[c]), tx, gridY - 10);
+  }
+  ctx.strokeStyle = "#9e9e9e";
+  ctx.lineWidth = 1;
+  ctx.strokeRect(gridX - 0.5, gridY - 0.5, gridW + 1, gridH + 1);
+
+  const layout = {gridX, gridY, gridW, gridH, rowH, colW, width, height, hm};
+  const first = hm.first_nonfinite_cell;
+  if (first) markFirst(ctx, layout, first.row, first.column);
+  return layout;
+}
+
+function cellRect(layout, row, col) {
+  const x = layout.gridX + col * layout.colW;
+  const y = layout.gridY + row * layout.rowH;
+  return {x, y, w: Math.max(layout.colW, 1), h: layout.rowH};
+}
+
+function markFirst(ctx, layout, row, col) {
+  const r = cellRect(layout, row, col);
+  const pad = 3;
+  ctx.lineWidth = 2.5;
+  ctx.strokeStyle = "#000";
+  ctx.strokeRect(r.x - pad, r.y - pad, r.w + 2 * pad, r.h + 2 * pad);
+  ctx.lineWidth = 1;
+  ctx.strokeStyle = "#fff";
+  ctx.strokeRect(r.x - pad + 1.75, r.y - pad + 1.75, r.w + 2 * pad - 3.5, r.h + 2 * pad - 3.5);
+  // Triangles on the axis and at the gutter, so the cell is found even when 1 px wide.
+  ctx.fillStyle = "#000";
+  const cx = r.x + r.w / 2;
+  ctx.beginPath();
+  ctx.moveTo(cx - 4, layout.gridY - 7);
+  ctx.lineTo(cx + 4, layout.gridY - 7);
+  ctx.lineTo(cx, layout.gridY - 1);
+  ctx.fill();
+  const cy = r.y + r.h / 2;
+  ctx.beginPath();
+  ctx.moveTo(layout.gridX - 7, cy - 4);
+  ctx.lineTo(layout.gridX - 7, cy + 4);
+  ctx.lineTo(layout.gridX - 2, cy);
+  ctx.fill();
+}
+
+// The overlay canvas: hover outline and the zoom band being dragged.
+export function drawOverlay(canvas, layout, hover, band) {
+  const dpr = window.devicePixelRatio || 1;
+  canvas.width = Math.round(layout.width * dpr);
+  canvas.height = Math.round(layout.height * dpr);
+  canvas.style.width = `${layout.width}px`;
+  canvas.style.height = `${layout.height}px`;
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, layout.width, layout.height);
+  if (band) {
+    const x0 = layout.gridX + Math.min(band[0], band[1]) * layout.colW;
+    const x1 = layout.gridX + (Math.max(band[0], band[1]) + 1) * layout.colW;
+    ctx.fillStyle = "rgba(255, 193, 7, 0.25)";
+    ctx.fillRect(x0, layout.gridY, x1 - x0, layout.gridH);
+    ctx.strokeStyle = "#ff8f00";
+    ctx.lineWidth = 1;
+    ctx.strokeRect(x0 + 0.5, layout.gridY + 0.5, x1 - x0 - 1, layout.gridH - 1);
+  }
+  if (hover) {
+    const r = cellRect(layout, hover.row, hover.col);
+    ctx.strokeStyle = "#ffb300";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(r.x - 1, r.y - 1, r.w + 2, r.h + 2);
+    ctx.fillStyle = "rgba(255, 179, 0, 0.12)";
+    ctx.fillRect(layout.gridX, r.y, layout.gridW, r.h);
+  }
+}
+
+export function hitTest(layout, x, y) {
+  if (!layout || !layout.hm.n_columns) return null;
+  const col = Math.floor((x - layout.gridX) / layout.colW);
+  const row = Math.floor((y - layout.gridY) / layout.rowH);
+  if (col < 0 || col >= layout.hm.n_columns || row < 0 || row >= layout.hm.n_sites) return null;
+  return {row, col};
+}
+
+// Column under x, clamped to the grid (for dragging a zoom band past its edges).
+export function columnAt(layout, x) {
+  const col = Math.floor((x - layout.gridX) / layout.colW);
+  return Math.max(0, Math.min(layout.hm.n_columns - 1, col));
+}
+
+// Legend: the ramp with its range, then the non-finite colours and the first-cell mark.
+export function drawLegend(container, scale) {
+  container.replaceChildren();
+  const ramp = document.createElement("div");
+  ramp.className = "nw-legend-ramp";
+  const title = document.createElement("span");
+  title.className = "nw-legend-title";
+  const scaleWord = {log: "log scale", linear: "linear scale", count: "count, log scale"}[scale.kind] || scale.kind;
+  title.textContent = `${scale.stat.name} (${scaleWord})`;
+  ramp.appendChild(title);
+  const lo = document.createElement("span");
+  lo.className = "nw-legend-tick";
+  lo.textContent = formatNumber(scale.kind === "count" ? 0 : scale.lo);
+  ramp.appendChild(lo);
+  const bar = document.createElement("canvas");
+  bar.className = "nw-legend-bar";
+  bar.width = 160;
+  bar.height = 12;
+  const bctx = bar.getContext("2d");
+  for (let x = 0; x < bar.width; x++) {
+    bctx.fillStyle = css(rampColour(x / (bar.width - 1)));
+    bctx.fillRect(x, 0, 1, bar.height);
+  }
+  ramp.appendChild(bar);
+  const hi = document.createElement("span");
+  hi.className = "nw-legend-tick";
+  hi.textContent = formatNumber(scale.hi);
+  ramp.appendChild(hi);
+  container.appendChild(ramp);
+
+  const swatches = document.createElement("div");
+  swatches.className = "nw-legend-swatches";
+  const entries = SPECIAL.map((s) => ({name: s.name, colour: s.colour}));
+  entries.push({name: "not measured", colour: NOT_MEASURED});
+  for (const e of entries) {
+    const item = document.createElement("span");
+    item.className = "nw-legend-item";
+    const sw = document.createElement("span");
+    sw.className = "nw-swatch";
+    sw.style.background = css(e.colour);
+    item.appendChild(sw);
+    const label = document.createElement("span");
+    label.textContent = e.name;
+    item.appendChild(label);
+    swatches.appendChild(item);
+  }
+  const firstItem = document.createElement("span");
+  firstItem.className = "nw-legend-item";
+  const mark = document.createElement("span");
+  mark.className = "nw-swatch nw-swatch-first";
+  firstItem.appendChild(mark);
+  const markLabel = document.createElement("span");
+  markLabel.textContent = "first non-finite value";
+  firstItem.appendChild(markLabel);
+  swatches.appendChild(firstItem);
+  container.appendChild(swatches);
+}

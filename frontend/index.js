@@ -1,0 +1,393 @@
+// NanWatch tab: entry point loaded by TensorBoard's plugin iframe
+// (`import("./index.js").then(m => m.render())`).  Wires data access (data.js), the
+// canvas heatmap (heatmap.js) and the controls (controls.js).
+
+import {api} from "./data.js";
+import {drawHeatmap, drawOverlay, drawLegend, makeScale} from "./heatmap.js";
+import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
+
+const POLL_MS = 30000;
+const MAX_LABEL_W = 320;
+
+function el(tag, className, text) {
+  const e = document.createElement(tag);
+  if (className) e.className = className;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+const COUNT_WORDS = {nan: "NaN", posinf: "+Inf", neginf: "\u2212Inf"};
+
+function kindWords(kind) {
+  return String(kind || "").replace(/_/g, " ");
+}
+
+// "dense, optimizer state velocity/kernel"
+export function siteWords(s) {
+  const what = [kindWords(s.kind), s.tensor].filter((x) => x).join(" ");
+  return s.layer ? `${s.layer}, ${what}` : what;
+}
+
+function siteLabel(s) {
+  return [s.layer, s.kind, s.tensor].filter((x) => x).join("/");
+}
+
+// "First +Inf at step 3: dense, optimizer state velocity/kernel"
+export function headline(first) {
+  const kinds = Object.keys(COUNT_WORDS).filter((k) => Number(first[k]) > 0).map((k) => COUNT_WORDS[k]);
+  const what = kinds.length ? kinds.join(" and ") : "non-finite value";
+  return `First ${what} at step ${first.step}: ${siteWords(first)}`;
+}
+
+class App {
+  constructor(body) {
+    this.root = el("div", "nw-root");
+    body.appendChild(this.root);
+    this.state = {key: null, kind: "all", stat: "max_abs", source: "rows", range: null, zoom: []};
+    this.info = null;
+    this.runs = [];
+    this.heat = null;
+    this.first = null;
+    this.layout = null;
+    this.labelW = MAX_LABEL_W;
+    this.cellCache = new Map();
+    this.token = 0;
+    this.lastRefresh = 0;
+    this.hover = null;
+    this.band = null;
+
+    this.toolbar = buildToolbar(this.root, {
+      onRun: (key) => this.update({key, range: null, zoom: [], source: "rows"}),
+      onKind: (kind) => this.update({kind}),
+      onStat: (stat) => this.update({stat}),
+      onSource: (source) => this.update({source, range: null, zoom: []}),
+      onZoomOut: () => {
+        const zoom = this.state.zoom.slice();
+        const range = zoom.pop() || null;
+        this.update({zoom, range});
+      },
+      onZoomReset: () => this.update({zoom: [], range: null}),
+      onReload: () => this.refresh(),
+    });
+    this.banner = el("div", "nw-banner");
+    this.banner.hidden = true;
+    this.root.appendChild(this.banner);
+    this.legend = el("div", "nw-legend");
+    this.root.appendChild(this.legend);
+    this.message = el("div", "nw-message");
+    this.message.hidden = true;
+    this.root.appendChild(this.message);
+    this.stack = el("div", "nw-stack");
+    this.canvas = el("canvas", "nw-heatmap");
+    this.overlay = el("canvas", "nw-overlay");
+    this.stack.appendChild(this.canvas);
+    this.stack.appendChild(this.overlay);
+    this.root.appendChild(this.stack);
+    this.tooltip = new Tooltip(document.body, () => this.setHover(null));
+
+    attachCanvasMouse(this.canvas, () => this.layout, {
+      onHover: (cell, event) => this.onHover(cell, event),
+      onLeave: () => {
+        if (!this.tooltip.pinned) {
+          this.tooltip.hide();
+          this.setHover(null);
+        }
+      },
+      onClick: (cell, event) => this.onClick(cell, event),
+      onBand: (band) => {
+        this.band = band;
+        this.redrawOverlay();
+      },
+      onZoom: (c0, c1) => this.zoomTo(c0, c1),
+    });
+  }
+
+  async start() {
+    try {
+      this.info = await api.info();
+    } catch (e) {
+      this.showMessage(`NanWatch could not load its statistics table: ${e.message}`);
+      return;
+    }
+    this.toolbar.setInfo(this.info);
+    this.followReload();
+    setInterval(() => {
+      if (!document.hidden && Date.now() - this.lastRefresh >= POLL_MS) this.refresh();
+    }, 5000);
+    let width = this.root.clientWidth;
+    new ResizeObserver(() => {
+      if (Math.abs(this.root.clientWidth - width) < 8) return;
+      width = this.root.clientWidth;
+      clearTimeout(this.resizeTimer);
+      this.resizeTimer = setTimeout(() => this.refresh(), 200);
+    }).observe(this.root);
+    await this.refresh();
+  }
+
+  // TensorBoard's plugin host broadcasts "experimental.DataReloaded" over a MessagePort
+  // after every reload (the button and auto-reload); a 30 s poll covers hosts without it.
+  followReload() {
+    if (window.parent === window) return;
+    const channel = new MessageChannel();
+    channel.port1.onmessage = (event) => {
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch (e) {
+        return;
+      }
+      if (!message || message.isReply) return;
+      if (message.type === "experimental.DataReloaded") this.refresh();
+      channel.port1.postMessage(JSON.stringify({type: message.type, id: message.id, payload: null, error: null, isReply: true}));
+    };
+    window.parent.postMessage("experimental.bootstrap", "*", [channel.port2]);
+  }
+
+  update(changes) {
+    Object.assign(this.state, changes);
+    this.tooltip.unpin();
+    this.tooltip.hide();
+    this.refresh();
+  }
+
+  zoomTo(c0, c1) {
+    const h = this.heat;
+    if (!h || !h.n_columns || (c0 === 0 && c1 === h.n_columns - 1 && h.rows_per_column.every((n) => n === 1))) return;
+    const zoom = this.state.zoom.concat([this.state.range]);
+    this.update({zoom, range: {first: h.first_steps[c0], last: h.last_steps[c1]}});
+  }
+
+  selected() {
+    return this.runs.find((r) => r.key === this.state.key) || null;
+  }
+
+  contentWidth() {
+    const cs = getComputedStyle(this.root);
+    return Math.max(200, this.root.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight));
+  }
+
+  columnsWanted() {
+    const width = this.contentWidth();
+    return Math.max(1, Math.min(this.info.max_columns, Math.floor(width - this.labelW - 14)));
+  }
+
+  async refresh() {
+    const token = ++this.token;
+    this.lastRefresh = Date.now();
+    try {
+      const groups = await api.groups();
+      if (token !== this.token) return;
+      this.runs = [];
+      for (const [run, gs] of Object.entries(groups)) {
+        for (const g of gs) this.runs.push({key: JSON.stringify([run, g]), run, group: g});
+      }
+      if (!this.runs.length) {
+        this.toolbar.setRuns([], null);
+        this.showMessage("No NanWatch data yet. Train with tb_nanwatch.NanWatchCallback(logdir) and point TensorBoard at that logdir; this tab follows TensorBoard's reload.");
+        return;
+      }
+      if (!this.selected()) {
+        this.state.key = this.runs[0].key;
+        this.state.range = null;
+        this.state.zoom = [];
+      }
+      this.toolbar.setRuns(this.runs, this.state.key);
+      const sel = this.selected();
+      const params = {
+        run: sel.run,
+        group: sel.group,
+        stat: this.state.stat,
+        kind: this.state.kind,
+        source: this.state.source,
+        columns: this.columnsWanted(),
+      };
+      if (this.state.range) {
+        params.first_step = this.state.range.first;
+        params.last_step = this.state.range.last;
+      }
+      const [first, heat] = await Promise.all([api.firstNonfinite(sel.run, sel.group), api.heatmap(params)]);
+      if (token !== this.token) return;
+      if (this.state.source === "flight" && !heat.flight_range) {
+        this.state.source = "rows";
+        return this.refresh();
+      }
+      this.first = first;
+      this.heat = heat;
+      this.cellCache.clear();
+      this.draw();
+    } catch (e) {
+      if (token === this.token) this.showMessage(`NanWatch: ${e.message}`);
+    }
+  }
+
+  showMessage(text) {
+    this.message.textContent = text;
+    this.message.hidden = false;
+    this.stack.hidden = true;
+    this.legend.hidden = true;
+    this.banner.hidden = true;
+  }
+
+  draw() {
+    const heat = this.heat;
+    this.toolbar.setState(this.state, this.info, heat);
+    this.drawBanner();
+    this.message.hidden = true;
+    this.legend.hidden = false;
+    const stat = this.info.stats.find((s) => s.name === heat.stat);
+    const scale = makeScale(heat, stat);
+    drawLegend(this.legend, scale);
+    if (!heat.n_columns || !heat.n_sites) {
+      this.stack.hidden = true;
+      this.message.hidden = false;
+      this.message.textContent = heat.n_sites
+        ? "No logged rows in this step range."
+        : `No site of kind \u201c${kindWords(heat.kind)}\u201d in this run.`;
+      this.layout = null;
+      return;
+    }
+    this.stack.hidden = false;
+    this.layout = drawHeatmap(this.canvas, heat, scale, this.contentWidth());
+    this.labelW = this.layout.gridX;
+    this.canvas.dataset.columns = String(heat.n_columns);
+    this.canvas.dataset.sites = String(heat.n_sites);
+    this.hover = null;
+    this.redrawOverlay();
+  }
+
+  drawBanner() {
+    const b = this.banner;
+    b.replaceChildren();
+    b.hidden = false;
+    const first = this.first;
+    const heat = this.heat;
+    const sel = this.selected();
+    if (!first) {
+      b.className = "nw-banner nw-banner-ok";
+      const r = heat.step_range;
+      b.appendChild(el("div", "nw-headline",
+        r ? `No NaN or Inf in ${sel.run}: ${r.rows} logged rows, steps ${r.first}\u2013${r.last}.`
+          : `No NaN or Inf in ${sel.run}.`));
+    } else {
+      b.className = "nw-banner nw-banner-bad";
+      b.appendChild(el("div", "nw-headline", headline(first)));
+      const props = Array.isArray(first.propagators) ? first.propagators : [];
+      if (props.length) {
+        const line = el("div", "nw-propagated");
+        const shown = 6;
+        line.appendChild(el("span", "nw-prop-lead", `Then in step ${first.step}, ${props.length} more site${props.length === 1 ? "" : "s"}: `));
+        const list = el("span", "nw-prop-list", props.slice(0, shown).map(siteLabel).join(", "));
+        line.appendChild(list);
+        if (props.length > shown) {
+          const more = el("button", "nw-link", `\u2026 show all ${props.length}`);
+          more.type = "button";
+          more.addEventListener("click", () => {
+            list.textContent = props.map(siteLabel).join(", ");
+            more.remove();
+          });
+          line.appendChild(more);
+        }
+        b.appendChild(line);
+      }
+      const notes = el("div", "nw-banner-actions");
+      if (!heat.first_nonfinite_cell) {
+        const why = this.state.kind !== "all" && first.kind !== this.state.kind
+          ? `not in this view (kind \u201c${kindWords(first.kind)}\u201d)`
+          : "not in this step range";
+        notes.appendChild(el("span", "nw-note", `The first non-finite cell is ${why}.`));
+      }
+      if (heat.flight_range && this.state.source === "rows") {
+        const go = el("button", "nw-button", `Steps ${heat.flight_range.first}\u2013${heat.flight_range.last} one by one (flight recorder)`);
+        go.type = "button";
+        go.addEventListener("click", () => this.update({source: "flight", range: null, zoom: []}));
+        notes.appendChild(go);
+      }
+      if (notes.childNodes.length) b.appendChild(notes);
+    }
+    for (const e of heat.events || []) {
+      const note = e.type === "loss_scale_skip"
+        ? `${e.count} step${e.count === 1 ? "" : "s"} skipped by the loss-scale optimizer (non-finite gradients under mixed precision, by design; not the blow-up).`
+        : `${e.count} \u00d7 ${kindWords(e.type)} logged.`;
+      b.appendChild(el("div", "nw-event", note));
+    }
+  }
+
+  setHover(cell) {
+    this.hover = cell;
+    this.redrawOverlay();
+  }
+
+  redrawOverlay() {
+    if (this.layout) drawOverlay(this.overlay, this.layout, this.hover, this.band);
+  }
+
+  cellInfo(cell) {
+    const h = this.heat;
+    const i = cell.row * h.n_columns + cell.col;
+    const site = h.sites[cell.row];
+    return {
+      site,
+      firstStep: h.first_steps[cell.col],
+      lastStep: h.last_steps[cell.col],
+      rows: h.rows_per_column[cell.col],
+      status: this.info.status[h.status[i]] || "?",
+      value: h.values[i],
+      statName: h.stat,
+      source: h.source,
+      key: `${h.run}|${h.group}|${h.source}|${site.index}|${h.first_steps[cell.col]}|${h.last_steps[cell.col]}`,
+    };
+  }
+
+  showCell(cell, event) {
+    const info = this.cellInfo(cell);
+    const cached = this.cellCache.get(info.key);
+    this.tooltip.show(info.key, info, cached || null, this.info, event);
+    if (cached) return;
+    clearTimeout(this.cellTimer);
+    this.cellTimer = setTimeout(async () => {
+      const h = this.heat;
+      try {
+        const detail = await api.cell({run: h.run, group: h.group, source: h.source, site: info.site.index,
+          first_step: info.firstStep, last_step: info.lastStep});
+        if (this.cellCache.size > 500) this.cellCache.clear();
+        this.cellCache.set(info.key, detail);
+        if (this.tooltip.key === info.key) this.tooltip.show(info.key, info, detail, this.info, null);
+      } catch (e) {
+        if (this.tooltip.key === info.key) this.tooltip.show(info.key, info, {error: e.message}, this.info, null);
+      }
+    }, 60);
+  }
+
+  onHover(cell, event) {
+    if (this.tooltip.pinned) return;
+    if (!this.hover || this.hover.row !== cell.row || this.hover.col !== cell.col) {
+      this.setHover(cell);
+      this.showCell(cell, event);
+    } else {
+      this.tooltip.place(event);
+    }
+  }
+
+  onClick(cell, event) {
+    const same = this.hover && this.hover.row === cell.row && this.hover.col === cell.col;
+    if (this.tooltip.pinned && same) {
+      this.tooltip.unpin();
+      return;
+    }
+    this.tooltip.pinned = false;
+    this.setHover(cell);
+    this.tooltip.pin();
+    this.showCell(cell, event);
+  }
+}
+
+export async function render() {
+  const link = document.createElement("link");
+  link.rel = "stylesheet";
+  link.href = "./style.css";
+  document.head.appendChild(link);
+  document.body.classList.add("nw-body");
+  const app = new App(document.body);
+  window.__nanwatch = app; // for debugging from the console
+  await app.start();
+}
