@@ -1,0 +1,788 @@
+"""The summary writer: per-layer numerics of every training step, on the device.
+
+`NanWatchCallback` (for `model.fit`) and `Watch` (for hand-written loops) wrap
+the model's layers, its `compute_loss` and its optimizer's `apply` *before* the
+train function is traced, so the statistics are ordinary graph ops inside the
+user's (compiled, even XLA) train step:
+
+* each watched tensor is reduced once per step (`reduce_sum`: a sum is
+  non-finite whenever any element is), the per-site sums of a step form one
+  vector, and everything else is vectorised over sites;
+* only when a sum is non-finite, or on a step that ends a row, a `tf.cond`
+  computes the full statistics (exact NaN/+Inf/-Inf counts, finite min/max/...);
+* accumulators, the first non-finite site and a ring buffer of the last R steps
+  (the flight recorder) live in `tf.Variable`s; the host reads one small vector
+  per step and writes a row every `log_every` steps, and the first non-finite
+  record, with the flight recorder, the moment it appears.
+
+Sites, in execution order within a step: input, activations (forward order),
+loss, then backward layer by layer (gradient w.r.t. the layer's output, then
+its weight gradients), then per variable the optimizer slots and the updated
+weight.  The first site of that order that holds a non-finite value is the
+producer; later ones are propagators.
+"""
+
+import atexit
+import functools
+import logging
+import os
+import threading
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from tb_nanwatch import stats, summary
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOG_EVERY = 100     # 1,000,000 steps -> 10,000 rows per run
+DEFAULT_FLIGHT_STEPS = 32
+
+# Columns computed by the full-statistics branch, in this order.
+SAMPLED = ("min", "max", "mean", "std", "max_abs", "norm", "zero_frac", "headroom", "underflow_frac")
+_S = {name: i for i, name in enumerate(SAMPLED)}
+_HALF = (tf.float16, tf.bfloat16)
+_GRAD_KINDS = ("activation_grad", "weight_grad")
+
+# poll vector the host reads each step: [steps run, first non-finite step, loss-scale skips, last skip step]
+_P_STEP, _P_FIRST, _P_SKIPS, _P_LAST_SKIP = range(4)
+
+
+class _StepTrace:
+    """Tensors of one traced training step, gathered as the step's Python code runs."""
+
+    def __init__(self):
+        self.inputs = []
+        self.activations = {}        # layer path -> [tensor], forward completion order
+        self.activation_grads = {}   # layer path -> [tensor], backward order
+        self.losses = []
+
+
+def _float_tensors(structure):
+    return [t for t in tf.nest.flatten(structure)
+            if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+
+
+def _layer_paths(model):
+    """[(path, layer)] of every layer below the root, depth first in definition order;
+    paths are the user's names joined by '/', e.g. 'encoder/block_2/dense'."""
+    out, seen = [], set()
+
+    def visit(layer, prefix):
+        for child in getattr(layer, "_layers", []):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = prefix + child.name
+            out.append((path, child))
+            visit(child, path + "/")
+
+    visit(model, "")
+    return out
+
+
+def _slot_name(attr):
+    """`_velocities` -> `velocity`, `_momentums` -> `momentum`."""
+    name = attr.lstrip("_")
+    if name.endswith("ies"):
+        return name[:-3] + "y"
+    return name[:-1] if name.endswith("s") else name
+
+
+def _optimizer_slots(optimizer):
+    """[(slot name, [variable or None per trainable variable])] of a Keras 3 optimizer."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    n = len(getattr(inner, "_trainable_variables", []))
+    slots = []
+    if not n:
+        return slots
+    for attr, value in sorted(vars(inner).items()):
+        if attr in ("_trainable_variables", "_variables") or not isinstance(value, list) or len(value) != n:
+            continue
+        if all(v is None or hasattr(v, "assign") for v in value) and any(v is not None for v in value):
+            slots.append((_slot_name(attr), value))
+    return slots
+
+
+class Watch:
+    """Records the numerics of `model` trained by `optimizer` into `logdir`.
+
+    For custom training loops (eager or `tf.function`, also `jit_compile=True`);
+    `NanWatchCallback` does the same for `model.fit`.  Create it before the train
+    step is first traced; call `after_step()` on the host after every step.
+
+    ```python
+    watch = tb_nanwatch.Watch("logs/custom", model, optimizer)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            pred = model(x, training=True)
+            loss = watch.record_loss(loss_fn(y, pred))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for x, y in dataset:
+        train_step(x, y)
+        if watch.after_step():   # True once a non-finite value has been recorded
+            break
+    watch.close()
+    ```
+
+    Args:
+      logdir: directory of this run's event files (`tensorboard --logdir` its parent).
+      model: a Keras 3 model (Sequential, functional, subclassed, nested).
+      optimizer: its Keras optimizer (default `model.optimizer`).
+      log_every: write one row every this many steps; a row aggregates its steps
+        without losing any NaN/Inf (counts summed, first step kept).
+      flight_steps: per-step rows kept on the device and written when the first
+        non-finite value appears.
+      kinds: the site kinds to watch (default all of `stats.KINDS`).
+      check_every: the host reads one small vector every this many steps (a
+        device sync on GPU); the first non-finite record is written then.
+      group: write under `nanwatch/<group>/...` tags (a second model in one run).
+    """
+
+    def __init__(self, logdir, model, optimizer=None, log_every=DEFAULT_LOG_EVERY,
+                 flight_steps=DEFAULT_FLIGHT_STEPS, kinds=None, check_every=1, group=None,
+                 floor_only=False):
+        if log_every < 1 or flight_steps < 1 or check_every < 1:
+            raise ValueError("log_every, flight_steps and check_every must be >= 1")
+        kinds = tuple(stats.KINDS if kinds is None else kinds)
+        unknown = [k for k in kinds if k not in stats.KINDS]
+        if unknown:
+            raise ValueError("unknown kinds %s; expected some of %s" % (unknown, ", ".join(stats.KINDS)))
+        self.logdir = str(logdir)
+        self.model = model
+        self.optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+        if self.optimizer is None:
+            raise ValueError("Watch needs the optimizer (compile the model or pass optimizer=)")
+        self.log_every = int(log_every)
+        self.flight_steps = int(flight_steps)
+        self.kinds = kinds
+        self.check_every = int(check_every)
+        self.group = group
+        # Benchmark baseline: one reduce_sum per site per step into a variable, nothing else.
+        self.floor_only = floor_only
+        self._local = threading.local()
+        self._restore = []
+        self._sites = None          # fixed at the first traced step
+        self._site_keys = None
+        self._state = None          # device variables
+        self._writer = None
+        self._first_written = False
+        self._skips_seen = 0
+        self._last_row_step = -1
+        self._host_calls = 0
+        self.first_nonfinite = None  # the record, once written
+        self._closed = False
+        self.instrument()
+        _open_watches.add(self)
+
+    # ------------------------------------------------------------------ wrapping
+    @property
+    def _trace(self):
+        return getattr(self._local, "trace", None)
+
+    @_trace.setter
+    def _trace(self, value):
+        self._local.trace = value
+
+    def instrument(self):
+        """Wraps layers, `compute_loss` and the optimizer (idempotent)."""
+        if self._restore:
+            return
+        self._layer_order = _layer_paths(self.model)
+        self._wrap(self.model, "call", self._root_call)
+        for path, layer in self._layer_order:
+            self._wrap(layer, "call", functools.partial(self._layer_call, path))
+        if hasattr(self.model, "compute_loss"):
+            self._wrap(self.model, "compute_loss", self._compute_loss)
+        self._wrap(self.optimizer, "apply", self._apply)
+
+    def uninstrument(self):
+        """Restores every wrapped method."""
+        for obj, name, had_own, original in reversed(self._restore):
+            if had_own:
+                object.__setattr__(obj, name, original)
+            else:
+                try:
+                    object.__delattr__(obj, name)
+                except AttributeError:
+                    pass
+        self._restore = []
+
+    def _wrap(self, obj, name, wrapper):
+        original = getattr(obj, name)
+        had_own = name in vars(obj)
+
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            return wrapper(original, *args, **kwargs)
+
+        # object.__setattr__: Keras tracks attributes of built layers; a method is no state.
+        object.__setattr__(obj, name, wrapped)
+        self._restore.append((obj, name, had_own, original if had_own else None))
+
+    def _root_call(self, original, *args, **kwargs):
+        if kwargs.get("training") is False or not args:
+            previous, self._trace = self._trace, None   # evaluation/predict: not a training step
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._trace = previous
+        trace = _StepTrace()
+        if "input" in self.kinds:
+            trace.inputs = _float_tensors(args[0])
+        self._trace = trace
+        return original(*args, **kwargs)
+
+    def _layer_call(self, path, original, *args, **kwargs):
+        outputs = original(*args, **kwargs)
+        trace = self._trace
+        if trace is None or not any(k in self.kinds for k in ("activation", "activation_grad")):
+            return outputs
+        flat = tf.nest.flatten(outputs)
+        if not any(isinstance(t, tf.Tensor) and t.dtype.is_floating for t in flat):
+            return outputs
+        if "activation" in self.kinds:
+            trace.activations.setdefault(path, []).extend(_float_tensors(outputs))
+        if "activation_grad" not in self.kinds:
+            trace.activations.setdefault(path, [])
+            return outputs
+        trace.activations.setdefault(path, [])
+        probed = [_grad_probe(trace, path, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
+                  for t in flat]
+        return tf.nest.pack_sequence_as(outputs, probed)
+
+    def _compute_loss(self, original, *args, **kwargs):
+        loss = original(*args, **kwargs)
+        if kwargs.get("training", True) is not False:
+            self.record_loss(loss)
+        return loss
+
+    def record_loss(self, loss):
+        """Records `loss` as this step's loss site and returns it unchanged (custom loops)."""
+        trace = self._trace
+        if trace is not None and "loss" in self.kinds:
+            trace.losses.extend(_float_tensors(loss))
+        return loss
+
+    def _apply(self, original, grads, trainable_variables=None, *args, **kwargs):
+        trace, self._trace = self._trace, None
+        grads = list(grads)
+        variables = list(trainable_variables) if trainable_variables is not None else list(
+            getattr(getattr(self.optimizer, "inner_optimizer", self.optimizer), "_trainable_variables", []))
+        result = original(grads, trainable_variables, *args, **kwargs)
+        if trace is not None and not _is_symbolic(grads):
+            self._end_step(trace, grads, variables)
+        return result
+
+    # ------------------------------------------------------------------ sites
+    def _build_sites(self, trace, grads, variables):
+        """The site list, in execution order, with a getter for each site's tensors."""
+        model_name = self.model.name
+        sites, getters = [], []
+
+        def add(layer, kind, tensor, getter, dtype="float32", shape=()):
+            if kind in self.kinds:
+                sites.append(summary.make_site(layer, kind, tensor, dtype, shape))
+                getters.append(getter)
+
+        def describe(tensors):
+            if not tensors:
+                return "float32", ()
+            t = tensors[0]
+            return t.dtype.name, tuple(t.shape.as_list()) if t.shape.rank is not None else ()
+
+        if trace.inputs:
+            add(model_name, "input", "", lambda tr, g: tr.inputs, *describe(trace.inputs))
+        forward = list(trace.activations)
+        for path in forward:
+            add(path, "activation", "", lambda tr, g, p=path: tr.activations.get(p, []),
+                *describe(trace.activations[path]))
+        if trace.losses or "loss" in self.kinds:
+            add(model_name, "loss", "", lambda tr, g: tr.losses, *describe(trace.losses))
+        # Backward, layer by layer: the gradient arriving at a layer's output, then its weights'.
+        owner = {}
+        for path, layer in self._layer_order:
+            for v in getattr(layer, "_trainable_variables", []):
+                owner[id(v)] = path
+        var_index = {id(v): i for i, v in enumerate(variables)}
+        recorded = list(trace.activation_grads)
+        reverse_forward = list(reversed(forward))
+        if recorded == [p for p in reverse_forward if p in trace.activation_grads]:
+            backward = reverse_forward
+        else:
+            backward = recorded + [p for p in reverse_forward if p not in trace.activation_grads]
+        placed = set()
+
+        def weight_grad_sites(path):
+            for v in variables:
+                if owner.get(id(v)) == path and id(v) not in placed:
+                    placed.add(id(v))
+                    i = var_index[id(v)]
+                    add(path, "weight_grad", v.name, lambda tr, g, i=i: [g[i]] if g[i] is not None else [],
+                        v.dtype, tuple(v.shape))
+
+        for path in backward:
+            add(path, "activation_grad", "", lambda tr, g, p=path: tr.activation_grads.get(p, []),
+                *describe(trace.activations.get(path, [])))
+            weight_grad_sites(path)
+        for path in [owner.get(id(v), model_name) for v in variables if id(v) not in placed]:
+            owner_vars = [v for v in variables if owner.get(id(v), model_name) == path and id(v) not in placed]
+            for v in owner_vars:
+                placed.add(id(v))
+                i = var_index[id(v)]
+                add(path, "weight_grad", v.name, lambda tr, g, i=i: [g[i]] if g[i] is not None else [],
+                    v.dtype, tuple(v.shape))
+        # Per variable, as the optimizer updates them: its slots, then the new value.
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        slots = _optimizer_slots(self.optimizer)
+        for v in variables:
+            path = owner.get(id(v), model_name)
+            try:
+                j = inner._get_variable_index(v)
+            except (AttributeError, KeyError):
+                j = None
+            for slot_name, slot_vars in slots:
+                slot = slot_vars[j] if j is not None else None
+                if slot is not None:
+                    add(path, "optimizer_state", "%s/%s" % (slot_name, v.name),
+                        lambda tr, g, s=slot: [_value(s)], slot.dtype, tuple(slot.shape))
+            add(path, "weight", v.name, lambda tr, g, v=v: [_value(v)], v.dtype, tuple(v.shape))
+        return sites, getters
+
+    # ------------------------------------------------------------------ device side
+    def _end_step(self, trace, grads, variables):
+        if self._sites is None:
+            sites, getters = self._build_sites(trace, grads, variables)
+            self._sites, self._getters = sites, getters
+            with tf.init_scope():
+                self._state = _DeviceState(len(sites), self.flight_steps)
+        grad_kinds = np.array([s["kind"] in _GRAD_KINDS for s in self._sites])
+        loss_scaled = hasattr(self.optimizer, "inner_optimizer")
+        tensors = [getter(trace, grads) for getter in self._getters]
+        if self.floor_only:
+            self._state.floor.assign(tf.stack([tf.add_n([_sum32(t) for t in ts]) if ts else tf.constant(0.0)
+                                               for ts in tensors]))
+            self._state.poll.assign_add(tf.constant([1, 0, 0, 0], tf.int64))
+            return
+        _device_step(self._state, tensors, self.log_every, grad_kinds if loss_scaled else None)
+
+    # ------------------------------------------------------------------ host side
+    def after_step(self):
+        """Host side, after each training step: writes a row every `log_every` steps and
+        the first non-finite record at once.  Returns True once that record exists."""
+        self._host_calls += 1
+        if self._state is None or self._closed or self.floor_only:
+            return self.first_nonfinite is not None
+        if self._host_calls % self.check_every:
+            return self.first_nonfinite is not None
+        poll = self._state.poll.numpy()
+        steps_run = int(poll[_P_STEP])
+        if poll[_P_FIRST] >= 0 and not self._first_written:
+            self._write_first(int(poll[_P_FIRST]))
+        if poll[_P_SKIPS] > self._skips_seen:
+            self._write_skips(int(poll[_P_SKIPS]), int(poll[_P_LAST_SKIP]))
+        if steps_run - 1 - self._last_row_step >= self.log_every:
+            self._write_row(steps_run - 1)
+        return self.first_nonfinite is not None
+
+    def _ensure_writer(self):
+        if self._writer is None:
+            self._writer = summary.RecordWriter(self.logdir, self._sites, group=self.group)
+        return self._writer
+
+    def _write_row(self, last_step):
+        st = self._state
+        row = _row_matrix(st.acc_steps.numpy(), st.acc_size.numpy(), st.acc_counts.numpy(),
+                          st.acc_nonfinite_steps.numpy(), st.acc_first.numpy(), st.acc_mean_sum.numpy(),
+                          st.acc_mean_n.numpy(), st.last_sampled.numpy())
+        st.reset_accumulators()
+        self._ensure_writer().write_row(last_step, row)
+        self._last_row_step = last_step
+
+    def _write_first(self, step):
+        st = self._state
+        counts = st.first_counts.numpy()
+        bad = np.flatnonzero(counts.sum(axis=1) > 0)
+        if not len(bad):
+            return
+        producer = int(bad[0])
+        describe = lambda i: dict(layer=self._sites[i]["layer"], kind=self._sites[i]["kind"],
+                                  tensor=self._sites[i]["tensor"], nan=int(counts[i, 0]),
+                                  posinf=int(counts[i, 1]), neginf=int(counts[i, 2]))
+        record = describe(producer)
+        record.update(site=producer, propagators=[describe(int(i)) for i in bad[1:]])
+        if self._skips_seen or st.poll.numpy()[_P_SKIPS]:
+            record["loss_scale_skips_before"] = int(st.poll.numpy()[_P_SKIPS])
+        writer = self._ensure_writer()
+        # Flight recorder first, so the record that readers look for lands last, complete.
+        ring_step = st.ring_step.numpy()
+        order = np.argsort(ring_step)
+        order = [i for i in order if 0 <= ring_step[i] <= step]
+        size = st.acc_size.numpy()
+        flight_rows = []
+        for i in order:
+            rc = st.ring_counts.numpy()[i]
+            is_first = ring_step[i] == step
+            nonfinite = (rc.sum(axis=1) > 0).astype(np.float64)
+            first_col = np.where(nonfinite > 0, float(ring_step[i]), -1.0)
+            sampled = st.first_sampled.numpy() if is_first else np.full((len(self._sites), len(SAMPLED)), np.nan)
+            flight_rows.append(_row_matrix(1, size, rc, nonfinite, first_col, st.ring_mean.numpy()[i],
+                                           np.ones(len(self._sites)), sampled))
+        writer.write_flight([int(ring_step[i]) for i in order], flight_rows)
+        writer.write_first_nonfinite(step, record)
+        self._first_written = True
+        self.first_nonfinite = dict(record, step=step)
+        logger.warning("tb_nanwatch: first non-finite value at step %d: %s (%d NaN, %d +Inf, %d -Inf)",
+                       step, summary.site_label(self._sites[producer]), record["nan"], record["posinf"],
+                       record["neginf"])
+
+    def _write_skips(self, total, last_step):
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        event = {"type": "loss_scale_skip", "step": last_step, "skips_total": total,
+                 "new_skips": total - self._skips_seen}
+        if scale is not None:
+            event["loss_scale"] = float(_value(scale).numpy())
+        self._ensure_writer().write_events(last_step, [event])
+        self._skips_seen = total
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        """Writes the last partial row, flushes and closes; restores the model's methods."""
+        if self._closed:
+            return
+        try:
+            if self._state is not None:
+                poll = self._state.poll.numpy()
+                if poll[_P_FIRST] >= 0 and not self._first_written:
+                    self._write_first(int(poll[_P_FIRST]))
+                if poll[_P_SKIPS] > self._skips_seen:
+                    self._write_skips(int(poll[_P_SKIPS]), int(poll[_P_LAST_SKIP]))
+                if int(poll[_P_STEP]) - 1 > self._last_row_step:
+                    self._write_row(int(poll[_P_STEP]) - 1)
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self._closed = True
+            self.uninstrument()
+            _open_watches.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def sites(self):
+        """The site list (dicts of layer, kind, tensor, dtype, shape), once the step was traced."""
+        return list(self._sites or [])
+
+
+# Watches still open at exit (a crash, an uncaught exception) flush what they have.
+_open_watches = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_watches():
+    for watch in list(_open_watches):
+        try:
+            watch.close()
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            logger.exception("tb_nanwatch: could not close %s", watch.logdir)
+
+
+def _is_symbolic(values):
+    return any(v is not None and not isinstance(v, (tf.Tensor, tf.IndexedSlices, tf.Variable))
+               and not hasattr(v, "numpy") for v in values)
+
+
+def _value(variable):
+    """The tf value of a Keras or tf variable."""
+    v = getattr(variable, "value", variable)
+    return tf.convert_to_tensor(v)
+
+
+def _grad_probe(trace, path, tensor):
+    """Identity whose gradient records the gradient w.r.t. `tensor` (a layer's output)."""
+
+    @tf.custom_gradient
+    def probe(x):
+        def grad(upstream):
+            if isinstance(upstream, tf.IndexedSlices):
+                upstream = tf.convert_to_tensor(upstream)
+            trace.activation_grads.setdefault(path, []).append(upstream)
+            return upstream
+        return tf.identity(x), grad
+
+    out = probe(tensor)
+    # Keras reads these attributes off a layer's output (loss from logits, masks).
+    for attr in ("_keras_logits", "_keras_mask"):
+        if hasattr(tensor, attr):
+            try:
+                setattr(out, attr, getattr(tensor, attr))
+            except AttributeError:
+                pass
+    return out
+
+
+class _DeviceState:
+    """The variables one Watch keeps on the device."""
+
+    def __init__(self, n_sites, flight_steps):
+        zeros = lambda shape, dtype: tf.Variable(tf.zeros(shape, dtype), trainable=False)
+        self.poll = tf.Variable(tf.constant([0, -1, 0, -1], tf.int64), trainable=False)
+        self.floor = zeros([n_sites], tf.float32)
+        self.acc_steps = zeros([], tf.int64)
+        self.acc_size = zeros([n_sites], tf.float32)
+        self.acc_counts = zeros([n_sites, 3], tf.int64)
+        self.acc_nonfinite_steps = zeros([n_sites], tf.int64)
+        self.acc_first = tf.Variable(tf.fill([n_sites], tf.constant(-1, tf.int64)), trainable=False)
+        self.acc_mean_sum = zeros([n_sites], tf.float64)
+        self.acc_mean_n = zeros([n_sites], tf.float64)
+        self.last_sampled = tf.Variable(tf.fill([n_sites, len(SAMPLED)], np.float32(np.nan)), trainable=False)
+        self.first_counts = zeros([n_sites, 3], tf.int64)
+        self.first_sampled = tf.Variable(tf.fill([n_sites, len(SAMPLED)], np.float32(np.nan)), trainable=False)
+        self.ring_step = tf.Variable(tf.fill([flight_steps], tf.constant(-1, tf.int64)), trainable=False)
+        self.ring_counts = zeros([flight_steps, n_sites, 3], tf.int64)
+        self.ring_mean = zeros([flight_steps, n_sites], tf.float32)
+
+    def reset_accumulators(self):
+        self.acc_steps.assign(0)
+        self.acc_counts.assign(tf.zeros_like(self.acc_counts))
+        self.acc_nonfinite_steps.assign(tf.zeros_like(self.acc_nonfinite_steps))
+        self.acc_first.assign(tf.fill(tf.shape(self.acc_first), tf.constant(-1, tf.int64)))
+        self.acc_mean_sum.assign(tf.zeros_like(self.acc_mean_sum))
+        self.acc_mean_n.assign(tf.zeros_like(self.acc_mean_n))
+        self.last_sampled.assign(tf.fill(tf.shape(self.last_sampled), np.float32(np.nan)))
+
+
+def _sum32(t):
+    # Half-precision sums would overflow at 65504 and raise false alarms.
+    if t.dtype in _HALF:
+        t = tf.cast(t, tf.float32)
+    return tf.cast(tf.reduce_sum(t), tf.float32)
+
+
+def _size(t):
+    return tf.cast(tf.size(t), tf.float32)
+
+
+def _counts(t):
+    return tf.stack([tf.math.count_nonzero(tf.math.is_nan(t)),
+                     tf.math.count_nonzero(tf.equal(t, np.inf)),
+                     tf.math.count_nonzero(tf.equal(t, -np.inf))])
+
+
+def _sampled_stats(tensors, robust):
+    """SAMPLED columns for one site (list of tensors), over finite elements only."""
+    if not tensors:
+        return tf.fill([len(SAMPLED)], np.float32(np.nan))
+    dtype = tensors[0].dtype
+    largest = float(np.finfo(dtype.as_numpy_dtype).max) if dtype != tf.bfloat16 else 3.3895314e38
+    tiny = float(np.finfo(dtype.as_numpy_dtype).tiny) if dtype != tf.bfloat16 else 1.1754944e-38
+    mins, maxs, sums, sumsqs, zeros, finite_n, under = [], [], [], [], [], [], []
+    for t in tensors:
+        x = tf.cast(t, tf.float32) if dtype in _HALF else tf.cast(t, tf.float64) if dtype == tf.float64 else t
+        x = tf.reshape(x, [-1])
+        zeros.append(tf.cast(tf.math.count_nonzero(tf.equal(x, 0)), tf.float64))  # NaN != 0
+        if robust:
+            finite = tf.math.is_finite(x)
+            finite_n.append(tf.cast(tf.math.count_nonzero(finite), tf.float64))
+            mins.append(tf.reduce_min(tf.where(finite, x, tf.cast(np.inf, x.dtype))))
+            maxs.append(tf.reduce_max(tf.where(finite, x, tf.cast(-np.inf, x.dtype))))
+            x = tf.where(finite, x, tf.zeros_like(x))
+        else:
+            finite_n.append(tf.cast(tf.size(x), tf.float64))
+            mins.append(tf.reduce_min(x))
+            maxs.append(tf.reduce_max(x))
+        sums.append(tf.cast(tf.reduce_sum(x), tf.float64))
+        sumsqs.append(tf.cast(tf.reduce_sum(tf.square(tf.cast(x, tf.float64) if dtype in _HALF else x)), tf.float64))
+        if dtype in _HALF:
+            under.append(tf.cast(tf.math.count_nonzero(tf.abs(x) < tiny), tf.float64))
+    size = tf.add_n([tf.cast(tf.size(t), tf.float64) for t in tensors])
+    n = tf.add_n(finite_n)
+    mn = tf.cast(tf.reduce_min(tf.stack([tf.cast(m, tf.float64) for m in mins])), tf.float64)
+    mx = tf.cast(tf.reduce_max(tf.stack([tf.cast(m, tf.float64) for m in maxs])), tf.float64)
+    total, total_sq = tf.add_n(sums), tf.add_n(sumsqs)
+    mean = tf.math.divide_no_nan(total, n)
+    std = tf.sqrt(tf.maximum(tf.math.divide_no_nan(total_sq, n) - mean * mean, 0.0))
+    max_abs = tf.maximum(tf.abs(mn), tf.abs(mx))
+    nan64 = tf.constant(np.nan, tf.float64)
+    has = n > 0
+    norm = tf.sqrt(total_sq)
+    mn, mx, mean, std, max_abs, norm = [tf.where(has, v, nan64) for v in (mn, mx, mean, std, max_abs, norm)]
+    headroom = tf.where(max_abs > 0, tf.math.log(largest / max_abs) / np.log(2.0), tf.constant(np.inf, tf.float64))
+    headroom = tf.where(has, headroom, nan64)
+    underflow = tf.add_n(under) / size if under else nan64
+    return tf.cast(tf.stack([mn, mx, mean, std, max_abs, norm, tf.add_n(zeros) / size,
+                             headroom, underflow]), tf.float32)
+
+
+def _device_step(st, tensors, log_every, grad_kinds):
+    """One training step's graph ops: the reductions, the conditional full statistics,
+    and the accumulator, first-record and flight-recorder updates."""
+    present = np.array([bool(ts) for ts in tensors])
+    sums = tf.stack([tf.add_n([_sum32(t) for t in ts]) if ts else tf.constant(0.0) for ts in tensors])
+    sizes = tf.stack([tf.add_n([_size(t) for t in ts]) if ts else tf.constant(0.0) for ts in tensors])
+    hint = tf.logical_not(tf.math.is_finite(sums))
+    any_hint = tf.reduce_any(hint)
+    step = st.poll[_P_STEP]
+    ends_row = tf.equal(tf.math.floormod(step + 1, log_every), 0)
+    n = len(tensors)
+
+    def counts():
+        return tf.stack([_counts(tf.concat([tf.reshape(t, [-1]) for t in ts], 0)) if ts
+                         else tf.zeros([3], tf.int64) for ts in tensors])
+
+    step_counts = tf.cond(any_hint, counts, lambda: tf.zeros([n, 3], tf.int64))
+
+    def sampled(robust):
+        return tf.stack([_sampled_stats(ts, robust) for ts in tensors])
+
+    step_sampled = tf.cond(
+        tf.logical_or(ends_row, any_hint),
+        lambda: tf.cond(any_hint, lambda: sampled(True), lambda: sampled(False)),
+        lambda: tf.fill([n, len(SAMPLED)], np.float32(np.nan)))
+    nonfinite = tf.reduce_sum(step_counts, axis=1) > 0
+    safe_sizes = tf.where(sizes > 0, sizes, tf.ones_like(sizes))
+    step_mean = tf.where(hint, step_sampled[:, _S["mean"]], sums / safe_sizes)
+    present_t = tf.constant(present)
+
+    # Loss scaling: a step whose only non-finite values are gradients is skipped by design.
+    if grad_kinds is not None:
+        non_grad = tf.logical_and(nonfinite, tf.logical_not(tf.constant(grad_kinds)))
+        is_skip = tf.logical_and(tf.reduce_any(nonfinite), tf.logical_not(tf.reduce_any(non_grad)))
+    else:
+        is_skip = tf.constant(False)
+
+    st.acc_steps.assign_add(1)
+    st.acc_size.assign(tf.maximum(st.acc_size, sizes))
+    st.acc_counts.assign_add(step_counts)
+    st.acc_nonfinite_steps.assign_add(tf.cast(nonfinite, tf.int64))
+    st.acc_first.assign(tf.where(tf.logical_and(nonfinite, st.acc_first < 0), step, st.acc_first))
+    mean_ok = tf.logical_and(present_t, tf.math.is_finite(step_mean))
+    st.acc_mean_sum.assign_add(tf.where(mean_ok, tf.cast(step_mean, tf.float64), tf.zeros([n], tf.float64)))
+    st.acc_mean_n.assign_add(tf.cast(mean_ok, tf.float64))
+    ran_full = tf.logical_or(ends_row, any_hint)
+    st.last_sampled.assign(tf.where(ran_full, step_sampled, st.last_sampled))
+
+    # First non-finite of the run (not a loss-scale skip), and the flight recorder frozen with it.
+    recording = st.poll[_P_FIRST] < 0
+    is_first = tf.logical_and(recording, tf.logical_and(tf.reduce_any(nonfinite), tf.logical_not(is_skip)))
+    st.first_counts.assign(tf.where(is_first, step_counts, st.first_counts))
+    st.first_sampled.assign(tf.where(is_first, step_sampled, st.first_sampled))
+    slot = tf.cast(tf.math.floormod(step, st.ring_step.shape[0]), tf.int32)
+    keep = tf.logical_not(recording)
+    st.ring_step.scatter_nd_update([[slot]], [tf.where(keep, st.ring_step[slot], step)])
+    st.ring_counts.scatter_nd_update([[slot]], [tf.where(keep, st.ring_counts[slot], step_counts)])
+    st.ring_mean.scatter_nd_update([[slot]], [tf.where(keep, st.ring_mean[slot], step_mean)])
+    st.poll.assign(tf.stack([
+        step + 1,
+        tf.where(is_first, step, st.poll[_P_FIRST]),
+        st.poll[_P_SKIPS] + tf.cast(is_skip, tf.int64),
+        tf.where(is_skip, step, st.poll[_P_LAST_SKIP]),
+    ]))
+
+
+def _row_matrix(steps, size, counts, nonfinite_steps, first, mean_sum, mean_n, sampled):
+    """Host side: the device accumulators as one row in the statistics table's order."""
+    n = len(size)
+    row = np.full((n, len(stats.STATS)), np.nan)
+    col = stats.STAT_INDEX
+    size = np.asarray(size, dtype=np.float64)
+    present = size > 0
+    row[:, col["steps"]] = steps
+    row[:, col["size"]] = size
+    counts = np.asarray(counts, dtype=np.float64)
+    for j, name in enumerate(stats.NONFINITE_STATS):
+        row[:, col[name]] = np.where(present, counts[:, j], np.nan)
+    row[:, col["nonfinite_steps"]] = np.where(present, nonfinite_steps, np.nan)
+    first = np.asarray(first, dtype=np.float64)
+    row[:, col["first_nonfinite_step"]] = np.where(first >= 0, first, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        row[:, col["mean_every_step"]] = np.where(np.asarray(mean_n) > 0, np.asarray(mean_sum) / np.asarray(mean_n), np.nan)
+    sampled = np.asarray(sampled, dtype=np.float64)
+    for name, j in _S.items():
+        row[:, col[name]] = np.where(present, sampled[:, j], np.nan)
+    return row
+
+
+try:  # Keras is part of TensorFlow 2.16+ as Keras 3; the callback needs it.
+    import keras as _keras
+except ImportError:  # pragma: no cover
+    _keras = tf.keras
+
+
+class NanWatchCallback(_keras.callbacks.Callback):
+    """Logs per-layer numerics and the exact first NaN/Inf of a `model.fit` run.
+
+    For every layer: statistics of its activations, of the gradient w.r.t. its
+    output and its weights, of its weights and the optimizer's slots, plus the
+    inputs and the loss; NaN, +Inf and -Inf counted separately; on the device,
+    inside the compiled train step (also `jit_compile=True`).  Open the logdir in
+    TensorBoard's NanWatch tab or run `tb-nanwatch report LOGDIR`.
+
+    ```python
+    import numpy as np, keras, tb_nanwatch
+    x = np.random.uniform(-1e10, 1e10, (4096, 1)).astype("float32")
+    y = np.random.uniform(-1e10, 1e10, (4096, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, callbacks=[tb_nanwatch.NanWatchCallback("logs/f", log_every=10)])
+    # tb-nanwatch report logs  ->  first +Inf at step 3: dense, optimizer state velocity/kernel
+    ```
+
+    Args:
+      logdir: this run's directory (TensorBoard's `--logdir` is its parent).
+      log_every: one row per this many steps (default 100); rows aggregate
+        their steps without losing any NaN/Inf.
+      flight_steps: steps kept at full resolution before the first non-finite.
+      kinds: site kinds to watch (default all); e.g. leave out "weight" and
+        "optimizer_state" for a leaner setting.
+      stop_on_nonfinite: stop training once the first non-finite record is on
+        disk (like TerminateOnNaN, but after recording).
+      check_every: read the device's status every this many steps.
+    """
+
+    def __init__(self, logdir, log_every=DEFAULT_LOG_EVERY, flight_steps=DEFAULT_FLIGHT_STEPS,
+                 kinds=None, stop_on_nonfinite=False, check_every=1):
+        super().__init__()
+        self.logdir = str(logdir)
+        self._options = dict(log_every=log_every, flight_steps=flight_steps, kinds=kinds,
+                             check_every=check_every)
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.watch = None
+
+    def on_train_begin(self, logs=None):
+        if self.watch is None:
+            self.watch = Watch(self.logdir, self.model, self.model.optimizer, **self._options)
+        else:
+            self.watch._closed = False
+            _open_watches.add(self.watch)
+            self.watch.instrument()
+        # fit() made its train function before calling us: trace it again, instrumented.
+        self.model.make_train_function(force=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.watch.after_step() and self.stop_on_nonfinite:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        watch = self.watch
+        try:
+            watch.close()
+        finally:
+            # Later fit()/evaluate() calls must not run our ops.
+            self.model.train_function = None
+            if watch._writer is not None:
+                watch._writer = None   # a new event file if fit() is called again
+                watch._first_written = watch.first_nonfinite is not None
