@@ -1,0 +1,381 @@
+"""The plugin's routes through TensorBoard's own WSGI app and a real data provider.
+
+EventMultiplexer (sized the way `--load_fast=false` sizes it, after our loader's
+fix_flags) -> MultiplexerDataProvider -> TBContext -> TensorBoardWSGI -> werkzeug Client,
+over logdirs written through the real record format.
+"""
+
+import base64
+import json
+import time
+
+import numpy as np
+import pytest
+from werkzeug import test as werkzeug_test
+
+from tensorboard import program
+from tensorboard.backend import application
+from tensorboard.backend.event_processing import data_ingester
+from tensorboard.backend.event_processing import data_provider as tb_data_provider
+from tensorboard.backend.event_processing import plugin_event_multiplexer
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.core import core_plugin
+
+import plugin_helpers
+import synthetic
+from tb_nanwatch import heatmap, plugin, reader, stats, summary
+
+COL = stats.STAT_INDEX
+PREFIX = "/data/plugin/nanwatch"
+MLP_FIRST = (5003, 12, "posinf")
+
+
+def configure(*argv, **kwargs):
+    """TensorBoard's own flag parsing with the core loader and ours (runs fix_flags)."""
+    tb = program.TensorBoard(plugins=[core_plugin.CorePluginLoader(), plugin.NanWatchLoader()])
+    tb.configure(argv=["tensorboard"] + list(argv), **kwargs)
+    return tb.flags
+
+
+class App:
+    def __init__(self, logdir):
+        flags = configure("--logdir", str(logdir), "--load_fast=false")
+        # As data_ingester.LocalDataIngester sizes the multiplexer from the flags.
+        guidance = dict(data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE)
+        guidance.update(flags.samples_per_plugin)
+        self.multiplexer = plugin_event_multiplexer.EventMultiplexer(
+            size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE, tensor_size_guidance=guidance,
+            max_reload_threads=1)
+        self.multiplexer.AddRunsFromDirectory(str(logdir))
+        self.multiplexer.Reload()
+        provider = tb_data_provider.MultiplexerDataProvider(self.multiplexer, str(logdir))
+        context = base_plugin.TBContext(data_provider=provider, logdir=str(logdir), flags=flags)
+        self.plugin = plugin.NanWatchLoader().load(context)
+        self.client = werkzeug_test.Client(application.TensorBoardWSGI([self.plugin], data_provider=provider))
+
+    def get(self, path, **params):
+        query = "&".join("%s=%s" % kv for kv in params.items())
+        return self.client.get(PREFIX + path + ("?" + query if query else ""))
+
+    def json(self, path, **params):
+        r = self.get(path, **params)
+        assert r.status_code == 200, (path, params, r.status_code, r.get_data(as_text=True))
+        return json.loads(r.get_data())
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("backend")
+    synthetic.write_run(str(d / "mlp"), n_rows=1000, log_every=10, first=MLP_FIRST)
+    synthetic.write_run(str(d / "clean"), n_rows=30, log_every=5)
+    plugin_helpers.write_spikes_run(str(d / "spikes"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def app(logdir):
+    return App(logdir)
+
+
+def decode(hm):
+    n, c = hm["n_sites"], hm["n_columns"]
+    values = np.frombuffer(base64.b64decode(hm["values"]), dtype="<f4").reshape(n, c)
+    status = np.frombuffer(base64.b64decode(hm["status"]), dtype=np.uint8).reshape(n, c)
+    return values, status
+
+
+# -- loader ------------------------------------------------------------------------
+def test_fix_flags_keeps_every_record_by_default(tmp_path):
+    assert configure("--logdir", str(tmp_path)).samples_per_plugin == {"nanwatch": 0}
+
+
+def test_fix_flags_explicit_value_wins(tmp_path):
+    flags = configure("--logdir", str(tmp_path), "--samples_per_plugin", "images=3,nanwatch=10")
+    assert flags.samples_per_plugin == {"images": 3, "nanwatch": 10}
+
+
+def test_fix_flags_string_and_missing_forms(tmp_path):
+    # configure(**kwargs) sets the raw string, bypassing argparse's parser.
+    assert configure(logdir=str(tmp_path), samples_per_plugin="nanwatch=7,images=2").samples_per_plugin == {
+        "nanwatch": 7, "images": 2}
+    assert configure(logdir=str(tmp_path), samples_per_plugin="images=2").samples_per_plugin == {
+        "nanwatch": 0, "images": 2}
+
+    class Flags:
+        samples_per_plugin = None
+    flags = Flags()
+    plugin.NanWatchLoader().fix_flags(flags)
+    assert flags.samples_per_plugin == {"nanwatch": 0}
+
+
+def test_every_row_is_read(app):
+    # The multiplexer would keep 10 samples per tag without fix_flags.
+    hm = app.json("/heatmap", run="mlp", columns=5000)
+    assert hm["n_columns"] == 1000 and sum(hm["rows_per_column"]) == 1000
+
+
+# -- listing, metadata, static files --------------------------------------------------
+def test_plugins_listing(app):
+    r = app.client.get("/data/plugins_listing")
+    listing = json.loads(r.get_data())["nanwatch"]
+    assert listing["enabled"] is True
+    assert listing["tab_name"] == "NanWatch"
+    assert listing["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/nanwatch/index.js"}
+
+
+@pytest.mark.parametrize("name,content_type", sorted(plugin.STATIC_FILES.items()))
+def test_static_files(app, name, content_type):
+    r = app.get("/" + name)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].split(";")[0] == content_type
+    assert len(r.get_data()) > 100
+
+
+def test_index_exports_render(app):
+    assert "export async function render" in app.get("/index.js").get_data(as_text=True)
+
+
+@pytest.mark.parametrize("path", [
+    "/plugin.py", "/../plugin.py", "/%2e%2e/setup.py", "/frontend/index.js", "/index.js/../../setup.py",
+    "/..%2f..%2fsetup.py", "/index.html", "/"])
+def test_static_allow_list(app, path):
+    r = app.client.get(PREFIX + path)
+    assert r.status_code == 404, path
+    assert b"import" not in r.get_data() and b"def " not in r.get_data()
+
+
+def test_info_is_the_stats_table(app):
+    info = app.json("/info")
+    table = stats.table_as_json()
+    assert info["stats"] == table["stats"]
+    assert info["kinds"] == table["kinds"]
+    assert info["status"] == table["status"]
+
+
+def test_runs_and_groups(app):
+    assert app.json("/runs") == ["clean", "mlp", "spikes"]
+    assert app.json("/groups") == {"clean": [None], "mlp": [None], "spikes": [None]}
+
+
+# -- first non-finite ---------------------------------------------------------------
+def test_first_nonfinite_is_the_reader_contract(app, logdir):
+    got = app.json("/first_nonfinite", run="mlp")
+    provider, ctx, eid = reader.open_logdir(str(logdir))
+    assert got == reader.first_nonfinite_json(reader.read_run(provider, ctx, eid, "mlp"))
+    sites = synthetic.sites_for()
+    assert (got["step"], got["layer"], got["kind"], got["tensor"]) == (
+        5003, sites[12]["layer"], sites[12]["kind"], sites[12]["tensor"])
+    assert (got["nan"], got["posinf"], got["neginf"]) == (0, 3, 0)
+    assert len(got["propagators"]) == len(sites) - 13
+
+
+def test_first_nonfinite_null_for_a_finite_run(app):
+    r = app.get("/first_nonfinite", run="clean")
+    assert r.status_code == 200 and json.loads(r.get_data()) is None
+
+
+def test_first_nonfinite_from_rows_when_no_record(app):
+    # The spikes run has no first_nonfinite record: the reader falls back to the rows.
+    got = app.json("/first_nonfinite", run="spikes")
+    assert got["step"] == (plugin_helpers.SPIKE_NEGINF[0] + 1) * 10 - 1
+    assert got["neginf"] == 1
+
+
+# -- heatmap ------------------------------------------------------------------------
+def test_heatmap_full_resolution_matches_written_rows(app, logdir):
+    hm = app.json("/heatmap", run="mlp", stat="max_abs", columns=1000)
+    values, status = decode(hm)
+    provider, ctx, eid = reader.open_logdir(str(logdir))
+    data = reader.read_run(provider, ctx, eid, "mlp")
+    np.testing.assert_allclose(values, data.rows[:, :, COL["max_abs"]].T.astype(np.float32), rtol=1e-6)
+    np.testing.assert_array_equal(status, stats.nonfinite_status(data.rows).T)
+    assert hm["last_steps"] == [int(s) for s in data.steps]
+    assert hm["first_steps"] == [int(s) - 9 for s in data.steps]
+    assert [s["label"] for s in hm["sites"]] == data.labels
+    assert hm["first_nonfinite_cell"] == {"row": 12, "column": 500, "site": 12, "step": 5003}
+    assert status[12, 499] == 0 and status[12, 500] == 2 and status[11, 500] == 0
+    assert hm["step_range"] == {"first": 0, "last": 9999, "rows": 1000}
+    assert hm["flight_range"] == {"first": 4996, "last": 5003, "rows": 8}
+
+
+def test_heatmap_downsampling_never_averages_a_spike_away(app):
+    rows = np.stack([r for _, r in plugin_helpers.spikes_rows(len(synthetic.sites_for()))])
+    hm = app.json("/heatmap", run="spikes", stat="max_abs", columns=50)
+    values, status = decode(hm)
+    assert hm["n_columns"] == 50 and hm["rows_per_column"] == [20] * 50
+    assert hm["first_steps"][0] == 0 and hm["last_steps"][-1] == 9999
+    assert all(b == a + 1 for a, b in zip(hm["last_steps"], hm["first_steps"][1:]))  # no gaps
+    (nan_row, nan_site), (neg_row, neg_site) = plugin_helpers.SPIKE_NAN, plugin_helpers.SPIKE_NEGINF
+    expected = np.zeros_like(status)
+    expected[nan_site, nan_row // 20] = 1
+    expected[neg_site, neg_row // 20] = 3
+    np.testing.assert_array_equal(status, expected)
+    # max_abs aggregates by max, not by mean.
+    binned = rows[:, :, COL["max_abs"]].reshape(50, 20, -1)
+    np.testing.assert_allclose(values, binned.max(axis=1).T.astype(np.float32), rtol=1e-6)
+    assert not np.allclose(values, binned.mean(axis=1).T, rtol=1e-3)
+    # Counts are summed over the bin.
+    counts, _ = decode(app.json("/heatmap", run="spikes", stat="nan", columns=50))
+    assert counts[nan_site, nan_row // 20] == 1 and counts.sum() == 1
+
+
+def test_heatmap_kind_filter_keeps_model_order(app):
+    hm = app.json("/heatmap", run="mlp", kind="weight_grad", columns=10)
+    sites = synthetic.sites_for()
+    want = [i for i, s in enumerate(sites) if s["kind"] == "weight_grad"]
+    assert [s["index"] for s in hm["sites"]] == want
+    assert hm["first_nonfinite_cell"]["row"] == want.index(12)
+    assert app.json("/heatmap", run="mlp", kind="activation", columns=10)["first_nonfinite_cell"] is None
+
+
+def test_heatmap_zoom_to_a_step_range(app):
+    hm = app.json("/heatmap", run="mlp", first_step=4990, last_step=5019, columns=500)
+    assert hm["first_steps"] == [4990, 5000, 5010] and hm["last_steps"] == [4999, 5009, 5019]
+    _, status = decode(hm)
+    assert list(status[12]) == [0, 2, 2]
+    assert hm["first_nonfinite_cell"]["column"] == 1
+
+
+def test_heatmap_flight_recorder_is_step_resolution(app):
+    hm = app.json("/heatmap", run="mlp", source="flight", columns=500)
+    assert hm["first_steps"] == hm["last_steps"] == list(range(4996, 5004))
+    _, status = decode(hm)
+    assert status[:, :7].max() == 0 and list(status[12:, 7]) == [2] * (hm["n_sites"] - 12)
+    assert hm["first_nonfinite_cell"] == {"row": 12, "column": 7, "site": 12, "step": 5003}
+
+
+def test_heatmap_every_stat_and_kind_answers(app):
+    for stat in stats.STAT_NAMES:
+        assert app.json("/heatmap", run="mlp", stat=stat, columns=20)["stat"] == stat
+    for kind in stats.KINDS + ("all",):
+        assert app.json("/heatmap", run="clean", kind=kind, columns=20)["kind"] == kind
+
+
+def test_heatmap_latency(app):
+    app.plugin._cache.clear()
+    t0 = time.perf_counter()
+    app.json("/heatmap", run="mlp", columns=500)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(5):
+        app.json("/heatmap", run="mlp", columns=500)
+    warm = (time.perf_counter() - t0) / 5
+    print("heatmap route, 1,000 rows x 32 sites -> 500 columns: cold %.1f ms, cached %.1f ms"
+          % (cold * 1e3, warm * 1e3))
+    assert warm < 0.5 and cold < 5
+
+
+# -- cell ---------------------------------------------------------------------------
+def test_cell_aggregates_every_statistic(app, logdir):
+    provider, ctx, eid = reader.open_logdir(str(logdir))
+    data = reader.read_run(provider, ctx, eid, "mlp")
+    cell = app.json("/cell", run="mlp", site=12, first_step=4980, last_step=5019)
+    assert cell["rows"] == 4 and cell["steps"] == [4980, 5019]
+    assert cell["status"] == "+inf"
+    expected = stats.aggregate_rows(data.rows[498:502, 12, :])
+    for k, name in enumerate(stats.STAT_NAMES):
+        if np.isnan(expected[k]):
+            assert cell["stats"][name] is None, name
+        else:
+            assert cell["stats"][name] == pytest.approx(expected[k]), name
+    assert cell["stats"]["posinf"] == 3 * 7 + 3 * 10  # steps 5003-5009 and 5010-5019: summed, never averaged
+    assert cell["site"]["label"] == summary.site_label(synthetic.sites_for()[12])
+    assert [r["step"] for r in cell["flight"]] == list(range(4996, 5004))
+    assert cell["flight"][-1]["posinf"] == 3 and cell["flight"][0]["posinf"] == 0
+
+
+def test_cell_flight_source(app):
+    cell = app.json("/cell", run="mlp", site=12, first_step=5003, last_step=5003, source="flight")
+    assert cell["rows"] == 1 and cell["status"] == "+inf" and cell["stats"]["steps"] == 1
+
+
+def test_cell_outside_data(app):
+    cell = app.json("/cell", run="clean", site=0, first_step=10**9, last_step=10**9 + 1)
+    assert cell["rows"] == 0 and cell["stats"] is None and cell["flight"] == []
+
+
+# -- errors: 400 with a message, 404 for unknown runs, never 500 --------------------------
+@pytest.mark.parametrize("path,params,code", [
+    ("/heatmap", {}, 400),
+    ("/heatmap", {"run": "mlp", "columns": "abc"}, 400),
+    ("/heatmap", {"run": "mlp", "columns": "1.5"}, 400),
+    ("/heatmap", {"run": "mlp", "columns": "-3"}, 400),
+    ("/heatmap", {"run": "mlp", "columns": "0"}, 400),
+    ("/heatmap", {"run": "mlp", "columns": "10000000000000000000000"}, 400),
+    ("/heatmap", {"run": "mlp", "stat": "bogus"}, 400),
+    ("/heatmap", {"run": "mlp", "kind": "bogus"}, 400),
+    ("/heatmap", {"run": "mlp", "source": "bogus"}, 400),
+    ("/heatmap", {"run": "mlp", "first_step": "x"}, 400),
+    ("/heatmap", {"run": "mlp", "first_step": "-1"}, 400),
+    ("/heatmap", {"run": "mlp", "first_step": "20", "last_step": "10"}, 400),
+    ("/heatmap", {"run": "nope"}, 404),
+    ("/heatmap", {"run": "mlp", "group": "nope"}, 404),
+    ("/first_nonfinite", {}, 400),
+    ("/first_nonfinite", {"run": "nope"}, 404),
+    ("/cell", {"run": "mlp"}, 400),
+    ("/cell", {"run": "mlp", "site": "x"}, 400),
+    ("/cell", {"run": "mlp", "site": "-1"}, 400),
+    ("/cell", {"run": "mlp", "site": "999"}, 400),
+    ("/cell", {"run": "mlp", "site": "1", "last_step": "zz"}, 400),
+    ("/cell", {"run": "mlp", "site": "1", "source": "bogus"}, 400),
+    ("/cell", {"run": "nope", "site": "1"}, 404),
+])
+def test_bad_requests(app, path, params, code):
+    r = app.get(path, **params)
+    assert r.status_code == code, r.get_data(as_text=True)
+    message = json.loads(r.get_data())["error"]
+    assert isinstance(message, str) and len(message) > 10
+
+
+def test_empty_range_is_not_an_error(app):
+    hm = app.json("/heatmap", run="mlp", first_step=10**12)
+    assert hm["n_columns"] == 0 and hm["first_steps"] == [] and hm["values"] == ""
+
+
+# -- a live run: a reload shows new rows ---------------------------------------------------
+def test_reload_shows_new_rows(tmp_path):
+    synthetic.write_run(str(tmp_path / "live"), n_rows=20, log_every=10)
+    live = App(tmp_path)
+    assert live.json("/heatmap", run="live", columns=500)["n_columns"] == 20
+    assert live.json("/first_nonfinite", run="live") is None
+    # Training goes on, in a second event file of the same run, and blows up.
+    sites = synthetic.sites_for()
+    with summary.RecordWriter(str(tmp_path / "live"), sites) as writer:
+        for i in range(20, 30):
+            step = (i + 1) * 10 - 1
+            row = synthetic.finite_row(len(sites), step, steps=10)
+            if i == 25:
+                row[4, COL["nan"]] = 2
+                row[4, COL["nonfinite_steps"]] = 1
+                row[4, COL["first_nonfinite_step"]] = 253
+            writer.write_row(step, row)
+    live.multiplexer.Reload()
+    hm = live.json("/heatmap", run="live", columns=500)
+    assert hm["n_columns"] == 30
+    assert decode(hm)[1][4, 25] == 1
+    assert live.json("/first_nonfinite", run="live")["step"] == 253
+
+
+# -- the real writer ----------------------------------------------------------------------
+def test_real_callback_logdir(tmp_path):
+    """A tiny Keras model trained by model.fit with NanWatchCallback on data holding a NaN
+    in a known batch: /first_nonfinite names the input at that step."""
+    tf = pytest.importorskip("tensorflow")
+    import tb_nanwatch
+
+    x = np.random.RandomState(0).normal(size=(64, 4)).astype("float32")
+    y = np.random.RandomState(1).normal(size=(64, 1)).astype("float32")
+    bad_batch = 5
+    x[bad_batch * 8 + 3, 2] = np.nan
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3, name="hidden"),
+                                 tf.keras.layers.Dense(1, name="out")])
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[tb_nanwatch.NanWatchCallback(str(tmp_path / "fit"), log_every=2)])
+    real = App(tmp_path)
+    first = real.json("/first_nonfinite", run=real.json("/runs")[0])
+    assert first["step"] == bad_batch, first
+    assert first["kind"] == "input" and first["nan"] == 1, first
+    assert {"hidden", "out"} <= {p["layer"] for p in first["propagators"] if p["kind"] == "activation"}, first
+    hm = real.json("/heatmap", run=real.json("/runs")[0], columns=500)
+    assert hm["first_nonfinite_cell"] is not None and hm["first_nonfinite_cell"]["step"] == bad_batch
