@@ -1,0 +1,419 @@
+"""`tb-nanwatch`: the command line.
+
+    tb-nanwatch report LOGDIR [--json] [--png FILE] [--run RUN]
+
+Exit status: 0 no run has a non-finite value, 1 one does, 2 error.  Never
+imports TensorFlow: TensorBoard's loader is told to use its own TensorFlow stub.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+
+EXIT_FINITE, EXIT_NONFINITE, EXIT_ERROR = 0, 1, 2
+PROG = "tb-nanwatch"
+
+
+def _no_tensorflow():
+    """Makes TensorBoard use its TensorFlow stub even where TensorFlow is installed.
+
+    `tensorboard.compat.tf` picks the stub when `tensorboard.compat.notf` is importable
+    (TensorBoard's own //tensorboard/compat:no_tensorflow target).  Importing TensorFlow
+    would cost seconds and, on a GPU server, grab devices; reading event files needs none of it."""
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    _fast_record_checksums()
+
+
+class _Crc32c:
+    """CRC-32C of whole records with numpy, for TensorBoard's TensorFlow stub.
+
+    The stub checks every record with a byte-at-a-time Python loop (about 6 MB/s: a
+    200 MB logdir took 40 s); TensorFlow's C++ reader is fast but costs a TensorFlow
+    import.  CRC is linear over GF(2), so the checksum of a block of D bytes is the XOR
+    of per-(position, byte) table entries, gathered for all blocks at once; blocks are
+    then chained with a 4 x 256 table that advances the register by D bytes."""
+
+    D = 1024
+
+    def __init__(self, table):
+        table = np.asarray(table, dtype=np.uint32)
+        step = lambda x: table[x & 0xFF] ^ (x >> np.uint32(8))  # one zero byte
+        contrib = np.empty((self.D, 256), dtype=np.uint32)     # contrib[d, b]: byte b, then d bytes
+        contrib[0] = table
+        for d in range(1, self.D):
+            contrib[d] = step(contrib[d - 1])
+        self.contrib = contrib
+        reg = (np.arange(256, dtype=np.uint32)[None, :] << (np.arange(4, dtype=np.uint32)[:, None] * 8))
+        for _ in range(self.D):
+            reg = step(reg)
+        self.advance = [r.tolist() for r in reg]               # register after D zero bytes, per byte lane
+        init, head = 0xFFFFFFFF, []
+        for _ in range(self.D):
+            head.append(init)
+            init = int(table[init & 0xFF]) ^ (init >> 8)
+        self.head = head                                       # register 0xFFFFFFFF after h zero bytes
+        self.positions = np.arange(self.D - 1, -1, -1)
+
+    def __call__(self, data):
+        buf = np.frombuffer(bytes(data), dtype=np.uint8)
+        h = len(buf) % self.D
+        reg = self.head[h]
+        if h:
+            reg ^= int(np.bitwise_xor.reduce(self.contrib[self.positions[-h:], buf[:h]]))
+        blocks = buf[h:].reshape(-1, self.D)
+        if len(blocks):
+            a0, a1, a2, a3 = self.advance
+            for c in np.bitwise_xor.reduce(self.contrib[self.positions[None, :], blocks], axis=1).tolist():
+                reg = a0[reg & 0xFF] ^ a1[(reg >> 8) & 0xFF] ^ a2[(reg >> 16) & 0xFF] ^ a3[reg >> 24] ^ c
+        return reg ^ 0xFFFFFFFF
+
+
+# Bytes of event records read so far (every record is checksummed): the progress bar's measure.
+BYTES_CHECKED = [0]
+
+
+def _fast_record_checksums():
+    """Swaps the stub's pure-Python CRC-32C for `_Crc32c` on large records (this process only)."""
+    try:
+        from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as stub
+        slow = stub.crc32c
+        if getattr(slow, "_tb_nanwatch", False):
+            return
+        fast = _Crc32c(stub.CRC_TABLE)
+        if fast(b"123456789") != slow(b"123456789") or fast(bytes(range(256)) * 9) != slow(bytes(range(256)) * 9):
+            return  # never trade correctness for speed
+
+        def crc32c(data):
+            BYTES_CHECKED[0] += len(data)
+            return fast(data) if len(data) >= 512 else slow(data)
+
+        crc32c._tb_nanwatch = True
+        stub.crc32c = crc32c
+    except (ImportError, AttributeError):  # another TensorBoard: keep its own
+        pass
+
+
+class UsageError(Exception):
+    """A one-line message for stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError("%s (see %s --help)" % (message, self.prog))
+
+
+def build_parser():
+    from tb_nanwatch import stats
+
+    parser = _Parser(prog=PROG, description="Where did TensorFlow training first go NaN or Inf?")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    rep = sub.add_parser(
+        "report", help="postmortem of a logdir written by NanWatchCallback",
+        description="Postmortem of a logdir written by tb_nanwatch: per run, the first NaN/Inf value "
+                    "(the producer), the sites it reached in the same step, and the producer's statistics "
+                    "over the steps before it.",
+        epilog="Exit status: 0 no run has a non-finite value, 1 at least one has, 2 error.")
+    rep.add_argument("logdir", metavar="LOGDIR", help="the logdir given to NanWatchCallback (or a parent of it)")
+    rep.add_argument("--json", action="store_true",
+                     help='print {"runs": [{"run", "first_nonfinite", ...}]} on stdout and nothing else')
+    rep.add_argument("--png", metavar="FILE",
+                     help="also write the heatmap (sites x steps) of one run as a PNG image: the --run, "
+                          "else the first run with a non-finite value, else the first run")
+    rep.add_argument("--run", metavar="RUN", action="append",
+                     help="only this run (path relative to LOGDIR, as listed in the report); repeatable")
+    rep.add_argument("--stat", metavar="NAME", default="max_abs", choices=stats.STAT_NAMES,
+                     help="statistic the PNG shows (default max_abs); one of: %s" % ", ".join(stats.STAT_NAMES))
+    rep.add_argument("--kind", metavar="KIND", choices=stats.KINDS,
+                     help="PNG: only sites of this kind; one of: %s" % ", ".join(stats.KINDS))
+    rep.add_argument("--steps", metavar="N", type=int, default=12,
+                     help="trend table: the last N steps up to the first non-finite one (default 12; 0: all)")
+    rep.add_argument("--propagators", metavar="N", type=int, default=10,
+                     help="list at most N propagators per run (default 10; 0: all)")
+    return parser
+
+
+# -- progress -------------------------------------------------------------------
+class Progress:
+    """A one-line progress bar on stderr while the logdir loads (only on a terminal):
+    bytes of event records read out of the logdir's total, then runs read."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, enabled, total_runs, total_bytes):
+        self.enabled = enabled
+        self.total = total_runs
+        self.bytes = total_bytes
+        self.done = 0
+        self.phase = "loading"
+        self._stop = threading.Event()
+        self._thread = None
+        self._start = time.time()
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def step(self, phase=None):
+        self.done += 1
+        if phase:
+            self.phase = phase
+
+    def line(self, frame=0):
+        width = 24
+        if self.phase == "loading":
+            read = min(BYTES_CHECKED[0], self.bytes)
+            frac = read / self.bytes if self.bytes else 0.0
+            counts = "%.1f/%.1f MB" % (read / 1e6, self.bytes / 1e6)
+        else:
+            frac = min(self.done, self.total) / self.total if self.total else 0.0
+            counts = "%d/%d runs" % (min(self.done, self.total), self.total)
+        filled = int(width * frac)
+        return "%s %s %s [%s%s] %s, %.0fs" % (
+            PROG, self.phase, self.FRAMES[frame % 4], "#" * filled, "." * (width - filled), counts,
+            time.time() - self._start)
+
+    def _loop(self):
+        i = 0
+        while True:
+            sys.stderr.write("\r\033[K" + self.line(i))
+            sys.stderr.flush()
+            i += 1
+            if self._stop.wait(0.1):
+                break
+
+
+def _scan_logdir(logdir):
+    """(run directories with event files, total bytes), as TensorBoard finds them."""
+    runs, total = 0, 0
+    for dirpath, _, files in os.walk(logdir):
+        events = [f for f in files if "tfevents" in f and not f.endswith(".profile-empty")]
+        if events:
+            runs += 1
+            for f in events:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except OSError:
+                    pass
+    return runs, total
+
+
+# -- damage diagnostics -------------------------------------------------------------
+def check_event_file(path):
+    """None when the file's record framing is intact, else a short description of where
+    it breaks (TensorBoard stops reading a file at its first bad record)."""
+    import struct
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            offset = records = 0
+            while offset < size:
+                header = f.read(12)
+                if len(header) < 12:
+                    return "truncated: the last record is incomplete (%d of %d bytes readable)" % (offset, size)
+                length, crc = struct.unpack("<QI", header)
+                if masked_crc32c(header[:8]) != crc:
+                    if records == 0:
+                        return "not a readable event file (bad first record header)"
+                    return "corrupt record header at byte %d; records after it are not read" % offset
+                end = offset + 12 + length + 4
+                if end > size:
+                    return "truncated: the last record is incomplete (%d of %d bytes readable)" % (offset, size)
+                f.seek(end)
+                offset = end
+                records += 1
+    except OSError as e:
+        return "unreadable: %s" % (e.strerror or e)
+    return None
+
+
+def damage_report(logdir, run):
+    path = logdir if run == "." else os.path.join(logdir, run)
+    out = []
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return out
+    for name in names:
+        if "tfevents" in name and os.path.isfile(os.path.join(path, name)):
+            problem = check_event_file(os.path.join(path, name))
+            if problem:
+                out.append("%s: %s" % (name, problem))
+    return out
+
+
+# -- report -------------------------------------------------------------------------
+def _normalise_run(logdir, run):
+    if os.path.isabs(run):
+        run = os.path.relpath(run, logdir)
+    run = os.path.normpath(run)
+    return run
+
+
+def _check_png_path(path):
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise UsageError("--png %s: is a directory" % path)
+    if not os.path.isdir(parent):
+        raise UsageError("--png %s: directory %s does not exist" % (path, parent))
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise UsageError("--png %s: not writable" % path)
+    if not os.path.exists(target) and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError("--png %s: directory %s is not writable" % (path, parent))
+
+
+def run_report(args, out, err):
+    logdir = args.logdir
+    if not os.path.exists(logdir):
+        raise UsageError("%s: no such directory" % logdir)
+    if not os.path.isdir(logdir):
+        raise UsageError("%s: not a directory (give the logdir, not an event file)" % logdir)
+    if args.png:
+        _check_png_path(args.png)
+
+    _no_tensorflow()
+    from tb_nanwatch import metadata, reader, report
+
+    n_runs, n_bytes = _scan_logdir(logdir)
+    if n_runs == 0:
+        raise UsageError("%s: no TensorBoard event files in it or below it" % logdir)
+    show_progress = not args.json and err.isatty()
+    progress = Progress(show_progress, n_runs, n_bytes)
+    with progress:
+        provider, ctx, eid = reader.open_logdir(logdir)
+        runs = reader.list_runs(provider, ctx, eid)
+        if not runs:
+            raise UsageError("%s: no nanwatch data (%d run%s of TensorBoard event files, none written by "
+                             "tb_nanwatch)" % (logdir, n_runs, "" if n_runs == 1 else "s"))
+        if args.run:
+            wanted = [_normalise_run(logdir, r) for r in args.run]
+            unknown = [r for r in wanted if r not in runs]
+            if unknown:
+                raise UsageError("no nanwatch run %s in %s; runs: %s" % (
+                    ", ".join(repr(r) for r in unknown), logdir, ", ".join(runs)))
+            runs = {r: runs[r] for r in dict.fromkeys(wanted)}
+        progress.total, progress.done, progress.phase = len(runs), 0, "reading"
+        reports, problems = [], {}
+        for run, groups in runs.items():
+            for group in groups:
+                try:
+                    reports.append(report.RunReport(reader.read_run(provider, ctx, eid, run, group)))
+                except (reader.RunNotFound, metadata.MetadataError, ValueError, KeyError) as e:
+                    problems.setdefault(run, []).append("unreadable nanwatch data%s: %s"
+                                                        % ("" if group is None else " (group %s)" % group, e))
+            progress.step()
+        for run in runs:
+            problems.setdefault(run, []).extend(damage_report(logdir, run))
+
+    any_nonfinite = any(r.first is not None for r in reports)
+    unreadable = [run for run in runs if not any(r.run == run for r in reports)]
+
+    png_note = None
+    if args.png:
+        with_first = [r for r in reports if r.first is not None]
+        rep = with_first[0] if with_first else (reports[0] if reports else None)
+        if rep is not None:
+            try:
+                size = report.render_png(rep, args.png, stat=args.stat, kind=args.kind)
+            except OSError as e:
+                raise UsageError("--png %s: %s" % (args.png, e.strerror or e))
+            png_note = "wrote %s (%dx%d, run %s, %s)" % (args.png, size[0], size[1], report.clean(rep.run), args.stat)
+
+    for run, msgs in problems.items():
+        for msg in msgs:
+            err.write("%s: warning: run %s: %s\n" % (PROG, report.clean(run), report.clean(msg)))
+
+    try:
+        if args.json:
+            import json
+            entries = report.merge_groups(reports)
+            for e in entries:
+                if problems.get(e["run"]):
+                    e["warnings"] = problems[e["run"]]
+            for run in unreadable:
+                entries.append({"run": run, "first_nonfinite": None, "error": "; ".join(problems.get(run, []))})
+            out.write(json.dumps({"runs": entries}, indent=2, allow_nan=False) + "\n")
+        else:
+            n_bad = len({r.run for r in reports if r.first is not None})
+            out.write("tb-nanwatch report %s: %d run%s, %d with a non-finite value\n" % (
+                report.clean(logdir), len(runs), "" if len(runs) == 1 else "s", n_bad))
+            for rep in reports:
+                out.write("\n" + "\n".join(rep.text(max_propagators=args.propagators, trend_steps=args.steps)) + "\n")
+            for run in unreadable:
+                out.write("\nrun %s: could not be read (see the warnings on stderr)\n" % report.clean(run))
+            if png_note:
+                out.write("\n%s\n" % png_note)
+        if png_note and args.json:
+            err.write("%s: %s\n" % (PROG, png_note))
+        out.flush()
+    except BrokenPipeError:
+        # `tb-nanwatch report logs | head`: the reader left; the verdict below still holds.
+        _silence_stdout()
+    if any_nonfinite:
+        return EXIT_NONFINITE
+    if unreadable:
+        return EXIT_ERROR
+    return EXIT_FINITE
+
+
+def _silence_stdout():
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv=None):
+    out, err = sys.stdout, sys.stderr
+    for stream in (out, err):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
+    # TensorBoard's loader logs at INFO/WARNING about every file it opens; our own
+    # warnings are printed one line each below.
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter(PROG + ": warning: %(message)s"))
+    logging.getLogger("tb_nanwatch").addHandler(handler)
+    logging.getLogger("tb_nanwatch").propagate = False
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "report":
+            return run_report(args, out, err)
+        raise UsageError("unknown command %r" % args.command)  # pragma: no cover - argparse checks
+    except UsageError as e:
+        err.write("%s: error: %s\n" % (PROG, e))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        err.write("%s: interrupted\n" % PROG)
+        return 130
+    except Exception as e:  # never a traceback for a user; TB_NANWATCH_DEBUG=1 shows it
+        if os.environ.get("TB_NANWATCH_DEBUG"):
+            raise
+        err.write("%s: error: %s: %s (set TB_NANWATCH_DEBUG=1 for a traceback)\n" % (PROG, type(e).__name__, e))
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

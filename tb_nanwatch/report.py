@@ -1,0 +1,537 @@
+"""The postmortem report of a logdir: analysis, plain text, JSON and PNG.
+
+`cli.py` handles arguments, loading and exit codes; this module turns the
+reader's `RunData` into what `tb-nanwatch report` shows.  TensorFlow-free.
+
+Names and meanings of statistics and kinds come from `stats`; the first
+non-finite object is the reader's contract (`reader.first_nonfinite_json`).
+"""
+
+import json
+import math
+import re
+
+import numpy as np
+
+from tb_nanwatch import heatmap, reader, stats
+
+LOSS_SCALE_SKIP = "loss_scale_skip"
+# Every-step statistics shown in the trend table, in this order; the sampled
+# statistics present in the window follow in table order.
+TREND_EVERY_STEP = ("mean_every_step", "nan", "posinf", "neginf")
+COUNT_LABELS = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text):
+    """A name as the user wrote it (unicode, `<script>` and all), except control
+    characters, which are escaped so that a name cannot break a line or drive the terminal."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+
+
+def kind_words(kind):
+    """`optimizer_state` -> `optimizer state`, `weight_grad` -> `weight gradient`."""
+    return kind.replace("_grad", " gradient").replace("_", " ")
+
+
+def site_words(site):
+    """`dense_1, optimizer state velocity/kernel`; `loss` for the unnamed loss site."""
+    what = " ".join(p for p in (kind_words(site.get("kind", "")), site.get("tensor", "")) if p)
+    layer = site.get("layer", "")
+    return clean("%s, %s" % (layer, what) if layer else what)
+
+
+def counts_words(obj, only_nonzero=False):
+    parts = []
+    for k in stats.NONFINITE_STATS:
+        n = int(obj.get(k, 0) or 0)
+        if n or not only_nonzero:
+            parts.append("%s %d" % (COUNT_LABELS[k], n))
+    return ", ".join(parts)
+
+
+def fmt(value, count=False):
+    """A statistic for a table cell: '-' when not measured."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if count:
+        return "%d" % value
+    if value == 0:
+        return "0"
+    return "%.4g" % value
+
+
+class RunReport:
+    """What the report says about one (run, group)."""
+
+    def __init__(self, data):
+        self.data = data
+        self.run = data.run
+        self.group = data.group
+        self.first = reader.first_nonfinite_json(data)
+        self.producer = self._producer_index()
+        self.steps_watched, self.last_step = _steps_watched(data)
+        self.skips = [e for e in data.events if isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP]
+        self.other_events = [e for e in data.events if not (isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP)]
+        self.propagators = self._propagators()
+
+    # -- analysis ---------------------------------------------------------------
+    def _producer_index(self):
+        if self.first is None:
+            return None
+        index = self.first.get("site")
+        sites = self.data.sites
+        if isinstance(index, int) and 0 <= index < len(sites):
+            s = sites[index]
+            if (s["layer"], s["kind"], s.get("tensor", "")) == (
+                    self.first["layer"], self.first["kind"], self.first.get("tensor", "")):
+                return index
+        return self.data.site_index(self.first["layer"], self.first["kind"], self.first.get("tensor", ""))
+
+    def _propagators(self):
+        """The sites the first non-finite value reached in the same step, execution order."""
+        if self.first is None:
+            return []
+        if isinstance(self.first.get("propagators"), list):
+            return self.first["propagators"]
+        # The record was lost (killed run): the rows still say which sites went
+        # non-finite at that step -- exactly in the flight row of that step.
+        step = self.first["step"]
+        col = stats.STAT_INDEX
+        out = []
+        hit = np.nonzero(self.data.flight_steps == step)[0]
+        if len(hit):
+            row = self.data.flight_rows[hit[-1]]
+            bad = stats.nonfinite_status(row)
+            chosen = [s for s in range(len(self.data.sites)) if bad[s] in (1, 2, 3, 4)]
+        else:
+            rows = self.data.rows[self.data.steps >= step]
+            if not len(rows):
+                return []
+            row = rows[0]
+            chosen = [s for s in range(len(self.data.sites)) if row[s, col["first_nonfinite_step"]] == step]
+        for s in chosen:
+            if s == self.producer:
+                continue
+            site = self.data.sites[s]
+            entry = dict(layer=site["layer"], kind=site["kind"], tensor=site.get("tensor", ""))
+            for k in stats.NONFINITE_STATS:
+                entry[k] = int(np.nan_to_num(row[s, col[k]]))
+            out.append(entry)
+        return out
+
+    def trend(self, max_steps=12):
+        """(title, header, rows) of the producer's statistics up to the first non-finite step.
+
+        Flight rows (one per step) when present.  Sampled statistics that a flight row
+        lacks are taken from a logged row ending at that very step (sampled statistics
+        are measured on a row's last step, so they are exact there).  Without a flight
+        recorder, the logged rows up to the one that holds the first step."""
+        if self.first is None or self.producer is None:
+            return None
+        s = self.producer
+        step = self.first["step"]
+        col = stats.STAT_INDEX
+        keep = self.data.flight_steps <= step
+        if keep.any():
+            steps = self.data.flight_steps[keep]
+            rows = self.data.flight_rows[keep][:, s, :].copy()
+            by_step = {int(t): i for i, t in enumerate(self.data.steps)}
+            for i, t in enumerate(steps):
+                j = by_step.get(int(t))
+                if j is not None:
+                    logged = self.data.rows[j, s]
+                    for st in stats.STATS:
+                        if not st.every_step and np.isnan(rows[i, col[st.name]]):
+                            rows[i, col[st.name]] = logged[col[st.name]]
+            title = "flight recorder, one row per step"
+            step_label = "step"
+        else:
+            upto = np.nonzero(self.data.steps >= step)[0]
+            end = upto[0] + 1 if len(upto) else len(self.data.steps)
+            steps = self.data.steps[:end]
+            rows = self.data.rows[:end, s, :]
+            if not len(steps):
+                return None
+            every = int(np.nanmax(rows[:, col["steps"]])) if not np.all(np.isnan(rows[:, col["steps"]])) else 1
+            title = "logged rows ending at the step shown, up to %d steps each; no flight recorder in this run" % every
+            step_label = "row end"
+        if max_steps and len(steps) > max_steps:
+            steps, rows = steps[-max_steps:], rows[-max_steps:]
+        names = list(TREND_EVERY_STEP) + [st.name for st in stats.STATS
+                                          if not st.every_step and not np.all(np.isnan(rows[:, col[st.name]]))]
+        table = []
+        for t, r in zip(steps, rows):
+            table.append([str(int(t))] + [fmt(r[col[n]], count=stats.STATS_BY_NAME[n].scale == "count") for n in names])
+        return title, [step_label] + names, table
+
+    # -- output -----------------------------------------------------------------
+    def as_json(self):
+        first = self.first
+        if first is not None and "propagators" not in first:
+            first = dict(first, propagators=self.propagators)   # recovered from the rows
+        out = {
+            "run": self.run,
+            "first_nonfinite": jsonable(first),
+            "steps_watched": int(self.steps_watched),
+            "last_step": None if self.last_step is None else int(self.last_step),
+            "loss_scale_skips": jsonable(self.skips),
+            "events": jsonable(self.other_events),
+        }
+        if self.group is not None:
+            out["group"] = self.group
+        return out
+
+    def text(self, max_propagators=10, trend_steps=12):
+        name = clean(self.run) + ("" if self.group is None else " [site list %s]" % clean(self.group))
+        lines = []
+        if self.first is None:
+            line = "run %s: finite: no NaN or Inf in the %s watched" % (name, _steps(self.steps_watched, self.last_step))
+            if self.skips:
+                line += "; %s" % _skips_words(self.skips)
+            return [line]
+        f = self.first
+        lines.append("run %s: first non-finite value at step %d" % (name, f["step"]))
+        lines.append("  producer:   %s  (%s)" % (site_words(f), stats.KIND_MEANINGS.get(f["kind"], f["kind"])))
+        lines.append("              %s" % counts_words(f))
+        if f.get("source") == "rows":
+            lines.append("              (the first-non-finite record is missing, e.g. the run was killed while"
+                         " writing it; step and site come from the logged rows, counts cover the whole row)")
+        if self.propagators:
+            lines.append("  reached in the same step (%d propagator%s, execution order):"
+                         % (len(self.propagators), "" if len(self.propagators) == 1 else "s"))
+            shown = self.propagators if max_propagators <= 0 else self.propagators[:max_propagators]
+            width = max(len(site_words(p)) for p in shown)
+            for p in shown:
+                lines.append("    %-*s  %s" % (width, site_words(p), counts_words(p, only_nonzero=True)))
+            if len(shown) < len(self.propagators):
+                lines.append("    ... and %d more (--propagators 0 lists all; --json has all)"
+                             % (len(self.propagators) - len(shown)))
+        else:
+            lines.append("  reached no other site in the same step")
+        trend = self.trend(trend_steps)
+        if trend is not None:
+            title, header, table = trend
+            lines.append("  before it, %s (%s):" % (clean(self.data.labels[self.producer]), title))
+            widths = [max(len(h), *(len(r[i]) for r in table)) for i, h in enumerate(header)]
+            lines.append("    " + "  ".join(h.rjust(w) for h, w in zip(header, widths)))
+            for r in table:
+                lines.append("    " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+            if table and int(table[-1][0]) < f["step"]:
+                lines.append("    (no row for step %d itself: it was lost, e.g. the run was killed while writing it)"
+                             % f["step"])
+        elif self.producer is None:
+            lines.append("  (the producer is not in this run's site list; no trend available)")
+        if self.skips:
+            lines.append("  " + _skips_words(self.skips))
+        for e in self.other_events[:5]:
+            lines.append("  event: %s" % clean(e))
+        lines.append("  watched: %s" % _steps(self.steps_watched, self.last_step))
+        return lines
+
+
+def _steps(n, last):
+    text = "%d step%s" % (n, "" if n == 1 else "s")
+    if last is not None:
+        text += " (last step %d)" % last
+    return text
+
+
+def _skips_words(skips):
+    steps = sorted({int(e.get("step", -1)) for e in skips})
+    shown = ", ".join(str(s) for s in steps[:10]) + (", ..." if len(steps) > 10 else "")
+    scale = skips[-1].get("loss_scale")
+    scale_text = "" if scale is None else "; loss scale now %g" % scale
+    return ("%d loss-scale skip%s (step%s %s%s): skipped by design by the LossScaleOptimizer"
+            " (gradients overflowed, scale lowered), not the blow-up"
+            % (len(skips), "" if len(skips) == 1 else "s", "" if len(steps) == 1 else "s", shown, scale_text))
+
+
+def _steps_watched(data):
+    """(steps watched, last step): the steps the logged rows cover, plus flight steps after them."""
+    col = stats.STAT_INDEX["steps"]
+    watched = 0
+    last = None
+    if len(data.steps):
+        per_row = data.rows[:, :, col]
+        per_row = np.where(np.isnan(per_row), 0, per_row).max(axis=1) if per_row.shape[1] else np.ones(len(data.steps))
+        watched = int(per_row.sum())
+        last = int(data.steps.max())
+    if len(data.flight_steps):
+        after = data.flight_steps[data.flight_steps > (last if last is not None else -1)]
+        watched += len(np.unique(after))
+        last = max(last if last is not None else -1, int(data.flight_steps.max()))
+    if data.first_nonfinite is not None and isinstance(data.first_nonfinite.get("step"), int):
+        last = max(last if last is not None else -1, data.first_nonfinite["step"])
+    return watched, last
+
+
+def jsonable(value):
+    """Plain JSON types: numpy scalars unwrapped, NaN/Inf as null (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    return value
+
+
+def merge_groups(reports):
+    """One JSON entry per run: the earliest first non-finite over its site lists
+    (a model whose structure changed writes a second list)."""
+    by_run = {}
+    for rep in reports:
+        by_run.setdefault(rep.run, []).append(rep)
+    out = []
+    for run, reps in by_run.items():
+        if len(reps) == 1:
+            out.append(reps[0].as_json())
+            continue
+        entries = [r.as_json() for r in reps]
+        firsts = [e for e in entries if e["first_nonfinite"] is not None]
+        first = min(firsts, key=lambda e: e["first_nonfinite"]["step"]) if firsts else None
+        merged = {
+            "run": run,
+            "first_nonfinite": None if first is None else dict(first["first_nonfinite"], group=first.get("group")),
+            "steps_watched": sum(e["steps_watched"] for e in entries),
+            "last_step": max((e["last_step"] for e in entries if e["last_step"] is not None), default=None),
+            "loss_scale_skips": [s for e in entries for s in e["loss_scale_skips"]],
+            "events": [s for e in entries for s in e["events"]],
+            "groups": entries,
+        }
+        out.append(merged)
+    return out
+
+
+# -- PNG ----------------------------------------------------------------------
+COLOURS = {
+    "nan": (230, 20, 90),        # raspberry red
+    "+inf": (255, 150, 0),       # orange
+    "-inf": (0, 170, 100),       # green
+    "mixed": (0, 0, 0),          # black: several kinds in one cell
+    "absent": (255, 255, 255),   # not computed (e.g. off the gradient path)
+    "unmeasured": (215, 215, 215),
+}
+STATUS_COLOUR = {1: COLOURS["nan"], 2: COLOURS["+inf"], 3: COLOURS["-inf"], 4: COLOURS["mixed"], 5: COLOURS["absent"]}
+# Finite values: a single-hue ramp (light -> dark blue), so any other hue means trouble.
+RAMP = np.array([(239, 243, 255), (198, 219, 239), (158, 202, 225), (107, 174, 214),
+                 (66, 146, 198), (33, 113, 181), (8, 69, 148), (8, 38, 96)], dtype=np.float64)
+OUTLINE = (0, 0, 0)
+BACKGROUND = (255, 255, 255)
+TEXT = (20, 20, 20)
+MUTED = (110, 110, 110)
+
+
+def _font(size, bold=False):
+    from PIL import ImageFont
+    for name in (("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
+                 "/usr/share/fonts/truetype/dejavu/" + ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
+                 "LiberationSans-Bold.ttf" if bold else "LiberationSans-Regular.ttf", "Arial.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _ramp(t):
+    """t in [0, 1] -> RGB along RAMP."""
+    t = np.clip(t, 0.0, 1.0) * (len(RAMP) - 1)
+    lo = np.floor(t).astype(int)
+    hi = np.minimum(lo + 1, len(RAMP) - 1)
+    frac = (t - lo)[..., None]
+    return RAMP[lo] * (1 - frac) + RAMP[hi] * frac
+
+
+def _normalise(values, scale):
+    """Values -> [0, 1] by the statistic's scale; returns (t, lo, hi, transformed?)."""
+    finite = np.isfinite(values)
+    if scale in ("log", "count"):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.log10(np.abs(values)) if scale == "log" else np.log10(1 + np.abs(values))
+        finite &= np.isfinite(v)
+    else:
+        v = values
+    if not finite.any():
+        return np.zeros_like(values), None, None
+    lo, hi = float(np.min(v[finite])), float(np.max(v[finite]))
+    t = np.zeros_like(values) if hi <= lo else (v - lo) / (hi - lo)
+    t = np.where(finite, t, 0.0)
+    back = {"log": lambda x: 10 ** x, "count": lambda x: 10 ** x - 1}.get(scale, lambda x: x)
+    return t, back(lo), back(hi)
+
+
+def _fit(draw, text, font, width):
+    """`text`, shortened with an ellipsis in the middle to fit `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    keep = len(text)
+    while keep > 4:
+        keep -= 1
+        short = text[:keep // 2] + "…" + text[-(keep - keep // 2):]
+        if draw.textlength(short, font=font) <= width:
+            return short
+    return text[:4]
+
+
+def render_png(rep, path, stat="max_abs", kind=None, max_columns=450):
+    """The heatmap of one run (sites x steps) as a PNG: labels, colour legend,
+    NaN/+Inf/-Inf colours, the first non-finite cell outlined, a title in words."""
+    from PIL import Image, ImageDraw
+
+    data = rep.data
+    source = "rows" if len(data.steps) or not len(data.flight_steps) else "flight"
+    hm = heatmap.build(data, stat=stat, kind=kind, max_columns=max_columns, source=source)
+    n_sites, n_cols = hm.values.shape if hm.values.ndim == 2 else (len(hm.labels), 0)
+    st = stats.STATS_BY_NAME[stat]
+
+    f_title, f_sub, f_label, f_small = _font(16, bold=True), _font(12), _font(11), _font(10)
+    cell_w = max(2, min(24, 900 // max(n_cols, 1)))
+    cell_h = max(3, min(14, 1400 // max(n_sites, 1)))
+    label_every = max(1, math.ceil(11 / cell_h))   # no overlapping labels when rows are thin
+    margin = 12
+
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [clean(l) for l in hm.labels]
+    label_w = math.ceil(min(380, max([scratch.textlength(l, font=f_label) for l in labels] + [60]))) + 16
+    grid_w, grid_h = cell_w * max(n_cols, 1), cell_h * max(n_sites, 1)
+
+    # Title in words.
+    run_name = clean(rep.run) + ("" if rep.group is None else " [%s]" % clean(rep.group))
+    if rep.first is not None:
+        title = "%s: first non-finite at step %d: %s (%s)" % (
+            run_name, rep.first["step"], site_words(rep.first), counts_words(rep.first, only_nonzero=True) or "counts lost")
+    else:
+        title = "%s: no NaN or Inf in %s" % (run_name, _steps(rep.steps_watched, rep.last_step))
+    span = ("steps %d-%d" % (hm.first_steps[0], hm.last_steps[-1])) if n_cols else "no rows"
+    per_col = ""
+    if n_cols:
+        widths = hm.last_steps - hm.first_steps + 1
+        per_col = ", %s steps per column" % (int(widths.max()) if widths.min() == widths.max()
+                                               else "%d-%d" % (widths.min(), widths.max()))
+    subtitle = "%s of every site (%s), %s%s%s; sites in execution order" % (
+        stat, st.meaning, span, per_col, "" if kind is None else ", kind %s" % kind)
+
+    legend_w = 190
+    width = max(margin * 2 + label_w + grid_w + 20 + legend_w, 640)
+    title_lines = [(title, f_title), (subtitle, f_sub)]
+    top = margin + 24 + 18 + 22
+    height = max(top + grid_h + 40 + margin, top + 330)
+    img = Image.new("RGB", (int(width), int(height)), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+
+    y = margin
+    for text, font in title_lines:
+        draw.text((margin, y), _fit(draw, text, font, width - 2 * margin), font=font, fill=TEXT)
+        y += 24 if font is f_title else 18
+
+    gx, gy = margin + label_w, top
+    # Cells.
+    if n_cols and n_sites:
+        t, lo, hi = _normalise(hm.values, st.scale)
+        rgb = _ramp(t)
+        unmeasured = ~np.isfinite(hm.values)
+        rgb[unmeasured] = COLOURS["unmeasured"]
+        for code, colour in STATUS_COLOUR.items():
+            rgb[hm.status == code] = colour
+        cells = rgb.astype(np.uint8)
+        block = np.repeat(np.repeat(cells, cell_h, axis=0), cell_w, axis=1)
+        img.paste(Image.fromarray(block, "RGB"), (gx, gy))
+    else:
+        lo = hi = None
+        draw.text((gx + 4, gy + 4), "no rows logged", font=f_sub, fill=MUTED)
+
+    # Separators between the phases of a step, site labels.  The optimizer updates
+    # each weight right after its slots, so optimizer_state and weight are one phase.
+    prev_kind = None
+    kinds = [{"weight": "optimizer_state"}.get(data.sites[i]["kind"], data.sites[i]["kind"])
+             for i in hm.site_indices]
+    producer_row = hm.site_indices.index(rep.producer) if rep.producer in hm.site_indices else None
+    for r, label in enumerate(labels):
+        ry = gy + r * cell_h
+        if prev_kind is not None and kinds[r] != prev_kind:
+            draw.line([(margin, ry), (gx + grid_w - 1, ry)], fill=(150, 150, 150), width=1)
+        prev_kind = kinds[r]
+        is_producer = r == producer_row
+        near_producer = producer_row is not None and 0 < abs(r - producer_row) * cell_h < 12
+        if is_producer or (r % label_every == 0 and not near_producer):
+            text = _fit(draw, label, f_label, label_w - 16)
+            ty = ry + cell_h / 2
+            draw.text((gx - 6, ty), text, font=f_label, anchor="rm",
+                      fill=COLOURS["nan"] if is_producer else TEXT)
+    if producer_row is not None:
+        ry = gy + producer_row * cell_h + cell_h / 2
+        draw.polygon([(gx - 4, ry), (gx - 1, ry - 3), (gx - 1, ry + 3)], fill=COLOURS["nan"])
+
+    # Step axis.
+    if n_cols:
+        n_ticks = min(n_cols, max(2, grid_w // 110))
+        for c in sorted(set(np.linspace(0, n_cols - 1, n_ticks).round().astype(int))):
+            x = gx + c * cell_w + cell_w / 2
+            draw.line([(x, gy + grid_h), (x, gy + grid_h + 4)], fill=MUTED)
+            draw.text((x, gy + grid_h + 6), str(int(hm.last_steps[c])), font=f_small, fill=MUTED, anchor="ma")
+        draw.text((gx + grid_w / 2, gy + grid_h + 20), "training step (end of column)", font=f_small,
+                  fill=MUTED, anchor="ma")
+
+    # The first non-finite cell.
+    first_cell = None
+    if rep.first is not None and producer_row is not None and n_cols:
+        step = rep.first["step"]
+        cols = np.nonzero((hm.first_steps <= step) & (step <= hm.last_steps))[0]
+        if not len(cols):
+            cols = np.nonzero(hm.last_steps >= step)[0][:1]
+        if len(cols):
+            c = int(cols[0])
+            first_cell = [producer_row, c]
+            x0, y0 = gx + c * cell_w, gy + producer_row * cell_h
+            pad = max(2, (8 - cell_w) // 2 + 2, (8 - cell_h) // 2 + 2)
+            box = [x0 - pad, y0 - pad, x0 + cell_w - 1 + pad, y0 + cell_h - 1 + pad]
+            draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline=BACKGROUND, width=1)
+            draw.rectangle(box, outline=OUTLINE, width=2)
+            # A marker above the grid finds the column even when cells are 2 px wide.
+            mx = x0 + cell_w / 2
+            draw.polygon([(mx, gy - 2), (mx - 5, gy - 9), (mx + 5, gy - 9)], fill=COLOURS["nan"])
+            draw.text((mx + 8, gy - 5), "step %d" % step, font=f_small, fill=COLOURS["nan"], anchor="ls")
+
+    # Legend.
+    lx = gx + grid_w + 20
+    ly = gy
+    draw.text((lx, ly), stat, font=f_sub, fill=TEXT)
+    ly += 18
+    bar_h, bar_w = 120, 14
+    ramp = _ramp(np.linspace(1, 0, bar_h))[:, None, :].repeat(bar_w, axis=1).astype(np.uint8)
+    img.paste(Image.fromarray(ramp, "RGB"), (lx, ly))
+    draw.rectangle([lx, ly, lx + bar_w - 1, ly + bar_h - 1], outline=MUTED)
+    scale_note = {"log": "log scale", "count": "log scale", "linear": "linear scale"}[st.scale]
+    if lo is not None:
+        draw.text((lx + bar_w + 6, ly), "%.3g" % hi, font=f_small, fill=TEXT)
+        draw.text((lx + bar_w + 6, ly + bar_h), "%.3g" % lo, font=f_small, fill=TEXT, anchor="ld")
+    draw.text((lx + bar_w + 6, ly + bar_h / 2), scale_note, font=f_small, fill=MUTED, anchor="lm")
+    ly += bar_h + 12
+    for key, text in (("nan", "NaN"), ("+inf", "+Inf"), ("-inf", "-Inf"), ("mixed", "several of these"),
+                      ("unmeasured", "not measured"), ("absent", "not computed")):
+        draw.rectangle([lx, ly, lx + 13, ly + 11], fill=COLOURS[key], outline=MUTED)
+        draw.text((lx + 20, ly + 6), text, font=f_small, fill=TEXT, anchor="lm")
+        ly += 17
+    draw.rectangle([lx - 1, ly - 1, lx + 14, ly + 12], outline=OUTLINE, width=2)
+    draw.text((lx + 20, ly + 6), "first non-finite", font=f_small, fill=TEXT, anchor="lm")
+
+    # Where things are, for scripts and tests reading the image back (PNG tEXt chunk).
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    layout = dict(run=rep.run, group=rep.group, stat=stat, kind=kind, source=source,
+                  grid=[gx, gy, cell_w, cell_h, n_cols, n_sites],
+                  first_step=None if rep.first is None else rep.first["step"],
+                  first_cell=first_cell, column_last_steps=[int(x) for x in hm.last_steps])
+    info.add_itxt("tb-nanwatch", json.dumps(layout))
+    img.save(path, format="PNG", pnginfo=info)
+    return img.size
