@@ -137,7 +137,7 @@ def test_run_filter(logdir):
     assert rc == 0
     assert [r["run"] for r in json.loads(out)["runs"]] == ["good"]
     # A path as the shell completes it (absolute, trailing slash) names the same run.
-    rc, out, _ = cli(logdir, "--run", str(logdir / "nested" / "adam") + "/", "--run", "good", "--json")
+    rc, out, _ = cli(logdir, "--run", "nested/adam/", "--run", str(logdir / "good") + "/", "--json")
     assert rc == 1
     assert [r["run"] for r in json.loads(out)["runs"]] == ["nested/adam", "good"]
 
@@ -350,7 +350,7 @@ def test_png_heatmap(logdir, tmp_path):
 
 def test_png_picks_the_run_with_a_non_finite_value_and_json_stays_clean(logdir, tmp_path):
     png = tmp_path / "x.png"
-    rc, out, err = cli(logdir, "--png", png, "--json")
+    rc, out, err = cli(logdir, "--run", "good", "--run", "bad", "--png", png, "--json")
     assert rc == 1
     json.loads(out)
     assert "wrote" in err
@@ -360,9 +360,15 @@ def test_png_picks_the_run_with_a_non_finite_value_and_json_stays_clean(logdir, 
 
 def test_never_imports_tensorflow(logdir):
     code = ("import sys\nfrom tb_nanwatch import cli\nrc = cli.main(['report', sys.argv[1], '--json'])\n"
-            "print('TF' if 'tensorflow' in sys.modules else 'noTF', rc)")
+            "from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as stub\n"
+            "print('TF' if 'tensorflow' in sys.modules else 'noTF', rc,\n"
+            "      getattr(stub.crc32c, '_tb_nanwatch', False), cli.BYTES_CHECKED[0])")
     proc = subprocess.run([sys.executable, "-c", code, str(logdir)], stdout=subprocess.PIPE, env=ENV, timeout=120)
-    assert proc.stdout.decode().split()[-2:] == ["noTF", "1"]
+    tf, rc, fast_crc, checked = proc.stdout.decode().split()[-4:]
+    assert (tf, rc) == ("noTF", "1")
+    # ... and reads records with the numpy checksum, every byte of them.
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(logdir) for f in fs)
+    assert fast_crc == "True" and 0.9 * size < int(checked) <= size
 
 
 def test_progress_bar_on_a_terminal_only(logdir):
