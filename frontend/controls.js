@@ -31,7 +31,7 @@ function fillSelect(select, options, value) {
 }
 
 // The toolbar.  `handlers`: onRun(key), onKind(kind), onStat(stat), onSource(source),
-// onZoomOut(), onZoomReset(), onReload().
+// onColour("shared" | "row"), onZoomOut(), onZoomReset(), onReload().
 export function buildToolbar(root, handlers) {
   const bar = el("div", "nw-toolbar");
   const run = el("select", "nw-run");
@@ -42,10 +42,15 @@ export function buildToolbar(root, handlers) {
   kind.addEventListener("change", () => handlers.onKind(kind.value));
   stat.addEventListener("change", () => handlers.onStat(stat.value));
   source.addEventListener("change", () => handlers.onSource(source.value));
+  const colour = el("select", "nw-colour");
+  fillSelect(colour, [{value: "shared", text: "one scale"}, {value: "row", text: "per row",
+    title: "each row from its own min to its own max: shows a site's trend"}], "shared");
+  colour.addEventListener("change", () => handlers.onColour(colour.value));
   bar.appendChild(labelled("Run", run));
   bar.appendChild(labelled("Kind", kind));
   bar.appendChild(labelled("Statistic", stat));
   bar.appendChild(labelled("Steps", source));
+  bar.appendChild(labelled("Colour", colour));
 
   const zoom = el("span", "nw-zoom");
   const zoomOut = el("button", "nw-zoom-out", "Zoom out");
@@ -81,13 +86,16 @@ export function buildToolbar(root, handlers) {
     },
     setState(state, info, heat) {
       kind.value = state.kind;
+      colour.value = state.colour;
       stat.value = state.stat;
       const s = info.stats.find((x) => x.name === state.stat);
       meaning.textContent = s ? `${s.name}: ${s.meaning}` : "";
       const flight = heat && heat.flight_range;
       fillSelect(source, [
         {value: "rows", text: "logged rows"},
-        {value: "flight", text: flight ? `flight recorder (${flight.first}\u2013${flight.last})` : "flight recorder (none)"},
+        {value: "flight", text: flight ? "flight recorder" : "flight recorder (none)",
+          title: flight ? `steps ${flight.first}\u2013${flight.last}, one by one: the steps just before the first non-finite value`
+            : "this run has no flight recorder: it never went non-finite"},
       ], state.source);
       source.options[1].disabled = !flight;
       zoomOut.disabled = state.zoom.length === 0;
@@ -119,7 +127,9 @@ export function attachCanvasMouse(target, getLayout, handlers) {
     const cell = hitTest(layout, p.x, p.y);
     if (!cell || event.button !== 0) return;
     drag = {start: cell.col, x: p.x, moved: false};
-    event.preventDefault();
+    // No preventDefault: the iframe must take the focus (Escape unpins).  The stack has
+    // user-select: none, so dragging selects no text.
+    window.focus();
   });
   window.addEventListener("mousemove", (event) => {
     const layout = getLayout();

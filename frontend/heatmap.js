@@ -55,48 +55,53 @@ export function formatNumber(v) {
 
 // The colour scale of one statistic over the values on screen.  `scale` comes from the
 // statistics table: log (magnitudes), linear, or count (0 at the bottom, log above).
-export function makeScale(hm, stat) {
+// With `perRow`, every row (site) gets its own range, so a site's trend shows even
+// when other sites are orders of magnitude bigger.
+export function makeScale(hm, stat, perRow = false) {
   const kind = stat.scale;
-  let lo = Infinity;
-  let hi = -Infinity;
-  for (let i = 0; i < hm.values.length; i++) {
-    const v = hm.values[i];
-    if (!Number.isFinite(v)) continue;
-    if (kind === "log" && v <= 0) continue;
-    if (v < lo) lo = v;
-    if (v > hi) hi = v;
-  }
-  if (lo === Infinity) {
-    lo = kind === "linear" ? 0 : 1;
-    hi = kind === "linear" ? 1 : 10;
-  }
-  if (kind === "count") {
-    lo = 0;
-    hi = Math.max(hi, 1);
-  }
+  const range = (from, to) => {
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (let i = from; i < to; i++) {
+      const v = hm.values[i];
+      if (!Number.isFinite(v)) continue;
+      if (kind === "log" && v <= 0) continue;
+      if (v < lo) lo = v;
+      if (v > hi) hi = v;
+    }
+    if (lo === Infinity) {
+      lo = kind === "linear" ? 0 : 1;
+      hi = kind === "linear" ? 1 : 10;
+    }
+    if (kind === "count") {
+      lo = 0;
+      hi = Math.max(hi, 1);
+    }
+    return [lo, hi];
+  };
+  const [lo, hi] = range(0, hm.values.length);
+  const rows = perRow
+    ? Array.from({length: hm.n_sites}, (_, r) => range(r * hm.n_columns, (r + 1) * hm.n_columns))
+    : null;
   const L = Math.log10;
-  const t = (v) => {
+  const t = (v, row) => {
     if (Number.isNaN(v)) return NaN;
     if (v === Infinity) return 1;
     if (v === -Infinity) return 0;
+    const [a, b] = rows ? rows[row] : [lo, hi];
     if (kind === "log") {
       if (v <= 0) return 0;
-      return hi > lo ? (L(v) - L(lo)) / (L(hi) - L(lo)) : 0.5;
+      return b > a ? (L(v) - L(a)) / (L(b) - L(a)) : 0.5;
     }
-    if (kind === "count") return Math.log1p(Math.max(0, v)) / Math.log1p(hi);
-    return hi > lo ? (v - lo) / (hi - lo) : 0.5;
+    if (kind === "count") return Math.log1p(Math.max(0, v)) / Math.log1p(b);
+    return b > a ? (v - a) / (b - a) : 0.5;
   };
-  const inverse = (u) => {
-    if (kind === "log") return Math.pow(10, L(lo) + u * (L(hi) - L(lo)));
-    if (kind === "count") return Math.expm1(u * Math.log1p(hi));
-    return lo + u * (hi - lo);
-  };
-  return {kind, lo, hi, t, inverse, stat};
+  return {kind, lo, hi, t, stat, perRow};
 }
 
-export function cellColour(status, value, scale) {
+export function cellColour(status, value, scale, row) {
   if (status !== STATUS.FINITE) return SPECIAL_BY_STATUS[status] || NOT_MEASURED;
-  const t = scale.t(value);
+  const t = scale.t(value, row);
   return Number.isNaN(t) ? NOT_MEASURED : rampColour(t);
 }
 
@@ -130,7 +135,37 @@ export function labelWidthFor(hm) {
   probe.font = FONT;
   let w = 60;
   for (const s of hm.sites) w = Math.max(w, probe.measureText(s.label || "(unnamed)").width);
-  return Math.min(320, Math.ceil(w) + 14);
+  return Math.min(MAX_LABEL_W, Math.ceil(w) + 14 + PHASE_W);
+}
+
+// The three phases of a training step; rows are separated and captioned by phase.
+const PHASES = {input: "forward", activation: "forward", loss: "forward", activation_grad: "backward",
+  weight_grad: "backward", optimizer_state: "update", weight: "update"};
+const PHASE_W = 16;
+export const MAX_LABEL_W = 336;
+
+// Tick positions of the step axis: round steps placed inside the column that holds them.
+function stepTicks(hm, gridX, colW, maxTicks) {
+  const n = hm.n_columns;
+  const ticks = [];
+  if (n <= maxTicks) {
+    const every = 1;
+    for (let c = 0; c < n; c += every) ticks.push({x: gridX + (c + 0.5) * colW, label: hm.first_steps[c]});
+    return ticks;
+  }
+  const a = hm.first_steps[0];
+  const b = hm.last_steps[n - 1];
+  const raw = Math.max(1, (b - a + 1) / maxTicks);
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((x) => x >= raw && Number.isInteger(x)) || 10 * mag;
+  let c = 0;
+  for (let v = Math.ceil(a / step) * step; v <= b; v += step) {
+    while (c + 1 < n && hm.first_steps[c + 1] <= v) c++;
+    const width = hm.last_steps[c] - hm.first_steps[c] + 1;
+    const within = Math.min(1, Math.max(0, (v - hm.first_steps[c] + 0.5) / width));
+    ticks.push({x: gridX + (c + within) * colW, label: v});
+  }
+  return ticks;
 }
 
 // Lays out and draws the heatmap into `canvas` (CSS width `width`).  Returns the layout
@@ -164,7 +199,7 @@ export function drawHeatmap(canvas, hm, scale, width) {
     for (let r = 0; r < hm.n_sites; r++) {
       for (let c = 0; c < hm.n_columns; c++) {
         const i = r * hm.n_columns + c;
-        const rgb = cellColour(hm.status[i], hm.values[i], scale);
+        const rgb = cellColour(hm.status[i], hm.values[i], scale, r);
         image.data[i * 4] = rgb[0];
         image.data[i * 4 + 1] = rgb[1];
         image.data[i * 4 + 2] = rgb[2];
@@ -182,10 +217,10 @@ export function drawHeatmap(canvas, hm, scale, width) {
   for (let r = 0; r < hm.n_sites; r++) {
     const site = hm.sites[r];
     const y = gridY + r * rowH;
-    const newKind = r > 0 && hm.sites[r - 1].kind !== site.kind;
+    const newKind = r > 0 && PHASES[hm.sites[r - 1].kind] !== PHASES[site.kind];
     if (newKind) {
       ctx.fillStyle = "#e0e0e0";
-      ctx.fillRect(0, y - 0.5, gridX, 1);
+      ctx.fillRect(PHASE_W, y - 0.5, gridX - PHASE_W, 1);
       ctx.fillStyle = "#263238";
       ctx.fillRect(gridX, y - 1, gridW, 2);
     } else if (r > 0) {
@@ -193,24 +228,43 @@ export function drawHeatmap(canvas, hm, scale, width) {
       ctx.fillRect(gridX, y - 0.5, gridW, 1);
     }
     ctx.fillStyle = "#212121";
-    ctx.fillText(ellipsize(ctx, site.label || "(unnamed)", labelW - 12), labelW - 8, y + rowH / 2);
+    ctx.fillText(ellipsize(ctx, site.label || "(unnamed)", labelW - 12 - PHASE_W), labelW - 8, y + rowH / 2);
   }
 
-  // Step axis: ~8 ticks labelled with the first step of their column.
+  // Phase captions, rotated, at the left edge of the gutter.
+  ctx.save();
+  ctx.fillStyle = "#9e9e9e";
   ctx.textAlign = "center";
+  for (let r = 0; r < hm.n_sites;) {
+    const phase = PHASES[hm.sites[r].kind];
+    let end = r;
+    while (end < hm.n_sites && PHASES[hm.sites[end].kind] === phase) end++;
+    const h = (end - r) * rowH;
+    if (phase && ctx.measureText(phase).width + 8 <= h) {
+      ctx.save();
+      ctx.translate(PHASE_W / 2 + 1, gridY + r * rowH + h / 2);
+      ctx.rotate(-Math.PI / 2);
+      ctx.fillText(phase, 0, 0);
+      ctx.restore();
+    }
+    r = end;
+  }
+  ctx.restore();
+
+  // Step axis: round steps, each placed in the column that holds it.
   ctx.textBaseline = "alphabetic";
   ctx.fillStyle = "#616161";
   ctx.textAlign = "right";
   ctx.fillText(hm.source === "flight" ? "step (one column per step)" : "step", gridX - 8, gridY - 10);
-  const ticks = Math.min(hm.n_columns, Math.max(2, Math.floor(gridW / 110)));
-  for (let k = 0; k < ticks; k++) {
-    const c = ticks === 1 ? 0 : Math.round((k * (hm.n_columns - 1)) / (ticks - 1));
-    const x = gridX + (c + 0.5) * colW;
-    ctx.fillRect(x - 0.5, gridY - 5, 1, 5);
-    ctx.textAlign = k === 0 && colW < 30 ? "left" : k === ticks - 1 && colW < 30 ? "right" : "center";
-    const tx = ctx.textAlign === "left" ? x - 2 : ctx.textAlign === "right" ? x + 2 : x;
-    ctx.fillText(String(hm.first_steps[c]), tx, gridY - 10);
-  }
+  const maxTicks = Math.max(2, Math.floor(gridW / 80));
+  const ticks = stepTicks(hm, gridX, colW, maxTicks);
+  ticks.forEach((tick, k) => {
+    ctx.fillRect(tick.x - 0.5, gridY - 5, 1, 5);
+    ctx.textAlign = "center";
+    const w = ctx.measureText(String(tick.label)).width;
+    const tx = Math.min(Math.max(tick.x, gridX + w / 2 - 2), gridX + gridW - w / 2 + 8);
+    ctx.fillText(String(tick.label), tx, gridY - 10);
+  });
   ctx.strokeStyle = "#9e9e9e";
   ctx.lineWidth = 1;
   ctx.strokeRect(gridX - 0.5, gridY - 0.5, gridW + 1, gridH + 1);
@@ -307,7 +361,7 @@ export function drawLegend(container, scale) {
   ramp.appendChild(title);
   const lo = document.createElement("span");
   lo.className = "nw-legend-tick";
-  lo.textContent = formatNumber(scale.kind === "count" ? 0 : scale.lo);
+  lo.textContent = scale.perRow ? "row min" : formatNumber(scale.kind === "count" ? 0 : scale.lo);
   ramp.appendChild(lo);
   const bar = document.createElement("canvas");
   bar.className = "nw-legend-bar";
@@ -321,7 +375,7 @@ export function drawLegend(container, scale) {
   ramp.appendChild(bar);
   const hi = document.createElement("span");
   hi.className = "nw-legend-tick";
-  hi.textContent = formatNumber(scale.hi);
+  hi.textContent = scale.perRow ? "row max" : formatNumber(scale.hi);
   ramp.appendChild(hi);
   container.appendChild(ramp);
 

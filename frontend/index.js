@@ -3,11 +3,10 @@
 // canvas heatmap (heatmap.js) and the controls (controls.js).
 
 import {api} from "./data.js";
-import {drawHeatmap, drawOverlay, drawLegend, makeScale} from "./heatmap.js";
+import {drawHeatmap, drawOverlay, drawLegend, makeScale, MAX_LABEL_W} from "./heatmap.js";
 import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
 
 const POLL_MS = 30000;
-const MAX_LABEL_W = 320;
 
 function el(tag, className, text) {
   const e = document.createElement(tag);
@@ -43,7 +42,7 @@ class App {
   constructor(body) {
     this.root = el("div", "nw-root");
     body.appendChild(this.root);
-    this.state = {key: null, kind: "all", stat: "max_abs", source: "rows", range: null, zoom: []};
+    this.state = {key: null, kind: "all", stat: "max_abs", source: "rows", colour: "shared", range: null, zoom: []};
     this.info = null;
     this.runs = [];
     this.heat = null;
@@ -61,6 +60,10 @@ class App {
       onKind: (kind) => this.update({kind}),
       onStat: (stat) => this.update({stat}),
       onSource: (source) => this.update({source, range: null, zoom: []}),
+      onColour: (colour) => {
+        this.state.colour = colour;
+        if (this.heat) this.draw();
+      },
       onZoomOut: () => {
         const zoom = this.state.zoom.slice();
         const range = zoom.pop() || null;
@@ -83,6 +86,8 @@ class App {
     this.stack.appendChild(this.canvas);
     this.stack.appendChild(this.overlay);
     this.root.appendChild(this.stack);
+    this.hint = el("div", "nw-hint", "Hover a cell for every statistic, click to pin it, drag across steps to zoom in.");
+    this.root.appendChild(this.hint);
     this.tooltip = new Tooltip(document.body, () => this.setHover(null));
 
     attachCanvasMouse(this.canvas, () => this.layout, {
@@ -224,6 +229,7 @@ class App {
     this.message.textContent = text;
     this.message.hidden = false;
     this.stack.hidden = true;
+    this.hint.hidden = true;
     this.legend.hidden = true;
     this.banner.hidden = true;
   }
@@ -235,10 +241,11 @@ class App {
     this.message.hidden = true;
     this.legend.hidden = false;
     const stat = this.info.stats.find((s) => s.name === heat.stat);
-    const scale = makeScale(heat, stat);
+    const scale = makeScale(heat, stat, this.state.colour === "row");
     drawLegend(this.legend, scale);
     if (!heat.n_columns || !heat.n_sites) {
       this.stack.hidden = true;
+      this.hint.hidden = true;
       this.message.hidden = false;
       this.message.textContent = heat.n_sites
         ? "No logged rows in this step range."
@@ -247,6 +254,7 @@ class App {
       return;
     }
     this.stack.hidden = false;
+    this.hint.hidden = false;
     this.layout = drawHeatmap(this.canvas, heat, scale, this.contentWidth());
     this.labelW = this.layout.gridX;
     this.canvas.dataset.columns = String(heat.n_columns);

@@ -1,0 +1,256 @@
+"""The NanWatch tab in headless Chromium against a real TensorBoard.
+
+Opens http://127.0.0.1:PORT/#nanwatch, finds the plugin's iframe and checks that the
+heatmap is drawn, the banner names the first non-finite site, hovering shows every
+statistic, clicking pins, dragging zooms, the flight recorder shows single steps, a
+layer named `<img src=x onerror=alert(1)>` stays text, and the tab follows
+TensorBoard's reload button.  Saves docs/screenshot.png for the README.
+"""
+
+import os
+import pathlib
+import re
+
+import pytest
+
+import plugin_helpers
+import synthetic
+from tb_nanwatch import stats, summary
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+XSS = "<img src=x onerror=alert(1)>"
+XSS_FIRST_SITE = 10          # sites_for(("dense", XSS, "dense_2")): weight_grad of XSS's kernel
+SCREENSHOT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+
+NAN_RGB = (230, 0, 126)
+POSINF_RGB = (220, 20, 20)
+MIXED_RGB = (0, 170, 70)
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("frontend") / "logs"
+    plugin_helpers.write_blowup_run(str(d / "adam_blowup"))
+    xss_sites = synthetic.sites_for(("dense", XSS, "dense_2"))
+    assert xss_sites[XSS_FIRST_SITE]["layer"] == XSS
+    synthetic.write_run(str(d / "xss"), n_rows=60, log_every=10, first=(303, XSS_FIRST_SITE, "nan"),
+                        sites=xss_sites)
+    synthetic.write_run(str(d / "zz_live"), n_rows=20, log_every=10)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(logdir):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian chromium is required at %s (make chromium)" % CHROMIUM)
+    with plugin_helpers.tensorboard(logdir, "--reload_interval=1") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Tab:
+    """The TensorBoard page and the NanWatch iframe inside it."""
+
+    def __init__(self, page, base):
+        self.page = page
+        self.dialogs = []
+        self.errors = []
+        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.set_default_timeout(20000)
+        page.goto(base + "/#nanwatch")
+        self.fl = page.frame_locator("iframe")
+        self.fl.locator("canvas.nw-heatmap[data-columns]").wait_for()
+        self.frame = next(f for f in page.frames if "plugin_entry.html?name=nanwatch" in f.url)
+
+    def eval(self, js, arg=None):
+        return self.frame.evaluate(js, arg)
+
+    def wait(self, js, arg=None):
+        self.frame.wait_for_function(js, arg=arg)
+
+    def canvas_box(self):
+        return self.fl.locator("canvas.nw-heatmap").bounding_box()
+
+    def cell_xy(self, row, col):
+        """Page coordinates of the centre of heatmap cell (row, col)."""
+        x, y = self.eval("([r, c]) => {const L = window.__nanwatch.layout;"
+                         " return [L.gridX + (c + 0.5) * L.colW, L.gridY + (r + 0.5) * L.rowH];}", [row, col])
+        box = self.canvas_box()
+        return box["x"] + x, box["y"] + y
+
+    def first_cell_xy(self):
+        c = self.eval("() => window.__nanwatch.heat.first_nonfinite_cell")
+        return self.cell_xy(c["row"], c["column"])
+
+    def colours(self):
+        """Distinct canvas colours (RGB) and how often each appears."""
+        return {tuple(k): v for k, v in self.eval("""() => {
+            const c = document.querySelector('canvas.nw-heatmap');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const counts = new Map();
+            for (let i = 0; i < d.length; i += 4) {
+              if (d[i + 3] < 255) continue;
+              const k = d[i] + ',' + d[i + 1] + ',' + d[i + 2];
+              counts.set(k, (counts.get(k) || 0) + 1);
+            }
+            return Array.from(counts, ([k, v]) => [k.split(',').map(Number), v]);
+        }""")}
+
+    def select_run(self, run):
+        self.fl.locator("select.nw-run").select_option(label=run)
+        self.wait("(run) => window.__nanwatch.heat && window.__nanwatch.heat.run === run", run)
+
+    def heat(self, field):
+        return self.eval("(f) => window.__nanwatch.heat[f]", field)
+
+
+@pytest.fixture
+def tab(server, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, device_scale_factor=1)
+    page = context.new_page()
+    t = Tab(page, server)
+    yield t
+    assert t.errors == [], t.errors
+    assert t.dialogs == [], t.dialogs
+    context.close()
+
+
+def test_heatmap_drawn_with_banner(tab):
+    assert tab.heat("run") == "adam_blowup"
+    banner = tab.fl.locator(".nw-banner .nw-headline").inner_text()
+    assert banner == "First +Inf at step %d: dense_2, optimizer state velocity/kernel" % plugin_helpers.BLOWUP_STEP
+    assert "dense_2/optimizer_state/velocity/bias" in tab.fl.locator(".nw-banner").inner_text()
+    colours = tab.colours()
+    # The blue ramp, white, grey text, the outline... and the non-finite colours.
+    assert len([c for c, n in colours.items() if n >= 20]) > 12, len(colours)
+    assert colours.get(NAN_RGB, 0) > 1000 and colours.get(MIXED_RGB, 0) > 100
+    assert tab.heat("n_columns") == plugin_helpers.BLOWUP_ROWS
+    legend = tab.fl.locator(".nw-legend").inner_text()
+    for word in ("max_abs", "log scale", "NaN", "+Inf", "\u2212Inf", "mixed", "first non-finite value"):
+        assert word in legend, word
+
+
+def test_stat_choices_come_from_the_backend_table(tab):
+    options = tab.fl.locator("select.nw-stat option").all_inner_texts()
+    assert options == list(stats.STAT_NAMES)
+    kinds = tab.fl.locator("select.nw-kind option").all_inner_texts()
+    assert kinds == ["all kinds"] + [k.replace("_", " ") for k in stats.KINDS]
+    tab.fl.locator("select.nw-stat").select_option("nan")
+    tab.wait("() => window.__nanwatch.heat.stat === 'nan'")
+    assert "nan (count, log scale)" in tab.fl.locator(".nw-legend").inner_text()
+    tab.fl.locator("select.nw-kind").select_option("weight")
+    tab.wait("() => window.__nanwatch.heat.kind === 'weight'")
+    assert tab.heat("n_sites") == 2 * len(plugin_helpers.BLOWUP_LAYERS)
+
+
+def test_hover_shows_every_statistic_and_click_pins(tab):
+    x, y = tab.first_cell_xy()
+    tab.page.mouse.move(x, y)
+    tip = tab.fl.locator(".nw-tooltip")
+    tip.wait_for(state="visible")
+    tab.wait("(n) => document.querySelectorAll('.nw-tooltip .nw-tip-stats tr').length === n", len(stats.STATS))
+    text = tip.inner_text()
+    assert "dense_2/optimizer_state/velocity/kernel" in text
+    for name in stats.STAT_NAMES:
+        assert name in text, name
+    assert "flight recorder" in text and str(plugin_helpers.BLOWUP_STEP) in text
+    # Pin, move away: it stays; Escape unpins.
+    tab.page.mouse.down()
+    tab.page.mouse.up()
+    assert "nw-pinned" in tip.get_attribute("class")
+    ox, oy = tab.cell_xy(0, 0)
+    tab.page.mouse.move(ox, oy)
+    tab.page.wait_for_timeout(300)
+    assert tip.is_visible() and "velocity/kernel" in tip.inner_text()
+    tab.page.keyboard.press("Escape")
+    tip.wait_for(state="hidden")
+
+
+def test_drag_zooms_and_zoom_out_returns(tab):
+    x0, y = tab.cell_xy(5, 100)
+    x1, _ = tab.cell_xy(5, 149)
+    tab.page.mouse.move(x0, y)
+    tab.page.mouse.down()
+    tab.page.mouse.move((x0 + x1) / 2, y, steps=4)
+    tab.page.mouse.move(x1, y, steps=4)
+    tab.page.mouse.up()
+    tab.wait("() => window.__nanwatch.heat.first_steps[0] === 1000")
+    assert tab.heat("last_steps")[-1] == 1499 and tab.heat("n_columns") == 50
+    assert "steps 1000\u20131499" in tab.fl.locator(".nw-zoom-text").inner_text()
+    tab.fl.locator("button.nw-zoom-out").click()
+    tab.wait("() => window.__nanwatch.heat.first_steps[0] === 0 && window.__nanwatch.heat.n_columns === %d"
+             % plugin_helpers.BLOWUP_ROWS)
+
+
+def test_flight_recorder_at_step_resolution(tab):
+    tab.fl.locator(".nw-banner button.nw-button").click()
+    tab.wait("() => window.__nanwatch.heat.source === 'flight'")
+    steps = list(range(plugin_helpers.BLOWUP_STEP - plugin_helpers.BLOWUP_FLIGHT + 1, plugin_helpers.BLOWUP_STEP + 1))
+    assert tab.heat("first_steps") == steps == tab.heat("last_steps")
+    # At step resolution the first cell is +Inf itself (red), not a mixed bin.
+    assert tab.colours().get(POSINF_RGB, 0) > 100
+    x, y = tab.first_cell_xy()
+    tab.page.mouse.move(x, y)
+    tab.wait("() => /\\+Inf/.test(document.querySelector('.nw-tooltip .nw-tip-status').textContent)")
+
+
+def test_layer_names_are_text_never_html(tab):
+    tab.select_run("xss")
+    banner = tab.fl.locator(".nw-banner .nw-headline")
+    assert banner.inner_text() == "First NaN at step 303: %s, weight grad kernel" % XSS
+    assert "&lt;img" in tab.eval("() => document.querySelector('.nw-banner').innerHTML")
+    assert tab.fl.locator("img").count() == 0
+    assert tab.page.locator("img[src=x]").count() == 0
+    x, y = tab.first_cell_xy()
+    tab.page.mouse.move(x, y)
+    tab.fl.locator(".nw-tooltip").wait_for(state="visible")
+    assert tab.fl.locator(".nw-tooltip .nw-tip-label").inner_text() == "%s/weight_grad/kernel" % XSS
+    assert tab.fl.locator("img").count() == 0
+    # The run selector and the propagated-to list are text too.
+    assert XSS in tab.fl.locator(".nw-banner").inner_text()
+    tab.page.wait_for_timeout(300)  # an onerror handler would have fired by now
+
+
+def test_follows_tensorboard_reload(tab, logdir):
+    tab.select_run("zz_live")
+    assert tab.heat("n_columns") == 20 and "No NaN or Inf" in tab.fl.locator(".nw-banner").inner_text()
+    sites = synthetic.sites_for()
+    with summary.RecordWriter(str(logdir / "zz_live"), sites) as writer:
+        for i in range(20, 30):
+            step = (i + 1) * 10 - 1
+            row = synthetic.finite_row(len(sites), step, steps=10)
+            if i == 27:
+                row[6, stats.STAT_INDEX["posinf"]] = 4
+                row[6, stats.STAT_INDEX["first_nonfinite_step"]] = 275
+            writer.write_row(step, row)
+    # TensorBoard's own reload button; the tab listens for its DataReloaded message.
+    reload_button = tab.page.locator("button.reload-button")
+    deadline = 40
+    for _ in range(deadline):
+        reload_button.click()
+        tab.page.wait_for_timeout(1000)
+        if tab.heat("n_columns") == 30:
+            break
+    assert tab.heat("n_columns") == 30
+    assert re.match(r"First \+Inf at step 275: ", tab.fl.locator(".nw-banner .nw-headline").inner_text())
+
+
+def test_screenshot(tab):
+    """The README's screenshot: the default view, nothing covering the heatmap."""
+    tab.page.mouse.move(5, 5)
+    tab.page.wait_for_timeout(300)
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    tab.page.screenshot(path=str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 50000
