@@ -80,13 +80,14 @@ def _decode_string(datum):
 
 
 def list_runs(provider, ctx, experiment_id):
-    """{run: sorted list of groups (None for the default site list)} with nanwatch rows."""
+    """{run: sorted list of groups (None for the default site list)} with nanwatch rows
+    (or, for a run killed before its first row was due, a flight recorder)."""
     listing = provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME)
     out = {}
     for run, tags in listing.items():
         for tag in tags:
             parsed = metadata.parse_tag(tag)
-            if parsed and parsed[1] == metadata.ROWS:
+            if parsed and parsed[1] in (metadata.ROWS, metadata.FLIGHT) and parsed[0] not in out.get(run, []):
                 out.setdefault(run, []).append(parsed[0])
     return {run: sorted(groups, key=lambda g: g or "") for run, groups in sorted(out.items())}
 
@@ -98,9 +99,11 @@ def read_run(provider, ctx, experiment_id, run, group=None):
         ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
         run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=list(tags.values())))
     series = listing.get(run, {})
-    if tags[metadata.ROWS] not in series:
+    # Both carry the site list; a run killed before its first row has only the flight recorder.
+    with_sites = next((tags[r] for r in (metadata.ROWS, metadata.FLIGHT) if tags[r] in series), None)
+    if with_sites is None:
         raise RunNotFound("no nanwatch data for run %r%s" % (run, "" if group is None else " group %r" % group))
-    content = metadata.parse_plugin_metadata(series[tags[metadata.ROWS]].plugin_content)
+    content = metadata.parse_plugin_metadata(series[with_sites].plugin_content)
     sites = content.get("sites", [])
     stat_names = content.get("stats", stats.STAT_NAMES)
     data = provider.read_tensors(
