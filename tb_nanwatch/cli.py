@@ -108,6 +108,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError("%s (see %s --help)" % (message, self.prog))
 
 
+def _count(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected a whole number >= 0, got %r" % text)
+    return value
+
+
 def build_parser():
     from tb_nanwatch import stats
 
@@ -132,9 +142,9 @@ def build_parser():
                      help="statistic the PNG shows (default max_abs); one of: %s" % ", ".join(stats.STAT_NAMES))
     rep.add_argument("--kind", metavar="KIND", choices=stats.KINDS,
                      help="PNG: only sites of this kind; one of: %s" % ", ".join(stats.KINDS))
-    rep.add_argument("--steps", metavar="N", type=int, default=12,
+    rep.add_argument("--steps", metavar="N", type=_count, default=12,
                      help="trend table: the last N steps up to the first non-finite one (default 12; 0: all)")
-    rep.add_argument("--propagators", metavar="N", type=int, default=10,
+    rep.add_argument("--propagators", metavar="N", type=_count, default=10,
                      help="list at most N propagators per run (default 10; 0: all)")
     return parser
 
@@ -332,6 +342,8 @@ def run_report(args, out, err):
         with_first = [r for r in reports if r.first is not None]
         rep = with_first[0] if with_first else (reports[0] if reports else None)
         if rep is not None:
+            if args.kind and not any(s["kind"] == args.kind for s in rep.data.sites):
+                raise UsageError("--kind %s: run %s has no site of that kind" % (args.kind, report.clean(rep.run)))
             try:
                 size = report.render_png(rep, args.png, stat=args.stat, kind=args.kind)
             except OSError as e:

@@ -314,7 +314,7 @@ COLOURS = {
     "nan": (230, 20, 90),        # raspberry red
     "+inf": (255, 150, 0),       # orange
     "-inf": (0, 170, 100),       # green
-    "mixed": (0, 0, 0),          # black: several kinds in one cell
+    "mixed": (120, 0, 160),      # purple: several of NaN/+Inf/-Inf in one cell
     "absent": (255, 255, 255),   # not computed (e.g. off the gradient path)
     "unmeasured": (215, 215, 215),
 }
@@ -422,7 +422,8 @@ def render_png(rep, path, stat="max_abs", kind=None, max_columns=450):
         stat, st.meaning, span, per_col, "" if kind is None else ", kind %s" % kind)
 
     legend_w = 190
-    width = max(margin * 2 + label_w + grid_w + 20 + legend_w, 640)
+    text_w = max(scratch.textlength(title, font=f_title), scratch.textlength(subtitle, font=f_sub))
+    width = max(margin * 2 + label_w + grid_w + 20 + legend_w, min(math.ceil(text_w) + 2 * margin, 1600), 640)
     title_lines = [(title, f_title), (subtitle, f_sub)]
     top = margin + 24 + 18 + 22
     height = max(top + grid_h + 40 + margin, top + 330)
@@ -495,8 +496,10 @@ def render_png(rep, path, stat="max_abs", kind=None, max_columns=450):
             x0, y0 = gx + c * cell_w, gy + producer_row * cell_h
             pad = max(2, (8 - cell_w) // 2 + 2, (8 - cell_h) // 2 + 2)
             box = [x0 - pad, y0 - pad, x0 + cell_w - 1 + pad, y0 + cell_h - 1 + pad]
+            # Black with a white halo on both sides: visible on every cell colour.
             draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline=BACKGROUND, width=1)
             draw.rectangle(box, outline=OUTLINE, width=2)
+            draw.rectangle([box[0] + 2, box[1] + 2, box[2] - 2, box[3] - 2], outline=BACKGROUND, width=1)
             # A marker above the grid finds the column even when cells are 2 px wide.
             mx = x0 + cell_w / 2
             draw.polygon([(mx, gy - 2), (mx - 5, gy - 9), (mx + 5, gy - 9)], fill=COLOURS["nan"])
@@ -517,7 +520,7 @@ def render_png(rep, path, stat="max_abs", kind=None, max_columns=450):
         draw.text((lx + bar_w + 6, ly + bar_h), "%.3g" % lo, font=f_small, fill=TEXT, anchor="ld")
     draw.text((lx + bar_w + 6, ly + bar_h / 2), scale_note, font=f_small, fill=MUTED, anchor="lm")
     ly += bar_h + 12
-    for key, text in (("nan", "NaN"), ("+inf", "+Inf"), ("-inf", "-Inf"), ("mixed", "several of these"),
+    for key, text in (("nan", "NaN"), ("+inf", "+Inf"), ("-inf", "-Inf"), ("mixed", "several of NaN/+Inf/-Inf"),
                       ("unmeasured", "not measured"), ("absent", "not computed")):
         draw.rectangle([lx, ly, lx + 13, ly + 11], fill=COLOURS[key], outline=MUTED)
         draw.text((lx + 20, ly + 6), text, font=f_small, fill=TEXT, anchor="lm")

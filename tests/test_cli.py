@@ -512,3 +512,34 @@ def test_broken_pipe_keeps_the_verdict(logdir):
     err = proc.stderr.read().decode()
     assert proc.wait() == 1
     assert "Traceback" not in err and "Exception" not in err, err
+
+
+def test_killed_before_the_first_row(tmp_path):
+    """SIGKILL right after the first non-finite step, before any row was due (step 3 of
+    log_every=100): the flight recorder and the record are all there is."""
+    col = {name: i for i, name in enumerate(report.stats.STAT_NAMES)}
+    writer = summary.RecordWriter(str(tmp_path / "f"), SITES)
+    velocity = site_index("dense", "optimizer_state", "velocity/kernel")
+    frows = []
+    for step in range(4):
+        row = synthetic.finite_row(len(SITES), step)
+        if step == 3:
+            row[velocity:, col["posinf"]] = 1
+        frows.append(row)
+    writer.write_flight(list(range(4)), frows)
+    writer.write_first_nonfinite(3, dict(layer="dense", kind="optimizer_state", tensor="velocity/kernel",
+                                          site=velocity, nan=0, posinf=1, neginf=0, propagators=[]))
+    # no close(): the process is gone; write_first_nonfinite flushed.
+    rc, out, err = cli(tmp_path, "--json")
+    assert rc == 1, err
+    (entry,) = json.loads(out)["runs"]
+    first = entry["first_nonfinite"]
+    assert (first["step"], first["layer"], first["tensor"], first["posinf"]) == (3, "dense", "velocity/kernel", 1)
+    assert entry["steps_watched"] == 4
+    rc, out, _ = cli(tmp_path, "--png", tmp_path / "f.png")
+    assert rc == 1
+    assert "producer:   dense, optimizer state velocity/kernel" in out
+    assert [l.split()[0] for l in out.split("one row per step):\n")[1].splitlines()[1:5]] == ["0", "1", "2", "3"]
+    img, layout = _png_layout(tmp_path / "f.png")
+    assert layout["source"] == "flight" and layout["first_cell"] == [velocity, 3]
+    assert _cell(img, layout, velocity, 3) == report.COLOURS["+inf"]
