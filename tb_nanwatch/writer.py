@@ -57,6 +57,8 @@ class _StepTrace:
         self.activations = {}        # layer path -> [tensor], forward completion order
         self.activation_grads = {}   # layer path -> [tensor], backward order
         self.losses = []
+        self.produced_by = {}        # id(output tensor) -> layer path
+        self.consumers = {}          # layer path -> [paths of layers that took its output]
 
 
 def _float_tensors(structure):
@@ -169,7 +171,8 @@ class Watch:
         self._local = threading.local()
         self._restore = []
         self._sites = None          # fixed at the first traced step
-        self._site_keys = None
+        self._consumers = {}
+        self._pending_last = 0
         self._state = None          # device variables
         self._writer = None
         self._first_written = False
@@ -240,6 +243,13 @@ class Watch:
         return original(*args, **kwargs)
 
     def _layer_call(self, path, original, *args, **kwargs):
+        trace = self._trace
+        if trace is not None:
+            # Whose backward pass computes the gradient w.r.t. a layer's output: its consumers'.
+            for t in tf.nest.flatten((args, kwargs)):
+                producer = trace.produced_by.get(id(t))
+                if producer is not None and path not in trace.consumers.setdefault(producer, []):
+                    trace.consumers[producer].append(path)
         outputs = original(*args, **kwargs)
         trace = self._trace
         if trace is None or not any(k in self.kinds for k in ("activation", "activation_grad")):
@@ -255,6 +265,8 @@ class Watch:
         trace.activations.setdefault(path, [])
         probed = [_grad_probe(trace, path, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
                   for t in flat]
+        for t in probed:
+            trace.produced_by[id(t)] = path
         return tf.nest.pack_sequence_as(outputs, probed)
 
     def _compute_loss(self, original, *args, **kwargs):
@@ -360,8 +372,11 @@ class Watch:
         if self._sites is None:
             sites, getters = self._build_sites(trace, grads, variables)
             self._sites, self._getters = sites, getters
+            self._consumers = {k: list(v) for k, v in trace.consumers.items()}
             with tf.init_scope():
                 self._state = _DeviceState(len(sites), self.flight_steps)
+                if self._pending_last:
+                    self._state.last_step.assign(self._pending_last - 1)
         grad_kinds = np.array([s["kind"] in _GRAD_KINDS for s in self._sites])
         loss_scaled = hasattr(self.optimizer, "inner_optimizer")
         tensors = [getter(trace, grads) for getter in self._getters]
@@ -391,6 +406,13 @@ class Watch:
             self._write_row(steps_run - 1)
         return self.first_nonfinite is not None
 
+    def expect_last_step(self, steps_from_now):
+        """Tells the device that training ends after `steps_from_now` more steps, so the
+        last (partial) row carries full statistics like every other."""
+        self._pending_last = int(steps_from_now)
+        if self._state is not None:
+            self._state.last_step.assign(int(self._state.poll.numpy()[_P_STEP]) + self._pending_last - 1)
+
     def _ensure_writer(self):
         if self._writer is None:
             self._writer = summary.RecordWriter(self.logdir, self._sites, group=self.group)
@@ -412,9 +434,15 @@ class Watch:
         if not len(bad):
             return
         producer = int(bad[0])
-        describe = lambda i: dict(layer=self._sites[i]["layer"], kind=self._sites[i]["kind"],
-                                  tensor=self._sites[i]["tensor"], nan=int(counts[i, 0]),
-                                  posinf=int(counts[i, 1]), neginf=int(counts[i, 2]))
+        def describe(i):
+            site = self._sites[i]
+            out = dict(layer=site["layer"], kind=site["kind"], tensor=site["tensor"], nan=int(counts[i, 0]),
+                       posinf=int(counts[i, 1]), neginf=int(counts[i, 2]))
+            if site["kind"] == "activation_grad":
+                # The gradient w.r.t. this output was computed in the backward pass of these layers.
+                out["backward_of"] = self._consumers.get(site["layer"], [])
+            return out
+
         record = describe(producer)
         record.update(site=producer, propagators=[describe(int(i)) for i in bad[1:]])
         if self._skips_seen or st.poll.numpy()[_P_SKIPS]:
@@ -541,6 +569,8 @@ class _DeviceState:
         zeros = lambda shape, dtype: tf.Variable(tf.zeros(shape, dtype), trainable=False)
         self.poll = tf.Variable(tf.constant([0, -1, 0, -1], tf.int64), trainable=False)
         self.floor = zeros([n_sites], tf.float32)
+        # The last step of a fit() when Keras knows it: its partial row gets full statistics too.
+        self.last_step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
         self.acc_steps = zeros([], tf.int64)
         self.acc_size = zeros([n_sites], tf.float32)
         self.acc_counts = zeros([n_sites, 3], tf.int64)
@@ -636,7 +666,7 @@ def _device_step(st, tensors, log_every, grad_kinds):
     hint = tf.logical_not(tf.math.is_finite(sums))
     any_hint = tf.reduce_any(hint)
     step = st.poll[_P_STEP]
-    ends_row = tf.equal(tf.math.floormod(step + 1, log_every), 0)
+    ends_row = tf.logical_or(tf.equal(tf.math.floormod(step + 1, log_every), 0), tf.equal(step, st.last_step))
     n = len(tensors)
 
     def counts():
@@ -771,6 +801,9 @@ class NanWatchCallback(_keras.callbacks.Callback):
             self.watch.instrument()
         # fit() made its train function before calling us: trace it again, instrumented.
         self.model.make_train_function(force=True)
+        steps, epochs = self.params.get("steps"), self.params.get("epochs")
+        if steps and epochs:
+            self.watch.expect_last_step(steps * epochs)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.watch.after_step() and self.stop_on_nonfinite:
