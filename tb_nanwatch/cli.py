@@ -138,8 +138,9 @@ def build_parser():
                           "else the first run with a non-finite value, else the first run")
     rep.add_argument("--run", metavar="RUN", action="append",
                      help="only this run (path relative to LOGDIR, as listed in the report); repeatable")
-    rep.add_argument("--stat", metavar="NAME", default="max_abs", choices=stats.STAT_NAMES,
-                     help="statistic the PNG shows (default max_abs); one of: %s" % ", ".join(stats.STAT_NAMES))
+    rep.add_argument("--stat", metavar="NAME", choices=stats.STAT_NAMES,
+                     help="statistic the PNG shows (default max_abs; mean_every_step for a run killed before its "
+                          "first row); one of: %s" % ", ".join(stats.STAT_NAMES))
     rep.add_argument("--kind", metavar="KIND", choices=stats.KINDS,
                      help="PNG: only sites of this kind; one of: %s" % ", ".join(stats.KINDS))
     rep.add_argument("--steps", metavar="N", type=_count, default=12,
@@ -301,7 +302,7 @@ def run_report(args, out, err):
         _check_png_path(args.png)
 
     _no_tensorflow()
-    from tb_nanwatch import metadata, reader, report
+    from tb_nanwatch import heatmap, metadata, reader, report
 
     n_runs, n_bytes = _scan_logdir(logdir)
     if n_runs == 0:
@@ -345,10 +346,12 @@ def run_report(args, out, err):
             if args.kind and not any(s["kind"] == args.kind for s in rep.data.sites):
                 raise UsageError("--kind %s: run %s has no site of that kind" % (args.kind, report.clean(rep.run)))
             try:
-                size = report.render_png(rep, args.png, stat=args.stat, kind=args.kind)
+                size, stat = report.render_png(rep, args.png, stat=args.stat, kind=args.kind)
             except OSError as e:
                 raise UsageError("--png %s: %s" % (args.png, e.strerror or e))
-            png_note = "wrote %s (%dx%d, run %s, %s)" % (args.png, size[0], size[1], report.clean(rep.run), args.stat)
+            except heatmap.HeatmapError as e:
+                raise UsageError("--png: %s" % e)
+            png_note = "wrote %s (%dx%d, run %s, %s)" % (args.png, size[0], size[1], report.clean(rep.run), stat)
 
     for run, msgs in problems.items():
         for msg in msgs:

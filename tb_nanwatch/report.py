@@ -195,6 +195,9 @@ class RunReport:
         lines.append("run %s: first non-finite value at step %d" % (name, f["step"]))
         lines.append("  producer:   %s  (%s)" % (site_words(f), stats.KIND_MEANINGS.get(f["kind"], f["kind"])))
         lines.append("              %s" % counts_words(f))
+        if f.get("backward_of"):
+            lines.append("              computed in the backward pass of: %s"
+                         % ", ".join(clean(x) for x in f["backward_of"]))
         if f.get("source") == "rows":
             lines.append("              (the first-non-finite record is missing, e.g. the run was killed while"
                          " writing it; step and site come from the logged rows, counts cover the whole row)")
@@ -383,13 +386,18 @@ def _fit(draw, text, font, width):
     return text[:4]
 
 
-def render_png(rep, path, stat="max_abs", kind=None, max_columns=450):
+def render_png(rep, path, stat=None, kind=None, max_columns=450):
     """The heatmap of one run (sites x steps) as a PNG: labels, colour legend,
-    NaN/+Inf/-Inf colours, the first non-finite cell outlined, a title in words."""
+    NaN/+Inf/-Inf colours, the first non-finite cell outlined, a title in words.
+
+    stat None: max_abs, or mean_every_step for a run that has only its flight recorder
+    (killed before its first row), whose sampled statistics exist at one step only."""
     from PIL import Image, ImageDraw
 
     data = rep.data
     source = "rows" if len(data.steps) or not len(data.flight_steps) else "flight"
+    if stat is None:
+        stat = "max_abs" if source == "rows" else "mean_every_step"
     hm = heatmap.build(data, stat=stat, kind=kind, max_columns=max_columns, source=source)
     n_sites, n_cols = hm.values.shape if hm.values.ndim == 2 else (len(hm.labels), 0)
     st = stats.STATS_BY_NAME[stat]
@@ -416,8 +424,8 @@ def render_png(rep, path, stat="max_abs", kind=None, max_columns=450):
     per_col = ""
     if n_cols:
         widths = hm.last_steps - hm.first_steps + 1
-        per_col = ", %s steps per column" % (int(widths.max()) if widths.min() == widths.max()
-                                               else "%d-%d" % (widths.min(), widths.max()))
+        per_col = (", 1 step per column" if widths.max() == 1 else ", %s steps per column" % (
+            int(widths.max()) if widths.min() == widths.max() else "%d-%d" % (widths.min(), widths.max())))
     subtitle = "%s of every site (%s), %s%s%s; sites in execution order" % (
         stat, st.meaning, span, per_col, "" if kind is None else ", kind %s" % kind)
 
@@ -537,4 +545,4 @@ def render_png(rep, path, stat="max_abs", kind=None, max_columns=450):
                   first_cell=first_cell, column_last_steps=[int(x) for x in hm.last_steps])
     info.add_itxt("tb-nanwatch", json.dumps(layout))
     img.save(path, format="PNG", pnginfo=info)
-    return img.size
+    return img.size, stat

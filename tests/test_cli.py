@@ -433,7 +433,7 @@ def test_trend_takes_sampled_stats_from_rows_ending_in_the_window(tmp_path):
             frows.append(row)
         w.write_flight(list(range(10, 18)), frows)
         w.write_first_nonfinite(17, dict(layer="dense_2", kind="activation_grad", tensor="", site=PRODUCER,
-                                         nan=2, posinf=0, neginf=0, propagators=[]))
+                                         nan=2, posinf=0, neginf=0, propagators=[], backward_of=["head"]))
     rc, out, _ = cli(tmp_path)
     assert rc == 1
     lines = out.split("one row per step):\n")[1].splitlines()
@@ -442,6 +442,7 @@ def test_trend_takes_sampled_stats_from_rows_ending_in_the_window(tmp_path):
     k = header.index("max_abs")
     assert [table[s][k] for s in range(10, 18)] == ["-", "1011", "-", "-", "-", "1015", "-", "99.5"]
     assert "reached no other site in the same step" in out
+    assert "computed in the backward pass of: head" in out   # the writer's extra for activation_grad
 
 
 def test_trend_without_flight_recorder_uses_logged_rows(tmp_path):
@@ -542,4 +543,5 @@ def test_killed_before_the_first_row(tmp_path):
     assert [l.split()[0] for l in out.split("one row per step):\n")[1].splitlines()[1:5]] == ["0", "1", "2", "3"]
     img, layout = _png_layout(tmp_path / "f.png")
     assert layout["source"] == "flight" and layout["first_cell"] == [velocity, 3]
+    assert layout["stat"] == "mean_every_step"     # measured at every step of the flight recorder
     assert _cell(img, layout, velocity, 3) == report.COLOURS["+inf"]
