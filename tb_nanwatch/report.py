@@ -190,7 +190,8 @@ class RunReport:
             line = "run %s: finite: no NaN or Inf in the %s watched" % (name, _steps(self.steps_watched, self.last_step))
             if self.skips:
                 line += "; %s" % _skips_words(self.skips)
-            return [line]
+            # Other events (e.g. a collapsed loss scale) can matter without any NaN.
+            return [line] + ["  " + _event_words(e) for e in self.other_events[:5]]
         f = self.first
         lines.append("run %s: first non-finite value at step %d" % (name, f["step"]))
         lines.append("  producer:   %s  (%s)" % (site_words(f), stats.KIND_MEANINGS.get(f["kind"], f["kind"])))
@@ -229,7 +230,9 @@ class RunReport:
         if self.skips:
             lines.append("  " + _skips_words(self.skips))
         for e in self.other_events[:5]:
-            lines.append("  event: %s" % clean(e))
+            lines.append("  " + _event_words(e))
+        if len(self.other_events) > 5:
+            lines.append("  ... and %d more events (--json has all)" % (len(self.other_events) - 5))
         lines.append("  watched: %s" % _steps(self.steps_watched, self.last_step))
         return lines
 
@@ -239,6 +242,15 @@ def _steps(n, last):
     if last is not None:
         text += " (last step %d)" % last
     return text
+
+
+def _event_words(event):
+    """`event at step 15: loss_scale_collapse (loss_scale 0.5)`."""
+    if not isinstance(event, dict):
+        return "event: %s" % clean(event)
+    rest = ", ".join("%s %s" % (clean(k), clean(v)) for k, v in sorted(event.items()) if k not in ("type", "step"))
+    return clean("event at step %s: %s%s" % (event.get("step", "?"), event.get("type", "?"),
+                                             " (%s)" % rest if rest else ""))
 
 
 def _skips_words(skips):
@@ -326,6 +338,7 @@ STATUS_COLOUR = {1: COLOURS["nan"], 2: COLOURS["+inf"], 3: COLOURS["-inf"], 4: C
 RAMP = np.array([(239, 243, 255), (198, 219, 239), (158, 202, 225), (107, 174, 214),
                  (66, 146, 198), (33, 113, 181), (8, 69, 148), (8, 38, 96)], dtype=np.float64)
 OUTLINE = (0, 0, 0)
+SKIP = (120, 120, 120)       # tick above a column holding a loss-scale skip
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 MUTED = (110, 110, 110)
@@ -483,13 +496,25 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
 
     # Step axis.
     if n_cols:
-        n_ticks = min(n_cols, max(2, grid_w // 110))
+        n_ticks = min(n_cols, max(2, grid_w // 70))
         for c in sorted(set(np.linspace(0, n_cols - 1, n_ticks).round().astype(int))):
             x = gx + c * cell_w + cell_w / 2
             draw.line([(x, gy + grid_h), (x, gy + grid_h + 4)], fill=MUTED)
             draw.text((x, gy + grid_h + 6), str(int(hm.last_steps[c])), font=f_small, fill=MUTED, anchor="ma")
         draw.text((gx + grid_w / 2, gy + grid_h + 20), "training step (end of column)", font=f_small,
                   fill=MUTED, anchor="ma")
+
+    # Loss-scale skips: non-finite gradients there are by design; mark their columns.
+    skip_cols = []
+    if n_cols and rep.skips:
+        for e in rep.skips:
+            step = e.get("step")
+            if isinstance(step, (int, float)):
+                hit = np.nonzero((hm.first_steps <= step) & (step <= hm.last_steps))[0]
+                skip_cols.extend(int(c) for c in hit[:1])
+        for c in sorted(set(skip_cols)):
+            mx = gx + c * cell_w + cell_w / 2
+            draw.line([(mx, gy - 7), (mx, gy - 2)], fill=SKIP, width=max(1, min(3, cell_w - 1)))
 
     # The first non-finite cell.
     first_cell = None
@@ -535,6 +560,10 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
         ly += 17
     draw.rectangle([lx - 1, ly - 1, lx + 14, ly + 12], outline=OUTLINE, width=2)
     draw.text((lx + 20, ly + 6), "first non-finite", font=f_small, fill=TEXT, anchor="lm")
+    if skip_cols:
+        ly += 17
+        draw.line([(lx + 6, ly), (lx + 6, ly + 10)], fill=SKIP, width=3)
+        draw.text((lx + 20, ly + 6), "loss-scale skip (by design)", font=f_small, fill=TEXT, anchor="lm")
 
     # Where things are, for scripts and tests reading the image back (PNG tEXt chunk).
     from PIL import PngImagePlugin
@@ -542,7 +571,8 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
     layout = dict(run=rep.run, group=rep.group, stat=stat, kind=kind, source=source,
                   grid=[gx, gy, cell_w, cell_h, n_cols, n_sites],
                   first_step=None if rep.first is None else rep.first["step"],
-                  first_cell=first_cell, column_last_steps=[int(x) for x in hm.last_steps])
+                  first_cell=first_cell, skip_columns=sorted(set(skip_cols)),
+                  column_last_steps=[int(x) for x in hm.last_steps])
     info.add_itxt("tb-nanwatch", json.dumps(layout))
     img.save(path, format="PNG", pnginfo=info)
     return img.size, stat

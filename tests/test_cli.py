@@ -188,15 +188,20 @@ def test_loss_scale_skips(tmp_path):
         for i in range(30):
             w.write_row(i * 10 + 9, synthetic.finite_row(len(SITES), i * 10 + 9, steps=10))
         w.write_events(12, [{"type": "loss_scale_skip", "step": 12, "loss_scale": 32768.0}])
-        w.write_events(40, [{"type": "loss_scale_skip", "step": 40, "loss_scale": 16384.0}])
-    rc, out, _ = cli(tmp_path)
+        w.write_events(40, [{"type": "loss_scale_skip", "step": 40, "loss_scale": 16384.0},
+                            {"type": "loss_scale_collapse", "step": 40, "loss_scale": 0.5}])
+    rc, out, _ = cli(tmp_path, "--png", tmp_path / "m.png")
     assert rc == 0
     (line,) = [l for l in out.splitlines() if l.startswith("run mixed")]
     assert "finite" in line and "2 loss-scale skips (steps 12, 40; loss scale now 16384)" in line
     assert "skipped by design" in line and "not the blow-up" in line
+    assert "\n  event at step 40: loss_scale_collapse (loss_scale 0.5)\n" in out
+    _, layout = _png_layout(tmp_path / "m.png")
+    assert layout["skip_columns"] == [1, 4]          # rows of 10 steps: 10-19 and 40-49
     rc, out, _ = cli(tmp_path, "--json")
-    skips = json.loads(out)["runs"][0]["loss_scale_skips"]
-    assert [(s["step"], s["loss_scale"]) for s in skips] == [(12, 32768.0), (40, 16384.0)]
+    run = json.loads(out)["runs"][0]
+    assert [(s["step"], s["loss_scale"]) for s in run["loss_scale_skips"]] == [(12, 32768.0), (40, 16384.0)]
+    assert run["events"] == [{"type": "loss_scale_collapse", "step": 40, "loss_scale": 0.5}]
 
 
 def _records(path):
