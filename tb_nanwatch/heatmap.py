@@ -29,24 +29,31 @@ class Heatmap:
 
 def row_first_steps(steps, rows):
     """First step each row covers: its last step minus its `steps` count, plus one."""
-    count = rows[:, :, stats.STAT_INDEX["steps"]]
-    count = np.nanmax(np.where(np.isnan(count), 1, count), axis=1) if rows.shape[1] else np.ones(len(steps))
+    if not rows.shape[1]:
+        return steps.copy()
+    with np.errstate(invalid="ignore"):
+        count = np.fmax.reduce(rows[:, :, stats.STAT_INDEX["steps"]], axis=1)  # NaN-skipping max
+    count = np.where(np.isnan(count), 1, count)
     return steps - count.astype(np.int64) + 1
 
 
-def aggregate_bins(rows, edges, stat_indices=None):
-    """`stats.aggregate_rows` over many bins at once: rows [n, ...sites, n_stats], bins
-    [edges[c], edges[c+1]) (non-empty, ascending).  Returns [n_bins, ...sites, n_stats];
-    statistics not in `stat_indices` (default: all) are left NaN."""
+def aggregate_bins(rows, edges, stat_indices=None, sites=None):
+    """`stats.aggregate_rows` over many bins at once: rows [n, n_sites, n_stats], bins
+    [edges[c], edges[c+1]) (non-empty, ascending).  Returns [n_bins, n_sites', n_stats]
+    for the sites in `sites` (default: all); statistics not in `stat_indices` (default:
+    all) are left NaN.  Only the requested statistics of the requested sites are ever
+    copied, so a view of a big run costs what the answer costs."""
     rows = np.asarray(rows, dtype=np.float64)
     starts = np.asarray(edges[:-1], dtype=np.intp)
-    out = np.full((len(starts),) + rows.shape[1:], np.nan)
+    pick = (lambda a: a) if sites is None else (lambda a: a[:, sites])
+    n_sites = rows.shape[1] if sites is None else len(sites)
+    out = np.full((len(starts), n_sites, rows.shape[2]), np.nan)
     if not len(starts):
         return out
-    steps = rows[..., stats.STAT_INDEX["steps"]]
+    steps = pick(rows[..., stats.STAT_INDEX["steps"]])
     for k in (range(len(stats.STATS)) if stat_indices is None else stat_indices):
         rule = stats.STATS[k].aggregate
-        col = rows[..., k]
+        col = pick(rows[..., k])
         present = ~np.isnan(col)
         anyp = np.add.reduceat(present.astype(np.int64), starts, axis=0) > 0
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -91,13 +98,17 @@ def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None,
         keep &= steps >= first_step
     if last_step is not None:
         keep &= firsts <= last_step
-    steps, firsts, rows = steps[keep], firsts[keep], rows[keep][:, site_indices, :]
+    where = np.nonzero(keep)[0]
+    if len(where) and where[-1] - where[0] + 1 == len(where):
+        where = slice(where[0], where[-1] + 1)   # the usual case: a view, not a copy
+    steps, firsts, rows = steps[where], firsts[where], rows[where]
     n = len(steps)
     n_cols = min(n, max_columns)
     # Equal-count bins of consecutive rows: every column covers real rows (at least one).
     edges = np.linspace(0, n, n_cols + 1).round().astype(int)
     k = stats.STAT_INDEX[stat]
-    combined = aggregate_bins(rows, edges, sorted(set(_STATUS_STATS + (k,))))
+    sites = None if kind is None else np.array(site_indices, dtype=np.intp)
+    combined = aggregate_bins(rows, edges, sorted(set(_STATUS_STATS + (k,))), sites=sites)
     values = np.ascontiguousarray(combined[..., k].T)                      # [sites, cols]
     status = np.ascontiguousarray(stats.nonfinite_status(combined).T)     # [sites, cols]
     col_first = firsts[edges[:-1]] if n_cols else np.zeros(0, dtype=np.int64)

@@ -42,6 +42,8 @@ MAX_COLUMNS = 5000
 DEFAULT_COLUMNS = 500
 # (experiment, run, group) entries kept by the RunData cache.
 CACHE_SIZE = 16
+# /heatmap answers kept (keyed by the run data's version, so new data is never stale).
+HEATMAP_CACHE_SIZE = 32
 # A step parameter must fit a signed 64-bit integer.
 _MAX_STEP = 2**63 - 1
 
@@ -108,7 +110,8 @@ class NanWatchPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context):
         self._provider = context.data_provider
-        self._cache = collections.OrderedDict()
+        self._cache = collections.OrderedDict()      # (eid, run, group) -> (fingerprint, RunData)
+        self._heatmaps = collections.OrderedDict()   # (data version, request) -> /heatmap body
         self._lock = threading.Lock()
 
     # -- TBPlugin ----------------------------------------------------------------
@@ -159,12 +162,29 @@ class NanWatchPlugin(base_plugin.TBPlugin):
                 self._cache.move_to_end(key)
                 return hit[1]
         data = reader.read_run(self._provider, ctx, eid, run, group)
+        data.fingerprint = (key, fingerprint)
         with self._lock:
             self._cache[key] = (fingerprint, data)
             self._cache.move_to_end(key)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return data
+
+    def _cached_heatmap(self, data, *args):
+        """The /heatmap answer for these arguments over this version of the run's data:
+        a reload of an unchanged run (the frontend re-asks every 30 s) costs nothing."""
+        key = (data.fingerprint,) + args
+        with self._lock:
+            hit = self._heatmaps.get(key)
+            if hit is not None:
+                self._heatmaps.move_to_end(key)
+                return hit
+        body = self._heatmap_body(data, *args)
+        with self._lock:
+            self._heatmaps[key] = body
+            while len(self._heatmaps) > HEATMAP_CACHE_SIZE:
+                self._heatmaps.popitem(last=False)
+        return body
 
     def _groups(self, request):
         ctx, eid = self._ctx(request)
@@ -259,6 +279,10 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             raise _BadRequest("unknown source %r; one of: %s" % (source, ", ".join(heatmap.SOURCES)))
         run, group = self._run_and_group(request)
         data = self._run_data(request, run, group)
+        return self._cached_heatmap(data, stat, kind, columns, first_step, last_step, source)
+
+    def _heatmap_body(self, data, stat, kind, columns, first_step, last_step, source):
+        run, group = data.run, data.group
         hm = heatmap.build(data, stat=stat, kind=None if kind == "all" else kind, max_columns=columns,
                            first_step=first_step, last_step=last_step, source=source)
         first = reader.first_nonfinite_json(data)
@@ -305,7 +329,7 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             keep &= steps >= first_step
         if last_step is not None:
             keep &= firsts <= last_step
-        picked = rows[keep][:, site, :]
+        picked = rows[:, site, :][keep]   # a view of one site, then the rows: no copy of the run
         if len(picked):
             combined = stats.aggregate_rows(picked, axis=0) if len(picked) > 1 else picked[0]
             status = stats.STATUS_NAMES[int(stats.nonfinite_status(combined))]
