@@ -215,6 +215,10 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             return http_util.Respond(request, {"error": str(e)}, "application/json", code=400)
         except reader.RunNotFound as e:
             return http_util.Respond(request, {"error": str(e)}, "application/json", code=404)
+        except metadata.MetadataError as e:
+            # The logs are there but this version cannot read them (e.g. written by a newer
+            # tb_nanwatch): the request was fine, the data is not understood.
+            return http_util.Respond(request, {"error": str(e)}, "application/json", code=422)
 
     # -- routes ------------------------------------------------------------------
     @wrappers.Request.application

@@ -69,6 +69,12 @@ def logdir(tmp_path_factory):
     synthetic.write_run(str(d / "mlp"), n_rows=1000, log_every=10, first=MLP_FIRST)
     synthetic.write_run(str(d / "clean"), n_rows=30, log_every=5)
     plugin_helpers.write_spikes_run(str(d / "spikes"))
+    # A run with two site lists: the default one and the group "tower_b".
+    synthetic.write_run(str(d / "two_towers"), n_rows=10, log_every=1)
+    tower = synthetic.sites_for(("tower_b_dense",))
+    with summary.RecordWriter(str(d / "two_towers"), tower, group="tower_b") as writer:
+        for step in range(7):
+            writer.write_row(step, synthetic.finite_row(len(tower), step))
     return d
 
 
@@ -153,8 +159,38 @@ def test_info_is_the_stats_table(app):
 
 
 def test_runs_and_groups(app):
-    assert app.json("/runs") == ["clean", "mlp", "spikes"]
-    assert app.json("/groups") == {"clean": [None], "mlp": [None], "spikes": [None]}
+    assert app.json("/runs") == ["clean", "mlp", "spikes", "two_towers"]
+    assert app.json("/groups") == {"clean": [None], "mlp": [None], "spikes": [None], "two_towers": [None, "tower_b"]}
+    default = app.json("/heatmap", run="two_towers")
+    tower = app.json("/heatmap", run="two_towers", group="tower_b")
+    assert (default["group"], default["n_columns"], default["n_sites"]) == (None, 10, len(synthetic.sites_for()))
+    assert (tower["group"], tower["n_columns"], tower["n_sites"]) == ("tower_b", 7, len(synthetic.sites_for(("x",))))
+    assert tower["sites"][1]["layer"] == "tower_b_dense"
+    assert app.json("/cell", run="two_towers", group="tower_b", site=1)["rows"] == 7
+
+
+def test_newer_record_version_is_refused_in_words(tmp_path):
+    """Logs written by a newer tb_nanwatch: 422 with a message, not a 500."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    from tensorboard.util import tensor_util
+    from tb_nanwatch import metadata
+
+    sites = synthetic.sites_for()
+    meta = metadata.create_summary_metadata("rows", sites=sites, stat_names=stats.STAT_NAMES)
+    content = json.loads(meta.plugin_data.content)
+    content["version"] = metadata.PROTOCOL_VERSION + 1
+    meta.plugin_data.content = json.dumps(content).encode()
+    writer = EventFileWriter(str(tmp_path / "future"))
+    value = summary_pb2.Summary.Value(tag="nanwatch/rows", metadata=meta,
+                                      tensor=tensor_util.make_tensor_proto(synthetic.finite_row(len(sites), 0)))
+    writer.add_event(event_pb2.Event(step=0, wall_time=1.0, summary=summary_pb2.Summary(value=[value])))
+    writer.close()
+    future = App(tmp_path)
+    assert future.json("/runs") == ["future"]
+    r = future.get("/heatmap", run="future")
+    assert r.status_code == 422
+    assert "upgrade tb_nanwatch" in json.loads(r.get_data())["error"]
 
 
 # -- first non-finite ---------------------------------------------------------------
