@@ -160,6 +160,10 @@ def _first_from_rows(run_data):
     """Fallback when the record itself was lost (e.g. an old or truncated file): the
     earliest first_nonfinite_step over all rows, in site (execution) order."""
     best = None
+    # Steps the LossScaleOptimizer skipped hold non-finite gradients by design: without
+    # the record, a run with skips can only be judged by its other sites.
+    skipped = any(e.get("type") == "loss_scale_skip" for e in run_data.events if isinstance(e, dict))
+    eligible = [not (skipped and s["kind"] in ("activation_grad", "weight_grad")) for s in run_data.sites]
     for steps, rows in ((run_data.flight_steps, run_data.flight_rows), (run_data.steps, run_data.rows)):
         if len(steps) == 0:
             continue
@@ -167,7 +171,7 @@ def _first_from_rows(run_data):
         for i in range(rows.shape[0]):
             for s in range(rows.shape[1]):
                 step = first_col[i, s]
-                if not np.isnan(step) and (best is None or step < best[0]):
+                if eligible[s] and not np.isnan(step) and (best is None or step < best[0]):
                     best = (int(step), s, i, rows)
     if best is None:
         return None

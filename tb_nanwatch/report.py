@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from tb_nanwatch import heatmap, reader, stats
+from tb_nanwatch import diagnosis, heatmap, reader, stats
 
 LOSS_SCALE_SKIP = "loss_scale_skip"
 # Every-step statistics shown in the trend table, in this order; the sampled
@@ -75,6 +75,7 @@ class RunReport:
         self.skips = [e for e in data.events if isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP]
         self.other_events = [e for e in data.events if not (isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP)]
         self.propagators = self._propagators()
+        self.precursors = diagnosis.precursors(data)
 
     # -- analysis ---------------------------------------------------------------
     def _producer_index(self):
@@ -178,6 +179,7 @@ class RunReport:
             "last_step": None if self.last_step is None else int(self.last_step),
             "loss_scale_skips": jsonable(self.skips),
             "events": jsonable(self.other_events),
+            "precursors": jsonable(self.precursors),
         }
         if self.group is not None:
             out["group"] = self.group
@@ -191,7 +193,8 @@ class RunReport:
             if self.skips:
                 line += "; %s" % _skips_words(self.skips)
             # Other events (e.g. a collapsed loss scale) can matter without any NaN.
-            return [line] + ["  " + _event_words(e) for e in self.other_events[:5]]
+            return ([line] + ["  " + _event_words(e) for e in self.other_events[:5]]
+                    + ["  warning sign at step %d: %s" % (p["step"], clean(p["text"])) for p in self.precursors])
         f = self.first
         lines.append("run %s: first non-finite value at step %d" % (name, f["step"]))
         lines.append("  producer:   %s  (%s)" % (site_words(f), stats.KIND_MEANINGS.get(f["kind"], f["kind"])))
@@ -227,6 +230,10 @@ class RunReport:
                              % f["step"])
         elif self.producer is None:
             lines.append("  (the producer is not in this run's site list; no trend available)")
+        if self.precursors:
+            lines.append("  warning signs up to that step (finite, but often the cause):")
+            for p in self.precursors:
+                lines.append("    step %d: %s" % (p["step"], clean(p["text"])))
         if self.skips:
             lines.append("  " + _skips_words(self.skips))
         for e in self.other_events[:5]:

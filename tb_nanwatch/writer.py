@@ -44,6 +44,8 @@ SAMPLED = ("min", "max", "mean", "std", "max_abs", "norm", "zero_frac", "headroo
 _S = {name: i for i, name in enumerate(SAMPLED)}
 _HALF = (tf.float16, tf.bfloat16)
 _GRAD_KINDS = ("activation_grad", "weight_grad")
+# Statistics in the units of the tensor, divided by the loss scale for gradients.
+_SCALED_BY_LOSS_SCALE = ("min", "max", "mean", "std", "max_abs", "norm", "mean_every_step")
 
 # poll vector the host reads each step: [steps run, first non-finite step, loss-scale skips, last skip step]
 _P_STEP, _P_FIRST, _P_SKIPS, _P_LAST_SKIP = range(4)
@@ -173,6 +175,7 @@ class Watch:
         self._sites = None          # fixed at the first traced step
         self._consumers = {}
         self._pending_last = 0
+        self._collapse_reported = False
         self._state = None          # device variables
         self._writer = None
         self._first_written = False
@@ -402,7 +405,9 @@ class Watch:
             self._write_first(int(poll[_P_FIRST]))
         if poll[_P_SKIPS] > self._skips_seen:
             self._write_skips(int(poll[_P_SKIPS]), int(poll[_P_LAST_SKIP]))
-        if steps_run - 1 - self._last_row_step >= self.log_every:
+        # Rows end at step 0 (the state training starts from) and at every step s with
+        # (s + 1) % log_every == 0, as the device samples them.
+        if self._last_row_step < 0 or steps_run // self.log_every > (self._last_row_step + 1) // self.log_every:
             self._write_row(steps_run - 1)
         return self.first_nonfinite is not None
 
@@ -424,6 +429,18 @@ class Watch:
                           st.acc_nonfinite_steps.numpy(), st.acc_first.numpy(), st.acc_mean_sum.numpy(),
                           st.acc_mean_n.numpy(), st.last_sampled.numpy())
         st.reset_accumulators()
+        scale = self._loss_scale()
+        if scale is not None and scale > 0:
+            # Gradients carry the loss scale; show them as the model sees them after unscaling.
+            grads = np.array([s["kind"] in _GRAD_KINDS for s in self._sites])
+            for name in _SCALED_BY_LOSS_SCALE:
+                row[grads, stats.STAT_INDEX[name]] /= scale
+            if scale < 1 and not self._collapse_reported:
+                self._collapse_reported = True
+                self._ensure_writer().write_events(last_step, [{
+                    "type": "loss_scale_collapse", "step": last_step, "loss_scale": scale}])
+                logger.warning("tb_nanwatch: the loss scale has collapsed to %g at step %d: gradients are "
+                               "scaled down and training may have stalled silently", scale, last_step)
         self._ensure_writer().write_row(last_step, row)
         self._last_row_step = last_step
 
@@ -470,12 +487,16 @@ class Watch:
                        step, summary.site_label(self._sites[producer]), record["nan"], record["posinf"],
                        record["neginf"])
 
-    def _write_skips(self, total, last_step):
+    def _loss_scale(self):
         scale = getattr(self.optimizer, "dynamic_scale", None)
+        return None if scale is None else float(_value(scale).numpy())
+
+    def _write_skips(self, total, last_step):
         event = {"type": "loss_scale_skip", "step": last_step, "skips_total": total,
                  "new_skips": total - self._skips_seen}
+        scale = self._loss_scale()
         if scale is not None:
-            event["loss_scale"] = float(_value(scale).numpy())
+            event["loss_scale"] = scale
         self._ensure_writer().write_events(last_step, [event])
         self._skips_seen = total
 
@@ -666,7 +687,8 @@ def _device_step(st, tensors, log_every, grad_kinds):
     hint = tf.logical_not(tf.math.is_finite(sums))
     any_hint = tf.reduce_any(hint)
     step = st.poll[_P_STEP]
-    ends_row = tf.logical_or(tf.equal(tf.math.floormod(step + 1, log_every), 0), tf.equal(step, st.last_step))
+    ends_row = tf.reduce_any(tf.stack([tf.equal(tf.math.floormod(step + 1, log_every), 0),
+                                       tf.equal(step, st.last_step), tf.equal(step, 0)]))
     n = len(tensors)
 
     def counts():
