@@ -259,7 +259,8 @@ class App {
     this.labelW = this.layout.gridX;
     this.canvas.dataset.columns = String(heat.n_columns);
     this.canvas.dataset.sites = String(heat.n_sites);
-    this.hover = null;
+    // A reload redraws under the mouse: keep the highlight while it still points at a cell.
+    if (this.hover && (this.hover.row >= heat.n_sites || this.hover.col >= heat.n_columns)) this.hover = null;
     this.redrawOverlay();
   }
 
