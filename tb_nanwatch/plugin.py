@@ -42,6 +42,8 @@ MAX_COLUMNS = 5000
 DEFAULT_COLUMNS = 500
 # (experiment, run, group) entries kept by the RunData cache.
 CACHE_SIZE = 16
+# ... and at most this many bytes of rows (the most recent run is always kept).
+CACHE_BYTES = 512 * 2**20
 # /heatmap answers kept (keyed by the run data's version, so new data is never stale).
 HEATMAP_CACHE_SIZE = 32
 # A step parameter must fit a signed 64-bit integer.
@@ -166,7 +168,8 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         with self._lock:
             self._cache[key] = (fingerprint, data)
             self._cache.move_to_end(key)
-            while len(self._cache) > CACHE_SIZE:
+            while len(self._cache) > CACHE_SIZE or (
+                    len(self._cache) > 1 and sum(_nbytes(d) for _, d in self._cache.values()) > CACHE_BYTES):
                 self._cache.popitem(last=False)
         return data
 
@@ -375,6 +378,10 @@ def _int_arg(request, name, default, lo, hi):
     if not lo <= value <= hi:
         raise _BadRequest("parameter %r must be between %d and %d, got %d" % (name, lo, hi, value))
     return value
+
+
+def _nbytes(data):
+    return data.rows.nbytes + data.flight_rows.nbytes
 
 
 def _b64(array):
