@@ -217,6 +217,7 @@ export class Tooltip {
     const statusText = {finite: "all finite", nan: "NaN", "+inf": "+Inf", "-inf": "\u2212Inf", mixed: "mixed NaN/Inf", absent: "not computed"};
     const status = el("div", `nw-tip-status nw-status-${statusClass}`, statusText[cell.status] || cell.status);
     this.el.appendChild(status);
+    if (cell.first) this.el.appendChild(el("div", "nw-tip-first", `${cell.first} (in this cell)`));
 
     const table = el("table", "nw-tip-stats");
     if (detail && detail.stats) {

@@ -256,7 +256,14 @@ class App {
     this.stack.hidden = false;
     this.hint.hidden = false;
     this.layout = drawHeatmap(this.canvas, heat, scale, this.contentWidth());
+    const guessedLabelW = this.labelW;
     this.labelW = this.layout.gridX;
+    if (this.layout.colW < 1 && this.labelW > guessedLabelW) {
+      // More columns than pixels (this run's labels are wider than the last run's):
+      // ask again, or scaling down would drop columns, and with them NaN cells.
+      this.refresh();
+      return;
+    }
     this.canvas.dataset.columns = String(heat.n_columns);
     this.canvas.dataset.sites = String(heat.n_sites);
     // A reload redraws under the mouse: keep the highlight while it still points at a cell.
@@ -343,6 +350,8 @@ class App {
       value: h.values[i],
       statName: h.stat,
       source: h.source,
+      first: h.first_nonfinite_cell && h.first_nonfinite_cell.row === cell.row &&
+        h.first_nonfinite_cell.column === cell.col && this.first ? headline(this.first) : null,
       key: `${h.run}|${h.group}|${h.source}|${site.index}|${h.first_steps[cell.col]}|${h.last_steps[cell.col]}`,
     };
   }
