@@ -1,0 +1,544 @@
+"""The demo's training runs, one registry.
+
+* The six example programs of the two articles in ../shared/seeds/ (A-F), as the
+  articles wrote them, with the data shrunk where the original is too slow for a
+  demo (each function says so).
+* The variants that really fail (DESIGN.md's "Realistic variants").
+* A fixed run beside a broken one where that is cheap.
+* A custom training loop recorded with `tb_nanwatch.Watch`.
+
+Every run is seeded (`keras.utils.set_random_seed(0)` at its start, so a run
+gives the same result alone or after the others), logs a row every `LOG_EVERY`
+steps, and, once the first non-finite value is on disk, trains `STEPS_AFTER`
+more steps so the heatmap shows how it spreads, then stops.
+
+`train(name, logdir)` trains one run into `logdir` and returns what happened
+(a dict, also saved as `demo.json` beside the event files).
+"""
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+LOG_EVERY = 1        # short runs (<= 256 steps): one row per step, full statistics each
+STEPS_AFTER = 8      # steps trained after the first non-finite record
+FACTS_FILE = "demo.json"
+
+Scenario = collections.namedtuple(
+    "Scenario", ["name", "kind", "title", "claim", "fn", "fixes", "shrunk"])
+# kind: "article" (as written), "variant" (DESIGN.md's failing variants),
+#       "fixed" (the remedy applied to the run named in `fixes`), "custom loop"
+
+REGISTRY = collections.OrderedDict()
+
+
+def scenario(name, kind, title, claim, fixes=None, shrunk=""):
+    def register(fn):
+        REGISTRY[name] = Scenario(name, kind, title, claim, fn, fixes, shrunk)
+        return fn
+    return register
+
+
+# --------------------------------------------------------------------------- helpers
+def _keras():
+    import keras
+    return keras
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    keras = _keras()
+    previous = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _finite(value):
+    return value is not None and bool(np.isfinite(value))
+
+
+def _callbacks(logdir, facts, steps_after=STEPS_AFTER):
+    """NanWatchCallback plus a recorder of Keras' own per-batch loss that stops
+    training `steps_after` steps after the first non-finite record."""
+    import tb_nanwatch
+    keras = _keras()
+    watch_cb = tb_nanwatch.NanWatchCallback(logdir, log_every=LOG_EVERY)
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.step = -1
+            self.after = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step += 1
+            loss = float((logs or {}).get("loss", np.nan))
+            facts["steps"] = self.step + 1
+            if not np.isfinite(loss) and facts.get("keras_loss_nonfinite_step") is None:
+                facts["keras_loss_nonfinite_step"] = self.step
+            if watch_cb.watch is not None and watch_cb.watch.first_nonfinite is not None:
+                self.after += 1
+                if self.after > steps_after:
+                    self.model.stop_training = True
+                    facts["stopped_early"] = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            facts.setdefault("epoch_loss", []).append(float((logs or {}).get("loss", np.nan)))
+
+    return [watch_cb, Recorder()], watch_cb
+
+
+def _fit(model, x, y, logdir, facts, epochs, batch_size=32, **fit_kwargs):
+    callbacks, watch_cb = _callbacks(logdir, facts)
+    facts.setdefault("keras_loss_nonfinite_step", None)
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=callbacks, **fit_kwargs)
+    facts["first_nonfinite"] = watch_cb.watch.first_nonfinite
+    facts["final_loss"] = facts.get("epoch_loss", [None])[-1]
+    return facts
+
+
+def _two_layer_binary(kernel_initializer="glorot_uniform"):
+    """The articles' Dense(16, relu) -> Dense(1, sigmoid) on 20 features."""
+    keras = _keras()
+    return keras.Sequential([
+        keras.Input((20,)),   # the articles pass input_shape=(20,), deprecated in Keras 3
+        keras.layers.Dense(16, activation="relu", kernel_initializer=kernel_initializer),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+
+
+def _mlp_784(n_samples):
+    """Article 2, example 1: the 784-1024x3-10 MLP on standard normal samples."""
+    import tensorflow as tf
+    keras = _keras()
+    x = tf.random.normal((n_samples, 784))
+    y = keras.utils.to_categorical(
+        tf.random.uniform((n_samples,), maxval=10, dtype=tf.int32), num_classes=10)
+    model = keras.Sequential([
+        keras.Input((784,)),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(1024, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    return model, x, y
+
+
+def _huge_uniform(n):
+    """Article 2, example 3: inputs and targets uniform in +-1e10."""
+    import tensorflow as tf
+    x = tf.random.uniform((n, 1), minval=-1e10, maxval=1e10, dtype=tf.float32)
+    y = tf.random.uniform((n, 1), minval=-1e10, maxval=1e10, dtype=tf.float32)
+    return x, y
+
+
+def handwritten_bce(y_true, y_pred):
+    """Binary cross-entropy as people write it by hand: log(0) when p saturates."""
+    import tensorflow as tf
+    y_true = tf.cast(y_true, y_pred.dtype)
+    return -tf.reduce_mean(y_true * tf.math.log(y_pred) + (1 - y_true) * tf.math.log(1 - y_pred))
+
+
+def unstable_loss(y_true, y_pred):
+    """Article 2, example 2, verbatim."""
+    import tensorflow as tf
+    return tf.reduce_sum(tf.math.log(tf.math.abs(y_true - y_pred)))
+
+
+def stable_log_loss(y_true, y_pred):
+    """The remedy for `unstable_loss`: log of a distance that cannot be 0."""
+    import tensorflow as tf
+    return tf.reduce_mean(tf.math.log(tf.math.abs(y_true - y_pred) + 1e-3))
+
+
+# --------------------------------------------------------------------------- article 1
+A_CLAIM = ("Inputs in [0, 100] make the gradients explode: \"If we run this code, we will see NaN "
+           "losses\"; inputs in [0, 1] would converge.")
+
+
+@scenario("a_unscaled_inputs", "article", "A: unscaled inputs (x100), Dense(16, relu) -> Dense(1, sigmoid), adam, BCE",
+          A_CLAIM)
+def a_unscaled_inputs(logdir, facts):
+    x = np.random.rand(1000, 20) * 100
+    y = np.random.randint(0, 2, size=(1000, 1))
+    model = _two_layer_binary()
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    return _fit(model, x, y, logdir, facts, epochs=5)
+
+
+@scenario("a_handwritten_bce", "variant", "A with a hand-written BCE -mean(t*log(p) + (1-t)*log(1-p))",
+          "Same data and model as A. This is what makes A's large activations fatal: the sigmoid "
+          "saturates to exactly 0 or 1 and log(0) = -inf.")
+def a_handwritten_bce(logdir, facts):
+    x = np.random.rand(1000, 20) * 100
+    y = np.random.randint(0, 2, size=(1000, 1))
+    model = _two_layer_binary()
+    model.compile(optimizer="adam", loss=handwritten_bce)
+    return _fit(model, x, y, logdir, facts, epochs=5)
+
+
+B_CLAIM = ("Kernel initialised uniformly in [10, 20]: \"Running this code will likely show NaN losses\".")
+
+
+@scenario("b_large_init", "article", "B: first kernel initialised U(10, 20), inputs in [0, 1]", B_CLAIM)
+def b_large_init(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20)
+    y = np.random.randint(0, 2, size=(1000, 1))
+    model = _two_layer_binary(keras.initializers.RandomUniform(minval=10, maxval=20))
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    return _fit(model, x, y, logdir, facts, epochs=5)
+
+
+@scenario("b_float16_x1000", "variant", "B under the float16 dtype policy, inputs x1000",
+          "Large weights really overflow when the activations are float16 (largest finite value 65504).")
+def b_float16_x1000(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20) * 1000
+    y = np.random.randint(0, 2, size=(1000, 1))
+    with _dtype_policy("float16"):
+        model = _two_layer_binary(keras.initializers.RandomUniform(minval=10, maxval=20))
+        model.compile(optimizer="adam", loss="binary_crossentropy")
+        return _fit(model, x, y, logdir, facts, epochs=5)
+
+
+@scenario("b_float16_scaled", "variant", "B under float16 with the inputs scaled back to [0, 1]",
+          "The first remedy that comes to mind for b_float16_x1000. The overflow goes away; training "
+          "silently stops instead.", fixes="b_float16_x1000")
+def b_float16_scaled(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20) * 1000
+    y = np.random.randint(0, 2, size=(1000, 1))
+    x = x / 1000.0
+    with _dtype_policy("float16"):
+        model = _two_layer_binary(keras.initializers.RandomUniform(minval=10, maxval=20))
+        model.compile(optimizer="adam", loss="binary_crossentropy")
+        return _fit(model, x, y, logdir, facts, epochs=5)
+
+
+@scenario("b_float16_fixed", "fixed", "B in half precision done right: mixed_float16, inputs in [0, 1], He init",
+          "Scaled inputs, a sane initialiser (both the article's advice) and float32 variables.",
+          fixes="b_float16_x1000")
+def b_float16_fixed(logdir, facts):
+    x = np.random.rand(1000, 20) * 1000
+    y = np.random.randint(0, 2, size=(1000, 1))
+    x = x / 1000.0
+    with _dtype_policy("mixed_float16"):
+        model = _two_layer_binary("he_uniform")
+        model.compile(optimizer="adam", loss="binary_crossentropy")
+        return _fit(model, x, y, logdir, facts, epochs=5)
+
+
+@scenario("c_deep", "article", "C: three hidden Dense(16, relu) + sigmoid head",
+          "Vanishing gradients in a deeper model: \"might not immediately yield NaNs\" but are a "
+          "\"pre-cursor to exploding gradients and NaN outputs\".")
+def c_deep(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20)
+    y = np.random.randint(0, 2, size=(1000, 1))
+    model = keras.Sequential([
+        keras.Input((20,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    return _fit(model, x, y, logdir, facts, epochs=5)
+
+
+# --------------------------------------------------------------------------- article 2
+D_SAMPLES = 2048   # the article: 100,000 samples, 10 epochs (31,250 steps); here 64 steps per run
+
+
+@scenario("d_mlp", "article", "D: 784-1024x3-10 MLP on normal samples, adam, categorical cross-entropy",
+          "A deep network is \"susceptible to exploding gradients\" that overflow to inf; the remedy is "
+          "gradient clipping.",
+          shrunk="2,048 samples, 1 epoch (64 steps) instead of 100,000 samples, 10 epochs")
+def d_mlp(logdir, facts):
+    model, x, y = _mlp_784(D_SAMPLES)
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario("d_sgd_lr1", "variant", "D with SGD(learning_rate=1.0)",
+          "The same MLP with a learning rate that really diverges.",
+          shrunk="2,048 samples, 1 epoch (64 steps)")
+def d_sgd_lr1(logdir, facts):
+    keras = _keras()
+    model, x, y = _mlp_784(D_SAMPLES)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="categorical_crossentropy")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario("d_sgd_lr1_clipnorm", "fixed", "D with SGD(learning_rate=1.0, clipnorm=1.0)",
+          "The article's remedy, gradient clipping, on the variant that really diverges.",
+          fixes="d_sgd_lr1", shrunk="2,048 samples, 1 epoch (64 steps)")
+def d_sgd_lr1_clipnorm(logdir, facts):
+    keras = _keras()
+    model, x, y = _mlp_784(D_SAMPLES)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0, clipnorm=1.0),
+                  loss="categorical_crossentropy")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario("d_float16", "variant", "D under the float16 dtype policy (weights and Adam's slots in float16)",
+          "A common half-precision mistake: `set_dtype_policy(\"float16\")` instead of \"mixed_float16\".",
+          shrunk="2,048 samples, 1 epoch (64 steps)")
+def d_float16(logdir, facts):
+    with _dtype_policy("float16"):
+        model, x, y = _mlp_784(D_SAMPLES)
+        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario("d_mixed_float16", "fixed", "D under mixed_float16 (float32 weights and slots, loss scaling)",
+          "The remedy for d_float16: compute in float16, keep the variables in float32.",
+          fixes="d_float16", shrunk="2,048 samples, 1 epoch (64 steps)")
+def d_mixed_float16(logdir, facts):
+    with _dtype_policy("mixed_float16"):
+        model, x, y = _mlp_784(D_SAMPLES)
+        model.compile(optimizer="adam", loss="categorical_crossentropy")
+        return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+E_SEEDS = 20
+E_PAIRS = 1000000
+
+
+@scenario("e_log_abs_diff", "article", "E: sum(log|a - b|) over 1,000,000 uniform pairs (evaluated, not trained)",
+          "\"This may produce NaNs due to taking the log of negative numbers or zero\"; the sum over a "
+          "large array \"drastically increases the likelihood\".",
+          shrunk="not a training run in the article: each step here evaluates the article's expression "
+                 "on a fresh 1,000,000-pair draw, seeds 0-19 (step = seed)")
+def e_log_abs_diff(logdir, facts):
+    """The article only evaluates the expression once. Here a Keras model with no weights
+    computes it layer by layer (a - b, |.|, log), one step per numpy seed; `Watch` records
+    each evaluation at `optimizer.apply([])` (there is nothing to update)."""
+    import tensorflow as tf
+    import tb_nanwatch
+    keras = _keras()
+    a_in = keras.Input((1,), name="a")
+    b_in = keras.Input((1,), name="b")
+    diff = keras.layers.Subtract(name="a_minus_b")([a_in, b_in])
+    absd = keras.layers.Lambda(tf.math.abs, name="abs")(diff)
+    logd = keras.layers.Lambda(tf.math.log, name="log")(absd)
+    model = keras.Model([a_in, b_in], logd, name="unstable_loss")
+    optimizer = keras.optimizers.SGD()
+    watch = tb_nanwatch.Watch(logdir, model, optimizer, log_every=1)
+
+    @tf.function
+    def evaluate(a, b):
+        terms = model([a, b], training=True)
+        loss = watch.record_loss(tf.reduce_sum(terms))
+        optimizer.apply([], [])   # no weights: the hook where Watch records the step
+        return loss
+
+    values, ties = [], []
+    for seed in range(E_SEEDS):
+        np.random.seed(seed)
+        x = np.random.rand(E_PAIRS).astype(np.float32)   # the article's draw
+        y = np.random.rand(E_PAIRS).astype(np.float32)
+        loss = float(evaluate(x[:, None], y[:, None]))
+        values.append(loss)
+        ties.append(int(np.sum(x == y)))
+        watch.after_step()
+    watch.close()
+    facts.update(steps=E_SEEDS, loss_by_seed=values, ties_by_seed=ties,
+                 first_nonfinite=watch.first_nonfinite, final_loss=values[0],
+                 keras_loss_nonfinite_step=next((i for i, v in enumerate(values) if not np.isfinite(v)), None))
+    return facts
+
+
+def _relu_regression_data(n=1024):
+    """Non-negative targets with many exact zeros (amounts, counts, durations)."""
+    x = np.random.normal(size=(n, 8)).astype(np.float32)
+    w = np.random.normal(size=(8, 1)).astype(np.float32)
+    y = np.maximum(x @ w, 0.0).astype(np.float32)
+    return x, y
+
+
+def _relu_regressor():
+    keras = _keras()
+    return keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(1, activation="relu"),
+    ])
+
+
+@scenario("e_loss_relu", "variant", "E's sum(log|y - p|) as the training loss of a ReLU regressor",
+          "The article's loss where it really bites: a ReLU output is exactly 0 wherever the target is 0.")
+def e_loss_relu(logdir, facts):
+    x, y = _relu_regression_data()
+    model = _relu_regressor()
+    model.compile(optimizer="adam", loss=unstable_loss)
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+@scenario("e_loss_relu_fixed", "fixed", "The ReLU regressor with mean(log(|y - p| + 1e-3))",
+          "A distance that cannot reach 0 (or plain MSE, as the article suggests).", fixes="e_loss_relu")
+def e_loss_relu_fixed(logdir, facts):
+    x, y = _relu_regression_data()
+    model = _relu_regressor()
+    model.compile(optimizer="adam", loss=stable_log_loss)
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+F_SAMPLES = 1000000
+
+
+@scenario("f_huge_data", "article", "F: inputs and targets uniform in +-1e10, Dense(1), adam, mse",
+          "\"Numerical instability can arise due to the large magnitude of values\"; standardise the data.",
+          shrunk="the article's 1,000,000 samples, but training stops 8 steps after the first non-finite "
+                 "value (the article: 10 epochs, 312,500 steps)")
+def f_huge_data(logdir, facts):
+    keras = _keras()
+    x, y = _huge_uniform(F_SAMPLES)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+F_FIXED_SAMPLES = 4096
+
+
+@scenario("f_standardised", "fixed", "F with inputs and targets standardised (mean 0, std 1)",
+          "The article's remedy.", fixes="f_huge_data",
+          shrunk="4,096 samples, 2 epochs (256 steps)")
+def f_standardised(logdir, facts):
+    keras = _keras()
+    x, y = _huge_uniform(F_SAMPLES)
+    x, y = x[:F_FIXED_SAMPLES].numpy(), y[:F_FIXED_SAMPLES].numpy()
+    x = (x - x.mean()) / x.std()
+    y = (y - y.mean()) / y.std()
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+# --------------------------------------------------------------------------- custom loop
+def _pairs_data(n_items=256, n_classes=8, n_pairs=2048):
+    """Items of 8 classes; pairs drawn with replacement, so now and then a pair is an
+    item with itself (i == j), as simple pair samplers do."""
+    labels = np.random.randint(0, n_classes, n_items)
+    centers = np.random.normal(size=(n_classes, 16)).astype(np.float32)
+    feats = (centers[labels] + 0.5 * np.random.normal(size=(n_items, 16))).astype(np.float32)
+    i = np.random.randint(0, n_items, n_pairs)
+    j = np.random.randint(0, n_items, n_pairs)
+    same = (labels[i] == labels[j]).astype(np.float32)
+    return feats, i, j, same
+
+
+def _custom_loop(logdir, facts, eps):
+    """A contrastive loss in a hand-written loop: embed both items of each pair (one
+    batch, one model call), pull same-class pairs together by their distance D, push
+    other pairs beyond a margin: mean(same * D + (1 - same) * relu(1 - D))."""
+    import tensorflow as tf
+    import tb_nanwatch
+    keras = _keras()
+    feats, ii, jj, same = _pairs_data()
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(8)], name="embedder")
+    optimizer = keras.optimizers.Adam(1e-2)
+    watch = tb_nanwatch.Watch(logdir, model, optimizer, log_every=LOG_EVERY)
+
+    @tf.function
+    def train_step(xi, xj, s):
+        with tf.GradientTape() as tape:
+            emb = model(tf.concat([xi, xj], 0), training=True)
+            ei, ej = tf.split(emb, 2)
+            if eps:
+                dist = tf.sqrt(tf.reduce_sum(tf.square(ei - ej), axis=1) + eps)
+            else:
+                dist = tf.norm(ei - ej, axis=1)
+            loss = watch.record_loss(tf.reduce_mean(s * dist + (1 - s) * tf.nn.relu(1.0 - dist)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    batch, step, after, losses = 32, 0, 0, []
+    facts["keras_loss_nonfinite_step"] = None
+    for epoch in range(2):
+        for k in range(0, len(ii), batch):
+            sl = slice(k, k + batch)
+            loss = float(train_step(feats[ii[sl]], feats[jj[sl]], same[sl]))
+            losses.append(loss)
+            if not np.isfinite(loss) and facts["keras_loss_nonfinite_step"] is None:
+                facts["keras_loss_nonfinite_step"] = step
+            step += 1
+            if watch.after_step():
+                after += 1
+            if after > STEPS_AFTER:
+                break
+        if after > STEPS_AFTER:
+            facts["stopped_early"] = True
+            break
+    watch.close()
+    first = watch.first_nonfinite
+    self_pair_steps = [k // batch for k in range(0, len(ii), batch) if np.any(ii[k:k + batch] == jj[k:k + batch])]
+    facts.update(steps=step, first_nonfinite=first, final_loss=losses[-1],
+                 self_pair_steps=self_pair_steps,
+                 loss_at_first_nonfinite=losses[first["step"]] if first else None)
+    return facts
+
+
+@scenario("custom_pair_distance", "custom loop",
+          "Custom loop (Watch): contrastive loss on tf.norm(e_i - e_j), pairs sampled with replacement",
+          "Not from the articles: a NaN the loss does not show in time. The gradient of tf.norm at a "
+          "zero vector is 0/0 = NaN, and a pair sampler now and then pairs an item with itself.")
+def custom_pair_distance(logdir, facts):
+    return _custom_loop(logdir, facts, eps=None)
+
+
+@scenario("custom_pair_distance_fixed", "fixed", "The same loop with D = sqrt(sum((e_i - e_j)^2) + 1e-12)",
+          "A distance whose gradient is defined at 0 (or: drop i == j pairs).", fixes="custom_pair_distance")
+def custom_pair_distance_fixed(logdir, facts):
+    return _custom_loop(logdir, facts, eps=1e-12)
+
+
+# --------------------------------------------------------------------------- running
+def train(name, logdir):
+    """Trains scenario `name` into `logdir` (emptied first); returns its facts."""
+    import shutil
+    keras = _keras()
+    logging.getLogger("tb_nanwatch").setLevel(logging.ERROR)   # run_all prints its own summary
+    sc = REGISTRY[name]
+    if os.path.isdir(logdir):
+        shutil.rmtree(logdir)
+    os.makedirs(logdir)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    facts = {"name": name}
+    t0 = time.perf_counter()
+    sc.fn(logdir, facts)
+    facts["train_seconds"] = round(time.perf_counter() - t0, 2)
+    with open(os.path.join(logdir, FACTS_FILE), "w") as f:
+        json.dump(facts, f, indent=1, default=_json_default)
+    return facts
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(repr(value))
+
+
+def load_facts(logdir):
+    path = os.path.join(logdir, FACTS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
