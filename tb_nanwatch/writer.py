@@ -158,8 +158,13 @@ class Watch:
         unknown = [k for k in kinds if k not in stats.KINDS]
         if unknown:
             raise ValueError("unknown kinds %s; expected some of %s" % (unknown, ", ".join(stats.KINDS)))
-        self.logdir = str(logdir)
         self.model = model
+        # Multi-worker training: each worker writes a run of its own under logdir.
+        self._worker_names = _worker_names(getattr(model, "distribute_strategy", None))
+        self._workers = len(self._worker_names)
+        self.logdir = str(logdir)
+        if self._workers > 1:
+            self.logdir = os.path.join(self.logdir, _this_worker(model.distribute_strategy))
         self.optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
         if self.optimizer is None:
             raise ValueError("Watch needs the optimizer (compile the model or pass optimizer=)")
@@ -171,6 +176,7 @@ class Watch:
         # Benchmark baseline: one reduce_sum per site per step into a variable, nothing else.
         self.floor_only = floor_only
         self._local = threading.local()
+        self._lock = threading.Lock()
         self._restore = []
         self._sites = None          # fixed at the first traced step
         self._consumers = {}
@@ -207,6 +213,9 @@ class Watch:
         if hasattr(self.model, "compute_loss"):
             self._wrap(self.model, "compute_loss", self._compute_loss)
         self._wrap(self.optimizer, "apply", self._apply)
+        if self._state is None and getattr(self.model, "built", False) and self.model.trainable_variables:
+            # Before tracing, under the model's strategy: mirrored, one write per step.
+            self._state = self._create_state(self._capacity())
 
     def uninstrument(self):
         """Restores every wrapped method."""
@@ -371,31 +380,51 @@ class Watch:
         return sites, getters
 
     # ------------------------------------------------------------------ device side
+    def _capacity(self):
+        """An upper bound on the number of sites, known before the step is traced."""
+        layers = len(self._layer_order)
+        variables = len(self.model.trainable_variables)
+        slots = len(_optimizer_slots(self.optimizer)) if getattr(self.optimizer, "built", False) else 4
+        return 2 + 2 * layers + variables * (2 + slots)
+
+    def _create_state(self, capacity):
+        strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        with strategy.scope():
+            state = _DeviceState(capacity, self.flight_steps, strategy.num_replicas_in_sync)
+        if self._pending_last:
+            state.last_step.assign(self._pending_last - 1)
+        return state
+
     def _end_step(self, trace, grads, variables):
-        if self._sites is None:
-            sites, getters = self._build_sites(trace, grads, variables)
-            self._sites, self._getters = sites, getters
-            self._consumers = {k: list(v) for k, v in trace.consumers.items()}
-            with tf.init_scope():
-                self._state = _DeviceState(len(sites), self.flight_steps)
-                if self._pending_last:
-                    self._state.last_step.assign(self._pending_last - 1)
+        with self._lock:   # replicas trace the step in threads of their own
+            if self._sites is None:
+                sites, getters = self._build_sites(trace, grads, variables)
+                if self._state is None:
+                    with tf.init_scope():
+                        self._state = self._create_state(len(sites))
+                if len(sites) > self._state.capacity:
+                    logger.warning("tb_nanwatch: %d sites, more than the %d planned: watching the first %d",
+                                   len(sites), self._state.capacity, self._state.capacity)
+                    sites, getters = sites[:self._state.capacity], getters[:self._state.capacity]
+                self._sites, self._getters = sites, getters
+                self._consumers = {k: list(v) for k, v in trace.consumers.items()}
         grad_kinds = np.array([s["kind"] in _GRAD_KINDS for s in self._sites])
         loss_scaled = hasattr(self.optimizer, "inner_optimizer")
         tensors = [getter(trace, grads) for getter in self._getters]
         if self.floor_only:
-            self._state.floor.assign(tf.stack([tf.add_n([_sum32(t) for t in ts]) if ts else tf.constant(0.0)
-                                               for ts in tensors]))
+            sums = tf.stack([tf.add_n([_sum32(t) for t in ts]) if ts else tf.constant(0.0) for ts in tensors])
+            self._state.floor.assign(tf.pad(sums, [[0, self._state.capacity - len(tensors)]]))
             self._state.poll.assign_add(tf.constant([1, 0, 0, 0], tf.int64))
             return
-        _device_step(self._state, tensors, self.log_every, grad_kinds if loss_scaled else None)
+        dtypes = [tf.as_dtype(site["dtype"]) for site in self._sites]
+        _device_step(self._state, tensors, self.log_every, grad_kinds if loss_scaled else None, dtypes)
 
     # ------------------------------------------------------------------ host side
     def after_step(self):
         """Host side, after each training step: writes a row every `log_every` steps and
         the first non-finite record at once.  Returns True once that record exists."""
         self._host_calls += 1
-        if self._state is None or self._closed or self.floor_only:
+        if self._sites is None or self._closed or self.floor_only:
             return self.first_nonfinite is not None
         if self._host_calls % self.check_every:
             return self.first_nonfinite is not None
@@ -425,9 +454,10 @@ class Watch:
 
     def _write_row(self, last_step):
         st = self._state
-        row = _row_matrix(st.acc_steps.numpy(), st.acc_size.numpy(), st.acc_counts.numpy(),
-                          st.acc_nonfinite_steps.numpy(), st.acc_first.numpy(), st.acc_mean_sum.numpy(),
-                          st.acc_mean_n.numpy(), st.last_sampled.numpy())
+        n = len(self._sites)
+        row = _row_matrix(st.acc_steps.numpy(), st.acc_size.numpy()[:n], st.acc_counts.numpy()[:n],
+                          st.acc_nonfinite_steps.numpy()[:n], st.acc_first.numpy()[:n],
+                          st.acc_mean_sum.numpy()[:n], st.acc_mean_n.numpy()[:n], st.last_sampled.numpy()[:n])
         st.reset_accumulators()
         scale = self._loss_scale()
         if scale is not None and scale > 0:
@@ -446,7 +476,8 @@ class Watch:
 
     def _write_first(self, step):
         st = self._state
-        counts = st.first_counts.numpy()
+        n = len(self._sites)
+        counts = st.first_counts.numpy()[:n]
         bad = np.flatnonzero(counts.sum(axis=1) > 0)
         if not len(bad):
             return
@@ -462,6 +493,14 @@ class Watch:
 
         record = describe(producer)
         record.update(site=producer, propagators=[describe(int(i)) for i in bad[1:]])
+        replicas = st.first_replicas.numpy()[:, :n]
+        if replicas.shape[0] > 1:
+            # Under tf.distribute: the replicas (global ids) whose shard held the producer's values.
+            saw = [int(r) for r in np.flatnonzero(replicas[:, producer])]
+            record.update(replica=saw[0] if saw else None, replicas=saw)
+            per_worker = replicas.shape[0] // max(self._workers, 1)
+            if self._workers > 1 and saw:
+                record["worker"] = self._worker_names[min(saw[0] // per_worker, self._workers - 1)]
         if self._skips_seen or st.poll.numpy()[_P_SKIPS]:
             record["loss_scale_skips_before"] = int(st.poll.numpy()[_P_SKIPS])
         writer = self._ensure_writer()
@@ -469,15 +508,17 @@ class Watch:
         ring_step = st.ring_step.numpy()
         order = np.argsort(ring_step)
         order = [i for i in order if 0 <= ring_step[i] <= step]
-        size = st.acc_size.numpy()
+        size = st.acc_size.numpy()[:n]
+        ring_counts, ring_mean = st.ring_counts.numpy()[:, :n], st.ring_mean.numpy()[:, :n]
+        first_sampled = st.first_sampled.numpy()[:n]
         flight_rows = []
         for i in order:
-            rc = st.ring_counts.numpy()[i]
+            rc = ring_counts[i]
             is_first = ring_step[i] == step
             nonfinite = (rc.sum(axis=1) > 0).astype(np.float64)
             first_col = np.where(nonfinite > 0, float(ring_step[i]), -1.0)
-            sampled = st.first_sampled.numpy() if is_first else np.full((len(self._sites), len(SAMPLED)), np.nan)
-            flight_rows.append(_row_matrix(1, size, rc, nonfinite, first_col, st.ring_mean.numpy()[i],
+            sampled = first_sampled if is_first else np.full((n, len(SAMPLED)), np.nan)
+            flight_rows.append(_row_matrix(1, size, rc, nonfinite, first_col, ring_mean[i],
                                            np.ones(len(self._sites)), sampled))
         writer.write_flight([int(ring_step[i]) for i in order], flight_rows)
         writer.write_first_nonfinite(step, record)
@@ -509,7 +550,7 @@ class Watch:
         if self._closed:
             return
         try:
-            if self._state is not None:
+            if self._sites is not None:
                 poll = self._state.poll.numpy()
                 if poll[_P_FIRST] >= 0 and not self._first_written:
                     self._write_first(int(poll[_P_FIRST]))
@@ -549,6 +590,20 @@ def _close_open_watches():
             logger.exception("tb_nanwatch: could not close %s", watch.logdir)
 
 
+def _worker_names(strategy):
+    """Task names of a multi-worker strategy in replica order ("chief_0", "worker_0", ...), else []."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or getattr(resolver, "task_type", None) is None:
+        return []
+    spec = resolver.cluster_spec().as_dict()
+    return ["%s_%d" % (job, i) for job in ("chief", "worker") for i in range(len(spec.get(job, [])))]
+
+
+def _this_worker(strategy):
+    resolver = strategy.cluster_resolver
+    return "%s_%d" % (resolver.task_type, resolver.task_id)
+
+
 def _is_symbolic(values):
     return any(v is not None and not isinstance(v, (tf.Tensor, tf.IndexedSlices, tf.Variable))
                and not hasattr(v, "numpy") for v in values)
@@ -584,27 +639,37 @@ def _grad_probe(trace, path, tensor):
 
 
 class _DeviceState:
-    """The variables one Watch keeps on the device."""
+    """The variables one Watch keeps on the device, sized for `capacity` sites.
 
-    def __init__(self, n_sites, flight_steps):
-        zeros = lambda shape, dtype: tf.Variable(tf.zeros(shape, dtype), trainable=False)
-        self.poll = tf.Variable(tf.constant([0, -1, 0, -1], tf.int64), trainable=False)
-        self.floor = zeros([n_sites], tf.float32)
+    Created eagerly before the train step is traced (under the model's
+    distribution strategy, so they are mirrored); every replica assigns the same
+    combined values, so only the first replica's write is kept."""
+
+    def __init__(self, capacity, flight_steps, replicas=1):
+        def var(value):
+            return tf.Variable(value, trainable=False, synchronization=tf.VariableSynchronization.ON_WRITE,
+                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+        nan32 = np.float32(np.nan)
+        self.capacity = capacity
+        self.poll = var(tf.constant([0, -1, 0, -1], tf.int64))
+        self.floor = var(tf.zeros([capacity], tf.float32))
         # The last step of a fit() when Keras knows it: its partial row gets full statistics too.
-        self.last_step = tf.Variable(tf.constant(-1, tf.int64), trainable=False)
-        self.acc_steps = zeros([], tf.int64)
-        self.acc_size = zeros([n_sites], tf.float32)
-        self.acc_counts = zeros([n_sites, 3], tf.int64)
-        self.acc_nonfinite_steps = zeros([n_sites], tf.int64)
-        self.acc_first = tf.Variable(tf.fill([n_sites], tf.constant(-1, tf.int64)), trainable=False)
-        self.acc_mean_sum = zeros([n_sites], tf.float64)
-        self.acc_mean_n = zeros([n_sites], tf.float64)
-        self.last_sampled = tf.Variable(tf.fill([n_sites, len(SAMPLED)], np.float32(np.nan)), trainable=False)
-        self.first_counts = zeros([n_sites, 3], tf.int64)
-        self.first_sampled = tf.Variable(tf.fill([n_sites, len(SAMPLED)], np.float32(np.nan)), trainable=False)
-        self.ring_step = tf.Variable(tf.fill([flight_steps], tf.constant(-1, tf.int64)), trainable=False)
-        self.ring_counts = zeros([flight_steps, n_sites, 3], tf.int64)
-        self.ring_mean = zeros([flight_steps, n_sites], tf.float32)
+        self.last_step = var(tf.constant(-1, tf.int64))
+        self.acc_steps = var(tf.constant(0, tf.int64))
+        self.acc_size = var(tf.zeros([capacity], tf.float32))
+        self.acc_counts = var(tf.zeros([capacity, 3], tf.int64))
+        self.acc_nonfinite_steps = var(tf.zeros([capacity], tf.int64))
+        self.acc_first = var(tf.fill([capacity], tf.constant(-1, tf.int64)))
+        self.acc_mean_sum = var(tf.zeros([capacity], tf.float64))
+        self.acc_mean_n = var(tf.zeros([capacity], tf.float64))
+        self.last_sampled = var(tf.fill([capacity, len(SAMPLED)], nan32))
+        self.first_counts = var(tf.zeros([capacity, 3], tf.int64))
+        self.first_sampled = var(tf.fill([capacity, len(SAMPLED)], nan32))
+        self.first_replicas = var(tf.zeros([replicas, capacity], tf.int64))  # which replica saw what
+        self.ring_step = var(tf.fill([flight_steps], tf.constant(-1, tf.int64)))
+        self.ring_counts = var(tf.zeros([flight_steps, capacity, 3], tf.int64))
+        self.ring_mean = var(tf.zeros([flight_steps, capacity], tf.float32))
 
     def reset_accumulators(self):
         self.acc_steps.assign(0)
@@ -633,81 +698,119 @@ def _counts(t):
                      tf.math.count_nonzero(tf.equal(t, -np.inf))])
 
 
-def _sampled_stats(tensors, robust):
-    """SAMPLED columns for one site (list of tensors), over finite elements only."""
+# Raw moments of one site, combinable across replicas: sums add, extremes take min/max.
+_M = {name: i for i, name in enumerate(("finite", "sum", "sumsq", "min", "max", "zeros", "under"))}
+
+
+def _raw_moments(tensors, robust):
+    """float64 [len(_M)] over the finite elements of one site's tensors."""
     if not tensors:
-        return tf.fill([len(SAMPLED)], np.float32(np.nan))
+        return tf.constant([0, 0, 0, np.inf, -np.inf, 0, 0], tf.float64)
     dtype = tensors[0].dtype
-    largest = float(np.finfo(dtype.as_numpy_dtype).max) if dtype != tf.bfloat16 else 3.3895314e38
-    tiny = float(np.finfo(dtype.as_numpy_dtype).tiny) if dtype != tf.bfloat16 else 1.1754944e-38
-    mins, maxs, sums, sumsqs, zeros, finite_n, under = [], [], [], [], [], [], []
+    tiny = _dtype_limits(dtype)[1]
+    out = []
     for t in tensors:
-        x = tf.cast(t, tf.float32) if dtype in _HALF else tf.cast(t, tf.float64) if dtype == tf.float64 else t
-        x = tf.reshape(x, [-1])
-        zeros.append(tf.cast(tf.math.count_nonzero(tf.equal(x, 0)), tf.float64))  # NaN != 0
+        x = tf.reshape(tf.cast(t, tf.float32) if dtype in _HALF else t, [-1])
+        zeros = tf.math.count_nonzero(tf.equal(x, 0))        # NaN != 0
         if robust:
             finite = tf.math.is_finite(x)
-            finite_n.append(tf.cast(tf.math.count_nonzero(finite), tf.float64))
-            mins.append(tf.reduce_min(tf.where(finite, x, tf.cast(np.inf, x.dtype))))
-            maxs.append(tf.reduce_max(tf.where(finite, x, tf.cast(-np.inf, x.dtype))))
+            n = tf.math.count_nonzero(finite)
+            mn = tf.reduce_min(tf.where(finite, x, tf.cast(np.inf, x.dtype)))
+            mx = tf.reduce_max(tf.where(finite, x, tf.cast(-np.inf, x.dtype)))
             x = tf.where(finite, x, tf.zeros_like(x))
         else:
-            finite_n.append(tf.cast(tf.size(x), tf.float64))
-            mins.append(tf.reduce_min(x))
-            maxs.append(tf.reduce_max(x))
-        sums.append(tf.cast(tf.reduce_sum(x), tf.float64))
-        sumsqs.append(tf.cast(tf.reduce_sum(tf.square(tf.cast(x, tf.float64) if dtype in _HALF else x)), tf.float64))
-        if dtype in _HALF:
-            under.append(tf.cast(tf.math.count_nonzero(tf.abs(x) < tiny), tf.float64))
-    size = tf.add_n([tf.cast(tf.size(t), tf.float64) for t in tensors])
-    n = tf.add_n(finite_n)
-    mn = tf.cast(tf.reduce_min(tf.stack([tf.cast(m, tf.float64) for m in mins])), tf.float64)
-    mx = tf.cast(tf.reduce_max(tf.stack([tf.cast(m, tf.float64) for m in maxs])), tf.float64)
-    total, total_sq = tf.add_n(sums), tf.add_n(sumsqs)
-    mean = tf.math.divide_no_nan(total, n)
-    std = tf.sqrt(tf.maximum(tf.math.divide_no_nan(total_sq, n) - mean * mean, 0.0))
-    max_abs = tf.maximum(tf.abs(mn), tf.abs(mx))
-    nan64 = tf.constant(np.nan, tf.float64)
+            n, mn, mx = tf.size(x, out_type=tf.int64), tf.reduce_min(x), tf.reduce_max(x)
+        x64 = tf.cast(x, tf.float64) if dtype in _HALF else x
+        under = tf.math.count_nonzero(tf.abs(x) < tiny) if dtype in _HALF else tf.constant(0, tf.int64)
+        out.append(tf.cast(tf.stack([tf.cast(v, tf.float64) for v in (
+            n, tf.reduce_sum(x), tf.reduce_sum(tf.square(x64)), mn, mx, zeros, under)]), tf.float64))
+    stacked = tf.stack(out)
+    return tf.concat([tf.reduce_sum(stacked[:, :3], 0), tf.reduce_min(stacked[:, 3:4], 0),
+                      tf.reduce_max(stacked[:, 4:5], 0), tf.reduce_sum(stacked[:, 5:], 0)], 0)
+
+
+def _combine_moments(moments):
+    """[replicas, sites, len(_M)] -> [sites, len(_M)]."""
+    return tf.concat([tf.reduce_sum(moments[..., :3], 0), tf.reduce_min(moments[..., 3:4], 0),
+                      tf.reduce_max(moments[..., 4:5], 0), tf.reduce_sum(moments[..., 5:], 0)], -1)
+
+
+def _dtype_limits(dtype):
+    """(largest finite, smallest normal) of a float dtype."""
+    if dtype == tf.bfloat16:
+        return 3.3895314e38, 1.1754944e-38
+    info = np.finfo(dtype.as_numpy_dtype)
+    return float(info.max), float(info.tiny)
+
+
+def _finish_moments(moments, sizes, largest, half):
+    """[sites, len(_M)] raw moments -> [sites, len(SAMPLED)] float32 in SAMPLED order."""
+    m = lambda name: moments[:, _M[name]]
+    n = m("finite")
     has = n > 0
-    norm = tf.sqrt(total_sq)
-    mn, mx, mean, std, max_abs, norm = [tf.where(has, v, nan64) for v in (mn, mx, mean, std, max_abs, norm)]
-    headroom = tf.where(max_abs > 0, tf.math.log(largest / max_abs) / np.log(2.0), tf.constant(np.inf, tf.float64))
-    headroom = tf.where(has, headroom, nan64)
-    underflow = tf.add_n(under) / size if under else nan64
-    return tf.cast(tf.stack([mn, mx, mean, std, max_abs, norm, tf.add_n(zeros) / size,
-                             headroom, underflow]), tf.float32)
+    nan64 = tf.fill(tf.shape(n), tf.constant(np.nan, tf.float64))
+    size = tf.cast(sizes, tf.float64)
+    safe_size = tf.where(size > 0, size, tf.ones_like(size))
+    mean = tf.math.divide_no_nan(m("sum"), n)
+    std = tf.sqrt(tf.maximum(tf.math.divide_no_nan(m("sumsq"), n) - mean * mean, 0.0))
+    max_abs = tf.maximum(tf.abs(m("min")), tf.abs(m("max")))
+    headroom = tf.where(max_abs > 0, tf.math.log(tf.constant(largest, tf.float64) / max_abs) / np.log(2.0),
+                        tf.fill(tf.shape(n), tf.constant(np.inf, tf.float64)))
+    cols = [m("min"), m("max"), mean, std, max_abs, tf.sqrt(m("sumsq")), headroom]
+    mn, mx, mean, std, max_abs, norm, headroom = [tf.where(has, c, nan64) for c in cols]
+    zero_frac = tf.where(size > 0, m("zeros") / safe_size, nan64)
+    underflow = tf.where(tf.logical_and(tf.constant(half), size > 0), m("under") / safe_size, nan64)
+    return tf.cast(tf.stack([mn, mx, mean, std, max_abs, norm, zero_frac, headroom, underflow], 1), tf.float32)
 
 
-def _device_step(st, tensors, log_every, grad_kinds):
+def _gather(ctx, value):
+    """[replicas, ...] of `value` from every replica (just [1, ...] without distribution)."""
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value[None]
+    return ctx.all_gather(value[None], axis=0)
+
+
+def _device_step(st, tensors, log_every, grad_kinds, dtypes):
     """One training step's graph ops: the reductions, the conditional full statistics,
-    and the accumulator, first-record and flight-recorder updates."""
-    present = np.array([bool(ts) for ts in tensors])
-    sums = tf.stack([tf.add_n([_sum32(t) for t in ts]) if ts else tf.constant(0.0) for ts in tensors])
-    sizes = tf.stack([tf.add_n([_size(t) for t in ts]) if ts else tf.constant(0.0) for ts in tensors])
+    combining replicas, and the accumulator, first-record and flight-recorder updates."""
+    n, cap = len(tensors), st.capacity
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync == 1:
+        ctx = None
+    present = tf.constant(np.array([bool(ts) for ts in tensors]))
+    local_sums = tf.stack([tf.add_n([_sum32(t) for t in ts]) if ts else tf.constant(0.0) for ts in tensors])
+    local_sizes = tf.stack([tf.add_n([_size(t) for t in ts]) if ts else tf.constant(0.0) for ts in tensors])
+    # Collective 1: every replica learns the global sums, so all take the same branches below.
+    gathered = _gather(ctx, tf.stack([local_sums, local_sizes], 1))
+    sums, sizes = tf.reduce_sum(gathered[..., 0], 0), tf.reduce_sum(gathered[..., 1], 0)
     hint = tf.logical_not(tf.math.is_finite(sums))
     any_hint = tf.reduce_any(hint)
     step = st.poll[_P_STEP]
     ends_row = tf.reduce_any(tf.stack([tf.equal(tf.math.floormod(step + 1, log_every), 0),
                                        tf.equal(step, st.last_step), tf.equal(step, 0)]))
-    n = len(tensors)
+    ran_full = tf.logical_or(ends_row, any_hint)
 
     def counts():
-        return tf.stack([_counts(tf.concat([tf.reshape(t, [-1]) for t in ts], 0)) if ts
-                         else tf.zeros([3], tf.int64) for ts in tensors])
+        return tf.stack([tf.cast(_counts(tf.concat([tf.reshape(t, [-1]) for t in ts], 0)), tf.float64) if ts
+                         else tf.zeros([3], tf.float64) for ts in tensors])
 
-    step_counts = tf.cond(any_hint, counts, lambda: tf.zeros([n, 3], tf.int64))
+    def moments(robust):
+        return tf.stack([_raw_moments(ts, robust) for ts in tensors])
 
-    def sampled(robust):
-        return tf.stack([_sampled_stats(ts, robust) for ts in tensors])
-
-    step_sampled = tf.cond(
-        tf.logical_or(ends_row, any_hint),
-        lambda: tf.cond(any_hint, lambda: sampled(True), lambda: sampled(False)),
-        lambda: tf.fill([n, len(SAMPLED)], np.float32(np.nan)))
+    local_counts = tf.cond(any_hint, counts, lambda: tf.zeros([n, 3], tf.float64))
+    local_moments = tf.cond(ran_full, lambda: tf.cond(any_hint, lambda: moments(True), lambda: moments(False)),
+                            lambda: tf.zeros([n, len(_M)], tf.float64))
+    # Collective 2: counts summed, moments combined; per replica, who saw a non-finite value.
+    gathered = _gather(ctx, tf.concat([local_counts, local_moments], 1))
+    per_replica_nonfinite = tf.cast(tf.reduce_sum(gathered[..., :3], -1) > 0, tf.int64)   # [replicas, n]
+    step_counts = tf.cast(tf.reduce_sum(gathered[..., :3], 0), tf.int64)
+    largest = [_dtype_limits(d)[0] for d in dtypes]
+    half = [d in _HALF for d in dtypes]
+    step_sampled = tf.where(ran_full, _finish_moments(_combine_moments(gathered[..., 3:]), sizes, largest, half),
+                            tf.fill([n, len(SAMPLED)], np.float32(np.nan)))
     nonfinite = tf.reduce_sum(step_counts, axis=1) > 0
     safe_sizes = tf.where(sizes > 0, sizes, tf.ones_like(sizes))
     step_mean = tf.where(hint, step_sampled[:, _S["mean"]], sums / safe_sizes)
-    present_t = tf.constant(present)
 
     # Loss scaling: a step whose only non-finite values are gradients is skipped by design.
     if grad_kinds is not None:
@@ -716,27 +819,34 @@ def _device_step(st, tensors, log_every, grad_kinds):
     else:
         is_skip = tf.constant(False)
 
+    def pad(x, fill=0):
+        return tf.pad(x, [[0, cap - n]] + [[0, 0]] * (x.shape.rank - 1), constant_values=fill)
+
+    step_counts_p, sizes_p, sampled_p = pad(step_counts), pad(sizes), pad(step_sampled, np.nan)
+    nonfinite_p, step_mean_p = pad(nonfinite, False), pad(step_mean)
+    mean_ok = pad(tf.logical_and(present, tf.math.is_finite(step_mean)), False)
     st.acc_steps.assign_add(1)
-    st.acc_size.assign(tf.maximum(st.acc_size, sizes))
-    st.acc_counts.assign_add(step_counts)
-    st.acc_nonfinite_steps.assign_add(tf.cast(nonfinite, tf.int64))
-    st.acc_first.assign(tf.where(tf.logical_and(nonfinite, st.acc_first < 0), step, st.acc_first))
-    mean_ok = tf.logical_and(present_t, tf.math.is_finite(step_mean))
-    st.acc_mean_sum.assign_add(tf.where(mean_ok, tf.cast(step_mean, tf.float64), tf.zeros([n], tf.float64)))
+    st.acc_size.assign(tf.maximum(st.acc_size, sizes_p))
+    st.acc_counts.assign_add(step_counts_p)
+    st.acc_nonfinite_steps.assign_add(tf.cast(nonfinite_p, tf.int64))
+    st.acc_first.assign(tf.where(tf.logical_and(nonfinite_p, st.acc_first < 0), step, st.acc_first))
+    st.acc_mean_sum.assign_add(tf.where(mean_ok, tf.cast(step_mean_p, tf.float64), tf.zeros([cap], tf.float64)))
     st.acc_mean_n.assign_add(tf.cast(mean_ok, tf.float64))
-    ran_full = tf.logical_or(ends_row, any_hint)
-    st.last_sampled.assign(tf.where(ran_full, step_sampled, st.last_sampled))
+    st.last_sampled.assign(tf.where(ran_full, sampled_p, st.last_sampled))
 
     # First non-finite of the run (not a loss-scale skip), and the flight recorder frozen with it.
     recording = st.poll[_P_FIRST] < 0
     is_first = tf.logical_and(recording, tf.logical_and(tf.reduce_any(nonfinite), tf.logical_not(is_skip)))
-    st.first_counts.assign(tf.where(is_first, step_counts, st.first_counts))
-    st.first_sampled.assign(tf.where(is_first, step_sampled, st.first_sampled))
-    slot = tf.cast(tf.math.floormod(step, st.ring_step.shape[0]), tf.int32)
-    keep = tf.logical_not(recording)
-    st.ring_step.scatter_nd_update([[slot]], [tf.where(keep, st.ring_step[slot], step)])
-    st.ring_counts.scatter_nd_update([[slot]], [tf.where(keep, st.ring_counts[slot], step_counts)])
-    st.ring_mean.scatter_nd_update([[slot]], [tf.where(keep, st.ring_mean[slot], step_mean)])
+    st.first_counts.assign(tf.where(is_first, step_counts_p, st.first_counts))
+    st.first_sampled.assign(tf.where(is_first, sampled_p, st.first_sampled))
+    st.first_replicas.assign(tf.where(is_first, tf.pad(per_replica_nonfinite, [[0, 0], [0, cap - n]]),
+                                      st.first_replicas))
+    slot = tf.one_hot(tf.math.floormod(step, st.ring_step.shape[0]), st.ring_step.shape[0], on_value=True,
+                      off_value=False)
+    write = tf.logical_and(slot, recording)          # frozen once the first record exists
+    st.ring_step.assign(tf.where(write, step, st.ring_step))
+    st.ring_counts.assign(tf.where(write[:, None, None], step_counts_p[None], st.ring_counts))
+    st.ring_mean.assign(tf.where(write[:, None], step_mean_p[None], st.ring_mean))
     st.poll.assign(tf.stack([
         step + 1,
         tf.where(is_first, step, st.poll[_P_FIRST]),

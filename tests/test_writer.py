@@ -117,9 +117,10 @@ def test_healthy_run_reports_null_and_true_statistics(tmp_path):
     rd = read(tmp_path)
     steps_run = counter.started
     assert steps_run == 24
-    # Every step is in exactly one row, rows end every 5 steps, the last partial row is kept.
-    assert rd.steps.tolist() == [4, 9, 14, 19, 23]
-    assert rd.rows[:, 0, stats.STAT_INDEX["steps"]].tolist() == [5, 5, 5, 5, 4]
+    # Every step is in exactly one row: step 0 alone (the starting state), then rows ending
+    # every 5 steps, and the last partial row.
+    assert rd.steps.tolist() == [0, 4, 9, 14, 19, 23]
+    assert rd.rows[:, 0, stats.STAT_INDEX["steps"]].tolist() == [1, 4, 5, 5, 5, 4]
     # The sampled statistics of the last row are those of the final weights.
     kernel = model.get_layer("hidden").kernel.numpy()
     i = rd.site_index("hidden", "weight", "kernel")
@@ -206,7 +207,7 @@ def test_custom_loop_with_tf_function(tmp_path):
     assert (first["step"], first["kind"], first["posinf"]) == (6, "input", 1)
     rd = read(tmp_path)
     assert rd.site_index(model.name, "loss") is not None
-    assert rd.steps.tolist() == [2, 5, 6]
+    assert rd.steps.tolist() == [0, 2, 5, 6]
     # close() restored the model: calling it no longer goes through the watch.
     assert "call" not in vars(model)
 
