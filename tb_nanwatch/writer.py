@@ -334,7 +334,6 @@ class Watch:
         for path, layer in self._layer_order:
             for v in getattr(layer, "_trainable_variables", []):
                 owner[id(v)] = path
-        var_index = {id(v): i for i, v in enumerate(variables)}
         recorded = list(trace.activation_grads)
         reverse_forward = list(reversed(forward))
         if recorded == [p for p in reverse_forward if p in trace.activation_grads]:
@@ -343,25 +342,19 @@ class Watch:
             backward = recorded + [p for p in reverse_forward if p not in trace.activation_grads]
         placed = set()
 
-        def weight_grad_sites(path):
-            for v in variables:
-                if owner.get(id(v)) == path and id(v) not in placed:
+        def weight_grads_of(path):
+            for i, v in enumerate(variables):
+                if owner.get(id(v), model_name) == path and id(v) not in placed:
                     placed.add(id(v))
-                    i = var_index[id(v)]
-                    add(path, "weight_grad", v.name, lambda tr, g, i=i: [g[i]] if g[i] is not None else [],
+                    add(path, "weight_grad", v.name, lambda tr, g, i=i: _gradient_values(g[i]),
                         v.dtype, tuple(v.shape))
 
         for path in backward:
             add(path, "activation_grad", "", lambda tr, g, p=path: tr.activation_grads.get(p, []),
                 *describe(trace.activations.get(path, [])))
-            weight_grad_sites(path)
-        for path in [owner.get(id(v), model_name) for v in variables if id(v) not in placed]:
-            owner_vars = [v for v in variables if owner.get(id(v), model_name) == path and id(v) not in placed]
-            for v in owner_vars:
-                placed.add(id(v))
-                i = var_index[id(v)]
-                add(path, "weight_grad", v.name, lambda tr, g, i=i: [g[i]] if g[i] is not None else [],
-                    v.dtype, tuple(v.shape))
+            weight_grads_of(path)
+        for v in variables:   # weights no watched layer owns (e.g. the model's own), last
+            weight_grads_of(owner.get(id(v), model_name))
         # Per variable, as the optimizer updates them: its slots, then the new value.
         inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         slots = _optimizer_slots(self.optimizer)
@@ -607,6 +600,14 @@ def _this_worker(strategy):
 def _is_symbolic(values):
     return any(v is not None and not isinstance(v, (tf.Tensor, tf.IndexedSlices, tf.Variable))
                and not hasattr(v, "numpy") for v in values)
+
+
+def _gradient_values(grad):
+    """The tensors of one weight's gradient: none if it is not on the gradient path; for a
+    sparse (embedding) gradient, its rows, not a dense copy of the whole table."""
+    if grad is None:
+        return []
+    return [grad.values if isinstance(grad, tf.IndexedSlices) else grad]
 
 
 def _value(variable):

@@ -290,3 +290,21 @@ def test_sigkill_right_after_the_first_nonfinite_step_leaves_the_evidence(tmp_pa
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     first = report_json(tmp_path)["killed"]
     assert (first["step"], first["kind"], first["nan"]) == (7, "input", 1)
+
+
+def test_embedding_gradients_are_read_sparse(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(1000, 4, name="embed"),
+                              keras.layers.GlobalAveragePooling1D(name="pool"), keras.layers.Dense(1, name="head")])
+    model.compile(optimizer="adam", loss="mse")
+    tokens = np.random.default_rng(0).integers(0, 1000, size=(64, 5)).astype("int32")
+    cb = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=4)
+    model.fit(tokens, np.zeros((64, 1), "float32"), batch_size=8, verbose=0, callbacks=[cb])
+    rd = read(tmp_path)
+    col = stats.STAT_INDEX
+    # Integer token ids are not a float site; the embedding's gradient holds its 8x5 looked-up rows.
+    assert rd.site_index(model.name, "input") is None
+    grad = rd.site_index("embed", "weight_grad", "embeddings")
+    assert rd.rows[-1, grad, col["size"]] == 8 * 5 * 4
+    assert rd.rows[-1, rd.site_index("embed", "weight", "embeddings"), col["size"]] == 1000 * 4
+    assert reader.first_nonfinite_json(rd) is None
