@@ -332,15 +332,11 @@ def merge_groups(reports):
 
 
 # -- PNG ----------------------------------------------------------------------
-COLOURS = {
-    "nan": (230, 20, 90),        # raspberry red
-    "+inf": (255, 150, 0),       # orange
-    "-inf": (0, 170, 100),       # green
-    "mixed": (120, 0, 160),      # purple: several of NaN/+Inf/-Inf in one cell
-    "absent": (255, 255, 255),   # not computed (e.g. off the gradient path)
-    "unmeasured": (215, 215, 215),
-}
-STATUS_COLOUR = {1: COLOURS["nan"], 2: COLOURS["+inf"], 3: COLOURS["-inf"], 4: COLOURS["mixed"], 5: COLOURS["absent"]}
+# Status colours are the statistics table's (the tab draws with the same ones); the
+# rest are this image's own.
+COLOURS = dict(stats.STATUS_COLOURS, unmeasured=(255, 255, 255))   # unmeasured: blank, as in the tab
+STATUS_COLOUR = {code: stats.STATUS_COLOURS[name] for code, name in enumerate(stats.STATUS_NAMES)
+                 if name in stats.STATUS_COLOURS}
 # Finite values: a single-hue ramp (light -> dark blue), so any other hue means trouble.
 RAMP = np.array([(239, 243, 255), (198, 219, 239), (158, 202, 225), (107, 174, 214),
                  (66, 146, 198), (33, 113, 181), (8, 69, 148), (8, 38, 96)], dtype=np.float64)

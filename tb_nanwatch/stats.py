@@ -127,6 +127,21 @@ def nonfinite_status(row):
 
 STATUS_NAMES = ("finite", "nan", "+inf", "-inf", "mixed", "absent")
 
+# RGB of every status but "finite", for every heatmap: the tab (through `/info`) and
+# `report --png`.  Finite cells take a light-to-dark blue ramp by value, so these are
+# hues that ramp never has.  Chosen to stay apart for red/green colour-blind readers
+# too: under simulated protanopia and deuteranopia (Machado et al. 2009) every pair,
+# and each colour against every shade of the ramp and white, is at least 15 CIEDE2000
+# apart (the old magenta/purple NaN fell onto the blue ramp for protans; a teal -Inf
+# would too).
+STATUS_COLOURS = {
+    "nan": (200, 0, 90),        # raspberry magenta
+    "+inf": (235, 95, 15),      # red-orange
+    "-inf": (250, 225, 60),     # yellow
+    "mixed": (40, 25, 25),      # near black: several of NaN, +Inf, -Inf in one cell
+    "absent": (185, 185, 185),  # light grey: the site was not computed
+}
+
 
 def table_as_json():
     """The table as the frontend and `report --json` consumers see it."""
@@ -134,4 +149,5 @@ def table_as_json():
         "kinds": [{"name": k, "meaning": KIND_MEANINGS[k]} for k in KINDS],
         "stats": [s._asdict() for s in STATS],
         "status": list(STATUS_NAMES),
+        "status_colours": {name: list(rgb) for name, rgb in STATUS_COLOURS.items()},
     }

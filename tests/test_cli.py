@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import synthetic
-from tb_nanwatch import metadata, report, summary
+from tb_nanwatch import metadata, report, stats, summary
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "tb-nanwatch")
 ENV = dict(os.environ, PYTHONIOENCODING="utf-8", TF_CPP_MIN_LOG_LEVEL="2")
@@ -327,7 +327,7 @@ def test_png_heatmap(logdir, tmp_path):
     assert len(set(img.getdata())) > 50                   # a colour ramp, not a flat image
     gx, gy, cw, ch, n_cols, n_rows = layout["grid"]
     assert (n_cols, n_rows) == (50, len(SITES)) and layout["stat"] == "max_abs"
-    nan = report.COLOURS["nan"]
+    nan = stats.STATUS_COLOURS["nan"]
     # The first non-finite cell is the producer at the column holding step 123 (rows of 10 steps).
     row, col = layout["first_cell"]
     assert (row, col) == (PRODUCER, 12) and layout["column_last_steps"][col] == 129
@@ -341,7 +341,7 @@ def test_png_heatmap(logdir, tmp_path):
     assert img.getpixel((x0 + cw + 1, y0 + ch // 2)) == report.OUTLINE
     # +Inf / -Inf have their own colours, also in the legend.
     pixels = set(img.getdata())
-    assert {report.COLOURS["+inf"], report.COLOURS["-inf"], report.COLOURS["nan"]} <= pixels
+    assert {stats.STATUS_COLOURS["+inf"], stats.STATUS_COLOURS["-inf"], stats.STATUS_COLOURS["nan"]} <= pixels
     # The finite run: no NaN cell anywhere in the grid.
     png_good = tmp_path / "good.png"
     rc, out, _ = cli(logdir, "--run", "good", "--png", png_good, "--stat", "norm")
@@ -507,7 +507,7 @@ def test_png_kind_filter(logdir, tmp_path):
     assert layout["grid"][5] == n_slots and layout["kind"] == "optimizer_state"
     # dense/velocity/kernel is the 2nd slot; the first step is 3 with one step per column.
     assert layout["first_cell"] == [1, 3]
-    assert _cell(img, layout, 1, 3) == report.COLOURS["+inf"]
+    assert _cell(img, layout, 1, 3) == stats.STATUS_COLOURS["+inf"]
 
 
 def test_broken_pipe_keeps_the_verdict(logdir):
@@ -549,4 +549,4 @@ def test_killed_before_the_first_row(tmp_path):
     img, layout = _png_layout(tmp_path / "f.png")
     assert layout["source"] == "flight" and layout["first_cell"] == [velocity, 3]
     assert layout["stat"] == "mean_every_step"     # measured at every step of the flight recorder
-    assert _cell(img, layout, velocity, 3) == report.COLOURS["+inf"]
+    assert _cell(img, layout, velocity, 3) == stats.STATUS_COLOURS["+inf"]
