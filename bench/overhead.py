@@ -64,7 +64,9 @@ GLOBAL_TOOLS = {
 MODELS = {
     "mlp": "784-1024x3-10 MLP, relu, softmax head, adam, categorical cross-entropy, batch 128",
     "conv": "32x32x3 conv net: Conv(16,3x3)-pool-Conv(32,3x3)-pool-Dense(64)-Dense(10), adam, batch 128",
+    "tiny": "the MLP's structure with 16-unit layers (784-16x3-10), batch 128: shows the fixed cost per step",
 }
+TINY_CONFIGS = ("plain", "defaults", "lean", "floor")
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -79,8 +81,8 @@ def build_model(name, jit=False, narrow=False):
     tf, keras = _tf()
     keras.utils.set_random_seed(0)
     L = keras.layers
-    if name == "mlp":
-        width = 16 if narrow else 1024
+    if name in ("mlp", "tiny"):
+        width = 16 if narrow or name == "tiny" else 1024
         model = keras.Sequential([keras.Input((784,))] + [L.Dense(width, activation="relu") for _ in range(3)]
                                  + [L.Dense(10, activation="softmax")])
     elif name == "conv":
@@ -98,7 +100,7 @@ def build_model(name, jit=False, narrow=False):
 def make_data(name, steps, batch=BATCH):
     import numpy as np
     rng = np.random.default_rng(0)
-    shape = (784,) if name == "mlp" else (32, 32, 3)
+    shape = (32, 32, 3) if name == "conv" else (784,)
     x = rng.normal(size=(steps * batch,) + shape).astype("float32")
     y = np.eye(10, dtype="float32")[rng.integers(0, 10, steps * batch)]
     return x, y
@@ -438,12 +440,13 @@ def summarise(configs, base="plain"):
         blocks = c.get("blocks", [])
         if not blocks:
             continue
-        ratios, mean_ratios, cpu_ratios = [], [], []
+        ratios, mean_ratios, cpu_ratios, added = [], [], [], []
         for b in blocks:
             p = base_blocks.get(b["round"])
             if p is None:
                 continue
             ratios.append(b["median_ms"] / p["median_ms"])
+            added.append(b["median_ms"] - p["median_ms"])
             mean_ratios.append(b["mean_ms"] / p["mean_ms"])
             cpu_ratios.append(b["cpu_median_ms"] / p["cpu_median_ms"])
         rows[name] = {
@@ -454,6 +457,7 @@ def summarise(configs, base="plain"):
             "mean_ratio": float(np.median(mean_ratios)) if mean_ratios else None,
             "cpu_ratio": float(np.median(cpu_ratios)) if cpu_ratios else None,
             "rounds": len(ratios),
+            "added_ms": float(np.median(added)) if added else None,
             "first_step_s": c.get("first_step_s"),
         }
     return rows
@@ -521,8 +525,8 @@ def render(results):
         L.append("")
         L.append("### %s" % MODELS[model])
         L.append("")
-        L.append("| configuration | median ratio (min-max) | mean ratio | CPU ratio | median step | first step | sites |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| configuration | median ratio (min-max) | mean ratio | CPU ratio | added per step | median step | first step | sites |")
+        L.append("|---|---|---|---|---|---|---|---|")
         inproc = res.get("inproc", {})
         rows = summarise(inproc.get("configs", {}))
         xla_rows = summarise({k: v for k, v in inproc.get("configs", {}).items() if k.endswith("_xla")},
@@ -532,34 +536,34 @@ def render(results):
                 continue
             if name in rows:
                 r = rows[name]
-                L.append("| %s | %s | %.2fx | %.2fx | %.1f ms | %.1f s | %s |" % (
-                    name, fmt_ratio(r), r["mean_ratio"], r["cpu_ratio"], r["median_ms"], r["first_step_s"] or 0,
-                    inproc.get("sites", {}).get(name, "")))
+                L.append("| %s | %s | %.2fx | %.2fx | %+.1f ms | %.1f ms | %.1f s | %s |" % (
+                    name, fmt_ratio(r), r["mean_ratio"], r["cpu_ratio"], r["added_ms"], r["median_ms"],
+                    r["first_step_s"] or 0, inproc.get("sites", {}).get(name, "")))
             elif name in inproc.get("errors", {}):
-                L.append("| %s | failed: %s | | | | | |" % (name, inproc["errors"][name]))
+                L.append("| %s | failed: %s | | | | | | |" % (name, inproc["errors"][name]))
             elif name in inproc.get("too_slow", {}):
-                L.append("| %s | too slow: %s | | | | %.1f s | |" % (
+                L.append("| %s | too slow: %s | | | | | %.1f s | |" % (
                     name, inproc["too_slow"][name], inproc["configs"][name]["first_step_s"] or 0))
         for tool in GLOBAL_TOOLS:
             g = res.get(tool)
             if not g:
                 continue
             if g.get("worker_error") or tool in g.get("errors", {}):
-                L.append("| %s | failed: %s | | | | | |" % (tool, g.get("worker_error") or g["errors"][tool]))
+                L.append("| %s | failed: %s | | | | | | |" % (tool, g.get("worker_error") or g["errors"][tool]))
                 continue
             gr = summarise(g["configs"])
             r = gr[tool]
             pre = gr.get("plain_before_enable", {}).get("median_ms")
-            L.append("| %s (own process; plain there %.1f ms, %.1f ms before enabling) | %s | %.2fx | %.2fx | %.1f ms | %.1f s | |" % (
+            L.append("| %s (own process; plain there %.1f ms, %.1f ms before enabling) | %s | %.2fx | %.2fx | %+.1f ms | %.1f ms | %.1f s | |" % (
                 tool, gr["plain"]["median_ms"], pre or float("nan"), fmt_ratio(r), r["mean_ratio"], r["cpu_ratio"],
-                r["median_ms"], r["first_step_s"] or 0))
+                r["added_ms"], r["median_ms"], r["first_step_s"] or 0))
         vs_floor = summarise(inproc.get("configs", {}), base="floor")
         vs_floor_xla = summarise({k: v for k, v in inproc.get("configs", {}).items() if k.endswith("_xla")},
                                  base="floor_xla")
-        parts = ["%s / floor = %s" % (n, fmt_ratio(vs_floor[n])) for n in ("defaults", "lean", "every10")
-                 if n in vs_floor and "floor" in vs_floor]
-        parts += ["%s / floor_xla = %s" % (n, fmt_ratio(vs_floor_xla[n])) for n in ("defaults_xla", "lean_xla")
-                  if n in vs_floor_xla and "floor_xla" in vs_floor_xla]
+        parts = ["%s / floor = %s, %+.1f ms" % (n, fmt_ratio(vs_floor[n]), vs_floor[n]["added_ms"])
+                 for n in ("defaults", "lean", "every10") if n in vs_floor and "floor" in vs_floor]
+        parts += ["%s / floor_xla = %s, %+.1f ms" % (n, fmt_ratio(vs_floor_xla[n]), vs_floor_xla[n]["added_ms"])
+                  for n in ("defaults_xla", "lean_xla") if n in vs_floor_xla and "floor_xla" in vs_floor_xla]
         if parts:
             L.append("")
             L.append("Against the floor, paired in the same rounds (target: defaults within 1.02x): " + "; ".join(parts) + ".")
@@ -649,7 +653,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: few rounds, short epochs, no XLA on conv")
     p.add_argument("--out", help="update this markdown file (e.g. bench/RESULTS.md) with the tables")
-    p.add_argument("--models", default="mlp,conv")
+    p.add_argument("--models", default="mlp,conv,tiny")
     p.add_argument("--rounds", type=int)
     p.add_argument("--steps", type=int, help="steps per timed epoch")
     p.add_argument("--xla", default=None, help="models to also run with jit_compile=True (default mlp)")
@@ -696,11 +700,13 @@ def main():
         res = results["models"].setdefault(model, {})
         if "inproc" not in skip:
             configs = [c for c in INPROC if not c.endswith("_xla") or model in xla_models]
+            if model == "tiny":
+                configs = [c for c in configs if c.replace("_xla", "") in TINY_CONFIGS]
             if args.quick:
                 configs = [c for c in configs if c != "lean_xla"]
             res["inproc"] = run_worker(["--worker", "inproc", "--model", model, "--configs", ",".join(configs)]
                                        + common, timeout=1500)
-        if "global" not in skip:
+        if "global" not in skip and model != "tiny":
             for tool in GLOBAL_TOOLS:
                 res[tool] = run_worker(["--worker", "global", "--model", model, "--tool", tool]
                                        + (["--probe-xla"] if model in xla_models or model == "mlp" else [])
