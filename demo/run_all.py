@@ -8,8 +8,9 @@
 
 The summary line of each run is read back from its event files through
 `tb_nanwatch.reader` (what TensorBoard and `tb-nanwatch report` see), not from
-the training process.  Exit status 0, or 1 when a run's logs disagree with
-what its training process recorded, 2 on a usage error.
+the training process.  Exit status 0; 1 when a run's logs disagree with what
+its training process recorded; 2 when a run failed to train (the others still
+run) or on a usage error.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -115,7 +117,7 @@ def main(argv=None):
             parser.error("unknown run(s) %s; see --list" % ", ".join(unknown))
 
     t0 = time.perf_counter()
-    results, status = [], 0
+    results, status, failed = [], 0, []
     for name in names:
         run_dir = os.path.join(args.logdir, name)
         reused = not args.retrain and has_logs(run_dir)
@@ -124,7 +126,13 @@ def main(argv=None):
         else:
             if not (args.json or args.markdown):
                 print("training %s ..." % name, file=sys.stderr, flush=True)
-            facts = scenarios.train(name, run_dir)
+            try:
+                facts = scenarios.train(name, run_dir)
+            except Exception:   # one broken run must not take the rest of the demo with it
+                traceback.print_exc()
+                print("%-28s FAILED to train (traceback above)" % name, file=sys.stderr, flush=True)
+                failed.append(name)
+                continue
         logged = summarise(run_dir)
         ok = agrees(facts, logged)
         if not ok:
@@ -147,6 +155,9 @@ def main(argv=None):
     else:
         print("%d runs in %.0f s; logs in %s (tensorboard --logdir %s, or tb-nanwatch report %s)"
               % (len(results), total, args.logdir, args.logdir, args.logdir))
+    if failed:
+        print("%d run(s) failed to train: %s" % (len(failed), ", ".join(failed)), file=sys.stderr)
+        return 2
     return status
 
 
