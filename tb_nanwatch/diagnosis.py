@@ -37,9 +37,11 @@ def precursors(run_data, limit=8):
                 headroom = rows[r, s, col["headroom"]]
                 if (site.get("dtype") in _HALF and site["kind"] in UNDERFLOW_KINDS
                         and underflow >= UNDERFLOW_FRACTION):
+                    zeros = rows[r, s, col["zero_frac"]]
+                    words = ("exactly 0 (underflowed to zero, or no gradient at all)" if zeros >= 0.99 * underflow
+                             else "below %s's smallest normal value (underflow)" % site["dtype"])
                     _keep(found, step, site, "underflow", underflow,
-                          "%.0f%% of %s below %s's smallest normal value (underflow)"
-                          % (100 * underflow, summary.site_label(site), site["dtype"]))
+                          "%.0f%% of %s %s" % (100 * underflow, summary.site_label(site), words))
                 if headroom <= HEADROOM_DOUBLINGS:
                     _keep(found, step, site, "overflow_risk", headroom,
                           "%s within %.1f doublings of %s's largest finite value"

@@ -54,7 +54,8 @@ _P_STEP, _P_FIRST, _P_SKIPS, _P_LAST_SKIP = range(4)
 class _StepTrace:
     """Tensors of one traced training step, gathered as the step's Python code runs."""
 
-    def __init__(self):
+    def __init__(self, graph=None):
+        self.graph = graph                # the (function) graph the step is traced in
         self.inputs = []
         self.activations = {}        # layer path -> [tensor], forward completion order
         self.activation_grads = {}   # layer path -> [tensor], backward order
@@ -248,10 +249,13 @@ class Watch:
                 return original(*args, **kwargs)
             finally:
                 self._trace = previous
-        trace = _StepTrace()
+        trace = self._trace
+        graph = tf.compat.v1.get_default_graph()
+        if trace is None or trace.graph is not graph:
+            # A new step; a second call of the model in the same step adds to the same sites.
+            trace = self._trace = _StepTrace(graph)
         if "input" in self.kinds:
-            trace.inputs = _float_tensors(args[0])
-        self._trace = trace
+            trace.inputs.extend(_float_tensors(args[0]))
         return original(*args, **kwargs)
 
     def _layer_call(self, path, original, *args, **kwargs):
@@ -713,6 +717,8 @@ def _raw_moments(tensors, robust):
     for t in tensors:
         x = tf.reshape(tf.cast(t, tf.float32) if dtype in _HALF else t, [-1])
         zeros = tf.math.count_nonzero(tf.equal(x, 0))        # NaN != 0
+        # NaN and Inf compare False: only finite elements count as underflow.
+        under = tf.math.count_nonzero(tf.abs(x) < tiny) if dtype in _HALF else tf.constant(0, tf.int64)
         if robust:
             finite = tf.math.is_finite(x)
             n = tf.math.count_nonzero(finite)
@@ -721,13 +727,26 @@ def _raw_moments(tensors, robust):
             x = tf.where(finite, x, tf.zeros_like(x))
         else:
             n, mn, mx = tf.size(x, out_type=tf.int64), tf.reduce_min(x), tf.reduce_max(x)
-        x64 = tf.cast(x, tf.float64) if dtype in _HALF else x
-        under = tf.math.count_nonzero(tf.abs(x) < tiny) if dtype in _HALF else tf.constant(0, tf.int64)
         out.append(tf.cast(tf.stack([tf.cast(v, tf.float64) for v in (
-            n, tf.reduce_sum(x), tf.reduce_sum(tf.square(x64)), mn, mx, zeros, under)]), tf.float64))
+            n, *_sum_and_sumsq(x), mn, mx, zeros, under)]), tf.float64))
     stacked = tf.stack(out)
     return tf.concat([tf.reduce_sum(stacked[:, :3], 0), tf.reduce_min(stacked[:, 3:4], 0),
                       tf.reduce_max(stacked[:, 4:5], 0), tf.reduce_sum(stacked[:, 5:], 0)], 0)
+
+
+def _sum_and_sumsq(x):
+    """Sum and sum of squares of finite x, in float64 where float32 would overflow
+    (|x| above ~1.8e19 squares to Inf): a second pass only then."""
+    total, total_sq = tf.reduce_sum(x), tf.reduce_sum(tf.square(x))
+    if x.dtype == tf.float64:
+        return total, total_sq
+
+    def widened():
+        x64 = tf.cast(x, tf.float64)
+        return tf.reduce_sum(x64), tf.reduce_sum(tf.square(x64))
+
+    return tf.cond(tf.logical_and(tf.math.is_finite(total), tf.math.is_finite(total_sq)),
+                   lambda: (tf.cast(total, tf.float64), tf.cast(total_sq, tf.float64)), widened)
 
 
 def _combine_moments(moments):

@@ -308,3 +308,60 @@ def test_embedding_gradients_are_read_sparse(tmp_path):
     assert rd.rows[-1, grad, col["size"]] == 8 * 5 * 4
     assert rd.rows[-1, rd.site_index("embed", "weight", "embeddings"), col["size"]] == 1000 * 4
     assert reader.first_nonfinite_json(rd) is None
+
+
+def _one_step_row(tmp_path, model, site, x, y):
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    cb = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=1)
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, callbacks=[cb])
+    rd = read(tmp_path)
+    return rd.rows[0, rd.site_index(*site)]
+
+
+def test_nonfinite_elements_are_not_counted_as_underflow(tmp_path):
+    keras.config.set_dtype_policy("float16")
+    try:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+        model.layers[0].kernel.assign(np.array([[np.nan, 1.0]] * 4, "float16"))
+        row = _one_step_row(tmp_path, model, ("d", "weight", "kernel"), np.ones((8, 4), "float32"),
+                            np.ones((8, 2), "float32"))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    col = stats.STAT_INDEX
+    assert row[col["nan"]] == 4 and row[col["underflow_frac"]] == 0 and row[col["zero_frac"]] == 0
+
+
+def test_norm_and_std_of_huge_finite_float32_values_stay_finite(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    model.layers[0].kernel.assign(np.full((4, 2), 1e20, "float32"))   # squares overflow float32
+    row = _one_step_row(tmp_path, model, ("d", "weight", "kernel"), np.zeros((8, 4), "float32"),
+                        np.zeros((8, 2), "float32"))
+    col = stats.STAT_INDEX
+    assert row[col["posinf"]] == 0
+    np.testing.assert_allclose(row[col["norm"]], np.sqrt(8) * 1e20, rtol=1e-6)
+    np.testing.assert_allclose(row[col["mean"]], 1e20, rtol=1e-6)
+    assert row[col["std"]] < 1e15    # all equal: no spread (float64 cancellation aside)
+
+
+def test_model_called_twice_in_one_step_keeps_both_calls(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    optimizer = keras.optimizers.SGD(0.01)
+    watch = tb_nanwatch.Watch(str(tmp_path / "run"), model, optimizer, log_every=1)
+
+    @tf.function
+    def train_step(a, b):
+        with tf.GradientTape() as tape:   # e.g. a siamese pair
+            loss = watch.record_loss(tf.reduce_mean(tf.square(model(a, training=True) - model(b, training=True))))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    a = np.ones((4, 3), "float32")
+    a[0, 0] = np.nan                  # only in the first call's input
+    train_step(tf.constant(a), tf.ones((4, 3)))
+    watch.after_step()
+    watch.close()
+    first = reader.first_nonfinite_json(read(tmp_path))
+    assert (first["kind"], first["nan"]) == ("input", 1)
+    rd = read(tmp_path)
+    assert rd.rows[0, rd.site_index(model.name, "input"), stats.STAT_INDEX["size"]] == 2 * 4 * 3
