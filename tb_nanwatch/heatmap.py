@@ -118,3 +118,17 @@ def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None,
     hm = Heatmap(site_indices, labels, col_first, col_last, values, status)
     hm.rows_per_column = np.diff(edges)
     return hm
+
+
+def columns_of(hm, steps):
+    """The column holding each training step of `steps`, -1 where no column covers it
+    (outside the heatmap, or in a gap between logged rows)."""
+    steps = np.asarray(steps, dtype=np.int64)
+    if not len(hm.first_steps):
+        return np.full(steps.shape, -1, dtype=np.int64)
+    # Columns are consecutive and ascending: the first one ending at or after the step.
+    col = np.searchsorted(hm.last_steps, steps, side="left")
+    inside = col < len(hm.last_steps)
+    col = np.minimum(col, len(hm.last_steps) - 1)
+    inside &= hm.first_steps[col] <= steps
+    return np.where(inside, col, -1)

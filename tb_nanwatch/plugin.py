@@ -24,7 +24,7 @@ from tensorboard.backend import http_util, json_util
 from tensorboard.data import provider as tb_provider
 from tensorboard.plugins import base_plugin
 
-from tb_nanwatch import heatmap, metadata, reader, stats
+from tb_nanwatch import diagnosis, heatmap, metadata, reader, stats
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ CACHE_SIZE = 16
 CACHE_BYTES = 512 * 2**20
 # /heatmap answers kept (keyed by the run data's version, so new data is never stale).
 HEATMAP_CACHE_SIZE = 32
+# Writer events listed per /heatmap answer; beyond this, one per (type, column).
+MAX_EVENTS = 5000
 # A step parameter must fit a signed 64-bit integer.
 _MAX_STEP = 2**63 - 1
 
@@ -123,6 +125,7 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             "/runs": self._serve_runs,
             "/groups": self._serve_groups,
             "/first_nonfinite": self._serve_first_nonfinite,
+            "/precursors": self._serve_precursors,
             "/heatmap": self._serve_heatmap,
             "/cell": self._serve_cell,
         }
@@ -261,6 +264,13 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         return self._handle(request, route)
 
     @wrappers.Request.application
+    def _serve_precursors(self, request):
+        def route(request):
+            run, group = self._run_and_group(request)
+            return _precursors(self._run_data(request, run, group))
+        return self._handle(request, route)
+
+    @wrappers.Request.application
     def _serve_heatmap(self, request):
         return self._handle(request, self._heatmap)
 
@@ -311,7 +321,8 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             "first_nonfinite_cell": _first_cell(data, hm, first),
             "step_range": _step_range(data.steps, data.rows),
             "flight_range": _step_range(data.flight_steps, data.flight_rows),
-            "events": _event_summary(data.events),
+            "events": _events_in_view(data.events, hm),
+            "event_counts": _event_counts(data.events),
         }
 
     def _cell(self, request):
@@ -425,6 +436,79 @@ def _first_cell(data, hm, first):
     return {"row": hm.site_indices.index(site), "column": int(cols[0]), "site": int(site), "step": step}
 
 
-def _event_summary(events):
-    counts = collections.Counter(str(e.get("type", "event")) if isinstance(e, dict) else "event" for e in events)
-    return [{"type": t, "count": n} for t, n in sorted(counts.items())]
+def _is_step(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _events_in_view(events, hm):
+    """The writer's events (loss-scale skips, a collapsed loss scale...) at the steps this
+    heatmap spans, step ascending, each with the column holding its step (None: a gap
+    between logged rows).  Past MAX_EVENTS, the last event of each type in each column
+    stands for the others and says how many in `merged`."""
+    if not len(hm.first_steps):
+        return []
+    lo, hi = int(hm.first_steps.min()), int(hm.last_steps.max())
+    placed = [e for e in events if isinstance(e, dict) and _is_step(e.get("step")) and lo <= e["step"] <= hi]
+    placed.sort(key=lambda e: e["step"])
+    cols = heatmap.columns_of(hm, [int(e["step"]) for e in placed])
+    out = [dict(e, type=str(e.get("type", "event")), step=int(e["step"]), column=None if c < 0 else int(c))
+           for e, c in zip(placed, cols)]
+    if len(out) > MAX_EVENTS:
+        last = collections.OrderedDict()
+        for e in out:
+            key = (e["type"], e["column"] if e["column"] is not None else ("step", e["step"]))
+            merged = last.pop(key, {}).get("merged", 0) + 1
+            last[key] = dict(e, merged=merged)
+        out = sorted(last.values(), key=lambda e: e["step"])
+    return out
+
+
+def _event_counts(events):
+    """Per event type over the whole run: how many (for loss-scale skips, the skipped
+    steps, from the writer's running total), their steps, and the latest one (e.g. the
+    loss scale after the last skip)."""
+    by_type = {}
+    for e in events:
+        by_type.setdefault(str(e.get("type", "event")) if isinstance(e, dict) else "event", []).append(e)
+    out = []
+    for kind, found in sorted(by_type.items()):
+        dicts = [e for e in found if isinstance(e, dict)]
+        steps = [int(e["step"]) for e in dicts if _is_step(e.get("step"))]
+        count = len(found)
+        totals = [e["skips_total"] for e in dicts if _is_step(e.get("skips_total"))]
+        if kind == "loss_scale_skip" and totals:
+            count = max(count, int(max(totals)))
+        out.append({"type": kind, "count": count, "records": len(found),
+                    "first_step": min(steps) if steps else None, "last_step": max(steps) if steps else None,
+                    "last": dicts[-1] if dicts else None})
+    return out
+
+
+def _precursors(data):
+    """`diagnosis.precursors` of the run, computed once per version of its data."""
+    found = getattr(data, "precursors_json", None)
+    if found is None:
+        found = data.precursors_json = diagnosis.precursors(_where_signs_can_be(data))
+    return found
+
+
+def _where_signs_can_be(data):
+    """The run cut down to the rows and sites where `diagnosis.precursors` can find a sign:
+    those with a statistic past one of its thresholds (a superset of its conditions).  The
+    answer is the same, since it judges every (row, site) on its own and the cut keeps
+    their order; the cost is that of the signs, not of the run (10k rows x 122 sites take
+    ~30 s through its per-cell loop)."""
+    col = stats.STAT_INDEX
+
+    def marked(rows):
+        with np.errstate(invalid="ignore"):
+            return ((rows[..., col["underflow_frac"]] >= diagnosis.UNDERFLOW_FRACTION)
+                    | (rows[..., col["headroom"]] <= diagnosis.HEADROOM_DOUBLINGS))
+
+    in_rows, in_flight = marked(data.rows), marked(data.flight_rows)
+    sites = np.nonzero(in_rows.any(axis=0) | in_flight.any(axis=0))[0]
+    r, f = np.nonzero(in_rows.any(axis=1))[0], np.nonzero(in_flight.any(axis=1))[0]
+    return reader.RunData(data.run, data.group, [data.sites[i] for i in sites],
+                          data.steps[r], data.rows[np.ix_(r, sites)],
+                          data.flight_steps[f], data.flight_rows[np.ix_(f, sites)],
+                          data.first_nonfinite, data.events)

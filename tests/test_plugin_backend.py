@@ -23,7 +23,7 @@ from tensorboard.plugins.core import core_plugin
 
 import plugin_helpers
 import synthetic
-from tb_nanwatch import heatmap, plugin, reader, stats, summary
+from tb_nanwatch import diagnosis, heatmap, plugin, reader, stats, summary
 
 COL = stats.STAT_INDEX
 PREFIX = "/data/plugin/nanwatch"
@@ -156,6 +156,10 @@ def test_info_is_the_stats_table(app):
     assert info["stats"] == table["stats"]
     assert info["kinds"] == table["kinds"]
     assert info["status"] == table["status"]
+    # One colour per status but "finite" (the ramp), the same as report --png's.
+    assert info["status_colours"] == {k: list(v) for k, v in stats.STATUS_COLOURS.items()}
+    assert set(info["status_colours"]) == set(stats.STATUS_NAMES) - {"finite"}
+    assert len({tuple(c) for c in info["status_colours"].values()}) == len(info["status_colours"])
 
 
 def test_runs_and_groups(app):
@@ -363,6 +367,8 @@ def test_cell_outside_data(app):
     ("/cell", {"run": "mlp", "site": "1", "last_step": "zz"}, 400),
     ("/cell", {"run": "mlp", "site": "1", "source": "bogus"}, 400),
     ("/cell", {"run": "nope", "site": "1"}, 404),
+    ("/precursors", {}, 400),
+    ("/precursors", {"run": "nope"}, 404),
 ])
 def test_bad_requests(app, path, params, code):
     r = app.get(path, **params)
@@ -374,6 +380,144 @@ def test_bad_requests(app, path, params, code):
 def test_empty_range_is_not_an_error(app):
     hm = app.json("/heatmap", run="mlp", first_step=10**12)
     assert hm["n_columns"] == 0 and hm["first_steps"] == [] and hm["values"] == ""
+
+
+# -- mixed precision: loss-scale skips, warning signs, tf.distribute --------------------------
+# Steps the LossScaleOptimizer skipped (gradients overflowed) -> loss scale after the skip.
+MP_SKIPS = {0: 16384.0, 1: 8192.0, 2: 4096.0, 153: 2048.0, 281: 1024.0}
+MP_COLLAPSE = 299
+MP_FIRST = 205   # the "worker" run: dense_2's float16 output overflows at this step
+
+
+def write_mixed_precision(logdir, first=False):
+    """40 rows of 10 steps.  dense's Adam velocity is float16 and below its smallest normal
+    in the first three rows (underflow); the gradient sites hold +Inf in the rows of the
+    skipped steps.  With `first`: dense_2's float16 output comes within half a doubling of
+    float16's largest value from step 150 and overflows at MP_FIRST on worker_1's replica 3."""
+    sites = synthetic.sites_for()
+    vel = next(i for i, s in enumerate(sites) if (s["layer"], s["tensor"]) == ("dense", "velocity/kernel"))
+    act = next(i for i, s in enumerate(sites) if (s["layer"], s["kind"]) == ("dense_2", "activation"))
+    sites[vel]["dtype"] = sites[act]["dtype"] = "float16"
+    grads = [i for i, s in enumerate(sites) if s["kind"] in ("activation_grad", "weight_grad")]
+    total = 0
+    with summary.RecordWriter(logdir, sites) as writer:
+        for r in range(40):
+            start, step = r * 10, r * 10 + 9
+            row = synthetic.finite_row(len(sites), step, steps=10)
+            row[vel, COL["underflow_frac"]] = 1.0 if step < 30 else 0.5
+            skipped = sorted(s for s in MP_SKIPS if start <= s <= step)
+            for s in skipped:
+                total += 1
+                writer.write_events(s, [{"type": "loss_scale_skip", "step": s, "skips_total": total,
+                                         "new_skips": 1, "loss_scale": MP_SKIPS[s]}])
+            if skipped:
+                row[grads, COL["posinf"]] = 5 * len(skipped)
+                row[grads, COL["nonfinite_steps"]] = len(skipped)
+                row[grads, COL["first_nonfinite_step"]] = skipped[0]
+            if first and step >= 150:
+                row[act, COL["headroom"]] = 0.5
+            if first and step >= MP_FIRST:
+                row[act:, COL["posinf"]] = 2
+                row[act:, COL["nonfinite_steps"]] = 1
+                row[act:, COL["first_nonfinite_step"]] = max(start, MP_FIRST)
+            if step == MP_COLLAPSE:
+                writer.write_events(step, [{"type": "loss_scale_collapse", "step": step, "loss_scale": 0.5}])
+            writer.write_row(step, row)
+            if first and start <= MP_FIRST <= step:
+                writer.write_first_nonfinite(MP_FIRST, dict(
+                    layer="dense_2", kind="activation", tensor="", site=act, nan=0, posinf=2, neginf=0,
+                    propagators=[], replica=3, replicas=[3], worker="worker_1", loss_scale_skips_before=4))
+    return sites, vel, act, grads
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mixed")
+    write_mixed_precision(str(d / "mp"))
+    write_mixed_precision(str(d / "mp_worker"), first=True)
+    return App(d), d
+
+
+def test_heatmap_events_are_the_skips_in_view(mixed):
+    app, _ = mixed
+    hm = app.json("/heatmap", run="mp", columns=500)
+    skips = [e for e in hm["events"] if e["type"] == "loss_scale_skip"]
+    assert [e["step"] for e in skips] == sorted(MP_SKIPS)
+    assert [e["column"] for e in skips] == [0, 0, 0, 15, 28]
+    assert [e["loss_scale"] for e in skips] == [MP_SKIPS[s] for s in sorted(MP_SKIPS)]
+    assert skips[-1]["skips_total"] == 5 and skips[-1]["new_skips"] == 1
+    (collapse,) = [e for e in hm["events"] if e["type"] == "loss_scale_collapse"]
+    assert (collapse["step"], collapse["column"], collapse["loss_scale"]) == (MP_COLLAPSE, 29, 0.5)
+    for e in hm["events"]:
+        assert hm["first_steps"][e["column"]] <= e["step"] <= hm["last_steps"][e["column"]]
+    # The gradients of those columns are non-finite (what the skip markers explain), yet the
+    # run has no first non-finite value.
+    _, status = decode(hm)
+    assert app.json("/first_nonfinite", run="mp") is None
+    grad_rows = [i for i, s in enumerate(hm["sites"]) if s["kind"] in ("activation_grad", "weight_grad")]
+    assert (status[grad_rows][:, [0, 15, 28]] == 2).all() and status[:, 1].max() == 0
+    # Whole-run totals for the banner, whatever the view.
+    counts = {c["type"]: c for c in hm["event_counts"]}
+    assert counts["loss_scale_skip"]["count"] == 5 and counts["loss_scale_skip"]["last"]["loss_scale"] == 1024.0
+    assert (counts["loss_scale_skip"]["first_step"], counts["loss_scale_skip"]["last_step"]) == (0, 281)
+    assert counts["loss_scale_collapse"]["count"] == 1
+
+
+def test_heatmap_events_follow_the_step_range_and_binning(mixed):
+    app, _ = mixed
+    zoom = app.json("/heatmap", run="mp", first_step=100, last_step=199, columns=500)
+    assert [(e["type"], e["step"], e["column"]) for e in zoom["events"]] == [("loss_scale_skip", 153, 5)]
+    assert {c["type"]: c["count"] for c in zoom["event_counts"]}["loss_scale_skip"] == 5
+    binned = app.json("/heatmap", run="mp", columns=4)    # 10 rows, 100 steps per column
+    assert [(e["step"], e["column"]) for e in binned["events"]] == [
+        (0, 0), (1, 0), (2, 0), (153, 1), (281, 2), (MP_COLLAPSE, 2)]
+    assert app.json("/heatmap", run="mp", first_step=300, last_step=399)["events"] == []
+    assert app.json("/heatmap", run="mp", source="flight")["events"] == []
+
+
+def test_events_past_the_limit_are_merged_per_column(monkeypatch):
+    monkeypatch.setattr(plugin, "MAX_EVENTS", 3)
+    hm = heatmap.Heatmap([0], ["x"], np.array([0, 10]), np.array([9, 19]), np.zeros((1, 2)),
+                         np.zeros((1, 2), np.uint8))
+    events = [{"type": "loss_scale_skip", "step": s} for s in (3, 1, 2, 12, 25)] + ["not a dict"]
+    got = plugin._events_in_view(events, hm)
+    assert [(e["step"], e["column"], e.get("merged")) for e in got] == [(3, 0, 3), (12, 1, 1)]
+    assert [e["step"] for e in plugin._events_in_view(events[:3], hm)] == [1, 2, 3]   # at the limit: all
+
+
+def test_precursors_route(mixed):
+    app, d = mixed
+    got = app.json("/precursors", run="mp")
+    provider, ctx, eid = reader.open_logdir(str(d))
+    assert got == diagnosis.precursors(reader.read_run(provider, ctx, eid, "mp"))
+    assert got == [{"step": 9, "layer": "dense", "kind": "optimizer_state", "tensor": "velocity/kernel",
+                    "sign": "underflow", "value": 1.0,
+                    "text": "100% of dense/optimizer_state/velocity/kernel below float16's smallest normal"
+                            " value (underflow)"}]
+    # Up to the first non-finite step only; the overflow risk of dense_2's float16 output too.
+    worker = app.json("/precursors", run="mp_worker")
+    assert worker == diagnosis.precursors(reader.read_run(provider, ctx, eid, "mp_worker"))
+    assert [(p["step"], p["layer"], p["sign"]) for p in worker] == [
+        (9, "dense", "underflow"), (159, "dense_2", "overflow_risk")]
+    assert worker[1]["text"] == "dense_2/activation within 0.5 doublings of float16's largest finite value"
+
+
+def test_precursors_of_a_big_run_cost_what_their_signs_cost(app):
+    # 1,000 rows x 32 sites without a sign: diagnosis.precursors alone takes ~1 s here.
+    app.plugin._cache.clear()
+    app.json("/heatmap", run="spikes", columns=10)      # reads the run
+    t0 = time.perf_counter()
+    assert app.json("/precursors", run="spikes") == []
+    assert time.perf_counter() - t0 < 0.3
+
+
+def test_first_nonfinite_names_worker_and_replica(mixed):
+    app, _ = mixed
+    first = app.json("/first_nonfinite", run="mp_worker")
+    assert (first["step"], first["layer"], first["kind"]) == (MP_FIRST, "dense_2", "activation")
+    assert (first["worker"], first["replica"], first["replicas"]) == ("worker_1", 3, [3])
+    hm = app.json("/heatmap", run="mp_worker", columns=500)
+    assert hm["first_nonfinite_cell"]["column"] == 20
 
 
 # -- a live run: a reload shows new rows ---------------------------------------------------
