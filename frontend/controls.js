@@ -2,7 +2,7 @@
 // mouse handling (hover, click to pin, drag to zoom) and the tooltip.  Every string
 // from the logs is inserted with textContent.
 
-import {formatNumber, hitTest, columnAt} from "./heatmap.js";
+import {formatNumber, hitTest, columnAt, css, textOn} from "./heatmap.js";
 
 function el(tag, className, text) {
   const e = document.createElement(tag);
@@ -195,7 +195,8 @@ export class Tooltip {
     this.el.style.top = `${y + window.scrollY}px`;
   }
 
-  // `cell`: {site, firstStep, lastStep, rows, status, value, statName}; `detail`: /cell JSON or null.
+  // `cell`: {site, firstStep, lastStep, rows, status, value, statName, first, notes}; `detail`:
+  // /cell JSON or null; `info`: /info (statistics and status colours).
   show(key, cell, detail, info, event) {
     this.key = key;
     this.el.replaceChildren();
@@ -216,8 +217,14 @@ export class Tooltip {
     const statusClass = {"+inf": "posinf", "-inf": "neginf"}[cell.status] || cell.status;
     const statusText = {finite: "all finite", nan: "NaN", "+inf": "+Inf", "-inf": "\u2212Inf", mixed: "mixed NaN/Inf", absent: "not computed"};
     const status = el("div", `nw-tip-status nw-status-${statusClass}`, statusText[cell.status] || cell.status);
+    const rgb = (info.status_colours || {})[cell.status];
+    if (rgb) {
+      status.style.background = css(rgb);
+      status.style.color = textOn(rgb);
+    }
     this.el.appendChild(status);
     if (cell.first) this.el.appendChild(el("div", "nw-tip-first", `${cell.first} (in this cell)`));
+    for (const note of cell.notes || []) this.el.appendChild(el("div", "nw-tip-event", note));
 
     const table = el("table", "nw-tip-stats");
     if (detail && detail.stats) {

@@ -60,6 +60,7 @@ export const api = {
   runs: () => getJSON("runs"),
   groups: () => getJSON("groups"),
   firstNonfinite: (run, group) => getJSON("first_nonfinite", {run, group}),
+  precursors: (run, group) => getJSON("precursors", {run, group}),
   heatmap: async (params) => decodeHeatmap(await getJSON("heatmap", params)),
   cell: (params) => getJSON("cell", params),
 };

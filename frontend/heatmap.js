@@ -5,16 +5,34 @@
 // Status codes of stats.nonfinite_status (the /info route names them).
 export const STATUS = {FINITE: 0, NAN: 1, POSINF: 2, NEGINF: 3, MIXED: 4, ABSENT: 5};
 
-// Colours of the non-finite statuses: saturated hues that the blue ramp of finite values never uses.
-export const SPECIAL = [
-  {status: STATUS.NAN, name: "NaN", colour: [230, 0, 126]},        // magenta
-  {status: STATUS.POSINF, name: "+Inf", colour: [220, 20, 20]},    // red
-  {status: STATUS.NEGINF, name: "\u2212Inf", colour: [255, 140, 0]}, // orange
-  {status: STATUS.MIXED, name: "mixed", colour: [0, 170, 70]},     // green
-  {status: STATUS.ABSENT, name: "not computed", colour: [189, 189, 189]},
-];
-const SPECIAL_BY_STATUS = Object.fromEntries(SPECIAL.map((s) => [s.status, s.colour]));
+// Legend words of the statuses (by /info's status names).
+const STATUS_WORDS = {nan: "NaN", "+inf": "+Inf", "-inf": "\u2212Inf", mixed: "mixed", absent: "not computed"};
+// A status the table gives no colour: black, never a shade of the ramp.
+const UNKNOWN_STATUS = [0, 0, 0];
+
+// The colours of the non-finite statuses come from the statistics table (/info's
+// `status_colours`, the same as `tb-nanwatch report --png`): [{status, name, colour}].
+export let SPECIAL = [];
+let SPECIAL_BY_STATUS = {};
+
+export function setStatusColours(info) {
+  const colours = info.status_colours || {};
+  SPECIAL = info.status
+    .map((name, code) => ({status: code, name: STATUS_WORDS[name] || name, colour: colours[name] || UNKNOWN_STATUS}))
+    .filter((s) => s.status !== STATUS.FINITE);
+  SPECIAL_BY_STATUS = Object.fromEntries(SPECIAL.map((s) => [s.status, s.colour]));
+}
+
 export const NOT_MEASURED = [255, 255, 255];
+// Marks above the grid: a loss-scale skip (as report --png draws it), a collapsed loss scale.
+export const SKIP_MARK = [120, 120, 120];
+export const COLLAPSE_MARK = [66, 66, 66];
+
+// Colour of the text on a background of colour `rgb`: black or white, whichever reads.
+export function textOn(rgb) {
+  const lum = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2];
+  return lum > 150 ? "#000" : "#fff";
+}
 
 // Sequential ramp for finite values, light (low) to dark (high).
 const RAMP = [
@@ -100,13 +118,17 @@ export function makeScale(hm, stat, perRow = false) {
 }
 
 export function cellColour(status, value, scale, row) {
-  if (status !== STATUS.FINITE) return SPECIAL_BY_STATUS[status] || NOT_MEASURED;
+  if (status !== STATUS.FINITE) return SPECIAL_BY_STATUS[status] || UNKNOWN_STATUS;
   const t = scale.t(value, row);
   return Number.isNaN(t) ? NOT_MEASURED : rampColour(t);
 }
 
 const FONT = '11px "Roboto", "DejaVu Sans", Arial, sans-serif';
+// Above the grid: step labels, their ticks (and the first cell's triangle), then, for a
+// run with loss-scale events, a lane of TRACK_H pixels marking their columns.
 const AXIS_H = 30;
+const TRACK_H = 12;
+const TRACK_BG = "#f0f0f0";
 const MARGIN_R = 12;
 const MARGIN_B = 8;
 
@@ -174,7 +196,9 @@ export function drawHeatmap(canvas, hm, scale, width) {
   const labelW = labelWidthFor(hm);
   const rowH = rowHeightFor(hm.n_sites);
   const gridX = labelW;
-  const gridY = AXIS_H;
+  const types = new Set((hm.event_counts || []).map((e) => e.type));
+  const track = types.has("loss_scale_skip") || types.has("loss_scale_collapse") ? TRACK_H : 0;
+  const gridY = AXIS_H + track;
   const gridW = Math.max(40, width - labelW - MARGIN_R);
   const gridH = rowH * hm.n_sites;
   const height = gridY + gridH + MARGIN_B;
@@ -255,21 +279,24 @@ export function drawHeatmap(canvas, hm, scale, width) {
   ctx.textBaseline = "alphabetic";
   ctx.fillStyle = "#616161";
   ctx.textAlign = "right";
-  ctx.fillText(hm.source === "flight" ? "step (one column per step)" : "step", gridX - 8, gridY - 10);
+  const axisY = gridY - track;   // the bottom of the step axis
+  const labelY = axisY - 10;
+  ctx.fillText(hm.source === "flight" ? "step (one column per step)" : "step", gridX - 8, labelY);
   const maxTicks = Math.max(2, Math.floor(gridW / 80));
   const ticks = stepTicks(hm, gridX, colW, maxTicks);
   ticks.forEach((tick, k) => {
-    ctx.fillRect(tick.x - 0.5, gridY - 5, 1, 5);
+    ctx.fillRect(tick.x - 0.5, axisY - 5, 1, 5);
     ctx.textAlign = "center";
     const w = ctx.measureText(String(tick.label)).width;
     const tx = Math.min(Math.max(tick.x, gridX + w / 2 - 2), gridX + gridW - w / 2 + 8);
-    ctx.fillText(String(tick.label), tx, gridY - 10);
+    ctx.fillText(String(tick.label), tx, labelY);
   });
   ctx.strokeStyle = "#9e9e9e";
   ctx.lineWidth = 1;
   ctx.strokeRect(gridX - 0.5, gridY - 0.5, gridW + 1, gridH + 1);
 
-  const layout = {gridX, gridY, gridW, gridH, rowH, colW, width, height, hm};
+  const layout = {gridX, gridY, gridW, gridH, rowH, colW, width, height, hm, track};
+  if (track) drawTrack(ctx, layout, hm.events || [], types);
   const first = hm.first_nonfinite_cell;
   if (first) markFirst(ctx, layout, first.row, first.column);
   return layout;
@@ -279,6 +306,51 @@ function cellRect(layout, row, col) {
   const x = layout.gridX + col * layout.colW;
   const y = layout.gridY + row * layout.rowH;
   return {x, y, w: Math.max(layout.colW, 1), h: layout.rowH};
+}
+
+// The lane above the grid for a run with loss-scale events: a grey tick above the
+// column of every skip (its non-finite gradients are by design), a cross above the
+// column where the loss scale collapsed.  Captioned in the label gutter.
+function drawTrack(ctx, layout, events, types) {
+  const top = layout.gridY - layout.track;
+  const h = layout.track - 2;
+  ctx.fillStyle = TRACK_BG;
+  ctx.fillRect(layout.gridX, top, layout.gridW, h);
+  ctx.save();
+  ctx.font = '10px "Roboto", "DejaVu Sans", Arial, sans-serif';
+  ctx.fillStyle = "#757575";
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  ctx.fillText(types.has("loss_scale_skip") ? "loss-scale skips" : "loss scale", layout.gridX - 8, top + h / 2);
+  ctx.restore();
+  const placed = (e) => e.column !== null && e.column !== undefined;
+  ctx.fillStyle = css(SKIP_MARK);
+  for (const e of events) {
+    if (e.type !== "loss_scale_skip" || !placed(e)) continue;
+    const x = layout.gridX + e.column * layout.colW;
+    const w = layout.colW >= 4 ? layout.colW - 1 : Math.max(layout.colW, 2);
+    ctx.fillRect(x, top + 1, w, h - 2);
+  }
+  for (const e of events) {
+    if (e.type !== "loss_scale_collapse" || !placed(e)) continue;
+    const cx = layout.gridX + (e.column + 0.5) * layout.colW;
+    const cy = top + h / 2;
+    const cross = () => {
+      ctx.beginPath();
+      ctx.moveTo(cx - 3.5, cy - 3.5);
+      ctx.lineTo(cx + 3.5, cy + 3.5);
+      ctx.moveTo(cx + 3.5, cy - 3.5);
+      ctx.lineTo(cx - 3.5, cy + 3.5);
+      ctx.stroke();
+    };
+    ctx.strokeStyle = "#fff";   // a halo: readable on a skip tick too
+    ctx.lineWidth = 4;
+    cross();
+    ctx.strokeStyle = css(COLLAPSE_MARK);
+    ctx.lineWidth = 1.8;
+    cross();
+  }
+  ctx.lineWidth = 1;
 }
 
 function markFirst(ctx, layout, row, col) {
@@ -294,9 +366,10 @@ function markFirst(ctx, layout, row, col) {
   ctx.fillStyle = "#000";
   const cx = r.x + r.w / 2;
   ctx.beginPath();
-  ctx.moveTo(cx - 4, layout.gridY - 7);
-  ctx.lineTo(cx + 4, layout.gridY - 7);
-  ctx.lineTo(cx, layout.gridY - 1);
+  const axisY = layout.gridY - layout.track;
+  ctx.moveTo(cx - 4, axisY - 7);
+  ctx.lineTo(cx + 4, axisY - 7);
+  ctx.lineTo(cx, axisY - 1);
   ctx.fill();
   const cy = r.y + r.h / 2;
   ctx.beginPath();
@@ -349,8 +422,9 @@ export function columnAt(layout, x) {
   return Math.max(0, Math.min(layout.hm.n_columns - 1, col));
 }
 
-// Legend: the ramp with its range, then the non-finite colours and the first-cell mark.
-export function drawLegend(container, scale) {
+// Legend: the ramp with its range, then the non-finite colours, the first-cell mark and,
+// when the run has them, the marks of loss-scale skips and of a collapsed loss scale.
+export function drawLegend(container, scale, hm) {
   container.replaceChildren();
   const ramp = document.createElement("div");
   ramp.className = "nw-legend-ramp";
@@ -404,5 +478,27 @@ export function drawLegend(container, scale) {
   markLabel.textContent = "first non-finite value";
   firstItem.appendChild(markLabel);
   swatches.appendChild(firstItem);
+  const types = new Set(((hm && hm.event_counts) || []).map((e) => e.type));
+  const marks = [
+    {type: "loss_scale_skip", className: "nw-mark-skip", text: "loss-scale skip (by design)"},
+    {type: "loss_scale_collapse", className: "nw-mark-collapse", text: "loss scale collapsed"},
+  ];
+  for (const m of marks) {
+    if (!types.has(m.type)) continue;
+    const item = document.createElement("span");
+    item.className = `nw-legend-item nw-legend-${m.type.replace(/_/g, "-")}`;
+    const glyph = document.createElement("span");
+    glyph.className = `nw-mark ${m.className}`;
+    if (m.type === "loss_scale_skip") glyph.style.background = css(SKIP_MARK);
+    else {
+      glyph.style.color = css(COLLAPSE_MARK);
+      glyph.textContent = "\u00d7";
+    }
+    item.appendChild(glyph);
+    const label = document.createElement("span");
+    label.textContent = m.text;
+    item.appendChild(label);
+    swatches.appendChild(item);
+  }
   container.appendChild(swatches);
 }

@@ -3,7 +3,7 @@
 // canvas heatmap (heatmap.js) and the controls (controls.js).
 
 import {api} from "./data.js";
-import {drawHeatmap, drawOverlay, drawLegend, makeScale, MAX_LABEL_W} from "./heatmap.js";
+import {drawHeatmap, drawOverlay, drawLegend, makeScale, setStatusColours, formatNumber, MAX_LABEL_W} from "./heatmap.js";
 import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
 
 const POLL_MS = 30000;
@@ -31,11 +31,70 @@ function siteLabel(s) {
   return [s.layer, s.kind, s.tensor].filter((x) => x).join("/");
 }
 
-// "First +Inf at step 3: dense, optimizer state velocity/kernel"
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
+// "a", "a and b", "a, b and c"
+function listWords(items) {
+  const xs = items.map(String);
+  return xs.length <= 1 ? xs.join("") : `${xs.slice(0, -1).join(", ")} and ${xs[xs.length - 1]}`;
+}
+
+// " on worker_1, replica 3" under tf.distribute, "" otherwise.
+function whereWords(first) {
+  const parts = [];
+  if (first.worker) parts.push(String(first.worker));
+  const replicas = Array.isArray(first.replicas) ? first.replicas : [];
+  if (replicas.length > 1) parts.push(`replicas ${listWords(replicas)}`);
+  else if (first.replica !== undefined && first.replica !== null) parts.push(`replica ${first.replica}`);
+  return parts.length ? ` on ${parts.join(", ")}` : "";
+}
+
+// "First +Inf at step 3: dense, optimizer state velocity/kernel[ on worker_1, replica 3]"
 export function headline(first) {
   const kinds = Object.keys(COUNT_WORDS).filter((k) => Number(first[k]) > 0).map((k) => COUNT_WORDS[k]);
   const what = kinds.length ? kinds.join(" and ") : "non-finite value";
-  return `First ${what} at step ${first.step}: ${siteWords(first)}`;
+  return `First ${what} at step ${first.step}: ${siteWords(first)}${whereWords(first)}`;
+}
+
+function eventCount(heat, type) {
+  return (heat.event_counts || []).find((e) => e.type === type) || null;
+}
+
+// "9 loss-scale skips (by design; loss scale now 64)", or null without skips.
+function skipWords(heat) {
+  const c = eventCount(heat, "loss_scale_skip");
+  if (!c || !c.count) return null;
+  const scale = c.last ? c.last.loss_scale : undefined;
+  const now = typeof scale === "number" ? `; loss scale now ${formatNumber(scale)}` : "";
+  return `${plural(c.count, "loss-scale skip")} (by design${now})`;
+}
+
+function collapseWords(e) {
+  const scale = typeof e.loss_scale === "number" ? ` to ${formatNumber(e.loss_scale)}` : "";
+  return `The loss scale collapsed${scale} at step ${e.step}: gradients are scaled down to almost nothing` +
+    " and training may have stalled silently.";
+}
+
+// What the tooltip says about the events of one heatmap column.
+function columnNotes(events) {
+  const notes = [];
+  const skips = events.filter((e) => e.type === "loss_scale_skip");
+  if (skips.length) {
+    const n = skips.reduce((a, e) => a + (e.merged || 1), 0);
+    const steps = skips.map((e) => e.step);
+    const at = n === 1 ? `Loss-scale skip at step ${steps[0]}` : `${n} loss-scale skips at steps ${
+      steps.length > 6 ? steps.slice(0, 6).join(", ") + ", \u2026" : listWords(steps)}`;
+    const scale = skips[skips.length - 1].loss_scale;
+    const lowered = typeof scale === "number" ? ` and lowered the loss scale to ${formatNumber(scale)}` : "";
+    notes.push(`${at} (by design): the scaled gradients overflowed, so the optimizer skipped ` +
+      `${n === 1 ? "this update" : "those updates"}${lowered}. Inf/NaN gradients here are not the blow-up.`);
+  }
+  for (const e of events) {
+    if (e.type === "loss_scale_collapse") notes.push(collapseWords(e));
+  }
+  return notes;
 }
 
 class App {
@@ -47,6 +106,8 @@ class App {
     this.runs = [];
     this.heat = null;
     this.first = null;
+    this.signs = null;   // {key, list}: /precursors of the run `key`
+    this.eventsByColumn = new Map();
     this.layout = null;
     this.labelW = MAX_LABEL_W;
     this.cellCache = new Map();
@@ -114,6 +175,7 @@ class App {
       this.showMessage(`NanWatch could not load its statistics table: ${e.message}`);
       return;
     }
+    setStatusColours(this.info);
     this.toolbar.setInfo(this.info);
     this.followReload();
     setInterval(() => {
@@ -210,6 +272,7 @@ class App {
         params.first_step = this.state.range.first;
         params.last_step = this.state.range.last;
       }
+      this.fetchSigns(sel);
       const [first, heat] = await Promise.all([api.firstNonfinite(sel.run, sel.group), api.heatmap(params)]);
       if (token !== this.token) return;
       if (this.state.source === "flight" && !heat.flight_range) {
@@ -218,11 +281,34 @@ class App {
       }
       this.first = first;
       this.heat = heat;
+      this.eventsByColumn = new Map();
+      for (const e of heat.events || []) {
+        if (e.column === null || e.column === undefined) continue;
+        if (!this.eventsByColumn.has(e.column)) this.eventsByColumn.set(e.column, []);
+        this.eventsByColumn.get(e.column).push(e);
+      }
       this.cellCache.clear();
       this.draw();
     } catch (e) {
       if (token === this.token) this.showMessage(`NanWatch: ${e.message}`);
     }
+  }
+
+  // Warning signs come on their own (they can take longer than the heatmap on a big run):
+  // the banner shows them when they arrive, and keeps the last ones until then.
+  fetchSigns(sel) {
+    const key = sel.key;
+    api.precursors(sel.run, sel.group).then((list) => {
+      if (!Array.isArray(list)) list = [];
+      const same = this.signs && this.signs.key === key && JSON.stringify(this.signs.list) === JSON.stringify(list);
+      if (same) return;
+      this.signs = {key, list};
+      if (this.heat && this.heatKey() === key && !this.banner.hidden) this.drawBanner();
+    }, () => {});
+  }
+
+  heatKey() {
+    return this.heat ? JSON.stringify([this.heat.run, this.heat.group]) : null;
   }
 
   showMessage(text) {
@@ -242,7 +328,7 @@ class App {
     this.legend.hidden = false;
     const stat = this.info.stats.find((s) => s.name === heat.stat);
     const scale = makeScale(heat, stat, this.state.colour === "row");
-    drawLegend(this.legend, scale);
+    drawLegend(this.legend, scale, heat);
     if (!heat.n_columns || !heat.n_sites) {
       this.stack.hidden = true;
       this.hint.hidden = true;
@@ -278,15 +364,29 @@ class App {
     const first = this.first;
     const heat = this.heat;
     const sel = this.selected();
+    const signs = this.signs && this.signs.key === this.heatKey() ? this.signs.list : [];
+    const skips = skipWords(heat);
+    const collapse = eventCount(heat, "loss_scale_collapse");
     if (!first) {
-      b.className = "nw-banner nw-banner-ok";
+      b.className = `nw-banner ${signs.length || collapse ? "nw-banner-warn" : "nw-banner-ok"}`;
       const r = heat.step_range;
-      b.appendChild(el("div", "nw-headline",
-        r ? `No NaN or Inf in ${sel.run}: ${r.rows} logged rows, steps ${r.first}\u2013${r.last}.`
-          : `No NaN or Inf in ${sel.run}.`));
+      const span = r ? `${r.rows} logged rows, steps ${r.first}\u2013${r.last}` : "";
+      if (skips) {
+        b.appendChild(el("div", "nw-headline", `No NaN or Inf in the model: ${skips}`));
+        b.appendChild(el("div", "nw-banner-sub", `${sel.run}${span ? ": " + span : ""}. Grey ticks in the lane above the ` +
+          "heatmap mark the skipped steps: there the scaled gradients overflowed, so the optimizer skipped the " +
+          "update and lowered the loss scale. Those Inf/NaN gradients are not a blow-up."));
+      } else {
+        b.appendChild(el("div", "nw-headline", span ? `No NaN or Inf in ${sel.run}: ${span}.` : `No NaN or Inf in ${sel.run}.`));
+      }
+      this.drawSigns(b, signs, "Warning signs:");
     } else {
       b.className = "nw-banner nw-banner-bad";
       b.appendChild(el("div", "nw-headline", headline(first)));
+      const by = Array.isArray(first.backward_of) ? first.backward_of.filter((x) => x !== "") : [];
+      if (by.length) {
+        b.appendChild(el("div", "nw-first-detail", `Computed in the backward pass of ${listWords(by)}.`));
+      }
       const props = Array.isArray(first.propagators) ? first.propagators : [];
       if (props.length) {
         const line = el("div", "nw-propagated");
@@ -305,6 +405,7 @@ class App {
         }
         b.appendChild(line);
       }
+      this.drawSigns(b, signs, "Warning signs before it:");
       const notes = el("div", "nw-banner-actions");
       if (!heat.first_nonfinite_cell) {
         const why = this.state.kind !== "all" && first.kind !== this.state.kind
@@ -319,13 +420,30 @@ class App {
         notes.appendChild(go);
       }
       if (notes.childNodes.length) b.appendChild(notes);
+      if (skips) {
+        b.appendChild(el("div", "nw-event", `Also ${skips}, marked by grey ticks in the lane above the heatmap: their ` +
+          "Inf/NaN gradients are the scaled gradients that overflowed, not the blow-up."));
+      }
     }
-    for (const e of heat.events || []) {
-      const note = e.type === "loss_scale_skip"
-        ? `${e.count} step${e.count === 1 ? "" : "s"} skipped by the loss-scale optimizer (non-finite gradients under mixed precision, by design; not the blow-up).`
-        : `${e.count} \u00d7 ${kindWords(e.type)} logged.`;
-      b.appendChild(el("div", "nw-event", note));
+    if (collapse && collapse.last) b.appendChild(el("div", "nw-event", collapseWords(collapse.last)));
+    for (const e of heat.event_counts || []) {
+      if (e.type === "loss_scale_skip" || e.type === "loss_scale_collapse") continue;
+      b.appendChild(el("div", "nw-event", `${e.count} \u00d7 ${kindWords(e.type)} logged.`));
     }
+  }
+
+  // Up to five warning signs (finite values that often cause the blow-up), as text.
+  drawSigns(b, signs, lead) {
+    if (!signs.length) return;
+    const box = el("div", "nw-precursors");
+    box.appendChild(el("div", "nw-precursor-lead", lead));
+    const list = el("ul", "nw-precursor-list");
+    for (const p of signs.slice(0, 5)) list.appendChild(el("li", "nw-precursor", `step ${p.step}: ${p.text}`));
+    if (signs.length > 5) {
+      list.appendChild(el("li", "nw-precursor-more", `\u2026 and ${signs.length - 5} more (tb-nanwatch report lists them all)`));
+    }
+    box.appendChild(list);
+    b.appendChild(box);
   }
 
   setHover(cell) {
@@ -352,6 +470,7 @@ class App {
       source: h.source,
       first: h.first_nonfinite_cell && h.first_nonfinite_cell.row === cell.row &&
         h.first_nonfinite_cell.column === cell.col && this.first ? headline(this.first) : null,
+      notes: columnNotes(this.eventsByColumn.get(cell.col) || []),
       key: `${h.run}|${h.group}|${h.source}|${site.index}|${h.first_steps[cell.col]}|${h.last_steps[cell.col]}`,
     };
   }

@@ -227,3 +227,137 @@ def write_blowup_run(logdir):
                                 nan=0, posinf=size[i], neginf=0) for i in order]
                 writer.write_first_nonfinite(BLOWUP_STEP, dict(entries[0], site=order[0], propagators=entries[1:]))
     return sites
+
+
+# The "mixed precision" runs: a 4-layer MLP under a float16 policy with a LossScaleOptimizer,
+# trained on 4 workers x 2 replicas.  Adam's float16 velocities underflow from the start
+# (a warning sign); the optimizer skips MP_SKIPS while it calibrates the loss scale and
+# once after growing it.  With `blowup`, dense_3's float16 output grows towards float16's
+# largest value (another warning sign) and overflows at MP_BLOWUP_STEP on worker_1's
+# replica 3; from then on every step's gradients are non-finite, every step is skipped,
+# the weights stay finite and the loss scale collapses.  For the frontend test and
+# docs/screenshot_mixed_precision.png.
+MP_LAYERS = ("dense", "dense_1", "dense_2", "dense_3")
+MP_EVERY = 10
+MP_ROWS = 245                 # rows end at step 0 and at steps 9, 19, ..., 2439
+MP_SKIPS = (0, 1, 2, 3, 4, 2005)
+MP_BLOWUP_STEP = 2417
+MP_INITIAL_SCALE = 32768.0
+MP_FLIGHT = 16
+FLOAT16_MAX = 65504.0
+_MP_GRAD_KINDS = ("activation_grad", "weight_grad")
+_MP_UNDERFLOW = ("dense", "dense_1")
+
+
+def _mp_row_steps():
+    """(first, last) step of every row, as the writer cuts them."""
+    out = [(0, 0)]
+    while len(out) < MP_ROWS:
+        last = out[-1][1] + (MP_EVERY - 1 if len(out) == 1 else MP_EVERY)
+        out.append((out[-1][1] + 1, last))
+    return out
+
+
+def _mp_magnitudes(sites, step, rng, blowup):
+    m = np.empty(len(sites))
+    for i, s in enumerate(sites):
+        base = _BASE.get(s["kind"], 1.0)
+        if s["kind"] == "optimizer_state":
+            # Adam's float16 velocity (g^2 of ~1e-3 gradients) sits below float16's smallest
+            # normal in the first two layers, whose gradients are the smallest.
+            base = 1e-3 if s["tensor"].startswith("momentum") else 2e-7 if s["layer"] in _MP_UNDERFLOW else 3e-4
+        if s["kind"] == "activation":
+            base *= 1 + MP_LAYERS.index(s["layer"])
+        if blowup and s["layer"] == "dense_3" and s["kind"] == "activation":
+            # Grows towards float16's largest value, and past it at MP_BLOWUP_STEP.
+            base = min(16.0 * np.exp(max(0, step - 1200) / (MP_BLOWUP_STEP - 1200) * np.log(FLOAT16_MAX / 16.0)),
+                       0.98 * FLOAT16_MAX)
+        if s["tensor"].endswith("bias"):
+            base *= 0.3
+        m[i] = base * np.exp(rng.normal(0, 0.1))
+        if s["dtype"] == "float16":
+            m[i] = min(m[i], 0.999 * FLOAT16_MAX)   # a finite float16 value
+    return m
+
+
+def _mp_bad(sites, step, blowup):
+    """{site index: kind of non-finite value} at `step`."""
+    bad = {}
+    skipped = step in MP_SKIPS or (blowup and step >= MP_BLOWUP_STEP)
+    for i, s in enumerate(sites):
+        if blowup and step >= MP_BLOWUP_STEP and ((s["layer"], s["kind"]) == ("dense_3", "activation")
+                                                  or s["kind"] == "loss"):
+            bad[i] = "posinf"
+        elif skipped and s["kind"] in _MP_GRAD_KINDS:
+            bad[i] = "nan" if blowup and step >= MP_BLOWUP_STEP else "posinf"
+    return bad
+
+
+def _mp_row(sites, first, last, rng, blowup):
+    row = synthetic.finite_row(len(sites), last, steps=last - first + 1)
+    m = _mp_magnitudes(sites, last, rng, blowup)
+    size = np.array([max(1, int(np.prod(s["shape"]))) for s in sites], dtype=float)
+    half = np.array([s["dtype"] == "float16" for s in sites])
+    row[:, COL["size"]] = size
+    row[:, COL["min"]] = -m
+    row[:, COL["max"]] = m
+    row[:, COL["max_abs"]] = m
+    row[:, COL["mean"]] = 0.05 * m
+    row[:, COL["mean_every_step"]] = 0.05 * m
+    row[:, COL["std"]] = 0.4 * m
+    row[:, COL["norm"]] = 0.4 * m * np.sqrt(size)
+    row[:, COL["headroom"]] = np.log2(np.where(half, FLOAT16_MAX, 3.4e38) / m)
+    row[:, COL["zero_frac"]] = [0.3 if s["kind"] == "activation" else 0.0 for s in sites]
+    velocity = np.array([s["tensor"].startswith("velocity") and s["layer"] in _MP_UNDERFLOW for s in sites])
+    row[:, COL["underflow_frac"]] = np.where(half, np.where(velocity, 1.0, 0.01), np.nan)
+    skipped = [s for s in range(first, last + 1) if s in MP_SKIPS or (blowup and s >= MP_BLOWUP_STEP)]
+    for step in skipped:   # every non-finite value is at a skipped step
+        for i, what in _mp_bad(sites, step, blowup).items():
+            row[i, COL[what]] += size[i]
+            row[i, COL["nonfinite_steps"]] += 1
+            if np.isnan(row[i, COL["first_nonfinite_step"]]):
+                row[i, COL["first_nonfinite_step"]] = step
+    return row
+
+
+def write_mixed_precision_run(logdir, blowup=True):
+    """Writes one of the mixed-precision runs; returns (sites, skipped steps)."""
+    sites = synthetic.sites_for(MP_LAYERS)
+    for s in sites:
+        s["dtype"] = "float32" if s["kind"] in ("input", "loss") else "float16"
+    sites[0]["shape"] = [32, 64]
+    rng = np.random.RandomState(1)
+    skipped = [s for s in range(MP_ROWS * MP_EVERY)
+               if s in MP_SKIPS or (blowup and s >= MP_BLOWUP_STEP)]
+    last_step = _mp_row_steps()[-1][1]
+    skipped = [s for s in skipped if s <= last_step]
+    scale = MP_INITIAL_SCALE
+    total = 0
+    collapsed = False
+    with summary.RecordWriter(logdir, sites) as writer:
+        for first, last in _mp_row_steps():
+            for step in range(first, last + 1):
+                if step == 2004:
+                    scale *= 2   # 2,000 steps without a skip: the optimizer tries a larger scale
+                if step in skipped:
+                    scale /= 2
+                    total += 1
+                    writer.write_events(step, [{"type": "loss_scale_skip", "step": step, "skips_total": total,
+                                                "new_skips": 1, "loss_scale": scale}])
+            if scale < 1 and not collapsed:
+                collapsed = True
+                writer.write_events(last, [{"type": "loss_scale_collapse", "step": last, "loss_scale": scale}])
+            writer.write_row(last, _mp_row(sites, first, last, rng, blowup))
+            if blowup and first <= MP_BLOWUP_STEP <= last:
+                fsteps = list(range(MP_BLOWUP_STEP - MP_FLIGHT + 1, MP_BLOWUP_STEP + 1))
+                writer.write_flight(fsteps, [_mp_row(sites, s, s, rng, blowup) for s in fsteps])
+                bad = _mp_bad(sites, MP_BLOWUP_STEP, blowup)
+                order = sorted(bad)
+                size = {i: int(np.prod(sites[i]["shape"])) or 1 for i in order}
+                entries = [dict(layer=sites[i]["layer"], kind=sites[i]["kind"], tensor=sites[i]["tensor"],
+                                nan=size[i] if bad[i] == "nan" else 0, posinf=size[i] if bad[i] == "posinf" else 0,
+                                neginf=0) for i in order]
+                writer.write_first_nonfinite(MP_BLOWUP_STEP, dict(
+                    entries[0], site=order[0], propagators=entries[1:], worker="worker_1", replica=3,
+                    replicas=[3], loss_scale_skips_before=len(MP_SKIPS)))
+    return sites, skipped

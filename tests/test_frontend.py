@@ -3,8 +3,10 @@
 Opens http://127.0.0.1:PORT/#nanwatch, finds the plugin's iframe and checks that the
 heatmap is drawn, the banner names the first non-finite site, hovering shows every
 statistic, clicking pins, dragging zooms, the flight recorder shows single steps, a
-layer named `<img src=x onerror=alert(1)>` stays text, and the tab follows
-TensorBoard's reload button.  Saves docs/screenshot.png for the README.
+layer named `<img src=x onerror=alert(1)>` stays text, the tab follows TensorBoard's
+reload button, and a mixed-precision run shows its loss-scale skips, its warning signs
+and the worker.  Saves docs/screenshot.png (the README's) and
+docs/screenshot_mixed_precision.png.
 """
 
 import os
@@ -25,10 +27,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 XSS = "<img src=x onerror=alert(1)>"
 XSS_FIRST_SITE = 10          # sites_for(("dense", XSS, "dense_2")): weight_grad of XSS's kernel
 SCREENSHOT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
+SCREENSHOT_MP = SCREENSHOT.with_name("screenshot_mixed_precision.png")
 
-NAN_RGB = (230, 0, 126)
-POSINF_RGB = (220, 20, 20)
-MIXED_RGB = (0, 170, 70)
+# The statistics table's status colours: the tab draws with those (from /info).
+NAN_RGB = tuple(stats.STATUS_COLOURS["nan"])
+POSINF_RGB = tuple(stats.STATUS_COLOURS["+inf"])
+MIXED_RGB = tuple(stats.STATUS_COLOURS["mixed"])
+SKIP_RGB = (120, 120, 120)   # the tick above a loss-scale skip's column
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +45,15 @@ def logdir(tmp_path_factory):
     synthetic.write_run(str(d / "xss"), n_rows=60, log_every=10, first=(303, XSS_FIRST_SITE, "nan"),
                         sites=xss_sites)
     synthetic.write_run(str(d / "zz_live"), n_rows=20, log_every=10)
+    plugin_helpers.write_mixed_precision_run(str(d / "mp_blowup"))
+    plugin_helpers.write_mixed_precision_run(str(d / "mp_healthy"), blowup=False)
+    # The first non-finite value is a gradient w.r.t. an output, computed in sqrt's backward pass.
+    sites = synthetic.sites_for()
+    with summary.RecordWriter(str(d / "sqrt_grad"), sites) as writer:
+        for step in (9, 19, 29):
+            writer.write_row(step, synthetic.finite_row(len(sites), step, steps=10))
+        writer.write_first_nonfinite(25, dict(layer="dense_2", kind="activation_grad", tensor="", site=5,
+                                              nan=16, posinf=0, neginf=0, propagators=[], backward_of=["sqrt"]))
     return d
 
 
@@ -245,6 +259,69 @@ def test_follows_tensorboard_reload(tab, logdir):
             break
     assert tab.heat("n_columns") == 30
     assert re.match(r"First \+Inf at step 275: ", tab.fl.locator(".nw-banner .nw-headline").inner_text())
+
+
+def test_mixed_precision_skips_warning_signs_and_worker(tab):
+    tab.select_run("mp_blowup")
+    headline = tab.fl.locator(".nw-banner .nw-headline").inner_text()
+    assert headline == "First +Inf at step %d: dense_3, activation on worker_1, replica 3" % (
+        plugin_helpers.MP_BLOWUP_STEP)
+    # Warning signs arrive on their own, under the headline.
+    tab.fl.locator(".nw-banner .nw-precursor").first.wait_for()
+    signs = tab.fl.locator(".nw-banner .nw-precursors").inner_text()
+    assert signs.startswith("Warning signs before it:")
+    assert ("step 0: 100% of dense/optimizer_state/velocity/kernel below float16's smallest normal value"
+            " (underflow)") in signs
+    assert "dense_3/activation within 1.0 doublings of float16's largest finite value" in signs
+    banner = tab.fl.locator(".nw-banner").inner_text()
+    assert "29 loss-scale skips (by design" in banner and "not the blow-up" in banner
+    assert "loss scale collapsed to 0.125 at step 2429" in banner
+    legend = tab.fl.locator(".nw-legend").inner_text()
+    assert "loss-scale skip (by design)" in legend and "loss scale collapsed" in legend
+    # A grey tick above the column of the skip at step 2005, none above its neighbour.
+    events = tab.heat("events")
+    (skip,) = [e for e in events if e["step"] == 2005]
+    tick = tab.eval("""([col]) => {
+        const L = window.__nanwatch.layout;
+        const ctx = document.querySelector('canvas.nw-heatmap').getContext('2d');
+        const px = (c) => Array.from(ctx.getImageData(Math.floor(L.gridX + (c + 0.5) * L.colW), L.gridY - 4, 1, 1).data);
+        return [px(col), px(col - 3)];
+    }""", [skip["column"]])
+    assert tuple(tick[0][:3]) == SKIP_RGB and tuple(tick[1][:3]) != SKIP_RGB, tick
+    # Its tooltip says what that column's non-finite gradients are.
+    grad_row = tab.eval("() => window.__nanwatch.heat.sites.findIndex((s) => s.kind === 'weight_grad')")
+    x, y = tab.cell_xy(grad_row, skip["column"])
+    tab.page.mouse.move(x, y)
+    tab.fl.locator(".nw-tooltip .nw-tip-event").wait_for()
+    note = tab.fl.locator(".nw-tooltip .nw-tip-event").inner_text()
+    assert note.startswith("Loss-scale skip at step 2005 (by design)") and "not the blow-up" in note
+    assert tab.fl.locator(".nw-tooltip .nw-tip-status").inner_text() == "+Inf"
+    tab.page.mouse.move(5, 5)
+
+    # No first non-finite value, but skips: the banner says so, and shows the warning signs.
+    tab.select_run("mp_healthy")
+    assert tab.fl.locator(".nw-banner .nw-headline").inner_text() == (
+        "No NaN or Inf in the model: 6 loss-scale skips (by design; loss scale now 1024)")
+    tab.fl.locator(".nw-banner .nw-precursor").first.wait_for()
+    assert "nw-banner-warn" in tab.fl.locator(".nw-banner").get_attribute("class")
+    assert tab.fl.locator(".nw-banner .nw-precursor-lead").inner_text() == "Warning signs:"
+    assert "loss-scale skip (by design)" in tab.fl.locator(".nw-legend").inner_text()
+
+    tab.select_run("sqrt_grad")
+    assert tab.fl.locator(".nw-banner .nw-headline").inner_text() == (
+        "First NaN at step 25: dense_2, activation grad")
+    assert tab.fl.locator(".nw-banner .nw-first-detail").inner_text() == "Computed in the backward pass of sqrt."
+    assert "loss-scale skip" not in tab.fl.locator(".nw-legend").inner_text()
+
+
+def test_screenshot_mixed_precision(tab):
+    """A mixed-precision run: skips marked above the heatmap, warning signs, the worker."""
+    tab.select_run("mp_blowup")
+    tab.fl.locator(".nw-banner .nw-precursor").first.wait_for()
+    tab.page.mouse.move(5, 5)
+    tab.page.wait_for_timeout(300)
+    tab.page.screenshot(path=str(SCREENSHOT_MP))
+    assert SCREENSHOT_MP.stat().st_size > 50000
 
 
 def test_screenshot(tab):
