@@ -23,30 +23,40 @@ def precursors(run_data, limit=8):
     (or the whole run when there is none), earliest first, one per site and sign."""
     first = run_data.first_nonfinite
     until = first["step"] if first else None
-    found = {}
     col = stats.STAT_INDEX
+    sites = run_data.sites
+    underflow_sites = np.array([s.get("dtype") in _HALF and s["kind"] in UNDERFLOW_KINDS for s in sites], bool)
+    found = {}
     for steps, rows in ((run_data.steps, run_data.rows), (run_data.flight_steps, run_data.flight_rows)):
-        for r, step in enumerate(steps):
-            starts = step - np.nan_to_num(rows[r, :, col["steps"]], nan=1) + 1
-            for s, site in enumerate(run_data.sites):
-                if until is not None and starts[s] > until:
-                    continue
-                if any(np.nan_to_num(rows[r, s, col[k]]) > 0 for k in stats.NONFINITE_STATS):
-                    continue   # already non-finite: damage, not a warning sign
-                underflow = rows[r, s, col["underflow_frac"]]
-                headroom = rows[r, s, col["headroom"]]
-                if (site.get("dtype") in _HALF and site["kind"] in UNDERFLOW_KINDS
-                        and underflow >= UNDERFLOW_FRACTION):
-                    zeros = rows[r, s, col["zero_frac"]]
-                    words = ("exactly 0 (underflowed to zero, or no gradient at all)" if zeros >= 0.99 * underflow
-                             else "below %s's smallest normal value (underflow)" % site["dtype"])
-                    _keep(found, step, site, "underflow", underflow,
-                          "%.0f%% of %s %s" % (100 * underflow, summary.site_label(site), words))
-                if headroom <= HEADROOM_DOUBLINGS:
-                    _keep(found, step, site, "overflow_risk", headroom,
-                          "%s within %.1f doublings of %s's largest finite value"
-                          % (summary.site_label(site), max(headroom, 0.0), site.get("dtype", "its dtype")))
+        if not len(steps):
+            continue
+        with np.errstate(invalid="ignore"):
+            eligible = ~(np.nan_to_num(rows[..., [col[k] for k in stats.NONFINITE_STATS]]) > 0).any(-1)
+            if until is not None:   # rows that start after the blow-up tell nothing about its cause
+                eligible &= (steps[:, None] - np.nan_to_num(rows[..., col["steps"]], nan=1) + 1) <= until
+            signs = {
+                "underflow": eligible & underflow_sites & (rows[..., col["underflow_frac"]] >= UNDERFLOW_FRACTION),
+                "overflow_risk": eligible & (rows[..., col["headroom"]] <= HEADROOM_DOUBLINGS),
+            }
+        for sign, mask in signs.items():
+            earliest = mask.argmax(axis=0)           # rows are in step order
+            for s in np.nonzero(mask.any(axis=0))[0]:
+                row, site = rows[earliest[s], s], sites[s]
+                _keep(found, steps[earliest[s]], site, sign, *_words(sign, row, site))
     return sorted(found.values(), key=lambda p: (p["step"], p["sign"]))[:limit]
+
+
+def _words(sign, row, site):
+    col = stats.STAT_INDEX
+    label = summary.site_label(site)
+    if sign == "underflow":
+        underflow, zeros = row[col["underflow_frac"]], row[col["zero_frac"]]
+        words = ("exactly 0 (underflowed to zero, or no gradient at all)" if zeros >= 0.99 * underflow
+                 else "below %s's smallest normal value (underflow)" % site["dtype"])
+        return underflow, "%.0f%% of %s %s" % (100 * underflow, label, words)
+    headroom = row[col["headroom"]]
+    return headroom, ("%s within %.1f doublings of %s's largest finite value"
+                      % (label, max(headroom, 0.0), site.get("dtype", "its dtype")))
 
 
 def _keep(found, step, site, sign, value, text):

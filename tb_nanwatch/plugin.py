@@ -488,27 +488,5 @@ def _precursors(data):
     """`diagnosis.precursors` of the run, computed once per version of its data."""
     found = getattr(data, "precursors_json", None)
     if found is None:
-        found = data.precursors_json = diagnosis.precursors(_where_signs_can_be(data))
+        found = data.precursors_json = diagnosis.precursors(data)
     return found
-
-
-def _where_signs_can_be(data):
-    """The run cut down to the rows and sites where `diagnosis.precursors` can find a sign:
-    those with a statistic past one of its thresholds (a superset of its conditions).  The
-    answer is the same, since it judges every (row, site) on its own and the cut keeps
-    their order; the cost is that of the signs, not of the run (10k rows x 122 sites take
-    ~30 s through its per-cell loop)."""
-    col = stats.STAT_INDEX
-
-    def marked(rows):
-        with np.errstate(invalid="ignore"):
-            return ((rows[..., col["underflow_frac"]] >= diagnosis.UNDERFLOW_FRACTION)
-                    | (rows[..., col["headroom"]] <= diagnosis.HEADROOM_DOUBLINGS))
-
-    in_rows, in_flight = marked(data.rows), marked(data.flight_rows)
-    sites = np.nonzero(in_rows.any(axis=0) | in_flight.any(axis=0))[0]
-    r, f = np.nonzero(in_rows.any(axis=1))[0], np.nonzero(in_flight.any(axis=1))[0]
-    return reader.RunData(data.run, data.group, [data.sites[i] for i in sites],
-                          data.steps[r], data.rows[np.ix_(r, sites)],
-                          data.flight_steps[f], data.flight_rows[np.ix_(f, sites)],
-                          data.first_nonfinite, data.events)
