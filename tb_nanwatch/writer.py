@@ -234,6 +234,8 @@ class Watch:
         original = getattr(obj, name)
         had_own = name in vars(obj)
 
+        # Plain Python at trace time: autograph must not rewrite our bookkeeping.
+        @tf.autograph.experimental.do_not_convert
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
             return wrapper(original, *args, **kwargs)
