@@ -199,6 +199,51 @@ def _rounds_order(names, r):
     return list(names) if r % 2 == 0 else list(reversed(names))
 
 
+# Neighbours measured next to each other; a reference (plain) block between every group.
+GROUPS = (("defaults", "floor"), ("lean", "every10"), ("tb_hist",),
+          ("defaults_xla", "floor_xla"), ("lean_xla", "tb_hist_xla"))
+
+
+def _reference(name):
+    return "plain_xla" if name.endswith("_xla") else "plain"
+
+
+def _round_sequence(names, r):
+    """P g1 P g2 P ... (g = GROUPS present), each group followed by its reference again;
+    reversed in odd rounds.  Every block then has a reference block at most two blocks away."""
+    seq = []
+    for group in GROUPS:
+        group = [n for n in group if n in names]
+        if not group:
+            continue
+        ref = _reference(group[0])
+        if ref in names and (not seq or seq[-1] != ref):
+            seq.append(ref)
+        seq += group
+        if ref in names:
+            seq.append(ref)
+    seq += [n for n in names if n not in seq]
+    return seq if r % 2 == 0 else list(reversed(seq))
+
+
+def _attach_refs(sequence):
+    """sequence: [(name, block)] in time order.  Gives every block of a non-reference
+    configuration `ref`: the mean of the nearest reference blocks before and after it."""
+    keys = ("median_ms", "mean_ms", "cpu_median_ms")
+    for i, (name, block) in enumerate(sequence):
+        ref = _reference(name)
+        if name == ref:
+            continue
+        near = []
+        for rng in (range(i - 1, -1, -1), range(i + 1, len(sequence))):
+            for j in rng:
+                if sequence[j][0] == ref:
+                    near.append(sequence[j][1])
+                    break
+        if near:
+            block["ref"] = {k: sum(b[k] for b in near) / len(near) for k in keys}
+
+
 def _first_line(exc):
     text = "%s: %s" % (type(exc).__name__, exc)
     m = re.search(r"Detected unsupported operations[^:]*?on (\w+): (\w+) \(No registered", text)
@@ -244,17 +289,21 @@ def worker_inproc(args):
             continue
         live[name] = (model, callbacks, closer, timer)
     names = list(live)
+    sequence = []
     for r in range(args.rounds):
-        for name in _rounds_order(names, r):
-            if name not in live:
-                continue
+        for name in _round_sequence(names, r):
+            if name not in live or (sequence and sequence[-1][0] == name and name == _reference(name)):
+                continue    # (a reference epoch right after itself, at a round boundary)
             model, callbacks, _, timer = live[name]
-            out["configs"][name]["blocks"].append(dict(_block(model, x, y, callbacks, timer), round=r))
+            block = dict(_block(model, x, y, callbacks, timer), round=r)
+            out["configs"][name]["blocks"].append(block)
+            sequence.append((name, block))
             if timer.stopped:
                 out["too_slow"][name] = _too_slow(timer)
                 live.pop(name)[2]()
         print("  round %d/%d: %s" % (r + 1, args.rounds, " ".join(
             "%s=%.1f" % (n, out["configs"][n]["blocks"][-1]["median_ms"]) for n in names)), flush=True)
+    _attach_refs(sequence)
     for name, (_, _, closer, _) in live.items():
         closer()
         out["logdir_bytes"][name] = du(os.path.join(tmp, name))
@@ -303,10 +352,14 @@ def worker_global(args):
         out["errors"][args.tool] = "too slow: " + _too_slow(ttimer)
         return out
     pair = {"plain": (plain, ptimer), args.tool: (tool, ttimer)}
+    sequence = []
     for r in range(args.rounds):
         for name in _rounds_order(list(pair), r):
             model, timer = pair[name]
-            out["configs"][name]["blocks"].append(dict(_block(model, x, y, [], timer), round=r))
+            block = dict(_block(model, x, y, [], timer), round=r)
+            out["configs"][name]["blocks"].append(block)
+            sequence.append((name, block))
+        _attach_refs(sequence)
         print("  round %d/%d: plain=%.1f %s=%.1f" % (r + 1, args.rounds, out["configs"]["plain"]["blocks"][-1]["median_ms"],
                                                    args.tool, out["configs"][args.tool]["blocks"][-1]["median_ms"]),
               flush=True)
@@ -432,7 +485,9 @@ def run_worker(argv, timeout):
 
 
 def summarise(configs, base="plain"):
-    """{config: {...}} ratios to `base` per round, median and min-max over rounds."""
+    """{config: {...}} ratios to `base`, median and min-max over rounds.  A block is compared
+    with the mean of its neighbouring reference blocks (`ref`, see _attach_refs) when `base`
+    is its reference, else with `base`'s block of the same round."""
     import numpy as np
     rows = {}
     base_blocks = {b["round"]: b for b in configs.get(base, {}).get("blocks", [])}
@@ -442,7 +497,8 @@ def summarise(configs, base="plain"):
             continue
         ratios, mean_ratios, cpu_ratios, added = [], [], [], []
         for b in blocks:
-            p = base_blocks.get(b["round"])
+            p = b.get("ref") if base == _reference(name) and name != base else None
+            p = p or base_blocks.get(b["round"])
             if p is None:
                 continue
             ratios.append(b["median_ms"] / p["median_ms"])
@@ -516,8 +572,10 @@ def render(results):
     L.append("")
     L.append("Command: `%s`" % results["command"])
     L.append("")
-    L.append("Ratio = median over rounds of (median step time of the configuration / median step time of plain "
-             "fit in the same round and process); in brackets the min-max over rounds. *mean* = the same with "
+    L.append("Ratio = median over rounds of (median step time of the configuration's epoch / median step time of "
+             "plain fit in the neighbouring epochs of the same process: the mean of the nearest plain epoch before and "
+             "after, at most two epochs away); in brackets the min-max over rounds. *added per step* = the same as a "
+             "difference in ms. *mean* = the same with "
              "mean step times (includes the steps that write a row and each epoch's end work); *CPU* = the "
              "same with process CPU time per step, less sensitive to other load on the machine. "
              "*first step* = the first step of the first fit(): trace, graph optimisation / XLA compile and one step.")
