@@ -496,7 +496,16 @@ def summarise(configs, base="plain"):
         if not blocks:
             continue
         ratios, mean_ratios, cpu_ratios, added = [], [], [], []
-        for b in blocks:
+        if name == base:   # the reference against itself: each epoch / the next one (the noise)
+            pairs = list(zip(blocks[:-1], blocks[1:]))
+        else:
+            pairs = []
+        for b, p in pairs:
+            ratios.append(b["median_ms"] / p["median_ms"])
+            added.append(b["median_ms"] - p["median_ms"])
+            mean_ratios.append(b["mean_ms"] / p["mean_ms"])
+            cpu_ratios.append(b["cpu_median_ms"] / p["cpu_median_ms"])
+        for b in (blocks if name != base else []):
             p = b.get("ref") if base == _reference(name) and name != base else None
             p = p or base_blocks.get(b["round"])
             if p is None:
@@ -574,7 +583,8 @@ def render(results):
     L.append("")
     L.append("Ratio = median over rounds of (median step time of the configuration's epoch / median step time of "
              "plain fit in the neighbouring epochs of the same process: the mean of the nearest plain epoch before and "
-             "after, at most two epochs away); in brackets the min-max over rounds. *added per step* = the same as a "
+             "after, at most two epochs away); in brackets the min-max over rounds. For plain itself: each plain epoch / "
+             "the next plain epoch, i.e. the noise of the measurement. *added per step* = the same as a "
              "difference in ms. *mean* = the same with "
              "mean step times (includes the steps that write a row and each epoch's end work); *CPU* = the "
              "same with process CPU time per step, less sensitive to other load on the machine. "
@@ -720,6 +730,7 @@ def main():
     p.add_argument("--disk-steps", type=int, default=1000)
     p.add_argument("--wide-disk", action="store_true", help="disk runs on the real 1024-wide MLP")
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--render", metavar="JSON", help="only re-render the tables of an earlier --json file")
     p.add_argument("--budget", type=float, default=90.0,
                    help="seconds after a fit()'s first step before a configuration is declared too slow")
     # worker arguments
@@ -741,6 +752,14 @@ def main():
             json.dump(result, f)
         sys.stdout.flush()
         os._exit(0)   # skip interpreter teardown (TF + debugger atexit hooks); results are on disk
+
+    if args.render:
+        with open(args.render) as f:
+            text = render(json.load(f))
+        print(text)
+        if args.out:
+            update_results(args.out, text)
+        return
 
     rounds = args.rounds or (3 if args.quick else 7)
     steps = args.steps or (12 if args.quick else 31)     # timed intervals per epoch = steps - 1
