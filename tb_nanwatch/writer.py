@@ -31,6 +31,7 @@ import weakref
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2
 
 from tb_nanwatch import stats, summary
 
@@ -454,9 +455,11 @@ class Watch:
     def _write_row(self, last_step):
         st = self._state
         n = len(self._sites)
-        row = _row_matrix(st.acc_steps.numpy(), st.acc_size.numpy()[:n], st.acc_counts.numpy()[:n],
-                          st.acc_nonfinite_steps.numpy()[:n], st.acc_first.numpy()[:n],
-                          st.acc_mean_sum.numpy()[:n], st.acc_mean_n.numpy()[:n], st.last_sampled.numpy()[:n])
+        acc = st.acc.numpy()[:n]
+        column = lambda name: acc[:, _A[name]]
+        row = _row_matrix(column("steps").max(), column("size"), acc[:, _A["nan"]:_A["neginf"] + 1],
+                          column("nonfinite_steps"), column("first"), column("mean_sum"), column("mean_n"),
+                          acc[:, _A[SAMPLED[0]]:])
         st.reset_accumulators()
         scale = self._loss_scale()
         if scale is not None and scale > 0:
@@ -476,7 +479,8 @@ class Watch:
     def _write_first(self, step):
         st = self._state
         n = len(self._sites)
-        counts = st.first_counts.numpy()[:n]
+        first = st.first.numpy()[:n]
+        counts = first[:, :3].astype(np.int64)
         bad = np.flatnonzero(counts.sum(axis=1) > 0)
         if not len(bad):
             return
@@ -507,9 +511,10 @@ class Watch:
         ring_step = st.ring_step.numpy()
         order = np.argsort(ring_step)
         order = [i for i in order if 0 <= ring_step[i] <= step]
-        size = st.acc_size.numpy()[:n]
-        ring_counts, ring_mean = st.ring_counts.numpy()[:, :n], st.ring_mean.numpy()[:, :n]
-        first_sampled = st.first_sampled.numpy()[:n]
+        size = st.acc.numpy()[:n, _A["size"]]
+        ring = st.ring.numpy()[:, :n]
+        ring_counts, ring_mean = ring[..., :3], ring[..., 3]
+        first_sampled = first[:, 3:]
         flight_rows = []
         for i in order:
             rc = ring_counts[i]
@@ -663,29 +668,32 @@ class _DeviceState:
         self.floor = var(tf.zeros([capacity], tf.float32))
         # The last step of a fit() when Keras knows it: its partial row gets full statistics too.
         self.last_step = var(tf.constant(-1, tf.int64))
-        self.acc_steps = var(tf.constant(0, tf.int64))
-        self.acc_size = var(tf.zeros([capacity], tf.float32))
-        self.acc_counts = var(tf.zeros([capacity, 3], tf.int64))
-        self.acc_nonfinite_steps = var(tf.zeros([capacity], tf.int64))
-        self.acc_first = var(tf.fill([capacity], tf.constant(-1, tf.int64)))
-        self.acc_mean_sum = var(tf.zeros([capacity], tf.float64))
-        self.acc_mean_n = var(tf.zeros([capacity], tf.float64))
-        self.last_sampled = var(tf.fill([capacity, len(SAMPLED)], nan32))
-        self.first_counts = var(tf.zeros([capacity, 3], tf.int64))
-        self.first_sampled = var(tf.fill([capacity, len(SAMPLED)], nan32))
-        self.first_replicas = var(tf.zeros([replicas, capacity], tf.int64))  # which replica saw what
+        # Accumulators of the row being built, one column per _ACC entry, sites as rows.
+        self.acc = var(_acc_initial(capacity))
+        # The first non-finite step: counts (3 columns) and SAMPLED; who saw it under tf.distribute.
+        self.first = var(tf.fill([capacity, 3 + len(SAMPLED)], np.float64(np.nan)))
+        self.first_replicas = var(tf.zeros([replicas, capacity], tf.int64))
+        # Flight recorder: per step, counts (3 columns) and the mean, until the first record freezes it.
         self.ring_step = var(tf.fill([flight_steps], tf.constant(-1, tf.int64)))
-        self.ring_counts = var(tf.zeros([flight_steps, capacity, 3], tf.int64))
-        self.ring_mean = var(tf.zeros([flight_steps, capacity], tf.float32))
+        self.ring = var(tf.zeros([flight_steps, capacity, 4], tf.float64))
 
     def reset_accumulators(self):
-        self.acc_steps.assign(0)
-        self.acc_counts.assign(tf.zeros_like(self.acc_counts))
-        self.acc_nonfinite_steps.assign(tf.zeros_like(self.acc_nonfinite_steps))
-        self.acc_first.assign(tf.fill(tf.shape(self.acc_first), tf.constant(-1, tf.int64)))
-        self.acc_mean_sum.assign(tf.zeros_like(self.acc_mean_sum))
-        self.acc_mean_n.assign(tf.zeros_like(self.acc_mean_n))
-        self.last_sampled.assign(tf.fill(tf.shape(self.last_sampled), np.float32(np.nan)))
+        self.acc.assign(_acc_initial(self.capacity))
+
+
+# Columns of the accumulator matrix and how a step's value joins them.
+_ACC = ("steps", "size", "nan", "posinf", "neginf", "nonfinite_steps", "first", "mean_sum", "mean_n") + SAMPLED
+_A = {name: i for i, name in enumerate(_ACC)}
+_ACC_MAX = np.array([name == "size" for name in _ACC])
+_ACC_FIRST = np.array([name == "first" for name in _ACC])
+_ACC_LATEST = np.array([name in SAMPLED for name in _ACC])   # replaced when full statistics ran
+
+
+def _acc_initial(capacity):
+    row = np.zeros(len(_ACC))
+    row[_A["first"]] = -1
+    row[[_A[name] for name in SAMPLED]] = np.nan
+    return tf.constant(np.tile(row, (capacity, 1)))
 
 
 def _sum32(t):
@@ -696,7 +704,8 @@ def _sum32(t):
 
 
 def _size(t):
-    return tf.cast(tf.size(t), tf.float32)
+    known = t.shape.num_elements()      # a constant where the shape is static (weights, slots)
+    return tf.constant(float(known)) if known is not None else tf.cast(tf.size(t), tf.float32)
 
 
 def _counts(t):
@@ -785,6 +794,20 @@ def _finish_moments(moments, sizes, largest, half):
     return tf.cast(tf.stack([mn, mx, mean, std, max_abs, norm, zero_frac, headroom, underflow], 1), tf.float32)
 
 
+def _cond(pred, true_fn, false_fn):
+    """tf.cond kept as a functional If op: when lowered to Switch/Merge, every op of the
+    branch not taken still runs as a dead node each step, and these branches are big."""
+    graph = tf.compat.v1.get_default_graph()
+    if tf.executing_eagerly() or not hasattr(graph, "get_operations"):
+        return tf.cond(pred, true_fn, false_fn)
+    before = len(graph.get_operations())
+    out = tf.cond(pred, true_fn, false_fn)
+    for op in graph.get_operations()[before:]:
+        if op.type in ("If", "StatelessIf"):
+            op._set_attr("_lower_using_switch_merge", attr_value_pb2.AttrValue(b=False))
+    return out
+
+
 def _gather(ctx, value):
     """[replicas, ...] of `value` from every replica (just [1, ...] without distribution)."""
     if ctx is None or ctx.num_replicas_in_sync == 1:
@@ -819,9 +842,9 @@ def _device_step(st, tensors, log_every, grad_kinds, dtypes):
     def moments(robust):
         return tf.stack([_raw_moments(ts, robust) for ts in tensors])
 
-    local_counts = tf.cond(any_hint, counts, lambda: tf.zeros([n, 3], tf.float64))
-    local_moments = tf.cond(ran_full, lambda: tf.cond(any_hint, lambda: moments(True), lambda: moments(False)),
-                            lambda: tf.zeros([n, len(_M)], tf.float64))
+    local_counts = _cond(any_hint, counts, lambda: tf.zeros([n, 3], tf.float64))
+    local_moments = _cond(ran_full, lambda: tf.cond(any_hint, lambda: moments(True), lambda: moments(False)),
+                          lambda: tf.zeros([n, len(_M)], tf.float64))
     # Collective 2: counts summed, moments combined; per replica, who saw a non-finite value.
     gathered = _gather(ctx, tf.concat([local_counts, local_moments], 1))
     per_replica_nonfinite = tf.cast(tf.reduce_sum(gathered[..., :3], -1) > 0, tf.int64)   # [replicas, n]
@@ -847,28 +870,33 @@ def _device_step(st, tensors, log_every, grad_kinds, dtypes):
     step_counts_p, sizes_p, sampled_p = pad(step_counts), pad(sizes), pad(step_sampled, np.nan)
     nonfinite_p, step_mean_p = pad(nonfinite, False), pad(step_mean)
     mean_ok = pad(tf.logical_and(present, tf.math.is_finite(step_mean)), False)
-    st.acc_steps.assign_add(1)
-    st.acc_size.assign(tf.maximum(st.acc_size, sizes_p))
-    st.acc_counts.assign_add(step_counts_p)
-    st.acc_nonfinite_steps.assign_add(tf.cast(nonfinite_p, tf.int64))
-    st.acc_first.assign(tf.where(tf.logical_and(nonfinite_p, st.acc_first < 0), step, st.acc_first))
-    st.acc_mean_sum.assign_add(tf.where(mean_ok, tf.cast(step_mean_p, tf.float64), tf.zeros([cap], tf.float64)))
-    st.acc_mean_n.assign_add(tf.cast(mean_ok, tf.float64))
-    st.last_sampled.assign(tf.where(ran_full, sampled_p, st.last_sampled))
+    # One matrix of this step's contributions, joined to the accumulators in one assign.
+    ones = tf.ones([cap, 1], tf.float64)
+    step64 = tf.cast(step, tf.float64)
+    contribution = tf.concat([
+        ones, tf.cast(sizes_p, tf.float64)[:, None], tf.cast(step_counts_p, tf.float64),
+        tf.cast(nonfinite_p, tf.float64)[:, None], tf.where(nonfinite_p, step64, -1.0)[:, None],
+        tf.where(mean_ok, tf.cast(step_mean_p, tf.float64), 0.0)[:, None], tf.cast(mean_ok, tf.float64)[:, None],
+        tf.cast(sampled_p, tf.float64)], 1)
+    old = st.acc.read_value()
+    st.acc.assign(tf.where(
+        tf.logical_and(tf.constant(_ACC_LATEST), ran_full), contribution,
+        tf.where(tf.constant(_ACC_FIRST), tf.where(tf.logical_and(old < 0, contribution >= 0), contribution, old),
+                 tf.where(tf.constant(_ACC_MAX), tf.maximum(old, contribution), old + contribution))))
 
     # First non-finite of the run (not a loss-scale skip), and the flight recorder frozen with it.
     recording = st.poll[_P_FIRST] < 0
     is_first = tf.logical_and(recording, tf.logical_and(tf.reduce_any(nonfinite), tf.logical_not(is_skip)))
-    st.first_counts.assign(tf.where(is_first, step_counts_p, st.first_counts))
-    st.first_sampled.assign(tf.where(is_first, sampled_p, st.first_sampled))
+    st.first.assign(tf.where(is_first, tf.concat([contribution[:, _A["nan"]:_A["neginf"] + 1],
+                                                  contribution[:, _A[SAMPLED[0]]:]], 1), st.first))
     st.first_replicas.assign(tf.where(is_first, tf.pad(per_replica_nonfinite, [[0, 0], [0, cap - n]]),
                                       st.first_replicas))
     slot = tf.one_hot(tf.math.floormod(step, st.ring_step.shape[0]), st.ring_step.shape[0], on_value=True,
                       off_value=False)
     write = tf.logical_and(slot, recording)          # frozen once the first record exists
     st.ring_step.assign(tf.where(write, step, st.ring_step))
-    st.ring_counts.assign(tf.where(write[:, None, None], step_counts_p[None], st.ring_counts))
-    st.ring_mean.assign(tf.where(write[:, None], step_mean_p[None], st.ring_mean))
+    now = tf.concat([contribution[:, _A["nan"]:_A["neginf"] + 1], tf.cast(step_mean_p, tf.float64)[:, None]], 1)
+    st.ring.assign(tf.where(write[:, None, None], now[None], st.ring))
     st.poll.assign(tf.stack([
         step + 1,
         tf.where(is_first, step, st.poll[_P_FIRST]),
