@@ -523,6 +523,7 @@ def summarise(configs, base="plain"):
             "cpu_ratio": float(np.median(cpu_ratios)) if cpu_ratios else None,
             "rounds": len(ratios),
             "added_ms": float(np.median(added)) if added else None,
+            "slower": int(sum(1 for x in ratios if x > 1.0)),
             "first_step_s": c.get("first_step_s"),
         }
     return rows
@@ -553,7 +554,7 @@ def machine():
 def fmt_ratio(r):
     if r.get("ratio") is None:
         return "-"
-    return "%.2fx (%.2f-%.2f)" % (r["ratio"], r["ratio_min"], r["ratio_max"])
+    return "%.2fx (%.2f-%.2f, slower in %d/%d)" % (r["ratio"], r["ratio_min"], r["ratio_max"], r["slower"], r["rounds"])
 
 
 def fmt_bytes(b):
@@ -583,7 +584,8 @@ def render(results):
     L.append("")
     L.append("Ratio = median over rounds of (median step time of the configuration's epoch / median step time of "
              "plain fit in the neighbouring epochs of the same process: the mean of the nearest plain epoch before and "
-             "after, at most two epochs away); in brackets the min-max over rounds. For plain itself: each plain epoch / "
+             "after, at most two epochs away); in brackets the min-max over rounds and in how many rounds the "
+             "configuration was the slower one. For plain itself: each plain epoch / "
              "the next plain epoch, i.e. the noise of the measurement. *added per step* = the same as a "
              "difference in ms. *mean* = the same with "
              "mean step times (includes the steps that write a row and each epoch's end work); *CPU* = the "
