@@ -210,13 +210,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def get(base, path, timeout=120):
-    """(status, body bytes, seconds) of one GET."""
+WIRE = {}   # path -> bytes on the wire of its last response
+
+
+def get(base, path, timeout=120, gzip_ok=True):
+    """(status, body bytes, seconds) of one GET.  Like a browser, accepts gzip (TensorBoard
+    compresses JSON then, at level 3, which is part of the latency); the body returned is
+    decompressed, the bytes on the wire go to WIRE[path]."""
+    import gzip
     t0 = time.perf_counter()
+    request = urllib.request.Request(base + path, headers={"Accept-Encoding": "gzip"} if gzip_ok else {})
     try:
-        with urllib.request.urlopen(base + path, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             body = r.read()
-            return r.status, body, time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            WIRE[path] = len(body)
+            if r.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            return r.status, body, dt
     except urllib.error.HTTPError as e:
         return e.code, e.read(), time.perf_counter() - t0
     except (urllib.error.URLError, ConnectionError, socket.timeout) as e:
@@ -254,7 +265,8 @@ def measure(logdir, info, loader, args):
             time.sleep(0.25)
         # 2) every row served: the heatmap's step_range counts them
         full = "/data/plugin/nanwatch/heatmap?run=%s&stat=max_abs&columns=%d" % (run, args.columns)
-        while "runs_listed_s" in res and time.perf_counter() < deadline and proc.poll() is None:
+        failures = 0
+        while "runs_listed_s" in res and time.perf_counter() < deadline and proc.poll() is None and failures < 10:
             status, body, dt = get(base, full)
             if status == 200:
                 rng = json.loads(body).get("step_range") or {}
@@ -265,11 +277,16 @@ def measure(logdir, info, loader, args):
                     res["all_rows_heatmap_s"] = dt
                     break
             else:
+                failures += 1
                 res["heatmap_error"] = "%s %s" % (status, body[:200])
             time.sleep(0.5)
         if "all_rows_s" not in res:
-            res["error"] = "not ready after %d s (rows seen: %s, process %s)" % (
-                args.ready_timeout, res.get("rows_seen"), "alive" if proc.poll() is None else "exited %s" % proc.returncode)
+            res["error"] = "no heatmap with all rows after %.0f s (%s; rows seen: %s; process %s)" % (
+                time.perf_counter() - t_start,
+                "%d errors in a row: HTTP %s" % (failures, res.get("heatmap_error", "")[:3]) if failures else "timed out",
+                res.get("rows_seen"), "alive" if proc.poll() is None else "exited %s" % proc.returncode)
+            log.flush()
+            res["server_log"] = _last_error(log.name)
             return res
         status, body, _ = get(base, "/data/plugins_listing")
         if status == 200:
@@ -288,13 +305,16 @@ def measure(logdir, info, loader, args):
                     res.setdefault("errors", []).append("%s: %s %s" % (name, status, body[:200]))
                     continue
                 lat[name].append(dt)
-                sizes[name] = len(body)
+                sizes[name] = (len(body), WIRE.get(path))
         body = json.loads(get(base, zoom)[1])
         res["zoom_columns"] = body.get("n_columns")
         res["first_nonfinite_cell"] = json.loads(get(base, full)[1]).get("first_nonfinite_cell")
         for name, values in lat.items():
             res[name] = {"p50": percentile(values, 50), "p95": percentile(values, 95), "n": len(values),
-                         "bytes": sizes.get(name)}
+                         "bytes": sizes.get(name, (None, None))[0], "wire_bytes": sizes.get(name, (None, None))[1]}
+        # the same full-range query without gzip: how much of the latency is compression
+        plain = [get(base, full, gzip_ok=False)[2] for _ in range(max(3, args.repeats // 4))]
+        res["heatmap_full_identity"] = {"p50": percentile(plain, 50), "n": len(plain)}
         res["rss_now"] = sampler.sample()
     finally:
         sampler.stop()
@@ -304,6 +324,17 @@ def measure(logdir, info, loader, args):
         stop(proc)
         log.close()
     return res
+
+
+def _last_error(path):
+    """The last line of TensorBoard's log that names an error (e.g. gRPC RESOURCE_EXHAUSTED)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l.strip() for l in f if "rror" in l or "EXHAUSTED" in l]
+    except OSError:
+        return None
+    detail = [l for l in lines if l.startswith("details")]
+    return (detail or lines or [None])[-1]
 
 
 def baseline(loader, settle=5.0, timeout=120):
@@ -391,12 +422,17 @@ def render(results):
     first = info["first_step"]
     for r in results["runs"]:
         if "heatmap_full" in r:
-            L.append("- %s: %d requests each; full-range response %s (%d columns requested), zoomed %s (%s columns, "
+            L.append("- %s: %d requests each, with `Accept-Encoding: gzip` as a browser sends it; full-range response %s "
+                     "(%s gzipped on the wire; without gzip p50 %s), %d columns requested; zoomed %s (%s columns, "
                      "steps %d-%d), first_nonfinite %s; processes: %s." % (
-                         r["loader"], r["heatmap_full"]["n"], mb(r["heatmap_full"]["bytes"]), results["columns"],
+                         r["loader"], r["heatmap_full"]["n"], mb(r["heatmap_full"]["bytes"]),
+                         mb(r["heatmap_full"].get("wire_bytes")), ms(r.get("heatmap_full_identity", {}).get("p50")),
+                         results["columns"],
                          mb(r["heatmap_zoom"]["bytes"]), r.get("zoom_columns"), max(0, first - 1000), first + 1000,
                          "%.1f kB" % (r["first_nonfinite"]["bytes"] / 1e3),
                          ", ".join("%s %s" % (k, mb(v)) for k, v in r["vmhwm"].items())))
+        if r.get("server_log"):
+            L.append("- %s: TensorBoard's log says: `%s`" % (r["loader"], r["server_log"]))
         for e in r.get("errors", [])[:3]:
             L.append("- %s error: %s" % (r["loader"], e))
     return "\n".join(L) + "\n"
