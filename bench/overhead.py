@@ -529,6 +529,18 @@ def summarise(configs, base="plain"):
     return rows
 
 
+def code_version():
+    """HEAD, and whether tb_nanwatch/ differs from it (others edit the same checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tb_nanwatch"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return head + (" (tb_nanwatch/ with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def machine():
     info = {"nproc": os.cpu_count(), "python": platform.python_version()}
     try:
@@ -541,6 +553,7 @@ def machine():
     except OSError:
         pass
     info["loadavg_start"] = os.getloadavg()
+    info["commit"] = code_version()
     try:
         out = subprocess.run([sys.executable, "-c", "import tensorflow as tf, keras, tensorboard;"
                               "print(tf.__version__, keras.__version__, tensorboard.__version__)"],
@@ -580,7 +593,7 @@ def render(results):
                  m.get("nproc"), m.get("cpu"), m.get("mem_gb"), m.get("tensorflow"), m.get("keras"),
                  m.get("tensorboard"), m.get("python"), m["loadavg_start"][0], results["loadavg_end"][0]))
     L.append("")
-    L.append("Command: `%s`" % results["command"])
+    L.append("Code: commit %s. Command: `%s`" % (m.get("commit", "?"), results["command"]))
     L.append("")
     L.append("Ratio = median over rounds of (median step time of the configuration's epoch / median step time of "
              "plain fit in the neighbouring epochs of the same process: the mean of the nearest plain epoch before and "

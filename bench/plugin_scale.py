@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, HERE)
 
 RUN = "synthetic"
 FIRST_AT = 0.73421      # the first NaN: at this fraction of the steps (73,421 of 100,000) ...
@@ -400,7 +401,7 @@ def render(results):
                  info["first_step"], info["first_site"], mb(info["bytes"]), info["seconds"],
                  results["loadavg_start"][0], results["loadavg_end"][0]))
     L.append("")
-    L.append("Command: `%s`" % results["command"])
+    L.append("Code: commit %s. Command: `%s`" % (results.get("commit", "?"), results["command"]))
     L.append("")
     L.append("| loader | runs listed | all rows served | first heatmap (cold) | heatmap full p50 / p95 | "
              "heatmap zoom p50 / p95 | first_nonfinite p50 / p95 | peak RSS (tree, sampled) | sum of VmHWM | "
@@ -469,7 +470,9 @@ def main():
     args.repeats = args.repeats or (5 if args.quick else 20)
     loaders = (args.loaders or ("rust" if args.quick else "rust,python")).split(",")
     logdir = args.logdir or os.path.join(HERE, "out", "plugin_scale_%dx%d" % (sites, steps))
+    import overhead
     results = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg(),
+               "commit": overhead.code_version(),
                "command": " ".join(["python", "bench/plugin_scale.py"] + sys.argv[1:]), "columns": args.columns}
     print("writing/reusing %s ..." % logdir, flush=True)
     results["logdir"] = ensure_logdir(logdir, sites, steps, args.log_every, args.rewrite)
