@@ -18,21 +18,41 @@ RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS)
 
 TAG_PREFIX = "nanwatch"
 
+# Rows are spread over tags by step block ("nanwatch/rows", "nanwatch/rows.0001", ...) so that
+# one tag's answer from the data provider stays far below gRPC's 256 MiB message limit, which
+# RustBoard's client enforces (a run of 1,000 sites reaches it at about 2,000 rows).
+BLOCK_BYTES = 32 * 2**20
 
-def tag(record, group=None):
-    """`nanwatch/rows`, or `nanwatch/<group>/rows` for a second site list in the same run."""
+
+def tag(record, group=None, block=0):
+    """`nanwatch/rows`, `nanwatch/<group>/rows` for a second site list in the same run, and
+    `nanwatch/rows.0007` for block 7 of the rows."""
     if record not in RECORDS:
         raise ValueError("unknown nanwatch record %r" % (record,))
-    return "/".join([TAG_PREFIX] + ([group] if group else []) + [record])
+    name = "/".join([TAG_PREFIX] + ([group] if group else []) + [record])
+    return name + (".%04d" % block if block else "")
 
 
 def parse_tag(tag_name):
     """(group, record) of a nanwatch tag, or None for anything else."""
+    parsed = parse_block_tag(tag_name)
+    return parsed and parsed[:2]
+
+
+def parse_block_tag(tag_name):
+    """(group, record, block) of a nanwatch tag, or None for anything else."""
     parts = tag_name.split("/")
-    if len(parts) < 2 or parts[0] != TAG_PREFIX or parts[-1] not in RECORDS:
+    record, _, block = parts[-1].partition(".")
+    if len(parts) < 2 or parts[0] != TAG_PREFIX or record not in RECORDS:
+        return None
+    if block and not (record == ROWS and block.isdigit()):
         return None
     group = "/".join(parts[1:-1]) or None
-    return group, parts[-1]
+    return group, record, int(block or 0)
+
+
+def rows_per_block(n_sites, n_stats):
+    return max(1, BLOCK_BYTES // max(1, n_sites * n_stats * 8))
 
 
 def create_summary_metadata(record, sites=None, stat_names=None, extra=None):

@@ -150,12 +150,8 @@ class NanWatchPlugin(base_plugin.TBPlugin):
     def _run_data(self, request, run, group):
         """RunData of (run, group), cached while the provider reports nothing new for it."""
         ctx, eid = self._ctx(request)
-        listing = self._provider.list_tensors(
-            ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME,
-            run_tag_filter=tb_provider.RunTagFilter(
-                runs=[run], tags=[metadata.tag(r, group) for r in metadata.RECORDS]))
-        series = listing.get(run, {})
-        if metadata.tag(metadata.ROWS, group) not in series:
+        series = reader.run_series(self._provider, ctx, eid, run, group)
+        if not any(metadata.parse_tag(t)[1] in (metadata.ROWS, metadata.FLIGHT) for t in series):
             raise reader.RunNotFound("no nanwatch data for run %r%s" % (
                 run, "" if group is None else " group %r" % group))
         fingerprint = tuple(sorted(

@@ -92,13 +92,23 @@ def list_runs(provider, ctx, experiment_id):
     return {run: sorted(groups, key=lambda g: g or "") for run, groups in sorted(out.items())}
 
 
+def run_series(provider, ctx, experiment_id, run, group=None):
+    """{tag: TensorTimeSeries} of every nanwatch tag of (run, group), row blocks included:
+    what `read_run` reads, and what a cache must watch for new data."""
+    listing = provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
+                                    run_tag_filter=tb_provider.RunTagFilter(runs=[run]))
+    return {tag: ts for tag, ts in listing.get(run, {}).items()
+            if (metadata.parse_tag(tag) or (False,))[0] == group}
+
+
 def read_run(provider, ctx, experiment_id, run, group=None):
     """The RunData of `run`, or RunNotFound."""
     tags = {record: metadata.tag(record, group) for record in metadata.RECORDS}
-    listing = provider.list_tensors(
-        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
-        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=list(tags.values())))
-    series = listing.get(run, {})
+    series = run_series(provider, ctx, experiment_id, run, group)
+    row_blocks = sorted((metadata.parse_block_tag(t)[2], t) for t in series
+                        if metadata.parse_tag(t)[1] == metadata.ROWS)
+    if row_blocks:
+        tags[metadata.ROWS] = row_blocks[0][1]
     # Both carry the site list; a run killed before its first row has only the flight recorder.
     with_sites = next((tags[r] for r in (metadata.ROWS, metadata.FLIGHT) if tags[r] in series), None)
     if with_sites is None:
@@ -106,13 +116,18 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     content = metadata.parse_plugin_metadata(series[with_sites].plugin_content)
     sites = content.get("sites", [])
     stat_names = content.get("stats", stats.STAT_NAMES)
-    data = provider.read_tensors(
-        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
-        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[t for t in tags.values() if t in series]),
-    ).get(run, {})
+    def read(tag_names):
+        return provider.read_tensors(
+            ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
+            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tag_names)).get(run, {})
+
+    data = read([tags[r] for r in (metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS) if tags[r] in series])
+    # One answer per block of rows: each stays far below the data provider's message limit.
+    rows_data = [d for _, t in row_blocks for d in read([t]).get(t, [])]
 
     def matrices(record):
-        got = [d for d in data.get(tags[record], []) if np.ndim(d.numpy) == 2 and d.numpy.shape[0] == len(sites)]
+        candidates = rows_data if record == metadata.ROWS else data.get(tags[record], [])
+        got = [d for d in candidates if np.ndim(d.numpy) == 2 and d.numpy.shape[0] == len(sites)]
         got.sort(key=lambda d: d.step)
         steps = np.array([d.step for d in got], dtype=np.int64)
         if not got:

@@ -43,11 +43,14 @@ class RecordWriter:
     written before it); the first non-finite record is flushed as it is written.
     """
 
-    def __init__(self, logdir, sites, group=None, flush_secs=30):
+    def __init__(self, logdir, sites, group=None, flush_secs=30, log_every=100):
         self.logdir = str(logdir)
         self.sites = [dict(s) for s in sites]
         self.group = group
         self._n_stats = len(stats.STAT_NAMES)
+        # Rows go to the tag of their step's block (see metadata.BLOCK_BYTES); by step, not by
+        # count, so a resumed run keeps each block bounded.
+        self.steps_per_block = metadata.rows_per_block(len(self.sites), self._n_stats) * int(log_every)
         self._tagged = set()   # tags whose metadata this file already carries
         self._writer = EventFileWriter(
             self.logdir, max_queue_size=1000, flush_secs=flush_secs,
@@ -59,7 +62,8 @@ class RecordWriter:
         row = np.asarray(row, dtype=np.float64)
         if row.shape != (len(self.sites), self._n_stats):
             raise ValueError("row shape %s, expected %s" % (row.shape, (len(self.sites), self._n_stats)))
-        self._write(record, step, tensor_util.make_tensor_proto(row), wall_time)
+        block = int(step) // self.steps_per_block if record == metadata.ROWS else 0
+        self._write(record, step, tensor_util.make_tensor_proto(row), wall_time, block)
 
     def write_flight(self, steps, rows):
         """The flight recorder: one row per step, steps ascending."""
@@ -77,10 +81,10 @@ class RecordWriter:
         self._write(metadata.EVENTS, step, _string_tensor(json.dumps(list(events), sort_keys=True)))
 
     # -- plumbing --------------------------------------------------------------
-    def _write(self, record, step, tensor_proto, wall_time=None):
+    def _write(self, record, step, tensor_proto, wall_time=None, block=0):
         if self._closed:
             raise RuntimeError("RecordWriter for %s is closed" % self.logdir)
-        tag = metadata.tag(record, self.group)
+        tag = metadata.tag(record, self.group, block)
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
         if tag not in self._tagged:
             with_sites = record in (metadata.ROWS, metadata.FLIGHT)

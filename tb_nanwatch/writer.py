@@ -449,7 +449,8 @@ class Watch:
 
     def _ensure_writer(self):
         if self._writer is None:
-            self._writer = summary.RecordWriter(self.logdir, self._sites, group=self.group)
+            self._writer = summary.RecordWriter(self.logdir, self._sites, group=self.group,
+                                                 log_every=self.log_every)
         return self._writer
 
     def _write_row(self, last_step):

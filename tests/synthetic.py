@@ -51,7 +51,7 @@ def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8)
     sites = sites or sites_for()
     n = len(sites)
     col = stats.STAT_INDEX
-    with summary.RecordWriter(logdir, sites) as writer:
+    with summary.RecordWriter(logdir, sites, log_every=log_every) as writer:
         for i in range(n_rows):
             step = (i + 1) * log_every - 1
             row = finite_row(n, step, steps=log_every)

@@ -567,3 +567,19 @@ def test_real_callback_logdir(tmp_path):
     assert {"hidden", "out"} <= {p["layer"] for p in first["propagators"] if p["kind"] == "activation"}, first
     hm = real.json("/heatmap", run=real.json("/runs")[0], columns=500)
     assert hm["first_nonfinite_cell"] is not None and hm["first_nonfinite_cell"]["step"] == bad_batch
+
+
+def test_rows_spread_over_step_blocks_are_all_read(tmp_path, monkeypatch):
+    """Rows go to one tag per step block so that no data-provider answer nears gRPC's 256 MiB
+    limit (RustBoard); the reader and the plugin see every block, and a new block is new data."""
+    from tb_nanwatch import metadata as md
+    monkeypatch.setattr(md, "BLOCK_BYTES", 40 * len(synthetic.sites_for()) * len(stats.STATS) * 8)  # 40 rows
+    synthetic.write_run(str(tmp_path / "big"), n_rows=130, log_every=10, first=(1003, 4, "nan"))
+    provider, ctx, eid = reader.open_logdir(str(tmp_path))
+    tags = reader.run_series(provider, ctx, eid, "big")
+    assert sorted(t for t in tags if t.startswith("nanwatch/rows")) == [
+        "nanwatch/rows", "nanwatch/rows.0001", "nanwatch/rows.0002", "nanwatch/rows.0003"]
+    rd = reader.read_run(provider, ctx, eid, "big")
+    assert rd.steps.tolist() == [10 * (i + 1) - 1 for i in range(130)]
+    assert reader.first_nonfinite_json(rd)["step"] == 1003
+    assert reader.list_runs(provider, ctx, eid) == {"big": [None]}
