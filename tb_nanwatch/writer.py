@@ -741,6 +741,8 @@ def _raw_moments(tensors, robust):
             n, mn, mx = tf.size(x, out_type=tf.int64), tf.reduce_min(x), tf.reduce_max(x)
         out.append(tf.cast(tf.stack([tf.cast(v, tf.float64) for v in (
             n, *_sum_and_sumsq(x), mn, mx, zeros, under)]), tf.float64))
+    if len(out) == 1:
+        return out[0]
     stacked = tf.stack(out)
     return tf.concat([tf.reduce_sum(stacked[:, :3], 0), tf.reduce_min(stacked[:, 3:4], 0),
                       tf.reduce_max(stacked[:, 4:5], 0), tf.reduce_sum(stacked[:, 5:], 0)], 0)
@@ -844,8 +846,9 @@ def _device_step(st, tensors, log_every, grad_kinds, dtypes):
         return tf.stack([_raw_moments(ts, robust) for ts in tensors])
 
     local_counts = _cond(any_hint, counts, lambda: tf.zeros([n, 3], tf.float64))
-    local_moments = _cond(ran_full, lambda: tf.cond(any_hint, lambda: moments(True), lambda: moments(False)),
-                          lambda: tf.zeros([n, len(_M)], tf.float64))
+    # One branch, robust to non-finite values: it costs two extra passes on sampled steps only,
+    # and a second (finite-only) variant doubled the graph and the trace time.
+    local_moments = _cond(ran_full, lambda: moments(True), lambda: tf.zeros([n, len(_M)], tf.float64))
     # Collective 2: counts summed, moments combined; per replica, who saw a non-finite value.
     gathered = _gather(ctx, tf.concat([local_counts, local_moments], 1))
     per_replica_nonfinite = tf.cast(tf.reduce_sum(gathered[..., :3], -1) > 0, tf.int64)   # [replicas, n]
