@@ -80,7 +80,11 @@ def write_logdir(logdir, n_sites, n_steps, log_every, flight=32):
     n_rows = n_steps // log_every
     first_step = int(round(FIRST_AT * n_steps))
     first_site = int(FIRST_SITE_AT * n_sites)
-    with summary.RecordWriter(run_dir, sites) as w:
+    try:   # newer RecordWriters spread rows over tags by step block and need the cadence
+        writer = summary.RecordWriter(run_dir, sites, log_every=log_every)
+    except TypeError:
+        writer = summary.RecordWriter(run_dir, sites)
+    with writer as w:
         for i in range(n_rows):
             step = (i + 1) * log_every - 1
             row = synthetic.finite_row(n_sites, step, steps=log_every)
@@ -114,10 +118,20 @@ def write_logdir(logdir, n_sites, n_steps, log_every, flight=32):
             "first_site": first_site}
 
 
+def _format_fingerprint():
+    """Changes whenever the record format's code does (then the cached logdir is rewritten)."""
+    import hashlib
+    h = hashlib.sha1()
+    for name in ("summary.py", "metadata.py", "stats.py"):
+        with open(os.path.join(ROOT, "tb_nanwatch", name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
 def ensure_logdir(path, n_sites, n_steps, log_every, rewrite=False):
     stamp = os.path.join(path, "params.json")
     params = {"sites": n_sites, "steps": n_steps, "log_every": log_every, "first_at": FIRST_AT,
-              "first_site_at": FIRST_SITE_AT, "version": 1}
+              "first_site_at": FIRST_SITE_AT, "version": 1, "format": _format_fingerprint()}
     if not rewrite and os.path.exists(stamp):
         with open(stamp) as f:
             info = json.load(f)
