@@ -317,6 +317,9 @@ def _too_slow(timer):
         len(timer.wall) + 1, float(np.median(timer.wall)) if timer.wall else float("nan"), timer.budget)
 
 
+_SCRATCH = []   # directories a worker removes before it exits
+
+
 def _enable(tool, dump_root):
     tf, _ = _tf()
     if tool == "check_numerics":
@@ -332,6 +335,7 @@ def worker_global(args):
     StepTimer = _step_timer_class()
     x, y = make_data(args.model, args.steps)
     dump_root = tempfile.mkdtemp(prefix="nw_dump_")
+    _SCRATCH.append(dump_root)
     out = {"model": args.model, "tool": args.tool, "configs": {}, "errors": {}}
     plain, ptimer = build_model(args.model), StepTimer()
     plain.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[ptimer])
@@ -762,7 +766,11 @@ def main():
     if args.worker:
         sys.path.insert(0, ROOT)
         fn = {"inproc": worker_inproc, "global": worker_global, "disk": worker_disk}[args.worker]
-        result = fn(args)
+        try:
+            result = fn(args)
+        finally:
+            for d in _SCRATCH:
+                shutil.rmtree(d, ignore_errors=True)
         with open(args.json_out, "w") as f:
             json.dump(result, f)
         sys.stdout.flush()
