@@ -19,7 +19,7 @@ import threading
 import numpy as np
 from werkzeug import wrappers
 
-from tensorboard import plugin_util
+from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util, json_util
 from tensorboard.data import provider as tb_provider
 from tensorboard.plugins import base_plugin
@@ -221,6 +221,12 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             # The logs are there but this version cannot read them (e.g. written by a newer
             # tb_nanwatch): the request was fine, the data is not understood.
             return http_util.Respond(request, {"error": str(e)}, "application/json", code=422)
+        except errors.PublicError:
+            raise   # TensorBoard's own errors carry their HTTP status already
+        except Exception as e:  # the data provider failed (e.g. RustBoard down): say so in JSON
+            logger.exception("nanwatch: %s failed", request.path)
+            return http_util.Respond(request, {"error": "reading the logs failed: %s: %s"
+                                               % (type(e).__name__, e)}, "application/json", code=503)
 
     # -- routes ------------------------------------------------------------------
     @wrappers.Request.application

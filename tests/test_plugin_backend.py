@@ -6,6 +6,7 @@ over logdirs written through the real record format.
 """
 
 import base64
+import collections
 import json
 import time
 
@@ -583,3 +584,15 @@ def test_rows_spread_over_step_blocks_are_all_read(tmp_path, monkeypatch):
     assert rd.steps.tolist() == [10 * (i + 1) - 1 for i in range(130)]
     assert reader.first_nonfinite_json(rd)["step"] == 1003
     assert reader.list_runs(provider, ctx, eid) == {"big": [None]}
+
+
+def test_a_failing_data_provider_is_a_json_error_not_an_html_500(app, monkeypatch):
+    # What RustBoard's client raises for an answer over gRPC's 256 MiB, for instance.
+    def fail(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Received message larger than max")
+
+    monkeypatch.setattr(app.plugin, "_cache", collections.OrderedDict())
+    monkeypatch.setattr(app.plugin._provider, "read_tensors", fail)
+    r = app.get("/heatmap", run=app.json("/runs")[0], stat="max_abs")
+    assert r.status_code == 503
+    assert "RESOURCE_EXHAUSTED" in json.loads(r.get_data())["error"]
