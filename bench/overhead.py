@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from results_md import update_results  # bench/ is the script's directory
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BATCH = 128
@@ -725,17 +727,6 @@ def render(results):
     return "\n".join(L) + "\n"
 
 
-def update_results(path, section, begin="<!-- overhead:begin -->", end="<!-- overhead:end -->"):
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    block = "%s\n%s%s" % (begin, section, end)
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: few rounds, short epochs, no XLA on conv")
@@ -781,7 +772,7 @@ def main():
             text = render(json.load(f))
         print(text)
         if args.out:
-            update_results(args.out, text)
+            update_results(args.out, text, 'overhead')
         return
 
     rounds = args.rounds or (3 if args.quick else 7)
@@ -833,7 +824,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if args.out:
-        update_results(args.out, text)
+        update_results(args.out, text, 'overhead')
         print("updated %s" % args.out)
 
 

@@ -31,6 +31,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from results_md import update_results  # bench/ is the script's directory
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -453,17 +455,6 @@ def render(results):
     return "\n".join(L) + "\n"
 
 
-def update_results(path, section, begin="<!-- plugin:begin -->", end="<!-- plugin:end -->"):
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
-    block = "%s\n%s%s" % (begin, section, end)
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="200 sites x 20,000 steps, 5 repeats, RustBoard only")
@@ -506,7 +497,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if args.out:
-        update_results(args.out, text)
+        update_results(args.out, text, 'plugin')
         print("updated %s" % args.out)
 
 
