@@ -104,3 +104,23 @@ def test_article_d_under_float16_shows_velocity_underflow_before_the_nan(tmp_pat
     assert any(p["kind"] == "optimizer_state" and p["tensor"].startswith("velocity/") for p in signs)
     code, text, _ = report(tmp_path)
     assert re.search(r"velocity/kernel (below float16's smallest normal value|exactly 0 \(underflowed)", text), text
+
+
+def test_bfloat16_sites_have_headroom_and_underflow_against_bfloat16(tmp_path, policy):
+    policy("bfloat16")
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="hidden")])
+    model.compile(optimizer="adam", loss="mse")
+    cb = tb_nanwatch.NanWatchCallback(str(tmp_path / "bf16"), log_every=4)
+    model.fit(x, x[:, :4], batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    rd = reader.read_run(*reader.open_logdir(str(tmp_path)), "bf16")
+    i = rd.site_index("hidden", "activation")
+    assert rd.sites[i]["dtype"] == "bfloat16"
+    col = stats.STAT_INDEX
+    row = rd.rows[-1, i]
+    assert 0 <= row[col["underflow_frac"]] <= 1          # measured for 16-bit floats only
+    bf16_max = 3.3895314e38
+    assert row[col["headroom"]] == pytest.approx(np.log2(bf16_max / row[col["max_abs"]]), rel=1e-4)
+    kernel = rd.site_index("hidden", "weight", "kernel")
+    assert np.isnan(rd.rows[-1, kernel, col["underflow_frac"]]) == (rd.sites[kernel]["dtype"] != "bfloat16")
