@@ -178,16 +178,17 @@ def _first_from_rows(run_data):
     # Steps the LossScaleOptimizer skipped hold non-finite gradients by design: without
     # the record, a run with skips can only be judged by its other sites.
     skipped = any(e.get("type") == "loss_scale_skip" for e in run_data.events if isinstance(e, dict))
-    eligible = [not (skipped and s["kind"] in ("activation_grad", "weight_grad")) for s in run_data.sites]
+    eligible = np.array([not (skipped and s["kind"] in ("activation_grad", "weight_grad"))
+                         for s in run_data.sites], dtype=bool)
     for steps, rows in ((run_data.flight_steps, run_data.flight_rows), (run_data.steps, run_data.rows)):
         if len(steps) == 0:
             continue
         first_col = rows[..., stats.STAT_INDEX["first_nonfinite_step"]]
-        for i in range(rows.shape[0]):
-            for s in range(rows.shape[1]):
-                step = first_col[i, s]
-                if eligible[s] and not np.isnan(step) and (best is None or step < best[0]):
-                    best = (int(step), s, i, rows)
+        candidates = np.where(eligible[None, :] & ~np.isnan(first_col), first_col, np.inf)
+        # argmin takes the first in row-major order: earliest row, then execution order.
+        i, s = np.unravel_index(np.argmin(candidates), candidates.shape)
+        if np.isfinite(candidates[i, s]) and (best is None or candidates[i, s] < best[0]):
+            best = (int(candidates[i, s]), int(s), int(i), rows)
     if best is None:
         return None
     step, s, i, rows = best
