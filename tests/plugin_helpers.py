@@ -182,10 +182,10 @@ def _blowup_bad(sites, step):
     return bad
 
 
-def _blowup_row(sites, first, last, rng):
-    n = len(sites)
-    row = synthetic.finite_row(n, last, steps=last - first + 1)
-    m = _blowup_magnitudes(sites, last, rng)
+def _magnitude_row(sites, first, last, m, largest):
+    """A finite row over steps first..last whose statistics follow the magnitudes m
+    (per site), with headroom against `largest`; returns (row, element counts)."""
+    row = synthetic.finite_row(len(sites), last, steps=last - first + 1)
     size = np.array([max(1, int(np.prod(s["shape"]))) for s in sites], dtype=float)
     row[:, COL["size"]] = size
     row[:, COL["min"]] = -m
@@ -195,8 +195,13 @@ def _blowup_row(sites, first, last, rng):
     row[:, COL["mean_every_step"]] = 0.05 * m
     row[:, COL["std"]] = 0.4 * m
     row[:, COL["norm"]] = 0.4 * m * np.sqrt(size)
-    row[:, COL["headroom"]] = np.log2(3.4e38 / m)
+    row[:, COL["headroom"]] = np.log2(largest / m)
     row[:, COL["zero_frac"]] = [0.3 if s["kind"] == "activation" else 0.0 for s in sites]
+    return row, size
+
+
+def _blowup_row(sites, first, last, rng):
+    row, size = _magnitude_row(sites, first, last, _blowup_magnitudes(sites, last, rng), 3.4e38)
     for step in range(first, last + 1):
         for i, what in _blowup_bad(sites, step).items():
             if what in ("nan", "mixed"):
@@ -294,20 +299,9 @@ def _mp_bad(sites, step, blowup):
 
 
 def _mp_row(sites, first, last, rng, blowup):
-    row = synthetic.finite_row(len(sites), last, steps=last - first + 1)
-    m = _mp_magnitudes(sites, last, rng, blowup)
-    size = np.array([max(1, int(np.prod(s["shape"]))) for s in sites], dtype=float)
     half = np.array([s["dtype"] == "float16" for s in sites])
-    row[:, COL["size"]] = size
-    row[:, COL["min"]] = -m
-    row[:, COL["max"]] = m
-    row[:, COL["max_abs"]] = m
-    row[:, COL["mean"]] = 0.05 * m
-    row[:, COL["mean_every_step"]] = 0.05 * m
-    row[:, COL["std"]] = 0.4 * m
-    row[:, COL["norm"]] = 0.4 * m * np.sqrt(size)
-    row[:, COL["headroom"]] = np.log2(np.where(half, FLOAT16_MAX, 3.4e38) / m)
-    row[:, COL["zero_frac"]] = [0.3 if s["kind"] == "activation" else 0.0 for s in sites]
+    row, size = _magnitude_row(sites, first, last, _mp_magnitudes(sites, last, rng, blowup),
+                               np.where(half, FLOAT16_MAX, 3.4e38))
     velocity = np.array([s["tensor"].startswith("velocity") and s["layer"] in _MP_UNDERFLOW for s in sites])
     row[:, COL["underflow_frac"]] = np.where(half, np.where(velocity, 1.0, 0.01), np.nan)
     skipped = [s for s in range(first, last + 1) if s in MP_SKIPS or (blowup and s >= MP_BLOWUP_STEP)]
