@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from results_md import update_results  # bench/ is the script's directory
+from results_md import publish, update_results  # bench/ is the script's directory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -817,15 +817,7 @@ def main():
     results["record"] = record_sizes()
     results["loadavg_end"] = os.getloadavg()
     results["total_s"] = time.perf_counter() - t_start
-    text = render(results)
-    print()
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.out:
-        update_results(args.out, text, 'overhead')
-        print("updated %s" % args.out)
+    publish(results, render(results), args.json, args.out, 'overhead')
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from results_md import update_results  # bench/ is the script's directory
+from results_md import publish  # bench/ is the script's directory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -490,15 +490,7 @@ def main():
         print(json.dumps(r, indent=1), flush=True)
         results["runs"].append(r)
     results["loadavg_end"] = os.getloadavg()
-    text = render(results)
-    print()
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.out:
-        update_results(args.out, text, 'plugin')
-        print("updated %s" % args.out)
+    publish(results, render(results), args.json, args.out, 'plugin')
 
 
 if __name__ == "__main__":

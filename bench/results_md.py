@@ -15,3 +15,16 @@ def update_results(path, section, name):
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def publish(results, text, json_path, out_path, name):
+    """Prints the tables, saves the raw results as JSON and updates RESULTS.md, as asked."""
+    import json
+    print()
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    if out_path:
+        update_results(out_path, text, name)
+        print("updated %s" % out_path)
