@@ -505,8 +505,9 @@ class Watch:
             per_worker = replicas.shape[0] // max(self._workers, 1)
             if self._workers > 1 and saw:
                 record["worker"] = self._worker_names[min(saw[0] // per_worker, self._workers - 1)]
-        if self._skips_seen or st.poll.numpy()[_P_SKIPS]:
-            record["loss_scale_skips_before"] = int(st.poll.numpy()[_P_SKIPS])
+        skips = int(st.poll.numpy()[_P_SKIPS])
+        if skips:
+            record["loss_scale_skips_before"] = skips
         writer = self._ensure_writer()
         # Flight recorder first, so the record that readers look for lands last, complete.
         ring_step = st.ring_step.numpy()
