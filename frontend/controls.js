@@ -125,7 +125,7 @@ export function attachCanvasMouse(target, getLayout, handlers) {
     const layout = getLayout();
     const p = pos(event);
     const cell = hitTest(layout, p.x, p.y);
-    if (!cell || event.button !== 0) return;
+    if (!cell || cell.gutter || event.button !== 0) return;
     drag = {start: cell.col, x: p.x, moved: false};
     // No preventDefault: the iframe must take the focus (Escape unpins).  The stack has
     // user-select: none, so dragging selects no text.
@@ -148,7 +148,14 @@ export function attachCanvasMouse(target, getLayout, handlers) {
     else handlers.onLeave();
   });
   window.addEventListener("mouseup", (event) => {
-    if (!drag) return;
+    if (!drag) {
+      // A click on a row's name opens or closes it.
+      const layout = getLayout();
+      const p = pos(event);
+      const cell = event.target === target && event.button === 0 ? hitTest(layout, p.x, p.y) : null;
+      if (cell && cell.gutter) handlers.onClick(cell, event);
+      return;
+    }
     const layout = getLayout();
     const d = drag;
     drag = null;
@@ -202,7 +209,7 @@ export class Tooltip {
     this.el.replaceChildren();
     this.el.classList.toggle("nw-pinned", this.pinned);
     const head = el("div", "nw-tip-head");
-    head.appendChild(el("span", "nw-tip-label", cell.site.label || "(unnamed)"));
+    head.appendChild(el("span", "nw-tip-label", cell.label || "(unnamed)"));
     if (this.pinned) {
       const close = el("button", "nw-tip-close", "\u00d7");
       close.type = "button";
@@ -213,7 +220,9 @@ export class Tooltip {
     this.el.appendChild(head);
     const steps = cell.firstStep === cell.lastStep ? `step ${cell.firstStep}` : `steps ${cell.firstStep}\u2013${cell.lastStep}`;
     const rowsWord = cell.source === "flight" ? "" : ` \u00b7 ${cell.rows} logged row${cell.rows === 1 ? "" : "s"}`;
-    this.el.appendChild(el("div", "nw-tip-sub", `${steps}${rowsWord} \u00b7 ${cell.site.dtype || "?"} [${(cell.site.shape || []).join(", ")}]`));
+    const what = cell.site ? `${cell.site.dtype || "?"} [${(cell.site.shape || []).join(", ")}]`
+      : `${cell.node.level}, ${cell.node.n_sites} site${cell.node.n_sites === 1 ? "" : "s"}`;
+    this.el.appendChild(el("div", "nw-tip-sub", `${steps}${rowsWord} \u00b7 ${what}`));
     const statusClass = {"+inf": "posinf", "-inf": "neginf"}[cell.status] || cell.status;
     const statusText = {finite: "all finite", nan: "NaN", "+inf": "+Inf", "-inf": "\u2212Inf", mixed: "mixed NaN/Inf", absent: "not computed"};
     const status = el("div", `nw-tip-status nw-status-${statusClass}`, statusText[cell.status] || cell.status);
@@ -223,6 +232,10 @@ export class Tooltip {
       status.style.color = textOn(rgb);
     }
     this.el.appendChild(status);
+    if (cell.late) {
+      this.el.appendChild(el("div", "nw-tip-event", "Striped: finite at the first non-finite step; it went " +
+        "non-finite later in this column (propagated or broke later)."));
+    }
     if (cell.first) this.el.appendChild(el("div", "nw-tip-first", `${cell.first} (in this cell)`));
     for (const note of cell.notes || []) this.el.appendChild(el("div", "nw-tip-event", note));
 
@@ -241,7 +254,8 @@ export class Tooltip {
       tr.appendChild(el("td", "", formatNumber(cell.value)));
       table.appendChild(tr);
       const wait = el("tr");
-      wait.appendChild(el("td", "nw-tip-wait", detail === null ? "loading every statistic\u2026" : String(detail.error || "")));
+      wait.appendChild(el("td", "nw-tip-wait", detail === null ? "loading every statistic\u2026"
+        : String(detail.error || detail.note || "")));
       table.appendChild(wait);
     }
     this.el.appendChild(table);

@@ -48,11 +48,12 @@ export function toNumber(v) {
 export function decodeHeatmap(json) {
   const valueBytes = base64Bytes(json.values);
   const statusBytes = base64Bytes(json.status);
-  // float32 little-endian, row-major [n_sites, n_columns]; copy to an aligned buffer.
-  const values = new Float32Array(json.n_sites * json.n_columns);
+  const late = json.late ? base64Bytes(json.late) : null;
+  // float32 little-endian, row-major [n_rows, n_columns]; copy to an aligned buffer.
+  const values = new Float32Array(json.n_rows * json.n_columns);
   const view = new DataView(valueBytes.buffer);
   for (let i = 0; i < values.length; i++) values[i] = view.getFloat32(i * 4, true);
-  return Object.assign({}, json, {values, status: statusBytes});
+  return Object.assign({}, json, {values, status: statusBytes, late});
 }
 
 export const api = {

@@ -99,7 +99,7 @@ export function makeScale(hm, stat, perRow = false) {
   };
   const [lo, hi] = range(0, hm.values.length);
   const rows = perRow
-    ? Array.from({length: hm.n_sites}, (_, r) => range(r * hm.n_columns, (r + 1) * hm.n_columns))
+    ? Array.from({length: hm.n_rows}, (_, r) => range(r * hm.n_columns, (r + 1) * hm.n_columns))
     : null;
   const L = Math.log10;
   const t = (v, row) => {
@@ -124,18 +124,34 @@ export function cellColour(status, value, scale, row) {
 }
 
 const FONT = '11px "Roboto", "DejaVu Sans", Arial, sans-serif';
+const BOLD = 'bold 11px "Roboto", "DejaVu Sans", Arial, sans-serif';
 // Above the grid: step labels, their ticks (and the first cell's triangle), then, for a
 // run with loss-scale events, a lane of TRACK_H pixels marking their columns.
 const AXIS_H = 30;
 const TRACK_H = 12;
-const TRACK_BG = "#f0f0f0";
 const MARGIN_R = 12;
 const MARGIN_B = 8;
+// Rows: one height for every view, so labels always read; the canvas never grows past
+// the height it is given (the rows scroll under a fixed axis instead).
+export const ROW_H = 16;
+const INDENT = 12;
+const TWISTY_W = 12;
+export const MAX_LABEL_W = 300;
 
-export function rowHeightFor(nSites) {
-  if (nSites <= 24) return 18;
-  if (nSites <= 60) return 14;
-  return 12;
+// The theme's colours for what the canvas draws itself (set from CSS variables).
+export const THEME = {text: "#212121", muted: "#616161", grid: "#9e9e9e", separator: "rgba(255, 255, 255, 0.75)",
+  groupRule: "#cfd8dc", track: "#f0f0f0", halo: "#fff"};
+
+export function setTheme(root) {
+  const cs = getComputedStyle(root);
+  const read = (name, fallback) => (cs.getPropertyValue(name) || "").trim() || fallback;
+  THEME.text = read("--nw-text", THEME.text);
+  THEME.muted = read("--nw-muted", THEME.muted);
+  THEME.grid = read("--nw-grid", THEME.grid);
+  THEME.separator = read("--nw-separator", THEME.separator);
+  THEME.groupRule = read("--nw-group-rule", THEME.groupRule);
+  THEME.track = read("--nw-track", THEME.track);
+  THEME.halo = read("--nw-halo", THEME.halo);
 }
 
 function ellipsize(ctx, text, width) {
@@ -151,28 +167,46 @@ function ellipsize(ctx, text, width) {
   return "\u2026";
 }
 
-// Width the label gutter needs for these sites (bounded).
-export function labelWidthFor(hm) {
-  const probe = document.createElement("canvas").getContext("2d");
-  probe.font = FONT;
-  let w = 60;
-  for (const s of hm.sites) w = Math.max(w, probe.measureText(s.label || "(unnamed)").width);
-  return Math.min(MAX_LABEL_W, Math.ceil(w) + 14 + PHASE_W);
+// What a heat row reads as in the gutter.
+export function rowLabel(hm, i) {
+  const row = hm.rows ? hm.rows[i] : null;
+  if (row) return row.label || "(unnamed)";
+  return hm.sites[i].label || "(unnamed)";
 }
 
-// The three phases of a training step; rows are separated and captioned by phase.
-const PHASES = {input: "forward", activation: "forward", loss: "forward", activation_grad: "backward",
-  weight_grad: "backward", optimizer_state: "update", weight: "update"};
-const PHASE_W = 16;
-export const MAX_LABEL_W = 336;
+function rowDepth(hm, i) {
+  return hm.rows ? hm.rows[i].depth : 0;
+}
 
-// Tick positions of the step axis: round steps placed inside the column that holds them.
-function stepTicks(hm, gridX, colW, maxTicks) {
+// Width the label gutter needs for the rows shown (bounded).
+export function labelWidthFor(hm, shown) {
+  const probe = document.createElement("canvas").getContext("2d");
+  let w = 60;
+  for (const i of shown) {
+    probe.font = hm.rows && hm.rows[i].level !== "site" ? BOLD : FONT;
+    w = Math.max(w, probe.measureText(rowLabel(hm, i)).width + rowDepth(hm, i) * INDENT);
+  }
+  return Math.min(MAX_LABEL_W, Math.ceil(w) + 14 + TWISTY_W);
+}
+
+// "95" for a one-step column, "0-94" for a wider one.
+export function columnWords(hm, c) {
+  const a = hm.first_steps[c];
+  const b = hm.last_steps[c];
+  return a === b ? String(a) : `${a}\u2013${b}`;
+}
+
+// Tick positions and labels of the step axis.  Few columns: each labelled with the step
+// range it covers.  Many: round steps placed inside the column that holds them.
+function stepTicks(ctx, hm, gridX, colW, maxTicks) {
   const n = hm.n_columns;
   const ticks = [];
   if (n <= maxTicks) {
-    const every = 1;
-    for (let c = 0; c < n; c += every) ticks.push({x: gridX + (c + 0.5) * colW, label: hm.first_steps[c]});
+    const words = Array.from({length: n}, (_, c) => columnWords(hm, c));
+    const fits = words.every((w) => ctx.measureText(w).width + 6 <= colW);
+    for (let c = 0; c < n; c++) {
+      ticks.push({x: gridX + (c + 0.5) * colW, label: fits ? words[c] : String(hm.first_steps[c])});
+    }
     return ticks;
   }
   const a = hm.first_steps[0];
@@ -185,22 +219,38 @@ function stepTicks(hm, gridX, colW, maxTicks) {
     while (c + 1 < n && hm.first_steps[c + 1] <= v) c++;
     const width = hm.last_steps[c] - hm.first_steps[c] + 1;
     const within = Math.min(1, Math.max(0, (v - hm.first_steps[c] + 0.5) / width));
-    ticks.push({x: gridX + (c + within) * colW, label: v});
+    ticks.push({x: gridX + (c + within) * colW, label: String(v)});
   }
   return ticks;
 }
 
-// Lays out and draws the heatmap into `canvas` (CSS width `width`).  Returns the layout
-// used for hit testing by the controls.
-export function drawHeatmap(canvas, hm, scale, width) {
-  const labelW = labelWidthFor(hm);
-  const rowH = rowHeightFor(hm.n_sites);
+// The height the canvas needs for `nRows` rows (before any limit).
+export function heightFor(hm, nRows) {
+  return AXIS_H + (hasTrack(hm) ? TRACK_H : 0) + nRows * ROW_H + MARGIN_B;
+}
+
+function hasTrack(hm) {
+  const types = new Set((hm.event_counts || []).map((e) => e.type));
+  return types.has("loss_scale_skip") || types.has("loss_scale_collapse");
+}
+
+// Lays out and draws the heatmap into `canvas` (CSS width `width`, at most `maxHeight`
+// tall).  `view`: {shown: heat row indices in display order, open: Set of opened keys
+// (for the twisties), offset: first shown row drawn, firstRow: the shown row holding
+// the first non-finite cell or -1}.  Returns the layout used for hit testing.
+export function drawHeatmap(canvas, hm, view, scale, width, maxHeight) {
+  const shown = view.shown;
+  const labelW = labelWidthFor(hm, shown);
+  const rowH = ROW_H;
   const gridX = labelW;
   const types = new Set((hm.event_counts || []).map((e) => e.type));
-  const track = types.has("loss_scale_skip") || types.has("loss_scale_collapse") ? TRACK_H : 0;
+  const track = hasTrack(hm) ? TRACK_H : 0;
   const gridY = AXIS_H + track;
   const gridW = Math.max(40, width - labelW - MARGIN_R);
-  const gridH = rowH * hm.n_sites;
+  const fit = Math.max(1, Math.floor((maxHeight - gridY - MARGIN_B) / rowH));
+  const offset = Math.max(0, Math.min(view.offset || 0, shown.length - fit));
+  const nShown = Math.min(fit, shown.length - offset);
+  const gridH = rowH * nShown;
   const height = gridY + gridH + MARGIN_B;
   const colW = hm.n_columns ? gridW / hm.n_columns : gridW;
   const dpr = window.devicePixelRatio || 1;
@@ -214,20 +264,22 @@ export function drawHeatmap(canvas, hm, scale, width) {
   ctx.font = FONT;
 
   // Cells: one pixel per cell in an offscreen image, scaled up without smoothing.
-  if (hm.n_sites && hm.n_columns) {
+  if (nShown && hm.n_columns) {
     const off = document.createElement("canvas");
     off.width = hm.n_columns;
-    off.height = hm.n_sites;
+    off.height = nShown;
     const octx = off.getContext("2d");
-    const image = octx.createImageData(hm.n_columns, hm.n_sites);
-    for (let r = 0; r < hm.n_sites; r++) {
+    const image = octx.createImageData(hm.n_columns, nShown);
+    for (let k = 0; k < nShown; k++) {
+      const r = shown[offset + k];
       for (let c = 0; c < hm.n_columns; c++) {
         const i = r * hm.n_columns + c;
         const rgb = cellColour(hm.status[i], hm.values[i], scale, r);
-        image.data[i * 4] = rgb[0];
-        image.data[i * 4 + 1] = rgb[1];
-        image.data[i * 4 + 2] = rgb[2];
-        image.data[i * 4 + 3] = 255;
+        const o = (k * hm.n_columns + c) * 4;
+        image.data[o] = rgb[0];
+        image.data[o + 1] = rgb[1];
+        image.data[o + 2] = rgb[2];
+        image.data[o + 3] = 255;
       }
     }
     octx.putImageData(image, 0, 0);
@@ -235,76 +287,97 @@ export function drawHeatmap(canvas, hm, scale, width) {
     ctx.drawImage(off, gridX, gridY, gridW, gridH);
   }
 
-  // Row separators, thicker between kinds; labels in the gutter.
+  const layout = {gridX, gridY, gridW, gridH, rowH, colW, width, height, hm, track, shown, offset, nShown};
+  drawLate(ctx, layout);
+
+  // Row separators (a rule above every top-level row), twisties and labels in the gutter.
   ctx.textBaseline = "middle";
-  ctx.textAlign = "right";
-  for (let r = 0; r < hm.n_sites; r++) {
-    const site = hm.sites[r];
-    const y = gridY + r * rowH;
-    const newKind = r > 0 && PHASES[hm.sites[r - 1].kind] !== PHASES[site.kind];
-    if (newKind) {
-      ctx.fillStyle = "#e0e0e0";
-      ctx.fillRect(PHASE_W, y - 0.5, gridX - PHASE_W, 1);
-      ctx.fillStyle = "#263238";
-      ctx.fillRect(gridX, y - 1, gridW, 2);
-    } else if (r > 0) {
-      ctx.fillStyle = "rgba(255, 255, 255, 0.75)";
-      ctx.fillRect(gridX, y - 0.5, gridW, 1);
+  for (let k = 0; k < nShown; k++) {
+    const r = shown[offset + k];
+    const row = hm.rows ? hm.rows[r] : null;
+    const y = gridY + k * rowH;
+    if (k > 0) {
+      const top = row && row.depth === 0;
+      ctx.fillStyle = top ? THEME.groupRule : THEME.separator;
+      ctx.fillRect(top ? 0 : gridX, y - 0.5, top ? gridX + gridW : gridW, 1);
     }
-    ctx.fillStyle = "#212121";
-    ctx.fillText(ellipsize(ctx, site.label || "(unnamed)", labelW - 12 - PHASE_W), labelW - 8, y + rowH / 2);
+    const x = 4 + (row ? row.depth * INDENT : 0);
+    if (row && view.hasChildren(r)) {
+      ctx.fillStyle = THEME.muted;
+      ctx.textAlign = "left";
+      ctx.fillText(view.open.has(view.key(r)) ? "\u25be" : "\u25b8", x, y + rowH / 2);
+    }
+    ctx.font = row && row.level !== "site" ? BOLD : FONT;
+    ctx.fillStyle = row && row.level === "site" ? THEME.muted : THEME.text;
+    ctx.textAlign = "left";
+    ctx.fillText(ellipsize(ctx, rowLabel(hm, r), labelW - x - TWISTY_W - 8), x + TWISTY_W, y + rowH / 2);
+    ctx.font = FONT;
   }
 
-  // Phase captions, rotated, at the left edge of the gutter.
-  ctx.save();
-  ctx.fillStyle = "#9e9e9e";
-  ctx.textAlign = "center";
-  for (let r = 0; r < hm.n_sites;) {
-    const phase = PHASES[hm.sites[r].kind];
-    let end = r;
-    while (end < hm.n_sites && PHASES[hm.sites[end].kind] === phase) end++;
-    const h = (end - r) * rowH;
-    if (phase && ctx.measureText(phase).width + 8 <= h) {
-      ctx.save();
-      ctx.translate(PHASE_W / 2 + 1, gridY + r * rowH + h / 2);
-      ctx.rotate(-Math.PI / 2);
-      ctx.fillText(phase, 0, 0);
-      ctx.restore();
-    }
-    r = end;
-  }
-  ctx.restore();
-
-  // Step axis: round steps, each placed in the column that holds it.
+  // Step axis.
   ctx.textBaseline = "alphabetic";
-  ctx.fillStyle = "#616161";
+  ctx.fillStyle = THEME.muted;
   ctx.textAlign = "right";
   const axisY = gridY - track;   // the bottom of the step axis
   const labelY = axisY - 10;
-  ctx.fillText(hm.source === "flight" ? "step (one column per step)" : "step", gridX - 8, labelY);
+  ctx.fillText(hm.source === "flight" ? "step (one per column)" : "step", gridX - 8, labelY);
   const maxTicks = Math.max(2, Math.floor(gridW / 80));
-  const ticks = stepTicks(hm, gridX, colW, maxTicks);
-  ticks.forEach((tick, k) => {
+  const ticks = stepTicks(ctx, hm, gridX, colW, maxTicks);
+  for (const tick of ticks) {
     ctx.fillRect(tick.x - 0.5, axisY - 5, 1, 5);
     ctx.textAlign = "center";
-    const w = ctx.measureText(String(tick.label)).width;
+    const w = ctx.measureText(tick.label).width;
     const tx = Math.min(Math.max(tick.x, gridX + w / 2 - 2), gridX + gridW - w / 2 + 8);
-    ctx.fillText(String(tick.label), tx, labelY);
-  });
-  ctx.strokeStyle = "#9e9e9e";
+    ctx.fillText(tick.label, tx, labelY);
+  }
+  ctx.strokeStyle = THEME.grid;
   ctx.lineWidth = 1;
   ctx.strokeRect(gridX - 0.5, gridY - 0.5, gridW + 1, gridH + 1);
 
-  const layout = {gridX, gridY, gridW, gridH, rowH, colW, width, height, hm, track};
   if (track) drawTrack(ctx, layout, hm.events || [], types);
   const first = hm.first_nonfinite_cell;
-  if (first) markFirst(ctx, layout, first.row, first.column);
+  if (first && view.firstRow >= 0) markFirst(ctx, layout, view.firstRow, first.column);
   return layout;
 }
 
+// Cells of the first non-finite step's column that went non-finite only later in it:
+// striped over their colour, so they are not read as bad at that very step.
+function drawLate(ctx, layout) {
+  const hm = layout.hm;
+  if (!hm.late) return;
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(layout.gridX, layout.gridY, layout.gridW, layout.gridH);
+  ctx.clip();
+  ctx.strokeStyle = "rgba(255, 255, 255, 0.85)";
+  ctx.lineWidth = 1.5;
+  for (let k = 0; k < layout.nShown; k++) {
+    const r = layout.shown[layout.offset + k];
+    for (let c = 0; c < hm.n_columns; c++) {
+      if (!hm.late[r * hm.n_columns + c]) continue;
+      const x = layout.gridX + c * layout.colW;
+      const y = layout.gridY + k * layout.rowH;
+      const w = Math.max(layout.colW, 2);
+      ctx.save();
+      ctx.beginPath();
+      ctx.rect(x, y, w, layout.rowH);
+      ctx.clip();
+      ctx.beginPath();
+      for (let d = -layout.rowH; d < w; d += 4) {
+        ctx.moveTo(x + d, y + layout.rowH);
+        ctx.lineTo(x + d + layout.rowH, y);
+      }
+      ctx.stroke();
+      ctx.restore();
+    }
+  }
+  ctx.restore();
+}
+
+// A shown row's rectangle in canvas coordinates (it may be scrolled out: y outside).
 function cellRect(layout, row, col) {
   const x = layout.gridX + col * layout.colW;
-  const y = layout.gridY + row * layout.rowH;
+  const y = layout.gridY + (row - layout.offset) * layout.rowH;
   return {x, y, w: Math.max(layout.colW, 1), h: layout.rowH};
 }
 
@@ -314,11 +387,11 @@ function cellRect(layout, row, col) {
 function drawTrack(ctx, layout, events, types) {
   const top = layout.gridY - layout.track;
   const h = layout.track - 2;
-  ctx.fillStyle = TRACK_BG;
+  ctx.fillStyle = THEME.track;
   ctx.fillRect(layout.gridX, top, layout.gridW, h);
   ctx.save();
   ctx.font = '10px "Roboto", "DejaVu Sans", Arial, sans-serif';
-  ctx.fillStyle = "#757575";
+  ctx.fillStyle = THEME.muted;
   ctx.textAlign = "right";
   ctx.textBaseline = "middle";
   ctx.fillText(types.has("loss_scale_skip") ? "loss-scale skips" : "loss scale", layout.gridX - 8, top + h / 2);
@@ -355,15 +428,17 @@ function drawTrack(ctx, layout, events, types) {
 
 function markFirst(ctx, layout, row, col) {
   const r = cellRect(layout, row, col);
+  const inView = row >= layout.offset && row < layout.offset + layout.nShown;
   const pad = 3;
-  ctx.lineWidth = 2.5;
-  ctx.strokeStyle = "#000";
-  ctx.strokeRect(r.x - pad, r.y - pad, r.w + 2 * pad, r.h + 2 * pad);
-  ctx.lineWidth = 1;
-  ctx.strokeStyle = "#fff";
-  ctx.strokeRect(r.x - pad + 1.75, r.y - pad + 1.75, r.w + 2 * pad - 3.5, r.h + 2 * pad - 3.5);
-  // Triangles on the axis and at the gutter, so the cell is found even when 1 px wide.
-  ctx.fillStyle = "#000";
+  ctx.save();
+  ctx.beginPath();
+  ctx.rect(0, layout.gridY - pad - 1, layout.width, layout.gridH + 2 * pad + 2);
+  ctx.clip();
+  if (inView) drawFirstBox(ctx, r, pad);
+  ctx.restore();
+  // Triangles on the axis and at the gutter, so the cell is found even when 1 px wide
+  // (the axis one also when its row is scrolled out of sight).
+  ctx.fillStyle = THEME.text;
   const cx = r.x + r.w / 2;
   ctx.beginPath();
   const axisY = layout.gridY - layout.track;
@@ -371,12 +446,22 @@ function markFirst(ctx, layout, row, col) {
   ctx.lineTo(cx + 4, axisY - 7);
   ctx.lineTo(cx, axisY - 1);
   ctx.fill();
+  if (!inView) return;
   const cy = r.y + r.h / 2;
   ctx.beginPath();
   ctx.moveTo(layout.gridX - 7, cy - 4);
   ctx.lineTo(layout.gridX - 7, cy + 4);
   ctx.lineTo(layout.gridX - 2, cy);
   ctx.fill();
+}
+
+function drawFirstBox(ctx, r, pad) {
+  ctx.lineWidth = 2.5;
+  ctx.strokeStyle = "#000";
+  ctx.strokeRect(r.x - pad, r.y - pad, r.w + 2 * pad, r.h + 2 * pad);
+  ctx.lineWidth = 1;
+  ctx.strokeStyle = "#fff";
+  ctx.strokeRect(r.x - pad + 1.75, r.y - pad + 1.75, r.w + 2 * pad - 3.5, r.h + 2 * pad - 3.5);
 }
 
 // The overlay canvas: hover outline and the zoom band being dragged.
@@ -398,7 +483,7 @@ export function drawOverlay(canvas, layout, hover, band) {
     ctx.lineWidth = 1;
     ctx.strokeRect(x0 + 0.5, layout.gridY + 0.5, x1 - x0 - 1, layout.gridH - 1);
   }
-  if (hover) {
+  if (hover && hover.row >= layout.offset && hover.row < layout.offset + layout.nShown) {
     const r = cellRect(layout, hover.row, hover.col);
     ctx.strokeStyle = "#ffb300";
     ctx.lineWidth = 2;
@@ -408,11 +493,16 @@ export function drawOverlay(canvas, layout, hover, band) {
   }
 }
 
+// {row, col} of the cell under (x, y): `row` indexes the shown rows; {row, gutter: true}
+// over a row's label; null elsewhere.
 export function hitTest(layout, x, y) {
   if (!layout || !layout.hm.n_columns) return null;
+  const k = Math.floor((y - layout.gridY) / layout.rowH);
+  if (k < 0 || k >= layout.nShown) return null;
+  const row = layout.offset + k;
+  if (x < layout.gridX) return {row, gutter: true};
   const col = Math.floor((x - layout.gridX) / layout.colW);
-  const row = Math.floor((y - layout.gridY) / layout.rowH);
-  if (col < 0 || col >= layout.hm.n_columns || row < 0 || row >= layout.hm.n_sites) return null;
+  if (col < 0 || col >= layout.hm.n_columns) return null;
   return {row, col};
 }
 

@@ -3,7 +3,9 @@
 // canvas heatmap (heatmap.js) and the controls (controls.js).
 
 import {api} from "./data.js";
-import {drawHeatmap, drawOverlay, drawLegend, makeScale, setStatusColours, formatNumber, MAX_LABEL_W} from "./heatmap.js";
+import {drawHeatmap, drawOverlay, drawLegend, makeScale, setStatusColours, formatNumber, MAX_LABEL_W, ROW_H,
+  heightFor, setTheme, columnWords} from "./heatmap.js";
+import {visibleRows, hasChildren, initialOpen, rowKey, shownRowFor} from "./tree.js";
 import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
 
 const POLL_MS = 30000;
@@ -115,6 +117,9 @@ class App {
     this.lastRefresh = 0;
     this.hover = null;
     this.band = null;
+    this.open = new Set();   // keys (tree.rowKey) of the opened rows of this run
+    this.openFor = null;     // the run `open` belongs to
+    this.shown = [];         // heat rows shown, in display order
 
     this.toolbar = buildToolbar(this.root, {
       onRun: (key) => this.update({key, range: null, zoom: [], source: "rows"}),
@@ -141,13 +146,26 @@ class App {
     this.message = el("div", "nw-message");
     this.message.hidden = true;
     this.root.appendChild(this.message);
+    // The rows scroll under a fixed step axis: the canvas is only as tall as the window
+    // allows (sticky at the top of the scroller); a spacer gives the scrollbar its length.
     this.stack = el("div", "nw-stack");
+    this.sticky = el("div", "nw-sticky");
     this.canvas = el("canvas", "nw-heatmap");
     this.overlay = el("canvas", "nw-overlay");
-    this.stack.appendChild(this.canvas);
-    this.stack.appendChild(this.overlay);
+    this.sticky.appendChild(this.canvas);
+    this.sticky.appendChild(this.overlay);
+    this.stack.appendChild(this.sticky);
+    this.spacer = el("div", "nw-spacer");
+    this.stack.appendChild(this.spacer);
     this.root.appendChild(this.stack);
-    this.hint = el("div", "nw-hint", "Hover a cell for every statistic, click to pin it, drag across steps to zoom in.");
+    this.stack.addEventListener("scroll", () => {
+      if (this.scrollFrame) return;
+      this.scrollFrame = requestAnimationFrame(() => {
+        this.scrollFrame = null;
+        if (this.heat && this.layout) this.drawGrid();
+      });
+    });
+    this.hint = el("div", "nw-hint", "Click a name to open its layers or sites; hover a cell for its statistics, click to pin it, drag across steps to zoom in.");
     this.root.appendChild(this.hint);
     this.tooltip = new Tooltip(document.body, () => this.setHover(null));
 
@@ -176,6 +194,7 @@ class App {
       return;
     }
     setStatusColours(this.info);
+    setTheme(this.root);
     this.toolbar.setInfo(this.info);
     this.followReload();
     setInterval(() => {
@@ -328,6 +347,7 @@ class App {
     this.legend.hidden = false;
     const stat = this.info.stats.find((s) => s.name === heat.stat);
     const scale = makeScale(heat, stat, this.state.colour === "row");
+    this.scale = scale;
     drawLegend(this.legend, scale, heat);
     if (!heat.n_columns || !heat.n_sites) {
       this.stack.hidden = true;
@@ -341,7 +361,18 @@ class App {
     }
     this.stack.hidden = false;
     this.hint.hidden = false;
-    this.layout = drawHeatmap(this.canvas, heat, scale, this.contentWidth());
+    const key = this.heatKey();
+    if (this.openFor !== key) {
+      // A run's first view: open groups while everything fits, the first non-finite
+      // site's groups first; scroll back to the top.
+      const first = heat.first_nonfinite_cell;
+      this.open = initialOpen(heat, this.fitRows(), first && first.path ? first.path : []);
+      this.openFor = key;
+      this.stack.scrollTop = 0;
+      this.drawGrid();
+      this.scrollToShownRow(this.layout.hm.first_nonfinite_cell ? shownRowFor(heat, this.shown, first.row) : -1);
+    }
+    this.drawGrid();
     const guessedLabelW = this.labelW;
     this.labelW = this.layout.gridX;
     if (this.layout.colW < 1 && this.labelW > guessedLabelW) {
@@ -352,9 +383,78 @@ class App {
     }
     this.canvas.dataset.columns = String(heat.n_columns);
     this.canvas.dataset.sites = String(heat.n_sites);
+  }
+
+  // The shown row holding the first non-finite cell (itself or a closed ancestor), or -1.
+  firstShownRow() {
+    const first = this.heat && this.heat.first_nonfinite_cell;
+    return first ? shownRowFor(this.heat, this.shown, first.row) : -1;
+  }
+
+  // Rows that fit in the window below the toolbar and banner.
+  maxCanvasHeight() {
+    const top = this.stack.getBoundingClientRect().top + window.scrollY;
+    return Math.max(240, Math.floor(window.innerHeight - top - 36));
+  }
+
+  fitRows() {
+    return Math.max(1, Math.floor((this.maxCanvasHeight() - heightFor(this.heat, 0)) / ROW_H));
+  }
+
+  // Draws the rows shown at the current scroll position.
+  drawGrid() {
+    const heat = this.heat;
+    this.shown = heat.rows ? visibleRows(heat, this.open) : heat.sites.map((_, i) => i);
+    const maxHeight = Math.min(this.maxCanvasHeight(), heightFor(heat, this.shown.length));
+    const first = heat.first_nonfinite_cell;
+    const view = {
+      shown: this.shown,
+      open: this.open,
+      offset: Math.floor(this.stack.scrollTop / ROW_H),
+      firstRow: first ? shownRowFor(heat, this.shown, first.row) : -1,
+      hasChildren: (r) => Boolean(heat.rows) && hasChildren(heat, r),
+      key: (r) => rowKey(heat.rows[r]),
+    };
+    this.layout = drawHeatmap(this.canvas, heat, view, this.scale, this.contentWidth(), maxHeight);
+    this.stack.style.height = `${this.layout.height}px`;
+    this.spacer.style.height = `${Math.max(0, heightFor(heat, this.shown.length) - this.layout.height)}px`;
+    this.canvas.dataset.rows = String(this.shown.length);
     // A reload redraws under the mouse: keep the highlight while it still points at a cell.
-    if (this.hover && (this.hover.row >= heat.n_sites || this.hover.col >= heat.n_columns)) this.hover = null;
+    if (this.hover && (this.hover.row >= this.shown.length || this.hover.col >= heat.n_columns)) this.hover = null;
     this.redrawOverlay();
+  }
+
+  // Opens or closes a row (a group or a layer) of the shown rows.
+  toggle(shownRow) {
+    const r = this.shown[shownRow];
+    if (r === undefined || !this.heat.rows || !hasChildren(this.heat, r)) return;
+    const key = rowKey(this.heat.rows[r]);
+    if (this.open.has(key)) this.open.delete(key);
+    else this.open.add(key);
+    this.tooltip.unpin();
+    this.tooltip.hide();
+    this.hover = null;
+    this.drawGrid();
+  }
+
+  // Opens the groups and the layer above the first non-finite site and scrolls to it.
+  jumpToFirst() {
+    const first = this.heat && this.heat.first_nonfinite_cell;
+    if (!first) return;
+    for (const r of first.path || []) this.open.add(rowKey(this.heat.rows[r]));
+    this.drawGrid();
+    this.scrollToShownRow(this.shown.indexOf(first.row), true);
+    this.drawGrid();
+    this.stack.scrollIntoView({block: "nearest"});
+  }
+
+  // Scrolls the rows so that shown row `k` is in sight (centred when it was not, or `centre`).
+  scrollToShownRow(k, centre = false) {
+    if (k < 0 || !this.layout) return;
+    const fit = this.layout.nShown;
+    const top = Math.floor(this.stack.scrollTop / ROW_H);
+    if (!centre && k >= top && k < top + fit) return;
+    this.stack.scrollTop = Math.max(0, (k - Math.floor(fit / 2)) * ROW_H);
   }
 
   drawBanner() {
@@ -407,14 +507,22 @@ class App {
       }
       this.drawSigns(b, signs, "Warning signs before it:");
       const notes = el("div", "nw-banner-actions");
-      if (!heat.first_nonfinite_cell) {
+      if (heat.first_nonfinite_cell) {
+        const jump = el("button", "nw-button nw-jump", `Show ${siteLabel(first)} at ${
+          columnWords(heat, heat.first_nonfinite_cell.column) === String(first.step) ? "step " + first.step
+            : "steps " + columnWords(heat, heat.first_nonfinite_cell.column)}`);
+        jump.type = "button";
+        jump.title = "open its layer and scroll to its row";
+        jump.addEventListener("click", () => this.jumpToFirst());
+        notes.appendChild(jump);
+      } else {
         const why = this.state.kind !== "all" && first.kind !== this.state.kind
           ? `not in this view (kind \u201c${kindWords(first.kind)}\u201d)`
           : "not in this step range";
         notes.appendChild(el("span", "nw-note", `The first non-finite cell is ${why}.`));
       }
       if (heat.flight_range && this.state.source === "rows") {
-        const go = el("button", "nw-button", `Steps ${heat.flight_range.first}\u2013${heat.flight_range.last} one by one (flight recorder)`);
+        const go = el("button", "nw-button nw-flight", `Steps ${heat.flight_range.first}\u2013${heat.flight_range.last} one by one (flight recorder)`);
         go.type = "button";
         go.addEventListener("click", () => this.update({source: "flight", range: null, zoom: []}));
         notes.appendChild(go);
@@ -457,26 +565,40 @@ class App {
 
   cellInfo(cell) {
     const h = this.heat;
-    const i = cell.row * h.n_columns + cell.col;
-    const site = h.sites[cell.row];
+    const r = this.shown[cell.row];
+    const i = r * h.n_columns + cell.col;
+    const node = h.rows ? h.rows[r] : null;
+    const siteIndex = node ? node.site : h.sites[r].index;
+    const site = siteIndex !== undefined ? h.sites.find((s) => s.index === siteIndex) : null;
+    const first = h.first_nonfinite_cell;
+    const holdsFirst = first && first.column === cell.col && (first.row === r || (first.path || []).includes(r));
     return {
       site,
+      node,
+      label: site ? site.label : node.name,
       firstStep: h.first_steps[cell.col],
       lastStep: h.last_steps[cell.col],
       rows: h.rows_per_column[cell.col],
       status: this.info.status[h.status[i]] || "?",
+      late: Boolean(h.late && h.late[i]),
       value: h.values[i],
       statName: h.stat,
       source: h.source,
-      first: h.first_nonfinite_cell && h.first_nonfinite_cell.row === cell.row &&
-        h.first_nonfinite_cell.column === cell.col && this.first ? headline(this.first) : null,
+      first: holdsFirst && this.first ? headline(this.first) : null,
       notes: columnNotes(this.eventsByColumn.get(cell.col) || []),
-      key: `${h.run}|${h.group}|${h.source}|${site.index}|${h.first_steps[cell.col]}|${h.last_steps[cell.col]}`,
+      key: `${h.run}|${h.group}|${h.source}|${node ? rowKey(node) : siteIndex}|${h.first_steps[cell.col]}|${h.last_steps[cell.col]}`,
     };
   }
 
   showCell(cell, event) {
     const info = this.cellInfo(cell);
+    if (!info.site) {
+      // A group or layer row: its statistic and status over its sites; each site has its own row.
+      const n = info.node.n_sites;
+      this.tooltip.show(info.key, info, {note: `${info.node.level} of ${n} site${n === 1 ? "" : "s"}: click its name to open it`},
+        this.info, event);
+      return;
+    }
     const cached = this.cellCache.get(info.key);
     this.tooltip.show(info.key, info, cached || null, this.info, event);
     if (cached) return;
@@ -497,6 +619,13 @@ class App {
 
   onHover(cell, event) {
     if (this.tooltip.pinned) return;
+    if (cell.gutter) {
+      this.canvas.style.cursor = "pointer";
+      if (!this.tooltip.pinned) this.tooltip.hide();
+      this.setHover(null);
+      return;
+    }
+    this.canvas.style.cursor = "";
     if (!this.hover || this.hover.row !== cell.row || this.hover.col !== cell.col) {
       this.setHover(cell);
       this.showCell(cell, event);
@@ -506,6 +635,10 @@ class App {
   }
 
   onClick(cell, event) {
+    if (cell.gutter) {
+      this.toggle(cell.row);
+      return;
+    }
     const same = this.hover && this.hover.row === cell.row && this.hover.col === cell.col;
     if (this.tooltip.pinned && same) {
       this.tooltip.unpin();

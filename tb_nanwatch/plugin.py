@@ -34,6 +34,7 @@ STATIC_FILES = {
     "data.js": "text/javascript",
     "heatmap.js": "text/javascript",
     "controls.js": "text/javascript",
+    "tree.js": "text/javascript",
     "style.css": "text/css",
 }
 
@@ -285,6 +286,9 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         stat = request.args.get("stat", "max_abs")
         kind = request.args.get("kind", "all")
         source = request.args.get("source", "rows")
+        rows_mode = request.args.get("rows", "tree")
+        if rows_mode not in heatmap.ROW_MODES:
+            raise _BadRequest("unknown rows %r; one of: %s" % (rows_mode, ", ".join(heatmap.ROW_MODES)))
         columns = _int_arg(request, "columns", DEFAULT_COLUMNS, 1, MAX_COLUMNS)
         first_step = _int_arg(request, "first_step", None, 0, _MAX_STEP)
         last_step = _int_arg(request, "last_step", None, 0, _MAX_STEP)
@@ -298,28 +302,36 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             raise _BadRequest("unknown source %r; one of: %s" % (source, ", ".join(heatmap.SOURCES)))
         run, group = self._run_and_group(request)
         data = self._run_data(request, run, group)
-        return self._cached_heatmap(data, stat, kind, columns, first_step, last_step, source)
+        return self._cached_heatmap(data, stat, kind, columns, first_step, last_step, source, rows_mode)
 
-    def _heatmap_body(self, data, stat, kind, columns, first_step, last_step, source):
+    def _heatmap_body(self, data, stat, kind, columns, first_step, last_step, source, rows_mode="tree"):
         run, group = data.run, data.group
-        hm = heatmap.build(data, stat=stat, kind=None if kind == "all" else kind, max_columns=columns,
-                           first_step=first_step, last_step=last_step, source=source)
         first = reader.first_nonfinite_json(data)
+        hm = heatmap.build(data, stat=stat, kind=None if kind == "all" else kind, max_columns=columns,
+                           first_step=first_step, last_step=last_step, source=source, rows_mode=rows_mode,
+                           first_step_of_run=None if first is None else int(first["step"]))
+        tree_rows = None if hm.tree is None else [n.as_json() for n in hm.tree.nodes]
         return {
             "run": run,
             "group": group,
             "stat": stat,
             "kind": kind,
             "source": source,
+            "rows_mode": rows_mode,
             "n_sites": len(hm.site_indices),
+            "n_rows": int(hm.values.shape[0]),
             "n_columns": int(len(hm.first_steps)),
             "sites": [dict(_site_json(data.sites[i]), index=int(i)) for i in hm.site_indices],
+            # rows "tree": groups > layers > sites in pre-order; "sites": null (rows are `sites`).
+            "rows": tree_rows,
             "first_steps": [int(s) for s in hm.first_steps],
             "last_steps": [int(s) for s in hm.last_steps],
             "rows_per_column": [int(n) for n in hm.rows_per_column],
-            # Row-major [n_sites, n_columns]; NaN = not measured.
+            # Row-major [n_rows, n_columns]; NaN = not measured.
             "values": _b64(hm.values.astype("<f4")),
             "status": _b64(hm.status.astype(np.uint8)),
+            # 1 where a non-finite cell of the first non-finite step's column went bad later.
+            "late": _b64(hm.late.astype(np.uint8)),
             "first_nonfinite_cell": _first_cell(data, hm, first),
             "step_range": _step_range(data.steps, data.rows),
             "flight_range": _step_range(data.flight_steps, data.flight_rows),
@@ -422,20 +434,26 @@ def _step_range(steps, rows):
 
 def _first_cell(data, hm, first):
     """(row, column) of the heatmap cell holding the first non-finite value, or None when
-    it is outside this heatmap (another kind, another step range, or none at all)."""
+    it is outside this heatmap (another kind, another step range, or none at all).  In
+    the tree, `row` is the producer's site row and `path` its ancestors, outermost first."""
     if not first:
         return None
-    site = first.get("site")
-    s = data.sites[site] if isinstance(site, int) and 0 <= site < len(data.sites) else None
-    if s is None or (s["layer"], s["kind"], s.get("tensor", "")) != (first["layer"], first["kind"], first["tensor"]):
-        site = data.site_index(first["layer"], first["kind"], first["tensor"])
+    site = reader.producer_index(data, first)
     if site is None or site not in hm.site_indices:
         return None
     step = int(first["step"])
-    cols = np.nonzero((hm.first_steps <= step) & (step <= hm.last_steps))[0]
-    if not len(cols):
+    col = int(heatmap.columns_of(hm, [step])[0])
+    if col < 0:
         return None
-    return {"row": hm.site_indices.index(site), "column": int(cols[0]), "site": int(site), "step": step}
+    if hm.tree is None:
+        return {"row": hm.site_indices.index(site), "column": col, "site": int(site), "step": step}
+    row = next(r for r, n in enumerate(hm.tree.nodes) if n.site == site)
+    path = []
+    parent = hm.tree.nodes[row].parent
+    while parent is not None:
+        path.insert(0, parent)
+        parent = hm.tree.nodes[parent].parent
+    return {"row": row, "column": col, "site": int(site), "step": step, "path": path}
 
 
 def _is_step(x):

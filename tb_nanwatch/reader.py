@@ -154,6 +154,20 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     return RunData(run, group, sites, steps, rows, flight_steps, flight_rows, first, events)
 
 
+def producer_index(run_data, first):
+    """Index into run_data.sites of the first non-finite record's site (its `site` field when
+    it names the same layer/kind/tensor, else looked up by name), or None."""
+    if not first:
+        return None
+    index = first.get("site")
+    key = (first.get("layer"), first.get("kind"), first.get("tensor", "") or "")
+    if isinstance(index, int) and 0 <= index < len(run_data.sites):
+        s = run_data.sites[index]
+        if (s["layer"], s["kind"], s.get("tensor", "")) == key:
+            return index
+    return run_data.site_index(*key)
+
+
 FIRST_NONFINITE_FIELDS = ("step", "layer", "kind", "tensor", "nan", "posinf", "neginf")
 
 

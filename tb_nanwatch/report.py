@@ -30,9 +30,7 @@ def clean(text):
     return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
 
 
-def kind_words(kind):
-    """`optimizer_state` -> `optimizer state`, `weight_grad` -> `weight gradient`."""
-    return kind.replace("_grad", " gradient").replace("_", " ")
+kind_words = stats.kind_words
 
 
 def site_words(site):
@@ -79,16 +77,7 @@ class RunReport:
 
     # -- analysis ---------------------------------------------------------------
     def _producer_index(self):
-        if self.first is None:
-            return None
-        index = self.first.get("site")
-        sites = self.data.sites
-        if isinstance(index, int) and 0 <= index < len(sites):
-            s = sites[index]
-            if (s["layer"], s["kind"], s.get("tensor", "")) == (
-                    self.first["layer"], self.first["kind"], self.first.get("tensor", "")):
-                return index
-        return self.data.site_index(self.first["layer"], self.first["kind"], self.first.get("tensor", ""))
+        return reader.producer_index(self.data, self.first)
 
     def _propagators(self):
         """The sites the first non-finite value reached in the same step, execution order."""

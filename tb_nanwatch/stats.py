@@ -42,6 +42,25 @@ KIND_MEANINGS = {
     "weight": "a weight after the optimizer update",
 }
 
+# How the kinds read in words (tab, report, PNG), and the phase of a step each belongs to.
+KIND_WORDS = {
+    "input": "input",
+    "activation": "activation",
+    "loss": "loss",
+    "activation_grad": "activation gradient",
+    "weight_grad": "weight gradient",
+    "optimizer_state": "optimizer state",
+    "weight": "weight",
+}
+PHASES = {"input": "forward", "activation": "forward", "loss": "forward", "activation_grad": "backward",
+          "weight_grad": "backward", "optimizer_state": "update", "weight": "update"}
+
+
+def kind_words(kind):
+    """`optimizer_state` -> `optimizer state`, `weight_grad` -> `weight gradient`."""
+    return KIND_WORDS.get(kind, str(kind).replace("_", " "))
+
+
 Stat = collections.namedtuple(
     "Stat", ["name", "meaning", "aggregate", "every_step", "scale"]
 )
@@ -74,37 +93,57 @@ STATS_BY_NAME = {s.name: s for s in STATS}
 NONFINITE_STATS = ("nan", "posinf", "neginf")
 
 
-def aggregate_rows(rows, axis=0):
-    """Combines rows ([..., n_stats] arrays in table order) along `axis` by the table's rules.
+# Combining the sites of one layer (or group) into one heatmap row: the rules over steps
+# hold for every statistic but these, which count per tensor, not per step.
+ACROSS_SITES = {"steps": "max", "size": "sum", "nonfinite_steps": "max"}
 
-    NaN means "not measured" and is skipped; a column where every row is NaN stays NaN.
+
+def aggregate(rows, starts=(0,), axis=0, stat_indices=None, rules=None):
+    """Combines consecutive slices of `rows` ([..., n_stats] arrays in table order) by the
+    table's rules: slice j is [starts[j], starts[j+1]) along `axis` (the last runs to the
+    end), as `np.add.reduceat` cuts them.  The one implementation of the rules: heatmap
+    columns (rows over steps), layer rows (sites over a layer) and report lines use it.
+
+    NaN means "not measured" and is skipped; a slice where every value is NaN stays NaN.
+    `stat_indices`: only these statistics are computed (the others stay NaN), so a view
+    of a big run costs what its answer costs.  `rules`: {stat name: rule} overriding the
+    table's (e.g. ACROSS_SITES).  Returns the array with `axis` of length len(starts).
     """
-    rows = np.asarray(rows, dtype=np.float64)
-    out_shape = list(rows.shape)
-    del out_shape[axis]
-    out = np.full(out_shape, np.nan)
-    steps = np.moveaxis(rows, axis, 0)[..., STAT_INDEX["steps"]]
-    for i, stat in enumerate(STATS):
-        col = np.moveaxis(rows, axis, 0)[..., i]
+    rows = np.moveaxis(np.asarray(rows, dtype=np.float64), axis, 0)
+    starts = np.asarray(starts, dtype=np.intp)
+    out = np.full((len(starts),) + rows.shape[1:], np.nan)
+    if not len(starts) or not len(rows):
+        return np.moveaxis(out, 0, axis)
+    steps = rows[..., STAT_INDEX["steps"]]
+    for k in (range(len(STATS)) if stat_indices is None else stat_indices):
+        rule = (rules or {}).get(STATS[k].name, STATS[k].aggregate)
+        col = rows[..., k]
         present = ~np.isnan(col)
-        anyp = present.any(axis=0)
+        anyp = np.add.reduceat(present.astype(np.int64), starts, axis=0) > 0
         with np.errstate(invalid="ignore", divide="ignore"):
-            if stat.aggregate == "sum":
-                val = np.where(present, col, 0).sum(axis=0)
-            elif stat.aggregate == "min":
-                val = np.where(present, col, np.inf).min(axis=0)
-            elif stat.aggregate == "max":
-                val = np.where(present, col, -np.inf).max(axis=0)
-            elif stat.aggregate == "mean":
-                weight = np.where(present, np.nan_to_num(steps, nan=1.0), 0)
-                val = (np.where(present, col, 0) * weight).sum(axis=0) / weight.sum(axis=0)
-            elif stat.aggregate == "last":
-                idx = np.where(present, np.arange(col.shape[0]).reshape((-1,) + (1,) * (col.ndim - 1)), -1).max(axis=0)
-                val = np.take_along_axis(col, np.maximum(idx, 0)[None], axis=0)[0]
+            if rule == "sum":
+                val = np.add.reduceat(np.where(present, col, 0.0), starts, axis=0)
+            elif rule == "min":
+                val = np.minimum.reduceat(np.where(present, col, np.inf), starts, axis=0)
+            elif rule == "max":
+                val = np.maximum.reduceat(np.where(present, col, -np.inf), starts, axis=0)
+            elif rule == "mean":   # weighted by the steps each value covers
+                weight = np.where(present, np.nan_to_num(steps, nan=1.0), 0.0)
+                val = (np.add.reduceat(np.where(present, col, 0.0) * weight, starts, axis=0)
+                       / np.add.reduceat(weight, starts, axis=0))
+            elif rule == "last":
+                index = np.arange(len(col)).reshape((-1,) + (1,) * (col.ndim - 1))
+                last = np.maximum.reduceat(np.where(present, index, -1), starts, axis=0)
+                val = np.take_along_axis(col, np.maximum(last, 0), axis=0)
             else:  # pragma: no cover - the table is fixed above
-                raise ValueError(stat.aggregate)
-        out[..., i] = np.where(anyp, val, np.nan)
-    return out
+                raise ValueError(rule)
+        out[..., k] = np.where(anyp, val, np.nan)
+    return np.moveaxis(out, 0, axis)
+
+
+def aggregate_rows(rows, axis=0):
+    """`aggregate` of the whole of `axis` into one: the axis disappears."""
+    return np.take(aggregate(rows, (0,), axis), 0, axis=axis)
 
 
 def nonfinite_status(row):

@@ -85,3 +85,47 @@ def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8)
                                       **counts) for s in range(f_site + 1, n)],
                     **counts))
     return sites
+
+
+# MobileNetV2's layer names as Keras builds them: 156 layers, 944 sites under Adam.
+_PADDED = (1, 3, 6, 13)
+_ADDED = (2, 4, 5, 7, 8, 9, 11, 12, 14, 15)
+MOBILENET_MODEL = "mobilenetv2_1.00_224"
+
+
+def mobilenet_layers():
+    """[(layer, trainable variables)] in forward order."""
+    layers = [("input_layer", ()), ("Conv1", ("kernel",)), ("bn_Conv1", ("gamma", "beta")), ("Conv1_relu", ())]
+    for part in ("depthwise", "project"):
+        layers += [("expanded_conv_%s" % part, ("kernel",)), ("expanded_conv_%s_BN" % part, ("gamma", "beta"))]
+        if part == "depthwise":
+            layers.append(("expanded_conv_depthwise_relu", ()))
+    for b in range(1, 17):
+        layers += [("block_%d_expand" % b, ("kernel",)), ("block_%d_expand_BN" % b, ("gamma", "beta")),
+                   ("block_%d_expand_relu" % b, ())]
+        if b in _PADDED:
+            layers.append(("block_%d_pad" % b, ()))
+        layers += [("block_%d_depthwise" % b, ("kernel",)), ("block_%d_depthwise_BN" % b, ("gamma", "beta")),
+                   ("block_%d_depthwise_relu" % b, ()), ("block_%d_project" % b, ("kernel",)),
+                   ("block_%d_project_BN" % b, ("gamma", "beta"))]
+        if b in _ADDED:
+            layers.append(("block_%d_add" % b, ()))
+    layers += [("Conv_1", ("kernel",)), ("Conv_1_bn", ("gamma", "beta")), ("out_relu", ()),
+               ("global_average_pooling2d", ()), ("predictions", ("kernel", "bias"))]
+    return layers
+
+
+def mobilenet_sites():
+    """The 944 sites of MobileNetV2 (64x64 inputs, Adam) in execution order."""
+    layers = mobilenet_layers()
+    sites = [summary.make_site("input_layer", "input", "", "float32", (32, 64, 64, 3))]
+    sites += [summary.make_site(l, "activation", "", "float32", (32, 8, 8, 32)) for l, _ in layers[1:]]
+    sites.append(summary.make_site(MOBILENET_MODEL, "loss", "", "float32", ()))
+    sites += [summary.make_site(l, "activation_grad", "", "float32", (32, 8, 8, 32)) for l, _ in reversed(layers[1:])]
+    variables = [(l, v) for l, vs in layers for v in vs]
+    sites += [summary.make_site(l, "weight_grad", v, "float32", (3, 3, 32)) for l, v in reversed(variables)]
+    for l, v in variables:
+        sites += [summary.make_site(l, "optimizer_state", "%s/%s" % (slot, v), "float32", (3, 3, 32))
+                  for slot in ("momentum", "velocity")]
+        sites.append(summary.make_site(l, "weight", v, "float32", (3, 3, 32)))
+    return sites

@@ -34,6 +34,8 @@ NAN_RGB = tuple(stats.STATUS_COLOURS["nan"])
 POSINF_RGB = tuple(stats.STATUS_COLOURS["+inf"])
 MIXED_RGB = tuple(stats.STATUS_COLOURS["mixed"])
 SKIP_RGB = (120, 120, 120)   # the tick above a loss-scale skip's column
+BIG_FIRST_STEP, BIG_FIRST_LAYER = 4502, "block_13_expand_BN"
+SIZES = ((1400, 900), (1024, 700))
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,10 @@ def logdir(tmp_path_factory):
     synthetic.write_run(str(d / "zz_live"), n_rows=20, log_every=10)
     plugin_helpers.write_mixed_precision_run(str(d / "mp_blowup"))
     plugin_helpers.write_mixed_precision_run(str(d / "mp_healthy"), blowup=False)
+    # MobileNetV2's 944 sites (156 layers): +Inf first in block_13_expand_BN's output at step 4502.
+    big = synthetic.mobilenet_sites()
+    synthetic.write_run(str(d / "mobilenetv2"), n_rows=100, log_every=100, sites=big,
+                        first=(BIG_FIRST_STEP, big.index(next(s for s in big if s["layer"] == BIG_FIRST_LAYER)), "posinf"))
     # The first non-finite value is a gradient w.r.t. an output, computed in sqrt's backward pass.
     sites = synthetic.sites_for()
     with summary.RecordWriter(str(d / "sqrt_grad"), sites) as writer:
@@ -98,15 +104,20 @@ class Tab:
         return self.fl.locator("canvas.nw-heatmap").bounding_box()
 
     def cell_xy(self, row, col):
-        """Page coordinates of the centre of heatmap cell (row, col)."""
-        x, y = self.eval("([r, c]) => {const L = window.__nanwatch.layout;"
-                         " return [L.gridX + (c + 0.5) * L.colW, L.gridY + (r + 0.5) * L.rowH];}", [row, col])
+        """Page coordinates of the centre of heatmap cell (row, col); `row` counts the rows
+        shown (layers, or sites of an opened layer), scrolled into sight first."""
+        x, y = self.eval("""([r, c]) => {const app = window.__nanwatch; app.scrollToShownRow(r); app.drawGrid();
+            const L = app.layout; return [L.gridX + (c + 0.5) * L.colW, L.gridY + (r - L.offset + 0.5) * L.rowH];}""",
+                         [row, col])
         box = self.canvas_box()
         return box["x"] + x, box["y"] + y
 
     def first_cell_xy(self):
+        """The first non-finite cell, after the banner's button opened its layer."""
+        self.fl.locator(".nw-banner button.nw-jump").click()
+        self.wait("() => { const a = window.__nanwatch; return a.shown[a.firstShownRow()] === a.heat.first_nonfinite_cell.row; }")
         c = self.eval("() => window.__nanwatch.heat.first_nonfinite_cell")
-        return self.cell_xy(c["row"], c["column"])
+        return self.cell_xy(self.eval("() => window.__nanwatch.firstShownRow()"), c["column"])
 
     def colours(self):
         """Distinct canvas colours (RGB) and how often each appears."""
@@ -209,7 +220,7 @@ def test_drag_zooms_and_zoom_out_returns(tab):
 
 
 def test_flight_recorder_at_step_resolution(tab):
-    tab.fl.locator(".nw-banner button.nw-button").click()
+    tab.fl.locator(".nw-banner button.nw-flight").click()
     tab.wait("() => window.__nanwatch.heat.source === 'flight'")
     steps = list(range(plugin_helpers.BLOWUP_STEP - plugin_helpers.BLOWUP_FLIGHT + 1, plugin_helpers.BLOWUP_STEP + 1))
     assert tab.heat("first_steps") == steps == tab.heat("last_steps")
@@ -289,7 +300,11 @@ def test_mixed_precision_skips_warning_signs_and_worker(tab):
     }""", [skip["column"]])
     assert tuple(tick[0][:3]) == SKIP_RGB and tuple(tick[1][:3]) != SKIP_RGB, tick
     # Its tooltip says what that column's non-finite gradients are.
-    grad_row = tab.eval("() => window.__nanwatch.heat.sites.findIndex((s) => s.kind === 'weight_grad')")
+    # (the row of the layer of the first weight gradient: a layer shows the worst of its sites)
+    grad_row = tab.eval("""() => { const a = window.__nanwatch, h = a.heat;
+        const layer = h.sites.find((s) => s.kind === 'weight_grad').layer;
+        return a.shown.findIndex((r) => h.rows[r].level === 'layer' && h.rows[r].name === layer); }""")
+    assert grad_row >= 0
     x, y = tab.cell_xy(grad_row, skip["column"])
     tab.page.mouse.move(x, y)
     tab.fl.locator(".nw-tooltip .nw-tip-event").wait_for()
@@ -331,3 +346,36 @@ def test_screenshot(tab):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     tab.page.screenshot(path=str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 50000
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_944_sites_fit_one_screen_with_the_first_layer_in_sight(server, browser, width, height):
+    """A MobileNetV2-sized run: one row per layer or block, no canvas taller than the
+    window, the first non-finite row in sight without scrolling, then opened by the
+    banner's button down to its site."""
+    context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
+    tab = Tab(context.new_page(), server)
+    try:
+        tab.select_run("mobilenetv2")
+        view = tab.eval("""() => { const a = window.__nanwatch, L = a.layout;
+            return {shown: a.shown.length, drawn: L.nShown, offset: L.offset, first: a.firstShownRow(),
+                    canvas: a.canvas.getBoundingClientRect().bottom, inner: innerHeight,
+                    label: a.heat.rows[a.shown[a.firstShownRow()]].label}; }""")
+        assert tab.heat("n_sites") == 944
+        assert view["canvas"] <= height, view           # the iframe's own window is smaller still
+        assert view["shown"] <= 40, view                # layers and blocks, not 944 sites
+        assert view["offset"] <= view["first"] < view["offset"] + view["drawn"], view
+        assert view["label"] == "block_13", view        # the block holding the producer, closed
+        tab.page.mouse.move(5, 5)
+        tab.page.wait_for_timeout(200)
+        tab.page.screenshot(path=str(SCREENSHOT.with_name("screenshot_944_sites_%dx%d.png" % (width, height))))
+        # The banner's button opens block_13 and its layer, and scrolls to the producer's row.
+        tab.fl.locator(".nw-banner button.nw-jump").click()
+        tab.wait("() => { const a = window.__nanwatch; return a.shown[a.firstShownRow()] === a.heat.first_nonfinite_cell.row; }")
+        row = tab.eval("() => { const a = window.__nanwatch, L = a.layout, k = a.firstShownRow();"
+                       " return {k, offset: L.offset, drawn: L.nShown, label: a.heat.rows[a.shown[k]].label}; }")
+        assert row["label"] == "activation" and row["offset"] <= row["k"] < row["offset"] + row["drawn"], row
+        assert tab.eval("() => window.__nanwatch.canvas.height") <= height
+        assert tab.errors == []
+    finally:
+        context.close()

@@ -85,7 +85,7 @@ def app(logdir):
 
 
 def decode(hm):
-    n, c = hm["n_sites"], hm["n_columns"]
+    n, c = hm["n_rows"], hm["n_columns"]
     values = np.frombuffer(base64.b64decode(hm["values"]), dtype="<f4").reshape(n, c)
     status = np.frombuffer(base64.b64decode(hm["status"]), dtype=np.uint8).reshape(n, c)
     return values, status
@@ -117,7 +117,7 @@ def test_fix_flags_string_and_missing_forms(tmp_path):
 
 def test_every_row_is_read(app):
     # The multiplexer would keep 10 samples per tag without fix_flags.
-    hm = app.json("/heatmap", run="mlp", columns=5000)
+    hm = app.json("/heatmap", rows="sites", run="mlp", columns=5000)
     assert hm["n_columns"] == 1000 and sum(hm["rows_per_column"]) == 1000
 
 
@@ -166,8 +166,8 @@ def test_info_is_the_stats_table(app):
 def test_runs_and_groups(app):
     assert app.json("/runs") == ["clean", "mlp", "spikes", "two_towers"]
     assert app.json("/groups") == {"clean": [None], "mlp": [None], "spikes": [None], "two_towers": [None, "tower_b"]}
-    default = app.json("/heatmap", run="two_towers")
-    tower = app.json("/heatmap", run="two_towers", group="tower_b")
+    default = app.json("/heatmap", rows="sites", run="two_towers")
+    tower = app.json("/heatmap", rows="sites", run="two_towers", group="tower_b")
     assert (default["group"], default["n_columns"], default["n_sites"]) == (None, 10, len(synthetic.sites_for()))
     assert (tower["group"], tower["n_columns"], tower["n_sites"]) == ("tower_b", 7, len(synthetic.sites_for(("x",))))
     assert tower["sites"][1]["layer"] == "tower_b_dense"
@@ -224,7 +224,7 @@ def test_first_nonfinite_from_rows_when_no_record(app):
 
 # -- heatmap ------------------------------------------------------------------------
 def test_heatmap_full_resolution_matches_written_rows(app, logdir):
-    hm = app.json("/heatmap", run="mlp", stat="max_abs", columns=1000)
+    hm = app.json("/heatmap", rows="sites", run="mlp", stat="max_abs", columns=1000)
     values, status = decode(hm)
     provider, ctx, eid = reader.open_logdir(str(logdir))
     data = reader.read_run(provider, ctx, eid, "mlp")
@@ -241,36 +241,42 @@ def test_heatmap_full_resolution_matches_written_rows(app, logdir):
 
 def test_heatmap_downsampling_never_averages_a_spike_away(app):
     rows = np.stack([r for _, r in plugin_helpers.spikes_rows(len(synthetic.sites_for()))])
-    hm = app.json("/heatmap", run="spikes", stat="max_abs", columns=50)
+    hm = app.json("/heatmap", rows="sites", run="spikes", stat="max_abs", columns=50)
     values, status = decode(hm)
-    assert hm["n_columns"] == 50 and hm["rows_per_column"] == [20] * 50
+    edges = np.cumsum([0] + hm["rows_per_column"])
+    assert hm["n_columns"] == 50 and edges[-1] == len(rows)
     assert hm["first_steps"][0] == 0 and hm["last_steps"][-1] == 9999
     assert all(b == a + 1 for a, b in zip(hm["last_steps"], hm["first_steps"][1:]))  # no gaps
     (nan_row, nan_site), (neg_row, neg_site) = plugin_helpers.SPIKE_NAN, plugin_helpers.SPIKE_NEGINF
+    column = lambda row: int(np.searchsorted(edges, row, side="right") - 1)
+    # The first non-finite row (the -Inf: no record, so from the rows) is a column of its own.
+    assert hm["rows_per_column"][column(neg_row)] == 1
+    assert hm["first_nonfinite_cell"]["column"] == column(neg_row)
     expected = np.zeros_like(status)
-    expected[nan_site, nan_row // 20] = 1
-    expected[neg_site, neg_row // 20] = 3
+    expected[nan_site, column(nan_row)] = 1
+    expected[neg_site, column(neg_row)] = 3
     np.testing.assert_array_equal(status, expected)
     # max_abs aggregates by max, not by mean.
-    binned = rows[:, :, COL["max_abs"]].reshape(50, 20, -1)
-    np.testing.assert_allclose(values, binned.max(axis=1).T.astype(np.float32), rtol=1e-6)
-    assert not np.allclose(values, binned.mean(axis=1).T, rtol=1e-3)
+    binned_max = np.stack([rows[a:b, :, COL["max_abs"]].max(axis=0) for a, b in zip(edges, edges[1:])], 1)
+    binned_mean = np.stack([rows[a:b, :, COL["max_abs"]].mean(axis=0) for a, b in zip(edges, edges[1:])], 1)
+    np.testing.assert_allclose(values, binned_max.astype(np.float32), rtol=1e-6)
+    assert not np.allclose(values, binned_mean, rtol=1e-3)
     # Counts are summed over the bin.
-    counts, _ = decode(app.json("/heatmap", run="spikes", stat="nan", columns=50))
-    assert counts[nan_site, nan_row // 20] == 1 and counts.sum() == 1
+    counts, _ = decode(app.json("/heatmap", rows="sites", run="spikes", stat="nan", columns=50))
+    assert counts[nan_site, column(nan_row)] == 1 and counts.sum() == 1
 
 
 def test_heatmap_kind_filter_keeps_model_order(app):
-    hm = app.json("/heatmap", run="mlp", kind="weight_grad", columns=10)
+    hm = app.json("/heatmap", rows="sites", run="mlp", kind="weight_grad", columns=10)
     sites = synthetic.sites_for()
     want = [i for i, s in enumerate(sites) if s["kind"] == "weight_grad"]
     assert [s["index"] for s in hm["sites"]] == want
     assert hm["first_nonfinite_cell"]["row"] == want.index(12)
-    assert app.json("/heatmap", run="mlp", kind="activation", columns=10)["first_nonfinite_cell"] is None
+    assert app.json("/heatmap", rows="sites", run="mlp", kind="activation", columns=10)["first_nonfinite_cell"] is None
 
 
 def test_heatmap_zoom_to_a_step_range(app):
-    hm = app.json("/heatmap", run="mlp", first_step=4990, last_step=5019, columns=500)
+    hm = app.json("/heatmap", rows="sites", run="mlp", first_step=4990, last_step=5019, columns=500)
     assert hm["first_steps"] == [4990, 5000, 5010] and hm["last_steps"] == [4999, 5009, 5019]
     _, status = decode(hm)
     assert list(status[12]) == [0, 2, 2]
@@ -278,7 +284,7 @@ def test_heatmap_zoom_to_a_step_range(app):
 
 
 def test_heatmap_flight_recorder_is_step_resolution(app):
-    hm = app.json("/heatmap", run="mlp", source="flight", columns=500)
+    hm = app.json("/heatmap", rows="sites", run="mlp", source="flight", columns=500)
     assert hm["first_steps"] == hm["last_steps"] == list(range(4996, 5004))
     _, status = decode(hm)
     assert status[:, :7].max() == 0 and list(status[12:, 7]) == [2] * (hm["n_sites"] - 12)
@@ -287,15 +293,15 @@ def test_heatmap_flight_recorder_is_step_resolution(app):
 
 def test_heatmap_every_stat_and_kind_answers(app):
     for stat in stats.STAT_NAMES:
-        assert app.json("/heatmap", run="mlp", stat=stat, columns=20)["stat"] == stat
+        assert app.json("/heatmap", rows="sites", run="mlp", stat=stat, columns=20)["stat"] == stat
     for kind in stats.KINDS + ("all",):
-        assert app.json("/heatmap", run="clean", kind=kind, columns=20)["kind"] == kind
+        assert app.json("/heatmap", rows="sites", run="clean", kind=kind, columns=20)["kind"] == kind
 
 
 def test_heatmap_latency(app):
     def timed(**params):
         t0 = time.perf_counter()
-        app.json("/heatmap", run="mlp", columns=500, **params)
+        app.json("/heatmap", rows="sites", run="mlp", columns=500, **params)
         return time.perf_counter() - t0
     app.plugin._cache.clear()
     app.plugin._heatmaps.clear()
@@ -309,8 +315,8 @@ def test_heatmap_latency(app):
 
 def test_heatmap_cache_follows_new_data(app):
     # The cached answer belongs to one version of the run: a different run answers its own.
-    a = app.json("/heatmap", run="clean", columns=500)
-    b = app.json("/heatmap", run="spikes", columns=500)
+    a = app.json("/heatmap", rows="sites", run="clean", columns=500)
+    b = app.json("/heatmap", rows="sites", run="spikes", columns=500)
     assert (a["run"], a["n_columns"]) == ("clean", 30) and (b["run"], b["n_columns"]) == ("spikes", 500)
 
 
@@ -379,7 +385,7 @@ def test_bad_requests(app, path, params, code):
 
 
 def test_empty_range_is_not_an_error(app):
-    hm = app.json("/heatmap", run="mlp", first_step=10**12)
+    hm = app.json("/heatmap", rows="sites", run="mlp", first_step=10**12)
     assert hm["n_columns"] == 0 and hm["first_steps"] == [] and hm["values"] == ""
 
 
@@ -441,7 +447,7 @@ def mixed(tmp_path_factory):
 
 def test_heatmap_events_are_the_skips_in_view(mixed):
     app, _ = mixed
-    hm = app.json("/heatmap", run="mp", columns=500)
+    hm = app.json("/heatmap", rows="sites", run="mp", columns=500)
     skips = [e for e in hm["events"] if e["type"] == "loss_scale_skip"]
     assert [e["step"] for e in skips] == sorted(MP_SKIPS)
     assert [e["column"] for e in skips] == [0, 0, 0, 15, 28]
@@ -466,14 +472,14 @@ def test_heatmap_events_are_the_skips_in_view(mixed):
 
 def test_heatmap_events_follow_the_step_range_and_binning(mixed):
     app, _ = mixed
-    zoom = app.json("/heatmap", run="mp", first_step=100, last_step=199, columns=500)
+    zoom = app.json("/heatmap", rows="sites", run="mp", first_step=100, last_step=199, columns=500)
     assert [(e["type"], e["step"], e["column"]) for e in zoom["events"]] == [("loss_scale_skip", 153, 5)]
     assert {c["type"]: c["count"] for c in zoom["event_counts"]}["loss_scale_skip"] == 5
-    binned = app.json("/heatmap", run="mp", columns=4)    # 10 rows, 100 steps per column
+    binned = app.json("/heatmap", rows="sites", run="mp", columns=4)    # 10 rows, 100 steps per column
     assert [(e["step"], e["column"]) for e in binned["events"]] == [
         (0, 0), (1, 0), (2, 0), (153, 1), (281, 2), (MP_COLLAPSE, 2)]
-    assert app.json("/heatmap", run="mp", first_step=300, last_step=399)["events"] == []
-    assert app.json("/heatmap", run="mp", source="flight")["events"] == []
+    assert app.json("/heatmap", rows="sites", run="mp", first_step=300, last_step=399)["events"] == []
+    assert app.json("/heatmap", rows="sites", run="mp", source="flight")["events"] == []
 
 
 def test_events_past_the_limit_are_merged_per_column(monkeypatch):
@@ -506,7 +512,7 @@ def test_precursors_route(mixed):
 def test_precursors_of_a_big_run_cost_what_their_signs_cost(app):
     # 1,000 rows x 32 sites without a sign: diagnosis.precursors alone takes ~1 s here.
     app.plugin._cache.clear()
-    app.json("/heatmap", run="spikes", columns=10)      # reads the run
+    app.json("/heatmap", rows="sites", run="spikes", columns=10)      # reads the run
     t0 = time.perf_counter()
     assert app.json("/precursors", run="spikes") == []
     assert time.perf_counter() - t0 < 0.3
@@ -517,7 +523,7 @@ def test_first_nonfinite_names_worker_and_replica(mixed):
     first = app.json("/first_nonfinite", run="mp_worker")
     assert (first["step"], first["layer"], first["kind"]) == (MP_FIRST, "dense_2", "activation")
     assert (first["worker"], first["replica"], first["replicas"]) == ("worker_1", 3, [3])
-    hm = app.json("/heatmap", run="mp_worker", columns=500)
+    hm = app.json("/heatmap", rows="sites", run="mp_worker", columns=500)
     assert hm["first_nonfinite_cell"]["column"] == 20
 
 
@@ -525,7 +531,7 @@ def test_first_nonfinite_names_worker_and_replica(mixed):
 def test_reload_shows_new_rows(tmp_path):
     synthetic.write_run(str(tmp_path / "live"), n_rows=20, log_every=10)
     live = App(tmp_path)
-    assert live.json("/heatmap", run="live", columns=500)["n_columns"] == 20
+    assert live.json("/heatmap", rows="sites", run="live", columns=500)["n_columns"] == 20
     assert live.json("/first_nonfinite", run="live") is None
     # Training goes on, in a second event file of the same run, and blows up.
     sites = synthetic.sites_for()
@@ -539,7 +545,7 @@ def test_reload_shows_new_rows(tmp_path):
                 row[4, COL["first_nonfinite_step"]] = 253
             writer.write_row(step, row)
     live.multiplexer.Reload()
-    hm = live.json("/heatmap", run="live", columns=500)
+    hm = live.json("/heatmap", rows="sites", run="live", columns=500)
     assert hm["n_columns"] == 30
     assert decode(hm)[1][4, 25] == 1
     assert live.json("/first_nonfinite", run="live")["step"] == 253
@@ -566,7 +572,7 @@ def test_real_callback_logdir(tmp_path):
     assert first["step"] == bad_batch, first
     assert first["kind"] == "input" and first["nan"] == 1, first
     assert {"hidden", "out"} <= {p["layer"] for p in first["propagators"] if p["kind"] == "activation"}, first
-    hm = real.json("/heatmap", run=real.json("/runs")[0], columns=500)
+    hm = real.json("/heatmap", rows="sites", run=real.json("/runs")[0], columns=500)
     assert hm["first_nonfinite_cell"] is not None and hm["first_nonfinite_cell"]["step"] == bad_batch
 
 
