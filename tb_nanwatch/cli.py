@@ -14,7 +14,6 @@ import threading
 import time
 import types
 
-import numpy as np
 
 EXIT_FINITE, EXIT_NONFINITE, EXIT_ERROR = 0, 1, 2
 PROG = "tb-nanwatch"
@@ -25,78 +24,13 @@ def _no_tensorflow():
 
     `tensorboard.compat.tf` picks the stub when `tensorboard.compat.notf` is importable
     (TensorBoard's own //tensorboard/compat:no_tensorflow target).  Importing TensorFlow
-    would cost seconds and, on a GPU server, grab devices; reading event files needs none of it."""
+    would cost seconds and, on a GPU server, grab devices; reading event files needs none of it
+    (`tb_nanwatch.eventfile` reads them, with google-crc32c's C checksums)."""
     sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
-    _fast_record_checksums()
 
 
-class _Crc32c:
-    """CRC-32C of whole records with numpy, for TensorBoard's TensorFlow stub.
-
-    The stub checks every record with a byte-at-a-time Python loop (about 6 MB/s: a
-    200 MB logdir took 40 s); TensorFlow's C++ reader is fast but costs a TensorFlow
-    import.  CRC is linear over GF(2), so the checksum of a block of D bytes is the XOR
-    of per-(position, byte) table entries, gathered for all blocks at once; blocks are
-    then chained with a 4 x 256 table that advances the register by D bytes."""
-
-    D = 1024
-
-    def __init__(self, table):
-        table = np.asarray(table, dtype=np.uint32)
-        step = lambda x: table[x & 0xFF] ^ (x >> np.uint32(8))  # one zero byte
-        contrib = np.empty((self.D, 256), dtype=np.uint32)     # contrib[d, b]: byte b, then d bytes
-        contrib[0] = table
-        for d in range(1, self.D):
-            contrib[d] = step(contrib[d - 1])
-        self.contrib = contrib
-        reg = (np.arange(256, dtype=np.uint32)[None, :] << (np.arange(4, dtype=np.uint32)[:, None] * 8))
-        for _ in range(self.D):
-            reg = step(reg)
-        self.advance = [r.tolist() for r in reg]               # register after D zero bytes, per byte lane
-        init, head = 0xFFFFFFFF, []
-        for _ in range(self.D):
-            head.append(init)
-            init = int(table[init & 0xFF]) ^ (init >> 8)
-        self.head = head                                       # register 0xFFFFFFFF after h zero bytes
-        self.positions = np.arange(self.D - 1, -1, -1)
-
-    def __call__(self, data):
-        buf = np.frombuffer(bytes(data), dtype=np.uint8)
-        h = len(buf) % self.D
-        reg = self.head[h]
-        if h:
-            reg ^= int(np.bitwise_xor.reduce(self.contrib[self.positions[-h:], buf[:h]]))
-        blocks = buf[h:].reshape(-1, self.D)
-        if len(blocks):
-            a0, a1, a2, a3 = self.advance
-            for c in np.bitwise_xor.reduce(self.contrib[self.positions[None, :], blocks], axis=1).tolist():
-                reg = a0[reg & 0xFF] ^ a1[(reg >> 8) & 0xFF] ^ a2[(reg >> 16) & 0xFF] ^ a3[reg >> 24] ^ c
-        return reg ^ 0xFFFFFFFF
-
-
-# Bytes of event records read so far (every record is checksummed): the progress bar's measure.
+# Bytes of event files read so far: the progress bar's measure.
 BYTES_CHECKED = [0]
-
-
-def _fast_record_checksums():
-    """Swaps the stub's pure-Python CRC-32C for `_Crc32c` on large records (this process only)."""
-    try:
-        from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as stub
-        slow = stub.crc32c
-        if getattr(slow, "_tb_nanwatch", False):
-            return
-        fast = _Crc32c(stub.CRC_TABLE)
-        if fast(b"123456789") != slow(b"123456789") or fast(bytes(range(256)) * 9) != slow(bytes(range(256)) * 9):
-            return  # never trade correctness for speed
-
-        def crc32c(data):
-            BYTES_CHECKED[0] += len(data)
-            return fast(data) if len(data) >= 512 else slow(data)
-
-        crc32c._tb_nanwatch = True
-        stub.crc32c = crc32c
-    except (ImportError, AttributeError):  # another TensorBoard: keep its own
-        pass
 
 
 class UsageError(Exception):
@@ -210,65 +144,18 @@ class Progress:
 
 
 def _scan_logdir(logdir):
-    """(run directories with event files, total bytes), as TensorBoard finds them."""
-    runs, total = 0, 0
-    for dirpath, _, files in os.walk(logdir):
-        events = [f for f in files if "tfevents" in f and not f.endswith(".profile-empty")]
-        if events:
-            runs += 1
-            for f in events:
-                try:
-                    total += os.path.getsize(os.path.join(dirpath, f))
-                except OSError:
-                    pass
-    return runs, total
+    """(run directories with event files, total bytes), found as the loader finds them."""
+    from tb_nanwatch import eventfile
 
-
-# -- damage diagnostics -------------------------------------------------------------
-def check_event_file(path):
-    """None when the file's record framing is intact, else a short description of where
-    it breaks (TensorBoard stops reading a file at its first bad record)."""
-    import struct
-
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            offset = records = 0
-            while offset < size:
-                header = f.read(12)
-                if len(header) < 12:
-                    return "truncated: the last record is incomplete (%d of %d bytes readable)" % (offset, size)
-                length, crc = struct.unpack("<QI", header)
-                if masked_crc32c(header[:8]) != crc:
-                    if records == 0:
-                        return "not a readable event file (bad first record header)"
-                    return "corrupt record header at byte %d; records after it are not read" % offset
-                end = offset + 12 + length + 4
-                if end > size:
-                    return "truncated: the last record is incomplete (%d of %d bytes readable)" % (offset, size)
-                f.seek(end)
-                offset = end
-                records += 1
-    except OSError as e:
-        return "unreadable: %s" % (e.strerror or e)
-    return None
-
-
-def damage_report(logdir, run):
-    path = logdir if run == "." else os.path.join(logdir, run)
-    out = []
-    try:
-        names = sorted(os.listdir(path))
-    except OSError:
-        return out
-    for name in names:
-        if "tfevents" in name and os.path.isfile(os.path.join(path, name)):
-            problem = check_event_file(os.path.join(path, name))
-            if problem:
-                out.append("%s: %s" % (name, problem))
-    return out
+    runs = eventfile.find_runs(logdir)
+    total = 0
+    for paths in runs.values():
+        for path in paths:
+            try:
+                total += os.path.getsize(path)
+            except OSError:
+                pass
+    return len(runs), total
 
 
 # -- report -------------------------------------------------------------------------
@@ -310,7 +197,7 @@ def run_report(args, out, err):
     show_progress = not args.json and err.isatty()
     progress = Progress(show_progress, n_runs, n_bytes)
     with progress:
-        provider, ctx, eid = reader.open_logdir(logdir)
+        provider, ctx, eid = reader.open_logdir(logdir, on_bytes=lambda n: BYTES_CHECKED.__setitem__(0, n))
         runs = reader.list_runs(provider, ctx, eid)
         if not runs:
             raise UsageError("%s: no nanwatch data (%d run%s of TensorBoard event files, none written by "
@@ -326,14 +213,22 @@ def run_report(args, out, err):
         reports, problems = [], {}
         for run, groups in runs.items():
             for group in groups:
+                where = "" if group is None else " (group %s)" % group
                 try:
-                    reports.append(report.RunReport(reader.read_run(provider, ctx, eid, run, group)))
-                except (reader.RunNotFound, metadata.MetadataError, ValueError, KeyError) as e:
-                    problems.setdefault(run, []).append("unreadable nanwatch data%s: %s"
-                                                        % ("" if group is None else " (group %s)" % group, e))
+                    data = reader.read_run(provider, ctx, eid, run, group)
+                except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
+                    problems.setdefault(run, []).append("unreadable nanwatch data%s: %s" % (where, e))
+                    continue
+                problems.setdefault(run, []).extend("%s%s" % (w, where) for w in data.warnings)
+                try:
+                    reports.append(report.RunReport(data))
+                except Exception as e:  # a bug, not bad data (the reader's gate took that): say so, go on
+                    if os.environ.get("TB_NANWATCH_DEBUG"):
+                        raise
+                    problems[run].append("internal error%s: %s: %s (please report it)" % (where, type(e).__name__, e))
             progress.step()
         for run in runs:
-            problems.setdefault(run, []).extend(damage_report(logdir, run))
+            problems[run] = provider.damage.get(run, []) + problems.get(run, [])
 
     any_nonfinite = any(r.first is not None for r in reports)
     unreadable = [run for run in runs if not any(r.run == run for r in reports)]

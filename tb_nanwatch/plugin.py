@@ -152,7 +152,7 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         """RunData of (run, group), cached while the provider reports nothing new for it."""
         ctx, eid = self._ctx(request)
         series = reader.run_series(self._provider, ctx, eid, run, group)
-        if not any(metadata.parse_tag(t)[1] in (metadata.ROWS, metadata.FLIGHT) for t in series):
+        if not series:   # a run killed before its first row still has its first-non-finite record
             raise reader.RunNotFound("no nanwatch data for run %r%s" % (
                 run, "" if group is None else " group %r" % group))
         fingerprint = tuple(sorted(
@@ -218,9 +218,9 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             return http_util.Respond(request, {"error": str(e)}, "application/json", code=400)
         except reader.RunNotFound as e:
             return http_util.Respond(request, {"error": str(e)}, "application/json", code=404)
-        except metadata.MetadataError as e:
-            # The logs are there but this version cannot read them (e.g. written by a newer
-            # tb_nanwatch): the request was fine, the data is not understood.
+        except (metadata.MetadataError, reader.InvalidData) as e:
+            # The logs are there but cannot be read (written by a newer tb_nanwatch, or
+            # damaged past the reader's gate): the request was fine, the data is not.
             return http_util.Respond(request, {"error": str(e)}, "application/json", code=422)
         except errors.PublicError:
             raise   # TensorBoard's own errors carry their HTTP status already
@@ -337,6 +337,7 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             "flight_range": _step_range(data.flight_steps, data.flight_rows),
             "events": _events_in_view(data.events, hm),
             "event_counts": _event_counts(data.events),
+            "warnings": data.warnings,   # records the reader's gate dropped, per tag
         }
 
     def _cell(self, request):

@@ -1,8 +1,10 @@
 """Turns nanwatch records into runs x sites x rows.  TensorFlow-free.
 
 Reads through a TensorBoard data provider, so the plugin (RustBoard or the
-Python multiplexer behind `context.data_provider`) and the CLI (`open_logdir`)
-share every line of it.
+Python multiplexer behind `context.data_provider`) and the CLI (`open_logdir`,
+`eventfile.LogdirProvider`) share every line of it.  Every record passes the
+gate in `validation` first: a bad one is dropped and named in `RunData.warnings`
+(run, tag, step), the rest is read.
 """
 
 import json
@@ -12,7 +14,7 @@ import numpy as np
 from tensorboard import context as tb_context
 from tensorboard.data import provider as tb_provider
 
-from tb_nanwatch import metadata, stats
+from tb_nanwatch import metadata, stats, validation
 
 logger = logging.getLogger(__name__)
 
@@ -27,15 +29,19 @@ class RunNotFound(KeyError):
         return self.args[0] if self.args else "run not found"
 
 
+InvalidData = validation.InvalidData
+
+
 class RunData:
     """Everything nanwatch logged for one (run, group).
 
     rows[i, s, k] is statistic `stats.STATS[k]` of site s in the row ending at
-    steps[i]; flight rows likewise at step resolution.
+    steps[i]; flight rows likewise at step resolution.  `warnings`: one line per tag
+    whose records were dropped by the gate, in words.
     """
 
     def __init__(self, run, group, sites, steps, rows, flight_steps, flight_rows,
-                 first_nonfinite, events):
+                 first_nonfinite, events, warnings=()):
         self.run = run
         self.group = group
         self.sites = sites
@@ -45,6 +51,7 @@ class RunData:
         self.flight_rows = flight_rows
         self.first_nonfinite = first_nonfinite
         self.events = events
+        self.warnings = list(warnings)
 
     @property
     def labels(self):
@@ -70,24 +77,16 @@ def _to_table_columns(matrix, stat_names):
     return out
 
 
-def _decode_string(datum):
-    value = datum.numpy
-    if isinstance(value, np.ndarray):
-        value = value.item()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    return json.loads(value)
-
-
 def list_runs(provider, ctx, experiment_id):
-    """{run: sorted list of groups (None for the default site list)} with nanwatch rows
-    (or, for a run killed before its first row was due, a flight recorder)."""
+    """{run: sorted list of groups (None for the default site list)} with any nanwatch
+    record: rows, a flight recorder, or only a first-non-finite record (a run killed
+    before its first row was due)."""
     listing = provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME)
     out = {}
     for run, tags in listing.items():
         for tag in tags:
             parsed = metadata.parse_tag(tag)
-            if parsed and parsed[1] in (metadata.ROWS, metadata.FLIGHT) and parsed[0] not in out.get(run, []):
+            if parsed and parsed[0] not in out.get(run, []):
                 out.setdefault(run, []).append(parsed[0])
     return {run: sorted(groups, key=lambda g: g or "") for run, groups in sorted(out.items())}
 
@@ -101,57 +100,121 @@ def run_series(provider, ctx, experiment_id, run, group=None):
             if (metadata.parse_tag(tag) or (False,))[0] == group}
 
 
+class _Dropped:
+    """Records the gate dropped, said once per tag: `tag nanwatch/rows: record at step 24
+    dropped (shape [5, 16], expected [5, 17]); and 3 more (steps 25, 26, 27)`."""
+
+    def __init__(self):
+        self.by_tag = {}
+
+    def add(self, tag, step, what):
+        self.by_tag.setdefault(tag, []).append((step, str(what)))
+
+    def words(self):
+        out = []
+        for tag, found in self.by_tag.items():
+            step, what = found[0]
+            line = "tag %s: %s dropped (%s)" % (tag, "metadata" if step is None else "record at step %d" % step, what)
+            if len(found) > 1:
+                more = [s for s, _ in found[1:] if s is not None]
+                line += "; and %d more%s" % (len(found) - 1, " (steps %s%s)" % (
+                    ", ".join(str(s) for s in more[:5]), ", ..." if len(more) > 5 else "") if more else "")
+            out.append(line)
+        return out
+
+
 def read_run(provider, ctx, experiment_id, run, group=None):
-    """The RunData of `run`, or RunNotFound."""
+    """The RunData of `run`: RunNotFound when it has no nanwatch record, InvalidData when
+    none of its records can be read (the reasons in words), MetadataError when they were
+    written by a newer tb_nanwatch."""
     tags = {record: metadata.tag(record, group) for record in metadata.RECORDS}
     series = run_series(provider, ctx, experiment_id, run, group)
-    row_blocks = sorted((metadata.parse_block_tag(t)[2], t) for t in series
-                        if metadata.parse_tag(t)[1] == metadata.ROWS)
-    if row_blocks:
-        tags[metadata.ROWS] = row_blocks[0][1]
-    # Both carry the site list; a run killed before its first row has only the flight recorder.
-    with_sites = next((tags[r] for r in (metadata.ROWS, metadata.FLIGHT) if tags[r] in series), None)
-    if with_sites is None:
+    if not series:
         raise RunNotFound("no nanwatch data for run %r%s" % (run, "" if group is None else " group %r" % group))
-    content = metadata.parse_plugin_metadata(series[with_sites].plugin_content)
-    sites = content.get("sites", [])
-    stat_names = content.get("stats", stats.STAT_NAMES)
-    def read(tag_names):
-        return provider.read_tensors(
-            ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
-            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=tag_names)).get(run, {})
+    dropped = _Dropped()
+    row_blocks = [t for _, t in sorted((metadata.parse_block_tag(t)[2], t) for t in series
+                                       if metadata.parse_tag(t)[1] == metadata.ROWS)]
+    # Every row block and the flight recorder carry the site list in their metadata; the
+    # first that passes the gate serves all (a tag whose first record was lost has none).
+    content = None
+    for tag_name in row_blocks + [t for t in [tags[metadata.FLIGHT]] if t in series]:
+        raw = series[tag_name].plugin_content
+        if not raw:
+            continue
+        record = metadata.parse_tag(tag_name)[1]
+        try:
+            content = validation.content(raw, record)
+            break
+        except validation.InvalidData as e:
+            dropped.add(tag_name, None, e)
+    sites = content["sites"] if content else []
+    stat_names = content["stats"] if content else list(stats.STAT_NAMES)
 
-    data = read([tags[r] for r in (metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS) if tags[r] in series])
-    # One answer per block of rows: each stays far below the data provider's message limit.
-    rows_data = [d for _, t in row_blocks for d in read([t]).get(t, [])]
+    def read(tag_name):
+        """The data of one tag; a provider that cannot decode it (a damaged tensor) loses
+        that tag, not the run."""
+        try:
+            got = provider.read_tensors(
+                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
+                run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag_name])).get(run, {})
+        except (ValueError, TypeError, OverflowError) as e:
+            dropped.add(tag_name, None, "its records cannot be decoded: %s" % e)
+            return []
+        return [(tag_name, d) for d in got.get(tag_name, [])]
 
-    def matrices(record):
-        candidates = rows_data if record == metadata.ROWS else data.get(tags[record], [])
-        got = [d for d in candidates if np.ndim(d.numpy) == 2 and d.numpy.shape[0] == len(sites)]
-        got.sort(key=lambda d: d.step)
-        steps = np.array([d.step for d in got], dtype=np.int64)
+    def matrices(tag_names):
+        found = [] if content is None else [x for t in tag_names for x in read(t)]
+        got = []
+        for tag_name, datum in found:
+            problem = validation.matrix_problem(datum.numpy, len(sites), len(stat_names))
+            if problem:
+                dropped.add(tag_name, datum.step, problem)
+            else:
+                got.append((tag_name, datum))
+        got.sort(key=lambda x: x[1].step)
+        steps = np.array([d.step for _, d in got], dtype=np.int64)
         if not got:
             return steps, np.zeros((0, len(sites), len(stats.STATS)))
-        return steps, _to_table_columns(np.stack([d.numpy for d in got]), stat_names)
+        rows = _to_table_columns(np.stack([d.numpy for _, d in got]), stat_names)
+        problems = validation.row_problems(steps, rows)
+        for (tag_name, datum), problem in zip(got, problems):
+            if problem:
+                dropped.add(tag_name, datum.step, problem)
+        keep = np.array([p is None for p in problems], dtype=bool)
+        return steps[keep], rows[keep]
 
-    steps, rows = matrices(metadata.ROWS)
-    flight_steps, flight_rows = matrices(metadata.FLIGHT)
+    with_content = [t for t in row_blocks if t in series]
+    steps, rows = matrices(with_content)
+    flight_steps, flight_rows = matrices([tags[metadata.FLIGHT]] if tags[metadata.FLIGHT] in series else [])
     first = None
-    for datum in data.get(tags[metadata.FIRST_NONFINITE], []):
-        try:
-            record = _decode_string(datum)
-        except (ValueError, UnicodeDecodeError) as e:
-            logger.warning("run %s: unreadable first_nonfinite record at step %s: %s", run, datum.step, e)
-            continue
-        if first is None or record.get("step", datum.step) < first.get("step", 0):
-            first = record
+    if tags[metadata.FIRST_NONFINITE] in series:
+        for tag_name, datum in read(tags[metadata.FIRST_NONFINITE]):
+            try:
+                record = validation.first_nonfinite(validation.parse_json(datum.numpy, "the record"), datum.step)
+            except validation.InvalidData as e:
+                dropped.add(tag_name, datum.step, e)
+                continue
+            if first is None or record["step"] < first["step"]:
+                first = record
     events = []
-    for datum in sorted(data.get(tags[metadata.EVENTS], []), key=lambda d: d.step):
-        try:
-            events.extend(_decode_string(datum))
-        except (ValueError, UnicodeDecodeError) as e:
-            logger.warning("run %s: unreadable events record at step %s: %s", run, datum.step, e)
-    return RunData(run, group, sites, steps, rows, flight_steps, flight_rows, first, events)
+    if tags[metadata.EVENTS] in series:
+        for tag_name, datum in sorted(read(tags[metadata.EVENTS]), key=lambda x: x[1].step):
+            try:
+                kept, n_bad = validation.events(validation.parse_json(datum.numpy, "the record"))
+            except validation.InvalidData as e:
+                dropped.add(tag_name, datum.step, e)
+                continue
+            if n_bad:
+                dropped.add(tag_name, datum.step, "%d event%s without a type or with a bad step"
+                            % (n_bad, "" if n_bad == 1 else "s"))
+            events.extend(kept)
+    warnings = dropped.words()
+    if content is None and first is None and not events:
+        raise InvalidData("no readable nanwatch data in run %r%s: %s" % (
+            run, "" if group is None else " group %r" % group, "; ".join(warnings) or "no site list"))
+    for line in warnings:
+        logger.debug("run %s: %s", run, line)
+    return RunData(run, group, sites, steps, rows, flight_steps, flight_rows, first, events, warnings)
 
 
 def producer_index(run_data, first):
@@ -215,16 +278,17 @@ def _first_from_rows(run_data):
                 source="rows")
 
 
-def open_logdir(logdir):
-    """(provider, ctx, experiment_id) for a logdir on disk, as TensorBoard's Python
-    loader reads it, keeping every record (the CLI's view of a logdir)."""
-    from tensorboard.backend.event_processing import data_provider as tb_data_provider
-    from tensorboard.backend.event_processing import event_accumulator
-    from tensorboard.backend.event_processing import plugin_event_multiplexer
+def open_logdir(logdir, on_bytes=None):
+    """(provider, ctx, experiment_id) for a logdir on disk: the CLI's view of it.
 
-    multiplexer = plugin_event_multiplexer.EventMultiplexer(
-        size_guidance={event_accumulator.TENSORS: 0}, max_reload_threads=1)
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    provider = tb_data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    `eventfile.LogdirProvider` reads every intact record (past damage that stops
+    TensorBoard's own loaders) and says in `provider.damage[run]` what it skipped."""
+    from tb_nanwatch import eventfile
+
+    def orphan_plugin(tag_name):
+        # A nanwatch tag whose first record (the one with the metadata) was lost.
+        return metadata.PLUGIN_NAME if metadata.parse_tag(tag_name) else None
+
+    provider = eventfile.LogdirProvider(logdir, [metadata.PLUGIN_NAME], orphan_plugin=orphan_plugin,
+                                        on_bytes=on_bytes)
     return provider, tb_context.RequestContext(), ""
