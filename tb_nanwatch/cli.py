@@ -293,6 +293,9 @@ def _silence_stdout():
         pass
 
 
+_log_handler = logging.StreamHandler()
+
+
 def main(argv=None):
     out, err = sys.stdout, sys.stderr
     for stream in (out, err):
@@ -303,9 +306,9 @@ def main(argv=None):
     # TensorBoard's loader logs at INFO/WARNING about every file it opens; our own
     # warnings are printed one line each below.
     logging.getLogger("tensorboard").setLevel(logging.ERROR)
-    handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter(PROG + ": warning: %(message)s"))
-    logging.getLogger("tb_nanwatch").addHandler(handler)
+    _log_handler.setStream(err)      # one handler however often main() runs in a process
+    _log_handler.setFormatter(logging.Formatter(PROG + ": warning: %(message)s"))
+    logging.getLogger("tb_nanwatch").addHandler(_log_handler)
     logging.getLogger("tb_nanwatch").propagate = False
     try:
         args = build_parser().parse_args(argv)

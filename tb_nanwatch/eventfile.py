@@ -242,6 +242,21 @@ def find_runs(logdir):
     return runs
 
 
+# A decoded tensor is allocated from its shape alone (a proto of a few bytes can claim
+# 2**40 elements); nanwatch matrices are sites x statistics, far below this.
+MAX_TENSOR_ELEMENTS = 1 << 28
+
+
+def _elements(tensor_proto):
+    """Elements the tensor claims, or None for a negative dimension."""
+    n = 1
+    for dim in tensor_proto.tensor_shape.dim:
+        if dim.size < 0:
+            return None
+        n *= dim.size
+    return n
+
+
 class _Series:
     """One tag of one run: its first metadata and its tensors."""
 
@@ -296,6 +311,11 @@ class LogdirProvider(tb_provider.DataProvider):
                         series = _Series(plugin, b"", "")
                     tags[value.tag] = series
                 if series.plugin_name not in self._plugins or not value.HasField("tensor"):
+                    continue
+                elements = _elements(value.tensor)
+                if elements is None or elements > MAX_TENSOR_ELEMENTS:
+                    damage.add(offset, "tag %s step %d: tensor shape %s refused" % (
+                        value.tag, event.step, [d.size for d in value.tensor.tensor_shape.dim]))
                     continue
                 try:
                     array = tensor_util.make_ndarray(value.tensor)
