@@ -199,9 +199,14 @@ def run_report(args, out, err):
     with progress:
         provider, ctx, eid = reader.open_logdir(logdir, on_bytes=lambda n: BYTES_CHECKED.__setitem__(0, n))
         runs = reader.list_runs(provider, ctx, eid)
+        # Damage in a directory with no readable nanwatch record (it may have held some) is
+        # said too, never silently passed over.
+        other_damage = {run: msgs for run, msgs in provider.damage.items() if run not in runs and not args.run}
         if not runs:
+            _warn_runs(err, other_damage)
             raise UsageError("%s: no nanwatch data (%d run%s of TensorBoard event files, none written by "
-                             "tb_nanwatch)" % (logdir, n_runs, "" if n_runs == 1 else "s"))
+                             "tb_nanwatch%s)" % (logdir, n_runs, "" if n_runs == 1 else "s",
+                                                 "; damaged files named above" if other_damage else ""))
         if args.run:
             wanted = [_normalise_run(logdir, r) for r in args.run]
             unknown = [r for r in wanted if r not in runs]
@@ -248,9 +253,8 @@ def run_report(args, out, err):
                 raise UsageError("--png: %s" % e)
             png_note = "wrote %s (%dx%d, run %s, %s)" % (args.png, size[0], size[1], report.clean(rep.run), stat)
 
-    for run, msgs in problems.items():
-        for msg in msgs:
-            err.write("%s: warning: run %s: %s\n" % (PROG, report.clean(run), report.clean(msg)))
+    _warn_runs(err, problems)
+    _warn_runs(err, other_damage)
 
     try:
         if args.json:
@@ -261,7 +265,10 @@ def run_report(args, out, err):
                     e["warnings"] = problems[e["run"]]
             for run in unreadable:
                 entries.append({"run": run, "first_nonfinite": None, "error": "; ".join(problems.get(run, []))})
-            out.write(json.dumps({"runs": entries}, indent=2, allow_nan=False) + "\n")
+            body = {"runs": entries}
+            if other_damage:
+                body["damaged_without_nanwatch_data"] = other_damage
+            out.write(json.dumps(body, indent=2, allow_nan=False) + "\n")
         else:
             n_bad = len({r.run for r in reports if r.first is not None})
             out.write("tb-nanwatch report %s: %d run%s, %d with a non-finite value\n" % (
@@ -283,6 +290,14 @@ def run_report(args, out, err):
     if unreadable:
         return EXIT_ERROR
     return EXIT_FINITE
+
+
+def _warn_runs(err, messages):
+    from tb_nanwatch import report
+
+    for run, msgs in messages.items():
+        for msg in msgs:
+            err.write("%s: warning: run %s: %s\n" % (PROG, report.clean(run), report.clean(msg)))
 
 
 def _silence_stdout():

@@ -101,8 +101,8 @@ def run_series(provider, ctx, experiment_id, run, group=None):
 
 
 class _Dropped:
-    """Records the gate dropped, said once per tag: `tag nanwatch/rows: record at step 24
-    dropped (shape [5, 16], expected [5, 17]); and 3 more (steps 25, 26, 27)`."""
+    """Records (or parts of records) the gate dropped, said once per tag: `tag nanwatch/rows:
+    record at step 24 dropped (shape [5, 16], expected [5, 17]); and 3 more (steps 25, 26, 27)`."""
 
     def __init__(self):
         self.by_tag = {}
@@ -190,10 +190,13 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     if tags[metadata.FIRST_NONFINITE] in series:
         for tag_name, datum in read(tags[metadata.FIRST_NONFINITE]):
             try:
-                record = validation.first_nonfinite(validation.parse_json(datum.numpy, "the record"), datum.step)
+                record, notes = validation.first_nonfinite(validation.parse_json(datum.numpy, "the record"),
+                                                           datum.step)
             except validation.InvalidData as e:
                 dropped.add(tag_name, datum.step, e)
                 continue
+            for note in notes:
+                dropped.add(tag_name, datum.step, "part of it: %s" % note)
             if first is None or record["step"] < first["step"]:
                 first = record
     events = []

@@ -13,7 +13,8 @@ and the heatmap may rely on:
   >= 0, `steps` >= 1 and no more than the steps up to the row's own, a first non-finite
   step within them;
 * first-non-finite record: a JSON object naming a site, with whole counts >= 0;
-* events: a JSON list of objects with a `type` string and, where present, a whole `step`.
+* events: a JSON list of objects with a `type` string and, where present, a whole `step`
+  and numbers for `loss_scale` and `skips_total`.
 """
 
 import json
@@ -157,8 +158,9 @@ def row_problems(steps, rows):
 
 
 def first_nonfinite(value, step):
-    """A clean first-non-finite record (JSON object already parsed) logged at `step`, or
-    InvalidData.  Bad propagators are dropped, not the record: the producer is the evidence."""
+    """(clean record, [what was cleaned away]) of a first-non-finite record (JSON already
+    parsed) logged at `step`, or InvalidData.  Bad propagators and a bad `backward_of` are
+    dropped, not the record: the producer is the evidence."""
     if not isinstance(value, dict):
         raise InvalidData("not a JSON object")
     record = dict(value)
@@ -175,6 +177,7 @@ def first_nonfinite(value, step):
         if not _is_whole(count):
             raise InvalidData("%s count %r is not a whole number >= 0" % (name, count))
         record[name] = int(count)
+    notes = []
     if "site" in record and not _is_whole(record["site"]):
         del record["site"]      # an index is only a shortcut; the names identify the site
     elif "site" in record:
@@ -182,6 +185,7 @@ def first_nonfinite(value, step):
     if "propagators" in record:
         propagators = record["propagators"]
         if not isinstance(propagators, list):
+            notes.append("propagators is not a list: dropped")
             propagators = []
         kept = []
         for p in propagators:
@@ -189,8 +193,23 @@ def first_nonfinite(value, step):
                     and isinstance(p.get("tensor", ""), str)
                     and all(_is_whole(p.get(n, 0)) for n in stats.NONFINITE_STATS)):
                 kept.append(dict(p, tensor=p.get("tensor", ""), **{n: int(p.get(n, 0)) for n in stats.NONFINITE_STATS}))
+        if len(kept) < len(propagators):
+            notes.append("%d propagator%s naming no site dropped" % (
+                len(propagators) - len(kept), "" if len(propagators) - len(kept) == 1 else "s"))
         record["propagators"] = kept
-    return record
+    backward_of = record.get("backward_of")
+    if backward_of is not None and not (isinstance(backward_of, list) and all(isinstance(x, str) for x in backward_of)):
+        notes.append("backward_of is not a list of names: dropped")
+        del record["backward_of"]
+    return record, notes
+
+
+# Fields of the writer's events that the report and plugin compute with.
+_EVENT_NUMBERS = ("loss_scale", "skips_total")
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def events(value):
@@ -205,5 +224,7 @@ def events(value):
             if not _is_whole(event["step"]):
                 continue
             event = dict(event, step=int(event["step"]))
+        if any(name in event and not _is_number(event[name]) for name in _EVENT_NUMBERS):
+            continue
         kept.append(event)
     return kept, len(value) - len(kept)
