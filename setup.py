@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # frontend/ lives at the top of the repo and ships inside the package.
-    packages=["tb_nanwatch", "tb_nanwatch.frontend"],
+    packages=["tb_nanwatch", "tb_nanwatch.watch", "tb_nanwatch.frontend"],
     package_dir={"tb_nanwatch.frontend": "frontend"},
     package_data={"tb_nanwatch": ["http_api.md"], "tb_nanwatch.frontend": ["*.js", "*.css"]},
     # Only the writer needs TensorFlow, and users bring their own build (tensorflow,

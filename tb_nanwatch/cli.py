@@ -73,7 +73,7 @@ def build_parser():
     rep.add_argument("--run", metavar="RUN", action="append",
                      help="only this run (path relative to LOGDIR, as listed in the report); repeatable")
     rep.add_argument("--stat", metavar="NAME", choices=stats.STAT_NAMES,
-                     help="statistic the PNG shows (default max_abs; mean_every_step for a run killed before its "
+                     help="statistic the PNG shows (default max_abs; norm, measured at every step, for a run killed before its "
                           "first row); one of: %s" % ", ".join(stats.STAT_NAMES))
     rep.add_argument("--kind", metavar="KIND", choices=stats.KINDS,
                      help="PNG: only sites of this kind; one of: %s" % ", ".join(stats.KINDS))

@@ -6,12 +6,21 @@ from tensorboard.compat.proto import summary_pb2
 
 PLUGIN_NAME = "nanwatch"
 
+import numpy as np
+
+from tb_nanwatch import stats
+
 # Bumped when the layout of a record changes; readers migrate older versions.
-PROTOCOL_VERSION = 1
+# 1: rows float64 [n_sites, 17], every column of the table.
+# 2: rows float32 [1 + n_sites, 16] (64 bytes per site): a header line holding the steps
+#    the row covers (what is the same for every site), then a line per site without the
+#    `steps` column, the first non-finite step stored as an offset back from the row's step
+#    (exact in float32 for rows shorter than 2**24 steps, whatever the run's length).
+PROTOCOL_VERSION = 2
 
 # Record kinds; each is one tag per site list ("group").
-ROWS = "rows"                  # float64 [n_sites, n_stats], step = last step of the row
-FLIGHT = "flight"              # float64 [n_sites, n_stats], one per step before the first non-finite
+ROWS = "rows"                  # float32 [1 + n_sites, len(DISK_STATS)], step = last step of the row
+FLIGHT = "flight"              # same, one per step before the first non-finite
 FIRST_NONFINITE = "first_nonfinite"  # scalar string: JSON object, step = that step
 EVENTS = "events"              # scalar string: JSON list of events at that step (loss-scale skips, ...)
 RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS)
@@ -51,8 +60,56 @@ def parse_block_tag(tag_name):
     return group, record, int(block or 0)
 
 
-def rows_per_block(n_sites, n_stats):
-    return max(1, BLOCK_BYTES // max(1, n_sites * n_stats * 8))
+# The columns of a row on disk (protocol 2), named in each tag's metadata.
+FIRST_OFFSET = "first_nonfinite_offset"
+DISK_STATS = tuple(FIRST_OFFSET if name == "first_nonfinite_step" else name
+                   for name in stats.STAT_NAMES if name != "steps")
+DISK_DTYPE = np.float32
+
+
+def rows_per_block(n_sites, n_stats=len(DISK_STATS), itemsize=np.dtype(DISK_DTYPE).itemsize):
+    return max(1, BLOCK_BYTES // max(1, (n_sites + 1) * n_stats * itemsize))
+
+
+def encode_row(step, row):
+    """A row in the table's columns (float64 [n_sites, n_stats]) as stored on disk:
+    float32 [1 + n_sites, len(DISK_STATS)], the header line first."""
+    row = np.asarray(row, dtype=np.float64)
+    col = stats.STAT_INDEX
+    out = np.zeros((row.shape[0] + 1, len(DISK_STATS)), dtype=DISK_DTYPE)
+    out[0, 0] = np.nanmax(row[:, col["steps"]]) if len(row) else 1
+    for j, name in enumerate(DISK_STATS):
+        if name == FIRST_OFFSET:
+            out[1:, j] = step - row[:, col["first_nonfinite_step"]]
+        else:
+            out[1:, j] = row[:, col[name]]
+    return out
+
+
+def has_header(stat_names):
+    """Whether rows of this metadata carry the header line (protocol 2 on)."""
+    return "steps" not in stat_names
+
+
+def decode_rows(matrices, stat_names, steps):
+    """Rows as stored ([n_rows, (1 +) n_sites, len(stat_names)], any protocol version) ->
+    float64 [n_rows, n_sites, n_stats] in the current table's columns (unknown ones NaN)."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.float64)
+    if tuple(stat_names) == stats.STAT_NAMES:
+        return matrices
+    header = None
+    if has_header(stat_names):
+        header, matrices = matrices[:, 0], matrices[:, 1:]
+    out = np.full(matrices.shape[:-1] + (len(stats.STATS),), np.nan)
+    for j, name in enumerate(stat_names):
+        if name == FIRST_OFFSET:
+            out[..., stats.STAT_INDEX["first_nonfinite_step"]] = steps[:, None] - matrices[..., j]
+        elif name in stats.STAT_INDEX:
+            out[..., stats.STAT_INDEX[name]] = matrices[..., j]
+    if header is not None:
+        out[..., stats.STAT_INDEX["steps"]] = header[:, :1]
+    return out
 
 
 def create_summary_metadata(record, sites=None, stat_names=None, extra=None):

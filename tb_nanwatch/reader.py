@@ -65,18 +65,6 @@ class RunData:
         return None
 
 
-def _to_table_columns(matrix, stat_names):
-    """Maps columns named by the writer onto the current table (missing -> NaN)."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    if tuple(stat_names) == stats.STAT_NAMES:
-        return matrix
-    out = np.full(matrix.shape[:-1] + (len(stats.STATS),), np.nan)
-    for j, name in enumerate(stat_names):
-        if name in stats.STAT_INDEX:
-            out[..., stats.STAT_INDEX[name]] = matrix[..., j]
-    return out
-
-
 def list_runs(provider, ctx, experiment_id):
     """{run: sorted list of groups (None for the default site list)} with any nanwatch
     record: rows, a flight recorder, or only a first-non-finite record (a run killed
@@ -164,9 +152,11 @@ def read_run(provider, ctx, experiment_id, run, group=None):
 
     def matrices(tag_names):
         found = [] if content is None else [x for t in tag_names for x in read(t)]
+        # Protocol 2 rows carry a header line before the sites.
+        lines = len(sites) + (1 if metadata.has_header(stat_names) else 0)
         got = []
         for tag_name, datum in found:
-            problem = validation.matrix_problem(datum.numpy, len(sites), len(stat_names))
+            problem = validation.matrix_problem(datum.numpy, lines, len(stat_names))
             if problem:
                 dropped.add(tag_name, datum.step, problem)
             else:
@@ -175,7 +165,7 @@ def read_run(provider, ctx, experiment_id, run, group=None):
         steps = np.array([d.step for _, d in got], dtype=np.int64)
         if not got:
             return steps, np.zeros((0, len(sites), len(stats.STATS)))
-        rows = _to_table_columns(np.stack([d.numpy for _, d in got]), stat_names)
+        rows = metadata.decode_rows(np.stack([d.numpy for _, d in got]), stat_names, steps)
         problems = validation.row_problems(steps, rows)
         for (tag_name, datum), problem in zip(got, problems):
             if problem:

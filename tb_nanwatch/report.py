@@ -18,7 +18,7 @@ from tb_nanwatch import diagnosis, heatmap, reader, stats
 LOSS_SCALE_SKIP = "loss_scale_skip"
 # Every-step statistics shown in the trend table, in this order; the sampled
 # statistics present in the window follow in table order.
-TREND_EVERY_STEP = ("mean_every_step", "nan", "posinf", "neginf")
+TREND_EVERY_STEP = ("norm", "nan", "posinf", "neginf")
 COUNT_LABELS = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -395,14 +395,14 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
     """The heatmap of one run (sites x steps) as a PNG: labels, colour legend,
     NaN/+Inf/-Inf colours, the first non-finite cell outlined, a title in words.
 
-    stat None: max_abs, or mean_every_step for a run that has only its flight recorder
+    stat None: max_abs, or norm (measured at every step) for a run that has only its flight recorder
     (killed before its first row), whose sampled statistics exist at one step only."""
     from PIL import Image, ImageDraw
 
     data = rep.data
     source = "rows" if len(data.steps) or not len(data.flight_steps) else "flight"
     if stat is None:
-        stat = "max_abs" if source == "rows" else "mean_every_step"
+        stat = "max_abs" if source == "rows" else "norm"
     hm = heatmap.build(data, stat=stat, kind=kind, max_columns=max_columns, source=source)
     n_sites, n_cols = hm.values.shape if hm.values.ndim == 2 else (len(hm.labels), 0)
     st = stats.STATS_BY_NAME[stat]

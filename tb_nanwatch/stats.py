@@ -4,14 +4,17 @@ Writer, reader, plugin, CLI and frontend all take their names, meanings and
 aggregation rules from here (the frontend receives it from the `/info` route),
 so a statistic is added or renamed in exactly one place.
 
-A logged *row* covers the training steps since the previous row.  Two cadences:
+A logged *row* covers the training steps since the previous row.  Each statistic
+says how the writer measures it (``measured``):
 
-* ``every_step``: exact over every step of the row (the writer reduces each
-  watched tensor once per step, a ``reduce_sum``: a sum is non-finite whenever
-  any element is, so non-finite counts are computed exactly on the steps whose
-  sum says so, and are zero on all others).
-* sampled: computed on the row's last step (and on the first non-finite step),
-  over the *finite* elements only, so they stay meaningful when some are not.
+* ``every_step``: exact over every step of the row, accumulated by ``aggregate``.
+  The writer reads each watched tensor once per step with an L2 norm (as cheap
+  as a sum, and non-finite whenever any element is), so non-finite counts are
+  computed exactly on the steps whose norm says so, and are zero on all others.
+* ``last_step``: the value at the row's last step, measured at every step (so
+  the flight recorder has it at every step too).
+* ``sampled``: computed on the row's last step (and on the first non-finite
+  step), over the *finite* elements only, so they stay meaningful when some are not.
 
 ``aggregate`` says how rows combine when several are merged into one heatmap
 column or one report line: never by averaging away a NaN or an Inf.
@@ -62,35 +65,51 @@ def kind_words(kind):
 
 
 Stat = collections.namedtuple(
-    "Stat", ["name", "meaning", "aggregate", "every_step", "scale"]
+    "Stat", ["name", "meaning", "aggregate", "every_step", "scale", "measured", "loss_scaled"]
 )
-# aggregate: how values of several rows combine: sum | min | max | mean (weighted by steps) | last
-# scale:     how the frontend colours it: log (magnitudes), linear, or count
+# aggregate:   how values of several rows combine: sum | min | max | mean (weighted by steps) | last
+# every_step:  measured at every step (measured is every_step or last_step)
+# scale:       how the frontend colours it: log (magnitudes), linear, or count
+# measured:    every_step | last_step | sampled (see above)
+# loss_scaled: in the tensor's units, so a gradient's value carries the loss scale (the
+#              writer divides it out under a LossScaleOptimizer)
+
+
+def _stat(name, meaning, aggregate, measured, scale, loss_scaled=False):
+    return Stat(name, meaning, aggregate, measured != "sampled", scale, measured, loss_scaled)
+
 
 STATS = (
-    Stat("steps", "training steps this row covers", "sum", True, "linear"),
-    Stat("size", "elements in the tensor (0: the site was not computed, e.g. off the gradient path)", "max", True, "log"),
-    Stat("nan", "NaN elements, summed over every step of the row", "sum", True, "count"),
-    Stat("posinf", "+Inf elements, summed over every step of the row", "sum", True, "count"),
-    Stat("neginf", "-Inf elements, summed over every step of the row", "sum", True, "count"),
-    Stat("nonfinite_steps", "steps of the row at which the site held a NaN or Inf", "sum", True, "count"),
-    Stat("first_nonfinite_step", "first step of the row at which the site held a NaN or Inf (NaN: none)", "min", True, "linear"),
-    Stat("mean_every_step", "mean of the per-step means of the finite elements", "mean", True, "linear"),
-    Stat("min", "smallest finite element (row's last step)", "min", False, "linear"),
-    Stat("max", "largest finite element (row's last step)", "max", False, "linear"),
-    Stat("mean", "mean of the finite elements (row's last step)", "mean", False, "linear"),
-    Stat("std", "standard deviation of the finite elements (row's last step)", "max", False, "log"),
-    Stat("max_abs", "largest |x| of the finite elements (row's last step)", "max", False, "log"),
-    Stat("norm", "L2 norm of the finite elements (row's last step)", "max", False, "log"),
-    Stat("zero_frac", "fraction of elements exactly 0 (row's last step)", "max", False, "linear"),
-    Stat("headroom", "log2(largest finite value of the dtype / max_abs): doublings left before overflow", "min", False, "linear"),
-    Stat("underflow_frac", "float16/bfloat16 only: fraction of elements below the smallest normal, zeros included", "max", False, "linear"),
+    _stat("steps", "training steps this row covers", "sum", "every_step", "linear"),
+    _stat("size", "elements in the tensor (0: the site was not computed, e.g. off the gradient path)", "max", "every_step", "log"),
+    _stat("nan", "NaN elements, summed over every step of the row", "sum", "every_step", "count"),
+    _stat("posinf", "+Inf elements, summed over every step of the row", "sum", "every_step", "count"),
+    _stat("neginf", "-Inf elements, summed over every step of the row", "sum", "every_step", "count"),
+    _stat("nonfinite_steps", "steps of the row at which the site held a NaN or Inf", "sum", "every_step", "count"),
+    _stat("first_nonfinite_step", "first step of the row at which the site held a NaN or Inf (NaN: none)", "min", "every_step", "linear"),
+    _stat("norm", "L2 norm of the finite elements (row's last step; measured at every step)", "max", "last_step", "log", True),
+    _stat("max_norm", "largest per-step L2 norm of the finite elements over the row's steps", "max", "every_step", "log", True),
+    _stat("min", "smallest finite element (row's last step)", "min", "sampled", "linear", True),
+    _stat("max", "largest finite element (row's last step)", "max", "sampled", "linear", True),
+    _stat("mean", "mean of the finite elements (row's last step)", "mean", "sampled", "linear", True),
+    _stat("std", "standard deviation of the finite elements (row's last step)", "max", "sampled", "log", True),
+    _stat("max_abs", "largest |x| of the finite elements (row's last step)", "max", "sampled", "log", True),
+    _stat("zero_frac", "fraction of elements exactly 0 (row's last step)", "max", "sampled", "linear"),
+    _stat("headroom", "log2(largest finite value of the dtype / max_abs): doublings left before overflow", "min", "sampled", "linear"),
+    _stat("underflow_frac", "float16/bfloat16 only: fraction of elements below the smallest normal, zeros included", "max", "sampled", "linear"),
 )
 
 STAT_NAMES = tuple(s.name for s in STATS)
 STAT_INDEX = {s.name: i for i, s in enumerate(STATS)}
 STATS_BY_NAME = {s.name: s for s in STATS}
 NONFINITE_STATS = ("nan", "posinf", "neginf")
+# The writer's columns, derived from the table: what the full-statistics branch computes,
+# and what the loss scale is divided out of for gradients.
+SAMPLED_STATS = tuple(s.name for s in STATS if s.measured == "sampled")
+LOSS_SCALED_STATS = tuple(s.name for s in STATS if s.loss_scaled)
+# Kinds that are gradients: under a LossScaleOptimizer they carry the loss scale, and a step
+# whose only non-finite sites are gradients is a skipped step, not the blow-up.
+GRADIENT_KINDS = ("activation_grad", "weight_grad")
 
 
 # Combining the sites of one layer (or group) into one heatmap row: the rules over steps

@@ -3,9 +3,9 @@
 The device-side writer (`tb_nanwatch.writer`) hands numpy arrays to a
 `RecordWriter`; tests, benchmarks and tools can write the same records directly.
 
-Record layout (see `metadata`): rows and flight rows are float64 matrices
-[n_sites, n_stats] whose columns follow `stats.STAT_NAMES`; the first
-non-finite record and events are JSON strings.
+Record layout (see `metadata`): rows and flight rows are handed over as float64
+matrices [n_sites, n_stats] in `stats.STAT_NAMES` order and stored compactly
+(`metadata.encode_row`); the first non-finite record and events are JSON strings.
 """
 
 import json
@@ -50,7 +50,7 @@ class RecordWriter:
         self._n_stats = len(stats.STAT_NAMES)
         # Rows go to the tag of their step's block (see metadata.BLOCK_BYTES); by step, not by
         # count, so a resumed run keeps each block bounded.
-        self.steps_per_block = metadata.rows_per_block(len(self.sites), self._n_stats) * int(log_every)
+        self.steps_per_block = metadata.rows_per_block(len(self.sites)) * int(log_every)
         self._tagged = set()   # tags whose metadata this file already carries
         self._writer = EventFileWriter(
             self.logdir, max_queue_size=1000, flush_secs=flush_secs,
@@ -63,7 +63,8 @@ class RecordWriter:
         if row.shape != (len(self.sites), self._n_stats):
             raise ValueError("row shape %s, expected %s" % (row.shape, (len(self.sites), self._n_stats)))
         block = int(step) // self.steps_per_block if record == metadata.ROWS else 0
-        self._write(record, step, tensor_util.make_tensor_proto(row), wall_time, block)
+        self._write(record, step, tensor_util.make_tensor_proto(metadata.encode_row(int(step), row)),
+                    wall_time, block)
 
     def write_flight(self, steps, rows):
         """The flight recorder: one row per step, steps ascending."""
@@ -91,7 +92,7 @@ class RecordWriter:
             value.metadata.CopyFrom(metadata.create_summary_metadata(
                 record,
                 sites=self.sites if with_sites else None,
-                stat_names=stats.STAT_NAMES if with_sites else None))
+                stat_names=metadata.DISK_STATS if with_sites else None))
             self._tagged.add(tag)
         event = event_pb2.Event(
             wall_time=time.time() if wall_time is None else wall_time,

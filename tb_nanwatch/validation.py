@@ -122,7 +122,7 @@ def matrix_problem(value, n_sites, n_stats):
 
 def row_problems(steps, rows):
     """[None or what is wrong] per row, for rows [n, n_sites, n_table_stats] already in
-    table order (`reader._to_table_columns`) ending at steps[n]."""
+    table order (`metadata.decode_rows`) ending at steps[n]."""
     rows = np.asarray(rows, dtype=np.float64)
     steps = np.asarray(steps, dtype=np.float64)
     out = [None] * len(rows)

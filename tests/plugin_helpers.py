@@ -192,9 +192,9 @@ def _magnitude_row(sites, first, last, m, largest):
     row[:, COL["max"]] = m
     row[:, COL["max_abs"]] = m
     row[:, COL["mean"]] = 0.05 * m
-    row[:, COL["mean_every_step"]] = 0.05 * m
     row[:, COL["std"]] = 0.4 * m
     row[:, COL["norm"]] = 0.4 * m * np.sqrt(size)
+    row[:, COL["max_norm"]] = 0.4 * m * np.sqrt(size)
     row[:, COL["headroom"]] = np.log2(largest / m)
     row[:, COL["zero_frac"]] = [0.3 if s["kind"] == "activation" else 0.0 for s in sites]
     return row, size

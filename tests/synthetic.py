@@ -37,9 +37,9 @@ def finite_row(n_sites, step, steps=1, scale=1.0):
     row[:, col["max"]] = magnitude
     row[:, col["max_abs"]] = magnitude
     row[:, col["mean"]] = 0.01 * magnitude
-    row[:, col["mean_every_step"]] = 0.01 * magnitude
     row[:, col["std"]] = 0.5 * magnitude
     row[:, col["norm"]] = magnitude * 8
+    row[:, col["max_norm"]] = magnitude * 8
     row[:, col["headroom"]] = np.log2(3.4e38 / magnitude)
     return row
 

@@ -73,7 +73,7 @@ def test_text_report_producer_propagators_trend(logdir):
     # The trend: the flight recorder's steps up to the first non-finite one.
     trend = block.split("(flight recorder, one row per step):\n")[1].splitlines()
     header = trend[0].split()
-    assert header[:5] == ["step", "mean_every_step", "nan", "posinf", "neginf"]
+    assert header[:5] == ["step", "norm", "nan", "posinf", "neginf"]
     assert "max_abs" in header and "norm" in header
     rows = [line.split() for line in trend[1:9]]
     assert [int(r[0]) for r in rows] == list(range(116, 124))
@@ -552,5 +552,5 @@ def test_killed_before_the_first_row(tmp_path):
     assert [l.split()[0] for l in out.split("one row per step):\n")[1].splitlines()[1:5]] == ["0", "1", "2", "3"]
     img, layout = _png_layout(tmp_path / "f.png")
     assert layout["source"] == "flight" and layout["first_cell"] == [velocity, 3]
-    assert layout["stat"] == "mean_every_step"     # measured at every step of the flight recorder
+    assert layout["stat"] == "norm"     # measured at every step of the flight recorder
     assert _cell(img, layout, velocity, 3) == stats.STATUS_COLOURS["+inf"]

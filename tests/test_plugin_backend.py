@@ -580,7 +580,8 @@ def test_rows_spread_over_step_blocks_are_all_read(tmp_path, monkeypatch):
     """Rows go to one tag per step block so that no data-provider answer nears gRPC's 256 MiB
     limit (RustBoard); the reader and the plugin see every block, and a new block is new data."""
     from tb_nanwatch import metadata as md
-    monkeypatch.setattr(md, "BLOCK_BYTES", 40 * len(synthetic.sites_for()) * len(stats.STATS) * 8)  # 40 rows
+    row_bytes = (len(synthetic.sites_for()) + 1) * len(md.DISK_STATS) * np.dtype(md.DISK_DTYPE).itemsize
+    monkeypatch.setattr(md, "BLOCK_BYTES", 40 * row_bytes)  # 40 rows
     synthetic.write_run(str(tmp_path / "big"), n_rows=130, log_every=10, first=(1003, 4, "nan"))
     provider, ctx, eid = reader.open_logdir(str(tmp_path))
     tags = reader.run_series(provider, ctx, eid, "big")

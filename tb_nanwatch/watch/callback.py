@@ -1,0 +1,90 @@
+"""`NanWatchCallback`: a `Watch` for `model.fit`, as a Keras callback."""
+
+import keras
+
+from tb_nanwatch.watch import instrument
+from tb_nanwatch.watch.watch import DEFAULT_FLIGHT_STEPS, DEFAULT_LOG_EVERY, Watch
+
+
+class NanWatchCallback(keras.callbacks.Callback):
+    """Logs per-layer numerics and the exact first NaN/Inf of a `model.fit` run.
+
+    For every layer: statistics of its activations, of the gradient w.r.t. its
+    output and its weights, of its weights and the optimizer's slots, plus the
+    inputs and the loss; NaN, +Inf and -Inf counted separately; on the device,
+    inside the compiled train step (also `jit_compile=True`).  Open the logdir in
+    TensorBoard's NanWatch tab or run `tb-nanwatch report LOGDIR`.
+
+    ```python
+    import numpy as np, keras, tb_nanwatch
+    x = np.random.uniform(-1e10, 1e10, (4096, 1)).astype("float32")
+    y = np.random.uniform(-1e10, 1e10, (4096, 1)).astype("float32")
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, callbacks=[tb_nanwatch.NanWatchCallback("logs/f", log_every=10)])
+    # tb-nanwatch report logs  ->  first +Inf at step 3: dense, optimizer state velocity/kernel
+    ```
+
+    Args:
+      logdir: this run's directory (TensorBoard's `--logdir` is its parent).
+      log_every: one row per this many steps (default 100); rows aggregate
+        their steps without losing any NaN/Inf.
+      flight_steps: steps kept at full resolution before the first non-finite.
+      kinds: site kinds to watch (default all); e.g. leave out "weight" and
+        "optimizer_state" for a leaner setting.
+      stop_on_nonfinite: stop training once the first non-finite record is on
+        disk (like TerminateOnNaN, but after recording).
+      check_every: read the device's status every this many steps.
+      optimizers: optimizers the model's `train_step` applies that are neither
+        `model.optimizer` nor held by the model as attributes (those are found).
+    """
+
+    watch_class = Watch
+
+    def __init__(self, logdir, log_every=DEFAULT_LOG_EVERY, flight_steps=DEFAULT_FLIGHT_STEPS,
+                 kinds=None, stop_on_nonfinite=False, check_every=1, optimizers=None):
+        super().__init__()
+        self.logdir = str(logdir)
+        self._options = dict(log_every=log_every, flight_steps=flight_steps, kinds=kinds,
+                             check_every=check_every)
+        self._extra_optimizers = list(optimizers or [])
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.watch = None
+        self._train_function = None   # our traced train function, kept for the next fit()
+        self._train_function_key = None
+
+    def on_train_begin(self, logs=None):
+        if self.watch is None:
+            self.watch = self.watch_class(self.logdir, self.model,
+                               optimizers=instrument.find_optimizers(self.model, self._extra_optimizers),
+                               **self._options)
+        else:
+            self.watch.reopen()
+        if self._train_function is not None and self._train_function_key == self._compiled_key():
+            # A second fit() reuses the function traced with the instrumentation, as plain Keras does.
+            self.model.train_function = self._train_function
+        else:
+            # fit() made its train function before calling us: trace it again, instrumented.
+            self.model.make_train_function(force=True)
+        steps, epochs = self.params.get("steps"), self.params.get("epochs")
+        if steps and epochs:
+            self.watch.expect_last_step(steps * epochs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.watch.after_step() and self.stop_on_nonfinite:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        try:
+            self.watch.close()
+        finally:
+            # Later fit() calls without this callback, evaluate() and predict() must not run our
+            # ops; this callback's next fit() takes the function back.
+            self._train_function = self.model.train_function
+            self._train_function_key = self._compiled_key()
+            self.model.train_function = None
+
+    def _compiled_key(self):
+        model = self.model
+        return (id(model.optimizer), id(getattr(model, "_compile_loss", None)), getattr(model, "jit_compile", None),
+                getattr(model, "steps_per_execution", None), id(model.distribute_strategy))

@@ -1,0 +1,288 @@
+"""Wrapping a Keras model and its optimizers so a traced train step reports its tensors.
+
+Layer `call`s, `compute_loss`, `train_step` and every watched optimizer's
+`apply` are wrapped *before* the train function is traced; the wrappers are
+plain Python at trace time and collect the step's tensors into a `StepTrace`.
+
+A layer's call that runs inside a nested graph of the step (an RNN cell inside
+the `while_loop` of its layer, a branch of `tf.cond`, `map_fn`) is not
+recorded: its tensors cannot be read from the step's graph.  Its outermost
+layer whose outputs return into the step is watched instead.
+"""
+
+import functools
+import logging
+import threading
+
+import tensorflow as tf
+
+from tb_nanwatch.watch import sites as site_catalogue
+
+logger = logging.getLogger("tb_nanwatch.watch")
+
+
+class StepTrace:
+    """Tensors of one traced training step, gathered as the step's Python code runs."""
+
+    def __init__(self, graph, in_train_step=False):
+        self.graph = graph                # the (function) graph the step is traced in
+        self.in_train_step = in_train_step  # ends when the wrapped train_step returns
+        self.inputs = []
+        self.activations = {}        # layer path -> [tensor], forward completion order
+        self.activation_grads = {}   # layer path -> [tensor], backward order
+        self.losses = []
+        self.applies = []            # (optimizer, grads, variables) per optimizer.apply
+        self.produced_by = {}        # id(output tensor) -> layer path
+        self.consumers = {}          # layer path -> [paths of layers that took its output]
+        self.nested = set()          # layers called only inside a nested graph
+
+
+def _current_graph():
+    return tf.compat.v1.get_default_graph()
+
+
+def _inside(graph, outer):
+    """Whether `graph` is a function graph nested in `outer` (a while body, a cond branch)."""
+    graph = getattr(graph, "outer_graph", None)
+    while graph is not None:
+        if graph is outer:
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+class Instrumentation:
+    """The wrappers of one Watch; `on_step_end(trace)` is called when a step's tensors are in."""
+
+    def __init__(self, model, optimizers, kinds, on_step_end):
+        self.model = model
+        self.optimizers = list(optimizers)
+        self.kinds = kinds
+        self.on_step_end = on_step_end
+        self.layer_order = site_catalogue.layer_paths(model)
+        self._local = threading.local()
+        self._restore = []
+
+    # -- state of the step being traced (one per thread: replicas trace in threads) --------------
+    @property
+    def trace(self):
+        return getattr(self._local, "trace", None)
+
+    @trace.setter
+    def trace(self, value):
+        self._local.trace = value
+
+    @property
+    def _suppressed(self):
+        return getattr(self._local, "suppressed", 0)
+
+    def _step_trace(self, begin=True):
+        """The trace of the step being traced in the current graph; a new one if this is a new
+        step and `begin`; None inside a nested graph of the step or outside training."""
+        if self._suppressed:
+            return None
+        trace, graph = self.trace, _current_graph()
+        if trace is not None and trace.graph is graph:
+            return trace
+        if trace is not None and _inside(graph, trace.graph):
+            return None
+        if not begin:
+            return None
+        trace = self.trace = StepTrace(graph)
+        return trace
+
+    # -- wrapping ---------------------------------------------------------------------------------
+    @property
+    def active(self):
+        return bool(self._restore)
+
+    def install(self):
+        if self._restore:
+            return
+        self._wrap(self.model, "call", self._root_call)
+        for path, layer in self.layer_order:
+            self._wrap(layer, "call", functools.partial(self._layer_call, path))
+        if hasattr(self.model, "compute_loss"):
+            self._wrap(self.model, "compute_loss", self._compute_loss)
+        if hasattr(self.model, "train_step"):
+            self._wrap(self.model, "train_step", self._train_step)
+        for optimizer in self.optimizers:
+            self._wrap(optimizer, "apply", functools.partial(self._apply, optimizer))
+
+    def uninstall(self):
+        for obj, name, had_own, original in reversed(self._restore):
+            if had_own:
+                object.__setattr__(obj, name, original)
+            else:
+                try:
+                    object.__delattr__(obj, name)
+                except AttributeError:
+                    pass
+        self._restore = []
+
+    def _wrap(self, obj, name, wrapper):
+        original = getattr(obj, name)
+        had_own = name in vars(obj)
+
+        # Plain Python at trace time: autograph must not rewrite our bookkeeping.
+        @tf.autograph.experimental.do_not_convert
+        @functools.wraps(original)
+        def wrapped(*args, **kwargs):
+            return wrapper(original, *args, **kwargs)
+
+        # object.__setattr__: Keras tracks attributes of built layers; a method is no state.
+        object.__setattr__(obj, name, wrapped)
+        self._restore.append((obj, name, had_own, original if had_own else None))
+
+    # -- the wrappers -----------------------------------------------------------------------------
+    def _train_step(self, original, *args, **kwargs):
+        trace = self.trace = StepTrace(_current_graph(), in_train_step=True)
+        if "input" in self.kinds and args:
+            data = args[0]
+            x = data[0] if isinstance(data, (tuple, list)) and data else data
+            trace.inputs.extend(site_catalogue.float_tensors(x))
+        logs = original(*args, **kwargs)
+        self._finish(trace)
+        return logs
+
+    def _root_call(self, original, *args, **kwargs):
+        if kwargs.get("training") is False or not args:
+            # Evaluation or predict: not a training step.
+            self._local.suppressed = self._suppressed + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._local.suppressed -= 1
+        trace = self._step_trace()
+        if trace is not None and not trace.in_train_step and "input" in self.kinds:
+            trace.inputs.extend(site_catalogue.float_tensors(args[0]))
+        return self._layer_call(None, original, *args, **kwargs)
+
+    def _layer_call(self, path, original, *args, **kwargs):
+        trace = self._step_trace()
+        if trace is None:
+            if path is not None and self.trace is not None and not self._suppressed:
+                self.trace.nested.add(path)
+            return original(*args, **kwargs)
+        if path is not None:
+            # Whose backward pass computes the gradient w.r.t. a layer's output: its consumers'.
+            for t in tf.nest.flatten((args, kwargs)):
+                producer = trace.produced_by.get(id(t))
+                if producer is not None and path not in trace.consumers.setdefault(producer, []):
+                    trace.consumers[producer].append(path)
+        outputs = original(*args, **kwargs)
+        if path is None or self.trace is not trace or not any(
+                k in self.kinds for k in ("activation", "activation_grad")):
+            return outputs
+        flat = tf.nest.flatten(outputs)
+        floats = site_catalogue.float_tensors(outputs)
+        if not floats or any(t.graph is not trace.graph for t in floats if hasattr(t, "graph")):
+            return outputs
+        trace.activations.setdefault(path, [])
+        if "activation" in self.kinds:
+            trace.activations[path].extend(floats)
+        if "activation_grad" not in self.kinds:
+            return outputs
+        probed = [grad_probe(trace, path, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
+                  for t in flat]
+        for t in probed:
+            trace.produced_by[id(t)] = path
+        return tf.nest.pack_sequence_as(outputs, probed)
+
+    def _compute_loss(self, original, *args, **kwargs):
+        loss = original(*args, **kwargs)
+        if kwargs.get("training", True) is not False:
+            self.record_loss(loss)
+        return loss
+
+    def record_loss(self, loss):
+        trace = self._step_trace()
+        if trace is not None and "loss" in self.kinds:
+            trace.losses.extend(site_catalogue.float_tensors(loss))
+        return loss
+
+    def _apply(self, optimizer, original, grads, trainable_variables=None, *args, **kwargs):
+        trace = self._step_trace(begin=False)
+        grads = list(grads)
+        variables = list(trainable_variables) if trainable_variables is not None else list(
+            getattr(site_catalogue.inner_optimizer(optimizer), "_trainable_variables", []))
+        # Layers called inside the optimizer's own code are not part of the model's step.
+        self._local.suppressed = self._suppressed + 1
+        try:
+            result = original(grads, trainable_variables, *args, **kwargs)
+        finally:
+            self._local.suppressed -= 1
+        if trace is not None and not _is_symbolic(grads):
+            trace.applies.append((optimizer, grads, variables))
+            # A custom loop has no train_step to end the step: it ends with the last watched
+            # optimizer's apply.
+            applied = {id(o) for o, _, _ in trace.applies}
+            if not trace.in_train_step and all(id(o) in applied for o in self.optimizers):
+                self._finish(trace)
+        return result
+
+    def _finish(self, trace):
+        if self.trace is trace:
+            self.trace = None
+        if trace.applies:
+            self.on_step_end(trace)
+        else:
+            self.on_step_end(None, reason="no_apply", trace=trace)
+
+
+def _is_symbolic(values):
+    return any(v is not None and not isinstance(v, (tf.Tensor, tf.IndexedSlices, tf.Variable))
+               and not hasattr(v, "numpy") for v in values)
+
+
+def grad_probe(trace, path, tensor):
+    """Identity whose gradient records the gradient w.r.t. `tensor` (a layer's output)."""
+
+    @tf.custom_gradient
+    def probe(x):
+        def grad(upstream):
+            if isinstance(upstream, tf.IndexedSlices):
+                upstream = tf.convert_to_tensor(upstream)
+            trace.activation_grads.setdefault(path, []).append(upstream)
+            return upstream
+        return tf.identity(x), grad
+
+    out = probe(tensor)
+    # Keras reads these attributes off a layer's output (loss from logits, masks).
+    for attr in ("_keras_logits", "_keras_mask"):
+        if hasattr(tensor, attr):
+            try:
+                setattr(out, attr, getattr(tensor, attr))
+            except AttributeError:
+                pass
+    return out
+
+
+def find_optimizers(model, extra=()):
+    """The optimizers that update `model`'s variables: `model.optimizer`, any optimizer held
+    by the model as an attribute (a GAN's `d_optimizer` and `g_optimizer`), and `extra`.
+    A LossScaleOptimizer stands for its inner optimizer."""
+    found = []
+
+    def add(candidate):
+        if candidate is None or not hasattr(candidate, "apply") or not hasattr(candidate, "apply_gradients"):
+            return
+        if any(candidate is o or candidate is getattr(o, "inner_optimizer", None) for o in found):
+            return
+        found.append(candidate)
+
+    for optimizer in extra:
+        add(optimizer)
+    add(getattr(model, "optimizer", None))
+    for value in list(vars(model).values()):
+        if _is_optimizer(value):
+            add(value)
+    return found
+
+
+def _is_optimizer(value):
+    try:
+        import keras
+        return isinstance(value, keras.optimizers.Optimizer)
+    except Exception:  # pragma: no cover - Keras missing or exotic
+        return False

@@ -1,0 +1,371 @@
+"""`Watch`: the numerics of a model's training steps, recorded into a logdir.
+
+The instrumentation (`instrument.py`) collects each traced step's tensors, the
+site catalogue (`sites.py`) names them in execution order, the device ops
+(`device.py`) reduce them inside the step, and the host side (`host.py`) turns
+what the device kept into records (`tb_nanwatch.summary.RecordWriter`).
+"""
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from tb_nanwatch import stats, summary
+from tb_nanwatch.watch import device, distribute, host, instrument
+from tb_nanwatch.watch import sites as site_catalogue
+
+logger = logging.getLogger("tb_nanwatch.watch")
+
+DEFAULT_LOG_EVERY = 100     # 1,000,000 steps -> 10,000 rows per run
+DEFAULT_FLIGHT_STEPS = 32
+
+
+class Watch:
+    """Records the numerics of `model` trained by `optimizer` into `logdir`.
+
+    For custom training loops (eager or `tf.function`, also `jit_compile=True`);
+    `NanWatchCallback` does the same for `model.fit`.  Create it before the train
+    step is first traced; call `after_step()` on the host after every step.
+
+    ```python
+    watch = tb_nanwatch.Watch("logs/custom", model, optimizer)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            pred = model(x, training=True)
+            loss = watch.record_loss(loss_fn(y, pred))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for x, y in dataset:
+        train_step(x, y)
+        if watch.after_step():   # True once a non-finite value has been recorded
+            break
+    watch.close()
+    ```
+
+    Args:
+      logdir: directory of this run's event files (`tensorboard --logdir` its parent).
+      model: a Keras 3 model (Sequential, functional, subclassed, nested).
+      optimizer: its Keras optimizer (default `model.optimizer`).
+      optimizers: every optimizer a step applies, when there are several (a GAN's
+        generator and discriminator optimizers); a step ends once each has applied.
+      log_every: write one row every this many steps; a row aggregates its steps
+        without losing any NaN/Inf (counts summed, first step kept).
+      flight_steps: per-step rows kept on the device and written when the first
+        non-finite value appears.
+      kinds: the site kinds to watch (default all of `stats.KINDS`).
+      check_every: the host reads one small vector every this many steps (a
+        device sync on GPU); the first non-finite record is written then.
+      group: write under `nanwatch/<group>/...` tags (a second model in one run).
+    """
+
+    def __init__(self, logdir, model, optimizer=None, optimizers=None, log_every=DEFAULT_LOG_EVERY,
+                 flight_steps=DEFAULT_FLIGHT_STEPS, kinds=None, check_every=1, group=None):
+        if log_every < 1 or flight_steps < 1 or check_every < 1:
+            raise ValueError("log_every, flight_steps and check_every must be >= 1")
+        kinds = tuple(stats.KINDS if kinds is None else kinds)
+        unknown = [k for k in kinds if k not in stats.KINDS]
+        if unknown:
+            raise ValueError("unknown kinds %s; expected some of %s" % (unknown, ", ".join(stats.KINDS)))
+        self.model = model
+        strategy = getattr(model, "distribute_strategy", None)
+        # Multi-worker training: each worker writes a run of its own under logdir.
+        self._worker_names = distribute.worker_names(strategy)
+        self.logdir = str(logdir)
+        if len(self._worker_names) > 1:
+            self.logdir = os.path.join(self.logdir, distribute.this_worker(strategy))
+        named = ([optimizer] if optimizer is not None else []) + list(optimizers or [])
+        if not named and getattr(model, "optimizer", None) is not None:
+            named = [model.optimizer]
+        if not named:
+            raise ValueError("Watch needs the optimizer (compile the model or pass optimizer=)")
+        self.optimizers = named
+        self.optimizer = named[0]
+        self.log_every = int(log_every)
+        self.flight_steps = int(flight_steps)
+        self.kinds = kinds
+        self.check_every = int(check_every)
+        self.group = group
+        self._lock = threading.Lock()
+        self._instrumentation = instrument.Instrumentation(model, self.optimizers, kinds, self._end_step)
+        self._sites = None          # fixed at the first traced step
+        self._getters = None
+        self._consumers = {}
+        self._state = None          # device variables
+        self._writer = None
+        self._first_written = False
+        self._skips_seen = 0
+        self._collapse_reported = False
+        self._last_row_step = -1
+        self._host_calls = 0
+        self._pending_last = 0
+        self._traced_without_apply = False
+        self._misuse_warned = False
+        self._forecast = None
+        self.early_warning = None    # the early-warning event, once written
+        self.first_nonfinite = None  # the record, once written
+        self._closed = False
+        self.instrument()
+        _open_watches.add(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def instrument(self):
+        """Wraps layers, `compute_loss`, `train_step` and the optimizers (idempotent)."""
+        self._instrumentation.install()
+        if self._state is None and getattr(self.model, "built", False) and self.model.trainable_variables:
+            # Before tracing, under the model's strategy: mirrored, one write per step.
+            self._state = self._create_state(site_catalogue.capacity(
+                self._instrumentation.layer_order, self.model.trainable_variables, self.optimizers))
+
+    def uninstrument(self):
+        """Restores every wrapped method."""
+        self._instrumentation.uninstall()
+
+    def reopen(self):
+        """Watches again after `close()` (a second `fit()`): the same sites and device state,
+        records into a new event file."""
+        self._closed = False
+        self._writer = None
+        self._first_written = self.first_nonfinite is not None
+        _open_watches.add(self)
+        self.instrument()
+
+    def _create_state(self, capacity):
+        strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
+        with strategy.scope():
+            state = device.DeviceState(capacity, self.flight_steps, strategy.num_replicas_in_sync)
+        if self._pending_last:
+            state.last_step.assign(self._pending_last - 1)
+        return state
+
+    # ------------------------------------------------------------------ trace time
+    def record_loss(self, loss):
+        """Records `loss` as this step's loss site and returns it unchanged (custom loops)."""
+        return self._instrumentation.record_loss(loss)
+
+    def _end_step(self, trace):
+        """Called at trace time once a step's tensors are known: the device ops of the step."""
+        if not trace.applies:
+            self._traced_without_apply = True
+            return
+        with self._lock:   # replicas trace the step in threads of their own
+            if self._sites is None:
+                self._define_sites(trace)
+        loss_scaled = any(hasattr(o, "inner_optimizer") for o in self.optimizers)
+        grad_sites = np.array([s["kind"] in stats.GRADIENT_KINDS for s in self._sites])
+        tensors = [getter(trace) for getter in self._getters]
+        dtypes = [tf.as_dtype(site["dtype"]) for site in self._sites]
+        device.device_step(self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None)
+
+    def _define_sites(self, trace):
+        sites, getters = site_catalogue.build(trace, self.model.name, self._instrumentation.layer_order,
+                                              self.kinds)
+        if self._state is None:
+            with tf.init_scope():
+                self._state = self._create_state(len(sites))
+        if len(sites) > self._state.capacity:
+            logger.warning("tb_nanwatch: %d sites, more than the %d planned: watching the first %d",
+                           len(sites), self._state.capacity, self._state.capacity)
+            sites, getters = sites[:self._state.capacity], getters[:self._state.capacity]
+        self._sites, self._getters = sites, getters
+        self._consumers = {k: list(v) for k, v in trace.consumers.items()}
+        nested = sorted(trace.nested - set(trace.activations))
+        if nested:
+            logger.warning(
+                "tb_nanwatch: %d layer(s) run only inside a nested graph of the step (an RNN cell in its "
+                "layer's loop, a tf.cond branch, map_fn) and are watched through the layer around them: %s",
+                len(nested), ", ".join(nested[:8]) + (" ..." if len(nested) > 8 else ""))
+        updated = {id(v) for _, _, variables in trace.applies for v in variables}
+        missed = [v.name for v in self.model.trainable_variables if id(v) not in updated]
+        if missed:
+            logger.warning(
+                "tb_nanwatch: %d trainable variable(s) were updated by no watched optimizer (%s): pass the "
+                "optimizer that updates them with optimizers=[...]", len(missed), ", ".join(missed[:5]))
+        try:
+            from tb_nanwatch import early_warning
+        except ImportError:  # pragma: no cover - the detector ships with the package
+            early_warning = None
+        if early_warning is not None:
+            self._forecast = early_warning.OverflowForecast(sites)
+
+    # ------------------------------------------------------------------ host side
+    def after_step(self):
+        """Host side, after each training step: writes a row every `log_every` steps and
+        the first non-finite record at once.  Returns True once that record exists."""
+        self._host_calls += 1
+        if self._closed:
+            return self.first_nonfinite is not None
+        if self._sites is None:
+            self._warn_nothing_traced()
+            return False
+        if self._host_calls % self.check_every:
+            return self.first_nonfinite is not None
+        self._read_device(final=False)
+        return self.first_nonfinite is not None
+
+    def _read_device(self, final):
+        poll = self._state.poll.numpy()
+        steps_run = int(poll[host.POLL["steps_run"]])
+        first_step = int(poll[host.POLL["first_step"]])
+        if first_step >= 0 and not self._first_written:
+            self._write_first(first_step)
+        skips = int(poll[host.POLL["skips"]])
+        if skips > self._skips_seen:
+            self._write_skips(skips, int(poll[host.POLL["last_skip_step"]]))
+        if self._forecast is not None and self.early_warning is None and steps_run > 0 and first_step < 0:
+            norms = poll[len(host.POLL_FIELDS):len(host.POLL_FIELDS) + len(self._sites)]
+            warning = self._forecast.update(steps_run - 1, norms)
+            if warning:
+                self._write_early_warning(warning)
+        if (final and steps_run - 1 > self._last_row_step) or host.row_due(steps_run, self._last_row_step,
+                                                                             self.log_every):
+            self._write_row(steps_run - 1)
+
+    def _warn_nothing_traced(self):
+        if self._misuse_warned:
+            return
+        self._misuse_warned = True
+        if self._traced_without_apply:
+            logger.warning("tb_nanwatch: the train step ran the model but never called apply() of a watched "
+                           "optimizer (%s): nothing is recorded; pass the optimizer that updates the model with "
+                           "optimizers=[...]", ", ".join(type(o).__name__ for o in self.optimizers))
+        else:
+            logger.warning("tb_nanwatch: no training step was traced with the Watch in place, so nothing is "
+                           "recorded: create the Watch before the train step's first call (a tf.function "
+                           "traced earlier keeps running uninstrumented)")
+
+    def expect_last_step(self, steps_from_now):
+        """Tells the device that training ends after `steps_from_now` more steps, so the
+        last (partial) row carries full statistics like every other."""
+        self._pending_last = int(steps_from_now)
+        if self._state is not None:
+            steps_run = int(self._state.poll.numpy()[host.POLL["steps_run"]])
+            self._state.last_step.assign(steps_run + self._pending_last - 1)
+
+    def _ensure_writer(self):
+        if self._writer is None:
+            self._writer = summary.RecordWriter(self.logdir, self._sites, group=self.group,
+                                                 log_every=self.log_every)
+        return self._writer
+
+    def _site_count(self):
+        return len(self._sites)
+
+    def _write_row(self, last_step):
+        acc = self._state.acc.numpy()[:self._site_count()]
+        self._state.reset_accumulators()
+        scale = self._loss_scale()
+        row = host.unscale_gradients(host.row_from_accumulators(acc), self._sites, scale)
+        if scale is not None and scale < 1 and not self._collapse_reported:
+            self._collapse_reported = True
+            self._ensure_writer().write_events(last_step, [{
+                "type": "loss_scale_collapse", "step": last_step, "loss_scale": scale}])
+            logger.warning("tb_nanwatch: the loss scale has collapsed to %g at step %d: gradients are "
+                           "scaled down and training may have stalled silently", scale, last_step)
+        self._ensure_writer().write_row(last_step, row)
+        self._last_row_step = last_step
+
+    def _write_first(self, step):
+        n = self._site_count()
+        scale = self._loss_scale()
+        first_row = host.unscale_gradients(host.row_from_accumulators(self._state.first.numpy()[:n]),
+                                           self._sites, scale)
+        record = host.first_record(self._sites, first_row, self._consumers)
+        if record is None:
+            return
+        record = host.replicas_of(record, self._state.first_replicas.numpy()[:, :n], self._worker_names)
+        skips = int(self._state.poll.numpy()[host.POLL["skips"]])
+        if skips:
+            record["loss_scale_skips_before"] = skips
+        writer = self._ensure_writer()
+        # Flight recorder first, so the record that readers look for lands last, complete.
+        sizes = self._state.acc.numpy()[:n, stats.STAT_INDEX["size"]]
+        sizes = np.where(sizes > 0, sizes, first_row[:, stats.STAT_INDEX["size"]])
+        steps, rows = host.flight_rows(self._state.ring_step.numpy(), self._state.ring.numpy()[:, :n], sizes,
+                                       step, first_row)
+        writer.write_flight(steps, [host.unscale_gradients(r, self._sites, scale) if s != step else r
+                                    for s, r in zip(steps, rows)])
+        writer.write_first_nonfinite(step, record)
+        self._first_written = True
+        self.first_nonfinite = dict(record, step=step)
+        logger.warning("tb_nanwatch: first non-finite value at step %d: %s (%d NaN, %d +Inf, %d -Inf)",
+                       step, summary.site_label(self._sites[record["site"]]), record["nan"], record["posinf"],
+                       record["neginf"])
+
+    def _write_early_warning(self, warning):
+        event = dict(warning, type="early_warning")
+        self._ensure_writer().write_events(int(event["step"]), [event])
+        self._ensure_writer().flush()
+        self.early_warning = event
+        site = self._sites[int(event["site"])] if "site" in event else None
+        logger.warning("tb_nanwatch: early warning at step %s: %s is on course to overflow %s",
+                       event["step"], summary.site_label(site) if site else "a site",
+                       "by step %s" % event["predicted_step"] if "predicted_step" in event else "soon")
+
+    def _loss_scale(self):
+        for optimizer in self.optimizers:
+            scale = getattr(optimizer, "dynamic_scale", None)
+            if scale is not None:
+                return float(site_catalogue.variable_value(scale).numpy())
+        return None
+
+    def _write_skips(self, total, last_step):
+        event = {"type": "loss_scale_skip", "step": last_step, "skips_total": total,
+                 "new_skips": total - self._skips_seen}
+        scale = self._loss_scale()
+        if scale is not None:
+            event["loss_scale"] = scale
+        self._ensure_writer().write_events(last_step, [event])
+        self._skips_seen = total
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        """Writes the last partial row, flushes and closes; restores the model's methods."""
+        if self._closed:
+            return
+        try:
+            if self._sites is not None:
+                self._read_device(final=True)
+            elif self._host_calls:
+                self._warn_nothing_traced()
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            self._closed = True
+            self.uninstrument()
+            _open_watches.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def sites(self):
+        """The site list (dicts of layer, kind, tensor, dtype, shape), once the step was traced."""
+        return list(self._sites or [])
+
+
+# Watches still open at exit (a crash, an uncaught exception) flush what they have.
+_open_watches = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_watches():
+    for watch in list(_open_watches):
+        try:
+            watch.close()
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            logger.exception("tb_nanwatch: could not close %s", watch.logdir)
