@@ -33,6 +33,11 @@ def _no_tensorflow():
 BYTES_CHECKED = [0]
 
 
+EXIT_STATUS_WORDS = ("Exit status: 0 every run read is finite; 1 at least one run has a non-finite value; "
+                     "2 error (bad arguments, no nanwatch data, or a run that could not be read while none "
+                     "is non-finite); 130 interrupted (Ctrl-C).")
+
+
 class UsageError(Exception):
     """A one-line message for stderr, exit status 2."""
 
@@ -55,7 +60,11 @@ def _count(text):
 def build_parser():
     from tb_nanwatch import stats
 
-    parser = _Parser(prog=PROG, description="Where did TensorFlow training first go NaN or Inf?")
+    import tb_nanwatch
+
+    parser = _Parser(prog=PROG, description="Where did TensorFlow training first go NaN or Inf?",
+                     epilog=EXIT_STATUS_WORDS)
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, tb_nanwatch.__version__))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     rep = sub.add_parser(
@@ -63,7 +72,7 @@ def build_parser():
         description="Postmortem of a logdir written by tb_nanwatch: per run, the first NaN/Inf value "
                     "(the producer), the sites it reached in the same step, and the producer's statistics "
                     "over the steps before it.",
-        epilog="Exit status: 0 no run has a non-finite value, 1 at least one has, 2 error.")
+        epilog=EXIT_STATUS_WORDS)
     rep.add_argument("logdir", metavar="LOGDIR", help="the logdir given to NanWatchCallback (or a parent of it)")
     rep.add_argument("--json", action="store_true",
                      help='print {"runs": [{"run", "first_nonfinite", ...}]} on stdout and nothing else')
@@ -113,6 +122,18 @@ class Progress:
             self._thread.join()
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+
+    def print(self, out, text):
+        """A line on stdout while the bar runs on stderr: the bar's line is cleared first
+        (it redraws itself on its next tick)."""
+        if self._thread is not None:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+        try:
+            out.write(text + "\n")
+            out.flush()
+        except BrokenPipeError:   # `| head`: the reader left; the verdict still holds
+            _silence_stdout()
 
     def step(self, phase=None):
         self.done += 1
@@ -216,6 +237,10 @@ def run_report(args, out, err):
             runs = {r: runs[r] for r in dict.fromkeys(wanted)}
         progress.total, progress.done, progress.phase = len(runs), 0, "reading"
         reports, problems = [], {}
+        # Progressive output: one summary line per run as soon as it is read, details after.
+        if not args.json:
+            progress.print(out, "tb-nanwatch report %s: %d run%s" % (
+                report.clean(logdir), len(runs), "" if len(runs) == 1 else "s"))
         for run, groups in runs.items():
             for group in groups:
                 where = "" if group is None else " (group %s)" % group
@@ -227,6 +252,8 @@ def run_report(args, out, err):
                 problems.setdefault(run, []).extend("%s%s" % (w, where) for w in data.warnings)
                 try:
                     reports.append(report.RunReport(data))
+                    if not args.json:
+                        progress.print(out, "  " + reports[-1].summary_line())
                 except Exception as e:  # a bug, not bad data (the reader's gate took that): say so, go on
                     if os.environ.get("TB_NANWATCH_DEBUG"):
                         raise
@@ -271,8 +298,8 @@ def run_report(args, out, err):
             out.write(json.dumps(body, indent=2, allow_nan=False) + "\n")
         else:
             n_bad = len({r.run for r in reports if r.first is not None})
-            out.write("tb-nanwatch report %s: %d run%s, %d with a non-finite value\n" % (
-                report.clean(logdir), len(runs), "" if len(runs) == 1 else "s", n_bad))
+            out.write("%d of %d run%s with a non-finite value\n" % (
+                n_bad, len(runs), "" if len(runs) == 1 else "s"))
             for rep in reports:
                 out.write("\n" + "\n".join(rep.text(max_propagators=args.propagators, trend_steps=args.steps)) + "\n")
             for run in unreadable:

@@ -174,6 +174,21 @@ class RunReport:
             out["group"] = self.group
         return out
 
+    def summary_line(self):
+        """The run in one line, for the list that comes before the details."""
+        name = clean(self.run) + ("" if self.group is None else " [site list %s]" % clean(self.group))
+        if self.first is None:
+            line = "%s: finite, %s" % (name, _steps(self.steps_watched, self.last_step))
+            if self.skips:
+                line += "; %d loss-scale skip%s (by design)" % (len(self.skips), "" if len(self.skips) == 1 else "s")
+            return line
+        counts = counts_words(self.first, only_nonzero=True)
+        line = "%s: first non-finite at step %d in %s%s" % (
+            name, self.first["step"], site_words(self.first), " (%s)" % counts if counts else "")
+        if self.skips:
+            line += "; also %d loss-scale skip%s (by design)" % (len(self.skips), "" if len(self.skips) == 1 else "s")
+        return line
+
     def text(self, max_propagators=10, trend_steps=12):
         name = clean(self.run) + ("" if self.group is None else " [site list %s]" % clean(self.group))
         lines = []

@@ -554,3 +554,29 @@ def test_killed_before_the_first_row(tmp_path):
     assert layout["source"] == "flight" and layout["first_cell"] == [velocity, 3]
     assert layout["stat"] == "norm"     # measured at every step of the flight recorder
     assert _cell(img, layout, velocity, 3) == stats.STATUS_COLOURS["+inf"]
+
+
+def test_version_and_every_exit_status_documented():
+    import tb_nanwatch
+    command = [SCRIPT] if os.path.exists(SCRIPT) else [sys.executable, "-m", "tb_nanwatch.cli"]
+    proc = subprocess.run(command + ["--version"], stdout=subprocess.PIPE, env=ENV, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.decode().strip() == "tb-nanwatch %s" % tb_nanwatch.__version__
+    code, out, _ = cli("--help")
+    text = " ".join(out.split())
+    assert code == 0
+    for status in ("0 every run read is finite", "1 at least one run", "2 error", "130 interrupted"):
+        assert status in text, status
+
+
+def test_one_summary_line_per_run_before_the_details(logdir):
+    code, out, _ = cli(logdir)
+    lines = out.splitlines()
+    assert code == 1 and lines[0].endswith(": 3 runs")
+    summary = lines[1:4]
+    assert summary[0].startswith("  bad: first non-finite at step %d in dense_2, activation gradient (NaN 3)"
+                                 % FIRST_STEP), summary
+    assert summary[1].startswith("  good: finite, 500 steps"), summary
+    assert summary[2].startswith("  nested/adam: first non-finite at step 3 in dense, optimizer state velocity/kernel")
+    assert lines[4] == "2 of 3 runs with a non-finite value"
+    # The details follow, after the summary.
+    assert out.index("run bad: first") > out.index(lines[4]) and out.index("run good: finite") > out.index(lines[4])
