@@ -9,6 +9,7 @@ matrices [n_sites, n_stats] in `stats.STAT_NAMES` order and stored compactly
 """
 
 import json
+import logging
 import os
 import socket
 import time
@@ -19,6 +20,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
 from tb_nanwatch import metadata, stats
+
+logger = logging.getLogger(__name__)
 
 SITE_FIELDS = ("layer", "kind", "tensor", "dtype", "shape")
 
@@ -41,6 +44,11 @@ class RecordWriter:
 
     `flush()` pushes everything to the OS at once (a killed process loses nothing
     written before it); the first non-finite record is flushed as it is written.
+
+    Writing never stops training: when the logdir cannot be written (disk full, quota, a
+    read-only or vanished filesystem), one error is logged, later records are dropped
+    (`failed` says why, `dropped` counts them), and what was written before stays as it
+    was.  A first non-finite record that cannot be written is logged in words instead.
     """
 
     def __init__(self, logdir, sites, group=None, flush_secs=30, log_every=100):
@@ -52,10 +60,19 @@ class RecordWriter:
         # count, so a resumed run keeps each block bounded.
         self.steps_per_block = metadata.rows_per_block(len(self.sites)) * int(log_every)
         self._tagged = set()   # tags whose metadata this file already carries
-        self._writer = EventFileWriter(
-            self.logdir, max_queue_size=1000, flush_secs=flush_secs,
-            filename_suffix=".nanwatch")
         self._closed = False
+        self.failed = None     # why writing stopped, in words
+        self.dropped = 0       # records not written since
+        self._guard = None
+        self._last_step = None
+        try:
+            self._writer = EventFileWriter(
+                self.logdir, max_queue_size=1000, flush_secs=flush_secs,
+                filename_suffix=".nanwatch")
+            self._guard = _guard_records(self._writer)
+        except Exception as e:   # an OSError, or TensorFlow's errors when its gfile is in use
+            self._writer = None
+            self._fail(e, "cannot create an event file in")
 
     # -- records ---------------------------------------------------------------
     def write_row(self, step, row, wall_time=None, record=metadata.ROWS):
@@ -74,8 +91,13 @@ class RecordWriter:
     def write_first_nonfinite(self, step, record):
         """The first non-finite site of the run; flushed to disk at once."""
         payload = dict(record, step=int(step))
-        self._write(metadata.FIRST_NONFINITE, step, _string_tensor(json.dumps(payload, sort_keys=True)))
+        text = json.dumps(payload, sort_keys=True)
+        self._write(metadata.FIRST_NONFINITE, step, _string_tensor(text))
         self.flush()
+        if self.failed:
+            # The evidence survives in the training log when the logdir cannot keep it.
+            logger.error("tb_nanwatch: the first non-finite record could not be written to %s; "
+                         "here it is: %s", self.logdir, text)
 
     def write_events(self, step, events):
         """A JSON list of events at `step`, e.g. [{"type": "loss_scale_skip", ...}]."""
@@ -85,6 +107,10 @@ class RecordWriter:
     def _write(self, record, step, tensor_proto, wall_time=None, block=0):
         if self._closed:
             raise RuntimeError("RecordWriter for %s is closed" % self.logdir)
+        if self.failed:
+            self.dropped += 1
+            return
+        self._last_step = int(step)
         tag = metadata.tag(record, self.group, block)
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
         if tag not in self._tagged:
@@ -97,21 +123,102 @@ class RecordWriter:
         event = event_pb2.Event(
             wall_time=time.time() if wall_time is None else wall_time,
             step=int(step), summary=summary_pb2.Summary(value=[value]))
-        self._writer.add_event(event)
+        self._io(self._writer.add_event, event, at_step=step)
 
     def flush(self):
-        self._writer.flush()
+        if not self.failed:
+            self._io(self._writer.flush)
 
     def close(self):
         if not self._closed:
-            self._writer.close()
+            if self._writer is not None:
+                self._io(self._writer.close, quiet_after_failure=True)
             self._closed = True
+
+    def _io(self, call, *args, at_step=None, quiet_after_failure=False):
+        """Runs one call into TensorBoard's writer; a write error (raised here, or kept by
+        the guard from its background thread) stops writing instead of training."""
+        if self.failed and quiet_after_failure:
+            try:
+                call(*args)
+            except Exception:
+                pass
+            return
+        try:
+            call(*args)
+        except Exception as e:
+            self._fail(e, "cannot write to", at_step)
+            return
+        if self._guard is not None and self._guard.error is not None:
+            self._fail(self._guard.error, "cannot write to", at_step)
+
+    def _fail(self, error, doing, at_step=None):
+        if self.failed:
+            return
+        words = getattr(error, "strerror", None) or getattr(error, "message", None) or str(error)
+        self.failed = "%s (%s)" % (words, type(error).__name__)
+        step = at_step if at_step is not None else self._last_step
+        self.dropped += 1 if at_step is not None else 0
+        logger.error("tb_nanwatch: %s %s: %s. Training goes on without nanwatch records%s; the records "
+                     "already on disk are intact and readable (tb-nanwatch report skips a half-written "
+                     "last record).", doing, self.logdir, self.failed,
+                     "" if step is None else " from about step %d on" % int(step))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _GuardedRecords:
+    """Sits between TensorBoard's writer thread and the event file: a failing write is
+    kept in `error` instead of raised.  Raised there, it would kill the thread with a
+    traceback on stderr and surface at some later call; kept, RecordWriter logs it once."""
+
+    def __init__(self, records):
+        self._records = records
+        self.error = None
+
+    def _call(self, name, *args):
+        if self.error is None:
+            try:
+                getattr(self._records, name)(*args)
+            except Exception as e:
+                self.error = e
+
+    def write(self, data):
+        self._call("write", data)
+
+    def flush(self):
+        self._call("flush")
+
+    def close(self):
+        try:
+            self._records.close()
+        except Exception as e:
+            self.error = self.error or e
+
+    @property
+    def closed(self):
+        return self._records.closed
+
+
+def _guard_records(writer):
+    """Puts a `_GuardedRecords` into an EventFileWriter (TensorBoard 2.x internals: its
+    `_AsyncWriter` and that writer's thread each hold the record writer).  None, and the
+    plain raise-and-catch path, where the internals differ."""
+    async_writer = getattr(writer, "_async_writer", None)
+    worker = getattr(async_writer, "_worker", None)
+    records = getattr(async_writer, "_writer", None)
+    if records is None or getattr(worker, "_record_writer", None) is not records:
+        return None
+    guard = _GuardedRecords(records)
+    async_writer._writer = guard
+    worker._record_writer = guard
+    if worker.exception is not None:     # the file_version record already failed
+        guard.error = worker.exception
+    return guard
 
 
 def _string_tensor(text):
