@@ -352,10 +352,16 @@ class App {
     if (!heat.n_columns || !heat.n_sites) {
       this.stack.hidden = true;
       this.hint.hidden = true;
+      if (!heat.n_sites && heat.kind === "all") this.legend.hidden = true;   // nothing to colour
       this.message.hidden = false;
       this.message.textContent = heat.n_sites
         ? "No logged rows in this step range."
-        : `No site of kind \u201c${kindWords(heat.kind)}\u201d in this run.`;
+        : heat.kind === "all"
+          ? ((heat.warnings || []).length
+            ? "No readable rows or site list in this run: see what was left out, above."
+            : "No rows or site list in this run: it holds only its first non-finite record (the run was " +
+              "killed before its first row was due), shown above.")
+          : `No site of kind \u201c${kindWords(heat.kind)}\u201d in this run.`;
       this.layout = null;
       return;
     }
@@ -468,7 +474,8 @@ class App {
     const skips = skipWords(heat);
     const collapse = eventCount(heat, "loss_scale_collapse");
     if (!first) {
-      b.className = `nw-banner ${signs.length || collapse ? "nw-banner-warn" : "nw-banner-ok"}`;
+      const dropped = Array.isArray(heat.warnings) && heat.warnings.length;
+      b.className = `nw-banner ${signs.length || collapse || dropped ? "nw-banner-warn" : "nw-banner-ok"}`;
       const r = heat.step_range;
       const span = r ? `${r.rows} logged rows, steps ${r.first}\u2013${r.last}` : "";
       if (skips) {
@@ -515,7 +522,7 @@ class App {
         jump.title = "open its layer and scroll to its row";
         jump.addEventListener("click", () => this.jumpToFirst());
         notes.appendChild(jump);
-      } else {
+      } else if (heat.n_sites || this.state.kind !== "all") {   // a run with no rows at all says so below
         const why = this.state.kind !== "all" && first.kind !== this.state.kind
           ? `not in this view (kind \u201c${kindWords(first.kind)}\u201d)`
           : "not in this step range";
@@ -537,6 +544,12 @@ class App {
     for (const e of heat.event_counts || []) {
       if (e.type === "loss_scale_skip" || e.type === "loss_scale_collapse") continue;
       b.appendChild(el("div", "nw-event", `${e.count} \u00d7 ${kindWords(e.type)} logged.`));
+    }
+    // Records the reader's gate dropped (damaged or malformed): said, never hidden.
+    const dropped = Array.isArray(heat.warnings) ? heat.warnings : [];
+    if (dropped.length) {
+      const more = dropped.length > 1 ? ` (and ${dropped.length - 1} more tag${dropped.length > 2 ? "s" : ""})` : "";
+      b.appendChild(el("div", "nw-event nw-dropped", `Left out as unreadable: ${dropped[0]}${more}.`));
     }
   }
 

@@ -78,10 +78,23 @@ def content(raw, record):
     return parsed
 
 
+def _json_words(value):
+    """What a JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an object" if isinstance(value, dict) else "a list"
+
+
 def sites(value, record="rows"):
     """A clean copy of a site list, or InvalidData naming the first bad site."""
     if not isinstance(value, list):
-        raise InvalidData("the site list of the %s tag is %s, not a list" % (record, type(value).__name__))
+        raise InvalidData("the site list of the %s tag is %s, not a list" % (record, _json_words(value)))
     out = []
     for i, site in enumerate(value):
         if not isinstance(site, dict):
