@@ -3,6 +3,7 @@
 // from the logs is inserted with textContent.
 
 import {formatNumber, hitTest, columnAt, css, textOn} from "./heatmap.js";
+import {countStats, kindWords, statusWords} from "./table.js";
 
 function el(tag, className, text) {
   const e = document.createElement(tag);
@@ -77,7 +78,7 @@ export function buildToolbar(root, handlers) {
   return {
     setInfo(info) {
       fillSelect(kind, [{value: "all", text: "all kinds"}].concat(
-        info.kinds.map((k) => ({value: k.name, text: k.name.replace(/_/g, " "), title: k.meaning}))));
+        info.kinds.map((k) => ({value: k.name, text: kindWords(k.name), title: k.meaning}))));
       fillSelect(stat, info.stats.map((s) => ({value: s.name, text: s.name, title: s.meaning})));
     },
     setRuns(runs, selected) {
@@ -223,9 +224,8 @@ export class Tooltip {
     const what = cell.site ? `${cell.site.dtype || "?"} [${(cell.site.shape || []).join(", ")}]`
       : `${cell.node.level}, ${cell.node.n_sites} site${cell.node.n_sites === 1 ? "" : "s"}`;
     this.el.appendChild(el("div", "nw-tip-sub", `${steps}${rowsWord} \u00b7 ${what}`));
-    const statusClass = {"+inf": "posinf", "-inf": "neginf"}[cell.status] || cell.status;
-    const statusText = {finite: "all finite", nan: "NaN", "+inf": "+Inf", "-inf": "\u2212Inf", mixed: "mixed NaN/Inf", absent: "not computed"};
-    const status = el("div", `nw-tip-status nw-status-${statusClass}`, statusText[cell.status] || cell.status);
+    const status = el("div", "nw-tip-status", statusWords(cell.status));
+    status.title = (info.status_meanings || {})[cell.status] || "";
     const rgb = (info.status_colours || {})[cell.status];
     if (rgb) {
       status.style.background = css(rgb);
@@ -263,12 +263,13 @@ export class Tooltip {
     if (detail && detail.flight && detail.flight.length) {
       this.el.appendChild(el("div", "nw-tip-section", "flight recorder (this site, per step)"));
       const ft = el("table", "nw-tip-flight");
-      const cols = ["step", "nan", "posinf", "neginf", "max_abs"];
+      const counts = countStats().map((c) => c.name);
+      const cols = ["step"].concat(counts, cell.statName && !counts.includes(cell.statName) ? [cell.statName] : []);
       const hr = el("tr");
       for (const c of cols) hr.appendChild(el("th", "", c));
       ft.appendChild(hr);
       for (const row of detail.flight.slice(-10)) {
-        const bad = ["nan", "posinf", "neginf"].some((k) => row[k] > 0);
+        const bad = counts.some((k) => row[k] > 0);
         const tr = el("tr", bad ? "nw-bad" : "");
         for (const c of cols) tr.appendChild(el("td", "", formatNumber(row[c])));
         ft.appendChild(tr);

@@ -2,11 +2,11 @@
 // Strings from the logs (layer names) only ever reach the page through canvas fillText
 // or textContent.
 
-// Status codes of stats.nonfinite_status (the /info route names them).
+import {statusWords} from "./table.js";
+
+// Status codes of stats.nonfinite_status (/info's `status` names them in this order).
 export const STATUS = {FINITE: 0, NAN: 1, POSINF: 2, NEGINF: 3, MIXED: 4, ABSENT: 5};
 
-// Legend words of the statuses (by /info's status names).
-const STATUS_WORDS = {nan: "NaN", "+inf": "+Inf", "-inf": "\u2212Inf", mixed: "mixed", absent: "not computed"};
 // A status the table gives no colour: black, never a shade of the ramp.
 const UNKNOWN_STATUS = [0, 0, 0];
 
@@ -14,16 +14,21 @@ const UNKNOWN_STATUS = [0, 0, 0];
 // `status_colours`, the same as `tb-nanwatch report --png`): [{status, name, colour}].
 export let SPECIAL = [];
 let SPECIAL_BY_STATUS = {};
+export let NOT_MEASURED = [255, 255, 255];
+let ZERO = NOT_MEASURED;
+let RAMP = [[255, 255, 255], [0, 0, 0]];
 
 export function setStatusColours(info) {
   const colours = info.status_colours || {};
   SPECIAL = info.status
-    .map((name, code) => ({status: code, name: STATUS_WORDS[name] || name, colour: colours[name] || UNKNOWN_STATUS}))
+    .map((name, code) => ({status: code, name: statusWords(name), colour: colours[name] || UNKNOWN_STATUS}))
     .filter((s) => s.status !== STATUS.FINITE);
   SPECIAL_BY_STATUS = Object.fromEntries(SPECIAL.map((s) => [s.status, s.colour]));
+  NOT_MEASURED = info.not_measured_colour;
+  ZERO = info.zero_colour;
+  RAMP = info.finite_ramp;
 }
 
-export const NOT_MEASURED = [255, 255, 255];
 // Marks above the grid: a loss-scale skip (as report --png draws it), a collapsed loss scale.
 export const SKIP_MARK = [120, 120, 120];
 export const COLLAPSE_MARK = [66, 66, 66];
@@ -34,18 +39,7 @@ export function textOn(rgb) {
   return lum > 150 ? "#000" : "#fff";
 }
 
-// Sequential ramp for finite values, light (low) to dark (high).
-const RAMP = [
-  [235, 243, 251],
-  [198, 219, 239],
-  [158, 202, 225],
-  [107, 174, 214],
-  [66, 146, 198],
-  [33, 113, 181],
-  [8, 81, 156],
-  [8, 48, 107],
-];
-
+// The table's ramp for finite values, light (low) to dark (high).
 export function rampColour(t) {
   const x = Math.min(1, Math.max(0, t)) * (RAMP.length - 1);
   const i = Math.min(RAMP.length - 2, Math.floor(x));
@@ -114,11 +108,15 @@ export function makeScale(hm, stat, perRow = false) {
     if (kind === "count") return Math.log1p(Math.max(0, v)) / Math.log1p(b);
     return b > a ? (v - a) / (b - a) : 0.5;
   };
-  return {kind, lo, hi, t, stat, perRow};
+  // Low is the danger (headroom): the ramp runs the other way, so danger reads dark.
+  const reversed = stat.danger === "low";
+  const shade = reversed ? (v, row) => 1 - t(v, row) : t;
+  return {kind, lo, hi, t: shade, stat, perRow, reversed};
 }
 
 export function cellColour(status, value, scale, row) {
   if (status !== STATUS.FINITE) return SPECIAL_BY_STATUS[status] || UNKNOWN_STATUS;
+  if (scale.kind === "log" && value === 0) return ZERO;   // an exact 0 has no place on a log ramp
   const t = scale.t(value, row);
   return Number.isNaN(t) ? NOT_MEASURED : rampColour(t);
 }
@@ -533,7 +531,8 @@ export function drawLegend(container, scale, hm) {
   bar.height = 12;
   const bctx = bar.getContext("2d");
   for (let x = 0; x < bar.width; x++) {
-    bctx.fillStyle = css(rampColour(x / (bar.width - 1)));
+    const along = x / (bar.width - 1);
+    bctx.fillStyle = css(rampColour(scale.reversed ? 1 - along : along));
     bctx.fillRect(x, 0, 1, bar.height);
   }
   ramp.appendChild(bar);
@@ -546,6 +545,7 @@ export function drawLegend(container, scale, hm) {
   const swatches = document.createElement("div");
   swatches.className = "nw-legend-swatches";
   const entries = SPECIAL.map((s) => ({name: s.name, colour: s.colour}));
+  if (scale.kind === "log") entries.push({name: "exactly 0", colour: ZERO});
   entries.push({name: "not measured", colour: NOT_MEASURED});
   for (const e of entries) {
     const item = document.createElement("span");
@@ -568,6 +568,17 @@ export function drawLegend(container, scale, hm) {
   markLabel.textContent = "first non-finite value";
   firstItem.appendChild(markLabel);
   swatches.appendChild(firstItem);
+  if (hm && hm.late && hm.late.some((x) => x)) {
+    const lateItem = document.createElement("span");
+    lateItem.className = "nw-legend-item";
+    const stripes = document.createElement("span");
+    stripes.className = "nw-swatch nw-swatch-late";
+    lateItem.appendChild(stripes);
+    const lateLabel = document.createElement("span");
+    lateLabel.textContent = "non-finite only later in that column";
+    lateItem.appendChild(lateLabel);
+    swatches.appendChild(lateItem);
+  }
   const types = new Set(((hm && hm.event_counts) || []).map((e) => e.type));
   const marks = [
     {type: "loss_scale_skip", className: "nw-mark-skip", text: "loss-scale skip (by design)"},

@@ -5,6 +5,7 @@
 import {api} from "./data.js";
 import {drawHeatmap, drawOverlay, drawLegend, makeScale, setStatusColours, formatNumber, MAX_LABEL_W, ROW_H,
   heightFor, setTheme, columnWords} from "./heatmap.js";
+import {setTable, kindWords, countStats} from "./table.js";
 import {visibleRows, hasChildren, initialOpen, rowKey, shownRowFor} from "./tree.js";
 import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
 
@@ -17,11 +18,6 @@ function el(tag, className, text) {
   return e;
 }
 
-const COUNT_WORDS = {nan: "NaN", posinf: "+Inf", neginf: "\u2212Inf"};
-
-function kindWords(kind) {
-  return String(kind || "").replace(/_/g, " ");
-}
 
 // "dense, optimizer state velocity/kernel"
 export function siteWords(s) {
@@ -55,7 +51,7 @@ function whereWords(first) {
 
 // "First +Inf at step 3: dense, optimizer state velocity/kernel[ on worker_1, replica 3]"
 export function headline(first) {
-  const kinds = Object.keys(COUNT_WORDS).filter((k) => Number(first[k]) > 0).map((k) => COUNT_WORDS[k]);
+  const kinds = countStats().filter((c) => Number(first[c.name]) > 0).map((c) => c.words);
   const what = kinds.length ? kinds.join(" and ") : "non-finite value";
   return `First ${what} at step ${first.step}: ${siteWords(first)}${whereWords(first)}`;
 }
@@ -103,7 +99,7 @@ class App {
   constructor(body) {
     this.root = el("div", "nw-root");
     body.appendChild(this.root);
-    this.state = {key: null, kind: "all", stat: "max_abs", source: "rows", colour: "shared", range: null, zoom: []};
+    this.state = {key: null, kind: "all", stat: null, source: "rows", colour: "shared", range: null, zoom: []};
     this.info = null;
     this.runs = [];
     this.heat = null;
@@ -193,6 +189,8 @@ class App {
       this.showMessage(`NanWatch could not load its statistics table: ${e.message}`);
       return;
     }
+    setTable(this.info);
+    if (!this.state.stat) this.state.stat = this.info.default_stat;
     setStatusColours(this.info);
     setTheme(this.root);
     this.toolbar.setInfo(this.info);

@@ -35,6 +35,7 @@ STATIC_FILES = {
     "heatmap.js": "text/javascript",
     "controls.js": "text/javascript",
     "tree.js": "text/javascript",
+    "table.js": "text/javascript",
     "style.css": "text/css",
 }
 

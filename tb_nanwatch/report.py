@@ -336,19 +336,18 @@ def merge_groups(reports):
 
 
 # -- PNG ----------------------------------------------------------------------
-# Status colours are the statistics table's (the tab draws with the same ones); the
-# rest are this image's own.
-COLOURS = dict(stats.STATUS_COLOURS, unmeasured=(255, 255, 255))   # unmeasured: blank, as in the tab
+# Cell colours, ramp and status words are the statistics table's (the tab draws with the
+# same ones, through /info); the rest are this image's own.
 STATUS_COLOUR = {code: stats.STATUS_COLOURS[name] for code, name in enumerate(stats.STATUS_NAMES)
                  if name in stats.STATUS_COLOURS}
-# Finite values: a single-hue ramp (light -> dark blue), so any other hue means trouble.
-RAMP = np.array([(239, 243, 255), (198, 219, 239), (158, 202, 225), (107, 174, 214),
-                 (66, 146, 198), (33, 113, 181), (8, 69, 148), (8, 38, 96)], dtype=np.float64)
+MARK = stats.STATUS_COLOURS["nan"]   # the first cell's markers and the producer's label
 OUTLINE = (0, 0, 0)
 SKIP = (120, 120, 120)       # tick above a column holding a loss-scale skip
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 MUTED = (110, 110, 110)
+# Above this many sites, the image has one row per layer (the worst of its sites).
+PNG_MAX_SITE_ROWS = 120
 
 
 def _font(size, bold=False):
@@ -364,15 +363,6 @@ def _font(size, bold=False):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
-
-
-def _ramp(t):
-    """t in [0, 1] -> RGB along RAMP."""
-    t = np.clip(t, 0.0, 1.0) * (len(RAMP) - 1)
-    lo = np.floor(t).astype(int)
-    hi = np.minimum(lo + 1, len(RAMP) - 1)
-    frac = (t - lo)[..., None]
-    return RAMP[lo] * (1 - frac) + RAMP[hi] * frac
 
 
 def _normalise(values, scale):
@@ -406,34 +396,55 @@ def _fit(draw, text, font, width):
     return text[:4]
 
 
-def render_png(rep, path, stat=None, kind=None, max_columns=450):
-    """The heatmap of one run (sites x steps) as a PNG: labels, colour legend,
-    NaN/+Inf/-Inf colours, the first non-finite cell outlined, a title in words.
+def cell_colours(values, status, scale, danger_low=False):
+    """[rows, cols, 3] uint8 cells as the tab colours them, and the ramp's (lo, hi): the
+    table's ramp (reversed where low is the danger), its colour for an exact 0 of a
+    magnitude, white where not measured, the status colours over everything."""
+    t, lo, hi = _normalise(values, scale)
+    if danger_low:
+        t = 1.0 - t
+    rgb = stats.ramp_colour(t)
+    rgb[~np.isfinite(values)] = stats.NOT_MEASURED_COLOUR
+    if scale == "log":
+        rgb[values == 0] = stats.ZERO_COLOUR
+    for code, colour in STATUS_COLOUR.items():
+        rgb[status == code] = colour
+    return rgb.astype(np.uint8), lo, hi
 
-    stat None: max_abs, or norm (measured at every step) for a run that has only its flight recorder
-    (killed before its first row), whose sampled statistics exist at one step only."""
-    from PIL import Image, ImageDraw
 
+def column_words(hm, c):
+    """`95` for a one-step column, `0-94` for a wider one (as the tab labels them)."""
+    a, b = int(hm.first_steps[c]), int(hm.last_steps[c])
+    return str(a) if a == b else "%d-%d" % (a, b)
+
+
+def _png_heatmap(rep, stat, kind, max_columns):
+    """The heatmap the image shows: rows (sites, or layers for a big model), its source
+    and statistic; the first non-finite step's row is a column of its own, as in the tab."""
     data = rep.data
     source = "rows" if len(data.steps) or not len(data.flight_steps) else "flight"
     if stat is None:
-        stat = "max_abs" if source == "rows" else "norm"
-    hm = heatmap.build(data, stat=stat, kind=kind, max_columns=max_columns, source=source)
-    n_sites, n_cols = hm.values.shape if hm.values.ndim == 2 else (len(hm.labels), 0)
+        stat = stats.DEFAULT_STAT if source == "rows" else "norm"
+    first_step = None if rep.first is None else int(rep.first["step"])
+    n_sites = sum(1 for s in data.sites if kind is None or s["kind"] == kind)
+    mode = "tree" if n_sites > PNG_MAX_SITE_ROWS else "sites"
+    hm = heatmap.build(data, stat=stat, kind=kind, max_columns=max_columns, source=source, rows_mode=mode,
+                       first_step_of_run=first_step)
+    if mode == "tree":   # layers only: their rows, labels and the producer's layer
+        keep = [r for r, n in enumerate(hm.tree.nodes) if n.level == "layer"]
+        hm.row_labels = [hm.tree.nodes[r].name for r in keep]
+        hm.row_members = [set(int(i) for i in hm.tree.order[hm.tree.nodes[r].start:hm.tree.nodes[r].end]) for r in keep]
+        hm.values, hm.status, hm.late = hm.values[keep], hm.status[keep], hm.late[keep]
+    else:
+        hm.row_labels = list(hm.labels)
+        hm.row_members = [{i} for i in hm.site_indices]
+    hm.rows_mode = mode
+    return hm, source, stat
+
+
+def _png_title(rep, hm, stat, kind):
     st = stats.STATS_BY_NAME[stat]
-
-    f_title, f_sub, f_label, f_small = _font(16, bold=True), _font(12), _font(11), _font(10)
-    cell_w = max(2, min(24, 900 // max(n_cols, 1)))
-    cell_h = max(3, min(14, 1400 // max(n_sites, 1)))
-    label_every = max(1, math.ceil(11 / cell_h))   # no overlapping labels when rows are thin
-    margin = 12
-
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    labels = [clean(l) for l in hm.labels]
-    label_w = math.ceil(min(380, max([scratch.textlength(l, font=f_label) for l in labels] + [60]))) + 16
-    grid_w, grid_h = cell_w * max(n_cols, 1), cell_h * max(n_sites, 1)
-
-    # Title in words.
+    n_cols = len(hm.first_steps)
     run_name = clean(rep.run) + ("" if rep.group is None else " [%s]" % clean(rep.group))
     if rep.first is not None:
         title = "%s: first non-finite at step %d: %s (%s)" % (
@@ -446,113 +457,110 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
         widths = hm.last_steps - hm.first_steps + 1
         per_col = (", 1 step per column" if widths.max() == 1 else ", %s steps per column" % (
             int(widths.max()) if widths.min() == widths.max() else "%d-%d" % (widths.min(), widths.max())))
-    subtitle = "%s of every site (%s), %s%s%s; sites in execution order" % (
-        stat, st.meaning, span, per_col, "" if kind is None else ", kind %s" % kind)
+    rows = "every layer (the worst of its sites), layers" if hm.rows_mode == "tree" else "every site, sites"
+    subtitle = "%s of %s in execution order (%s), %s%s%s" % (
+        stat, rows, st.meaning, span, per_col, "" if kind is None else ", kind %s" % kind)
+    return title, subtitle
 
-    legend_w = 190
-    text_w = max(scratch.textlength(title, font=f_title), scratch.textlength(subtitle, font=f_sub))
-    width = max(margin * 2 + label_w + grid_w + 20 + legend_w, min(math.ceil(text_w) + 2 * margin, 1600), 640)
-    title_lines = [(title, f_title), (subtitle, f_sub)]
-    top = margin + 24 + 18 + 22
-    height = max(top + grid_h + 40 + margin, top + 330)
-    img = Image.new("RGB", (int(width), int(height)), BACKGROUND)
+
+def _draw_cells(img, hm, st, gx, gy, cell_w, cell_h):
+    """The cells, and white stripes over the late ones (finite at the first non-finite
+    step, non-finite later in its column).  Returns the ramp's (lo, hi)."""
+    from PIL import Image, ImageDraw
+    cells, lo, hi = cell_colours(hm.values, hm.status, st.scale, st.name in stats.DANGER_LOW)
+    block = np.repeat(np.repeat(cells, cell_h, axis=0), cell_w, axis=1)
+    img.paste(Image.fromarray(block, "RGB"), (gx, gy))
     draw = ImageDraw.Draw(img)
+    for r, c in zip(*np.nonzero(hm.late)):
+        x0, y0 = gx + c * cell_w, gy + r * cell_h
+        for d in range(-cell_h, cell_w, 4):
+            a = (x0 + max(d, 0), y0 + cell_h - 1 - max(-d, 0))
+            b = (x0 + min(d + cell_h - 1, cell_w - 1), y0 + cell_h - 1 - (min(d + cell_h - 1, cell_w - 1) - d))
+            draw.line([a, b], fill=BACKGROUND, width=1)
+    return lo, hi
 
-    y = margin
-    for text, font in title_lines:
-        draw.text((margin, y), _fit(draw, text, font, width - 2 * margin), font=font, fill=TEXT)
-        y += 24 if font is f_title else 18
 
-    gx, gy = margin + label_w, top
-    # Cells.
-    if n_cols and n_sites:
-        t, lo, hi = _normalise(hm.values, st.scale)
-        rgb = _ramp(t)
-        unmeasured = ~np.isfinite(hm.values)
-        rgb[unmeasured] = COLOURS["unmeasured"]
-        for code, colour in STATUS_COLOUR.items():
-            rgb[hm.status == code] = colour
-        cells = rgb.astype(np.uint8)
-        block = np.repeat(np.repeat(cells, cell_h, axis=0), cell_w, axis=1)
-        img.paste(Image.fromarray(block, "RGB"), (gx, gy))
-    else:
-        lo = hi = None
-        draw.text((gx + 4, gy + 4), "no rows logged", font=f_sub, fill=MUTED)
-
-    # Separators between the phases of a step, site labels.  The optimizer updates
-    # each weight right after its slots, so optimizer_state and weight are one phase.
-    prev_kind = None
-    kinds = [{"weight": "optimizer_state"}.get(data.sites[i]["kind"], data.sites[i]["kind"])
-             for i in hm.site_indices]
-    producer_row = hm.site_indices.index(rep.producer) if rep.producer in hm.site_indices else None
+def _draw_row_labels(draw, hm, labels, producer_row, gx, gy, cell_h, label_w, grid_w, margin, font, data):
+    label_every = max(1, math.ceil(11 / cell_h))   # no overlapping labels when rows are thin
+    if hm.rows_mode == "sites":
+        # Separators between the phases of a step.  The optimizer updates each weight
+        # right after its slots, so optimizer_state and weight are one phase.
+        phases = [stats.PHASES.get(data.sites[i]["kind"]) for i in hm.site_indices]
+        for r in range(1, len(labels)):
+            if phases[r] != phases[r - 1]:
+                ry = gy + r * cell_h
+                draw.line([(margin, ry), (gx + grid_w - 1, ry)], fill=(150, 150, 150), width=1)
     for r, label in enumerate(labels):
-        ry = gy + r * cell_h
-        if prev_kind is not None and kinds[r] != prev_kind:
-            draw.line([(margin, ry), (gx + grid_w - 1, ry)], fill=(150, 150, 150), width=1)
-        prev_kind = kinds[r]
         is_producer = r == producer_row
         near_producer = producer_row is not None and 0 < abs(r - producer_row) * cell_h < 12
         if is_producer or (r % label_every == 0 and not near_producer):
-            text = _fit(draw, label, f_label, label_w - 16)
-            ty = ry + cell_h / 2
-            draw.text((gx - 6, ty), text, font=f_label, anchor="rm",
-                      fill=COLOURS["nan"] if is_producer else TEXT)
+            draw.text((gx - 6, gy + r * cell_h + cell_h / 2), _fit(draw, label, font, label_w - 16), font=font,
+                      anchor="rm", fill=MARK if is_producer else TEXT)
     if producer_row is not None:
         ry = gy + producer_row * cell_h + cell_h / 2
-        draw.polygon([(gx - 4, ry), (gx - 1, ry - 3), (gx - 1, ry + 3)], fill=COLOURS["nan"])
+        draw.polygon([(gx - 4, ry), (gx - 1, ry - 3), (gx - 1, ry + 3)], fill=MARK)
 
-    # Step axis.
-    if n_cols:
+
+def _draw_step_axis(draw, hm, gx, gy, grid_w, grid_h, cell_w, font):
+    """Few columns: each labelled with the steps it covers.  Many: evenly spaced columns
+    labelled with their first step (the tab's convention too)."""
+    n_cols = len(hm.first_steps)
+    if not n_cols:
+        return
+    words = [column_words(hm, c) for c in range(n_cols)]
+    if all(draw.textlength(w, font=font) + 6 <= cell_w for w in words):
+        chosen, caption = range(n_cols), "training steps of each column"
+    else:
         n_ticks = min(n_cols, max(2, grid_w // 70))
-        for c in sorted(set(np.linspace(0, n_cols - 1, n_ticks).round().astype(int))):
-            x = gx + c * cell_w + cell_w / 2
-            draw.line([(x, gy + grid_h), (x, gy + grid_h + 4)], fill=MUTED)
-            draw.text((x, gy + grid_h + 6), str(int(hm.last_steps[c])), font=f_small, fill=MUTED, anchor="ma")
-        draw.text((gx + grid_w / 2, gy + grid_h + 20), "training step (end of column)", font=f_small,
-                  fill=MUTED, anchor="ma")
+        chosen = sorted(set(np.linspace(0, n_cols - 1, n_ticks).round().astype(int)))
+        words = [str(int(s)) for s in hm.first_steps]
+        caption = "training step (first step of the column)"
+    for c in chosen:
+        x = gx + c * cell_w + cell_w / 2
+        draw.line([(x, gy + grid_h), (x, gy + grid_h + 4)], fill=MUTED)
+        draw.text((x, gy + grid_h + 6), words[c], font=font, fill=MUTED, anchor="ma")
+    draw.text((gx + grid_w / 2, gy + grid_h + 20), caption, font=font, fill=MUTED, anchor="ma")
 
-    # Loss-scale skips: non-finite gradients there are by design; mark their columns.
-    skip_cols = []
-    if n_cols and rep.skips:
-        for e in rep.skips:
-            step = e.get("step")
-            if isinstance(step, (int, float)):
-                hit = np.nonzero((hm.first_steps <= step) & (step <= hm.last_steps))[0]
-                skip_cols.extend(int(c) for c in hit[:1])
-        for c in sorted(set(skip_cols)):
-            mx = gx + c * cell_w + cell_w / 2
-            draw.line([(mx, gy - 7), (mx, gy - 2)], fill=SKIP, width=max(1, min(3, cell_w - 1)))
 
-    # The first non-finite cell.
-    first_cell = None
-    if rep.first is not None and producer_row is not None and n_cols:
-        step = rep.first["step"]
-        cols = np.nonzero((hm.first_steps <= step) & (step <= hm.last_steps))[0]
-        if not len(cols):
-            cols = np.nonzero(hm.last_steps >= step)[0][:1]
-        if len(cols):
-            c = int(cols[0])
-            first_cell = [producer_row, c]
-            x0, y0 = gx + c * cell_w, gy + producer_row * cell_h
-            pad = max(2, (8 - cell_w) // 2 + 2, (8 - cell_h) // 2 + 2)
-            box = [x0 - pad, y0 - pad, x0 + cell_w - 1 + pad, y0 + cell_h - 1 + pad]
-            # Black with a white halo on both sides: visible on every cell colour.
-            draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline=BACKGROUND, width=1)
-            draw.rectangle(box, outline=OUTLINE, width=2)
-            draw.rectangle([box[0] + 2, box[1] + 2, box[2] - 2, box[3] - 2], outline=BACKGROUND, width=1)
-            # A marker above the grid finds the column even when cells are 2 px wide.
-            mx = x0 + cell_w / 2
-            draw.polygon([(mx, gy - 2), (mx - 5, gy - 9), (mx + 5, gy - 9)], fill=COLOURS["nan"])
-            draw.text((mx + 8, gy - 5), "step %d" % step, font=f_small, fill=COLOURS["nan"], anchor="ls")
+def _skip_columns(rep, hm):
+    steps = [int(e["step"]) for e in rep.skips if isinstance(e.get("step"), (int, float))]
+    return sorted({int(c) for c in heatmap.columns_of(hm, steps) if c >= 0})
 
-    # Legend.
-    lx = gx + grid_w + 20
-    ly = gy
-    draw.text((lx, ly), stat, font=f_sub, fill=TEXT)
+
+def _draw_first_cell(draw, rep, hm, producer_row, gx, gy, cell_w, cell_h, font):
+    """Outlines the first non-finite cell (the column holding its step); returns [row, col]."""
+    if rep.first is None or producer_row is None or not len(hm.first_steps):
+        return None
+    step = int(rep.first["step"])
+    c = int(heatmap.columns_of(hm, [step])[0])
+    if c < 0:
+        return None
+    x0, y0 = gx + c * cell_w, gy + producer_row * cell_h
+    pad = max(2, (8 - cell_w) // 2 + 2, (8 - cell_h) // 2 + 2)
+    box = [x0 - pad, y0 - pad, x0 + cell_w - 1 + pad, y0 + cell_h - 1 + pad]
+    # Black with a white halo on both sides: visible on every cell colour.
+    draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], outline=BACKGROUND, width=1)
+    draw.rectangle(box, outline=OUTLINE, width=2)
+    draw.rectangle([box[0] + 2, box[1] + 2, box[2] - 2, box[3] - 2], outline=BACKGROUND, width=1)
+    # A marker above the grid finds the column even when cells are 2 px wide; it names the
+    # column's steps, as the tab's tick does.
+    mx = x0 + cell_w / 2
+    draw.polygon([(mx, gy - 2), (mx - 5, gy - 9), (mx + 5, gy - 9)], fill=MARK)
+    words = column_words(hm, c)
+    draw.text((mx + 8, gy - 5), "step %d%s" % (step, "" if words == str(step) else " (column %s)" % words),
+              font=font, fill=MARK, anchor="ls")
+    return [producer_row, c]
+
+
+def _draw_legend(img, draw, hm, st, lo, hi, lx, ly, fonts, skips):
+    from PIL import Image
+    f_sub, f_small = fonts
+    draw.text((lx, ly), st.name, font=f_sub, fill=TEXT)
     ly += 18
     bar_h, bar_w = 120, 14
-    ramp = _ramp(np.linspace(1, 0, bar_h))[:, None, :].repeat(bar_w, axis=1).astype(np.uint8)
-    img.paste(Image.fromarray(ramp, "RGB"), (lx, ly))
+    along = np.linspace(1, 0, bar_h)   # top: the ramp's high end
+    ramp = stats.ramp_colour(1 - along if st.name in stats.DANGER_LOW else along)
+    img.paste(Image.fromarray(ramp[:, None, :].repeat(bar_w, axis=1).astype(np.uint8), "RGB"), (lx, ly))
     draw.rectangle([lx, ly, lx + bar_w - 1, ly + bar_h - 1], outline=MUTED)
     scale_note = {"log": "log scale", "count": "log scale", "linear": "linear scale"}[st.scale]
     if lo is not None:
@@ -560,25 +568,85 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
         draw.text((lx + bar_w + 6, ly + bar_h), "%.3g" % lo, font=f_small, fill=TEXT, anchor="ld")
     draw.text((lx + bar_w + 6, ly + bar_h / 2), scale_note, font=f_small, fill=MUTED, anchor="lm")
     ly += bar_h + 12
-    for key, text in (("nan", "NaN"), ("+inf", "+Inf"), ("-inf", "-Inf"), ("mixed", "several of NaN/+Inf/-Inf"),
-                      ("unmeasured", "not measured"), ("absent", "not computed")):
-        draw.rectangle([lx, ly, lx + 13, ly + 11], fill=COLOURS[key], outline=MUTED)
+    entries = [(stats.STATUS_COLOURS[n], stats.STATUS_WORDS[n]) for n in stats.STATUS_NAMES if n in stats.STATUS_COLOURS]
+    if st.scale == "log":
+        entries.append((stats.ZERO_COLOUR, "exactly 0"))
+    entries.append((stats.NOT_MEASURED_COLOUR, "not measured"))
+    for colour, text in entries:
+        draw.rectangle([lx, ly, lx + 13, ly + 11], fill=tuple(colour), outline=MUTED)
         draw.text((lx + 20, ly + 6), text, font=f_small, fill=TEXT, anchor="lm")
         ly += 17
     draw.rectangle([lx - 1, ly - 1, lx + 14, ly + 12], outline=OUTLINE, width=2)
     draw.text((lx + 20, ly + 6), "first non-finite", font=f_small, fill=TEXT, anchor="lm")
-    if skip_cols:
+    if hm.late.any():
+        ly += 17
+        draw.rectangle([lx, ly, lx + 13, ly + 11], fill=MARK, outline=MUTED)
+        for d in range(-11, 13, 4):
+            draw.line([(lx + max(d, 0), ly + 11 - max(-d, 0)), (lx + min(d + 11, 13), ly + 11 - (min(d + 11, 13) - d))],
+                      fill=BACKGROUND)
+        draw.text((lx + 20, ly + 6), "non-finite only later in that column", font=f_small, fill=TEXT, anchor="lm")
+    if skips:
         ly += 17
         draw.line([(lx + 6, ly), (lx + 6, ly + 10)], fill=SKIP, width=3)
         draw.text((lx + 20, ly + 6), "loss-scale skip (by design)", font=f_small, fill=TEXT, anchor="lm")
 
+
+def render_png(rep, path, stat=None, kind=None, max_columns=450):
+    """The heatmap of one run as a PNG, as the tab draws it: sites (layers, for a model of
+    more than PNG_MAX_SITE_ROWS sites) x steps, labels, the table's colours and words,
+    the first non-finite cell outlined in the column of its own, a title in words.
+
+    stat None: the table's default, or norm (measured at every step) for a run that has only
+    its flight recorder (killed before its first row), whose sampled statistics exist at one
+    step only."""
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    hm, source, stat = _png_heatmap(rep, stat, kind, max_columns)
+    st = stats.STATS_BY_NAME[stat]
+    n_rows, n_cols = len(hm.row_labels), len(hm.first_steps)
+    f_title, f_sub, f_label, f_small = _font(16, bold=True), _font(12), _font(11), _font(10)
+    cell_w = max(2, min(24, 900 // max(n_cols, 1)))
+    cell_h = max(3, min(14, 1400 // max(n_rows, 1)))
+    margin = 12
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [clean(l) for l in hm.row_labels]
+    label_w = math.ceil(min(380, max([scratch.textlength(l, font=f_label) for l in labels] + [60]))) + 16
+    grid_w, grid_h = cell_w * max(n_cols, 1), cell_h * max(n_rows, 1)
+
+    title, subtitle = _png_title(rep, hm, stat, kind)
+    legend_w = 230
+    text_w = max(scratch.textlength(title, font=f_title), scratch.textlength(subtitle, font=f_sub))
+    width = max(margin * 2 + label_w + grid_w + 20 + legend_w, min(math.ceil(text_w) + 2 * margin, 1600), 640)
+    top = margin + 24 + 18 + 22
+    height = max(top + grid_h + 40 + margin, top + 350)
+    img = Image.new("RGB", (int(width), int(height)), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    draw.text((margin, margin), _fit(draw, title, f_title, width - 2 * margin), font=f_title, fill=TEXT)
+    draw.text((margin, margin + 24), _fit(draw, subtitle, f_sub, width - 2 * margin), font=f_sub, fill=TEXT)
+
+    gx, gy = margin + label_w, top
+    lo = hi = None
+    if n_cols and n_rows:
+        lo, hi = _draw_cells(img, hm, st, gx, gy, cell_w, cell_h)
+    else:
+        draw.text((gx + 4, gy + 4), "no rows logged", font=f_sub, fill=MUTED)
+    producer_row = next((r for r, members in enumerate(hm.row_members) if rep.producer in members), None)
+    _draw_row_labels(draw, hm, labels, producer_row, gx, gy, cell_h, label_w, grid_w, margin, f_label, rep.data)
+    _draw_step_axis(draw, hm, gx, gy, grid_w, grid_h, cell_w, f_small)
+    skip_cols = _skip_columns(rep, hm) if n_cols else []
+    for c in skip_cols:
+        mx = gx + c * cell_w + cell_w / 2
+        draw.line([(mx, gy - 7), (mx, gy - 2)], fill=SKIP, width=max(1, min(3, cell_w - 1)))
+    first_cell = _draw_first_cell(draw, rep, hm, producer_row, gx, gy, cell_w, cell_h, f_small)
+    _draw_legend(img, draw, hm, st, lo, hi, gx + grid_w + 20, gy, (f_sub, f_small), skip_cols)
+
     # Where things are, for scripts and tests reading the image back (PNG tEXt chunk).
-    from PIL import PngImagePlugin
     info = PngImagePlugin.PngInfo()
-    layout = dict(run=rep.run, group=rep.group, stat=stat, kind=kind, source=source,
-                  grid=[gx, gy, cell_w, cell_h, n_cols, n_sites],
+    layout = dict(run=rep.run, group=rep.group, stat=stat, kind=kind, source=source, rows=hm.rows_mode,
+                  grid=[gx, gy, cell_w, cell_h, n_cols, n_rows],
                   first_step=None if rep.first is None else rep.first["step"],
-                  first_cell=first_cell, skip_columns=sorted(set(skip_cols)),
+                  first_cell=first_cell, skip_columns=skip_cols,
+                  column_first_steps=[int(x) for x in hm.first_steps],
                   column_last_steps=[int(x) for x in hm.last_steps])
     info.add_itxt("tb-nanwatch", json.dumps(layout))
     img.save(path, format="PNG", pnginfo=info)

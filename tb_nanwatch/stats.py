@@ -201,11 +201,51 @@ STATUS_COLOURS = {
 }
 
 
+# How each status reads: short (legend, tooltip, PNG) and in a sentence.
+STATUS_WORDS = {"finite": "all finite", "nan": "NaN", "+inf": "+Inf", "-inf": "-Inf",
+                "mixed": "mixed", "absent": "not computed"}
+STATUS_MEANINGS = {"finite": "every element finite", "nan": "NaN elements", "+inf": "+Inf elements",
+                   "-inf": "-Inf elements", "mixed": "several of NaN, +Inf and -Inf",
+                   "absent": "the site was not computed (e.g. off the gradient path)"}
+COUNT_WORDS = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}
+
+# Finite values: one light-to-dark blue ramp, for the tab and the PNG alike.
+FINITE_RAMP = ((235, 243, 251), (198, 219, 239), (158, 202, 225), (107, 174, 214),
+               (66, 146, 198), (33, 113, 181), (8, 81, 156), (8, 48, 107))
+# An exact 0 of a magnitude (log scale: no place on the ramp): its own colour, never the
+# ramp's palest blue, which reads as "not measured" (white) -- a dead ReLU layer is data.
+ZERO_COLOUR = (125, 170, 70)        # leaf green: a hue neither the ramp nor a status has
+NOT_MEASURED_COLOUR = (255, 255, 255)
+# Statistics whose danger is a LOW value: drawn with the ramp reversed, so danger reads dark
+# (12 doublings from overflow is dark, a safe tensor pale).  High zero or underflow
+# fractions already read dark on the ramp.
+DANGER_LOW = ("headroom",)
+# The statistic a heatmap shows when none is asked for.
+DEFAULT_STAT = "max_abs"
+
+
+def ramp_colour(t):
+    """RGB float array for t in [0, 1] along FINITE_RAMP (any shape of t)."""
+    ramp = np.asarray(FINITE_RAMP, dtype=np.float64)
+    t = np.clip(np.nan_to_num(np.asarray(t, dtype=np.float64)), 0.0, 1.0) * (len(ramp) - 1)
+    lo = np.minimum(np.floor(t).astype(int), len(ramp) - 2)
+    frac = (t - lo)[..., None]
+    return ramp[lo] * (1 - frac) + ramp[lo + 1] * frac
+
+
 def table_as_json():
     """The table as the frontend and `report --json` consumers see it."""
     return {
-        "kinds": [{"name": k, "meaning": KIND_MEANINGS[k]} for k in KINDS],
-        "stats": [s._asdict() for s in STATS],
+        "kinds": [{"name": k, "meaning": KIND_MEANINGS[k], "words": KIND_WORDS[k], "phase": PHASES[k]}
+                  for k in KINDS],
+        "stats": [dict(s._asdict(), danger="low" if s.name in DANGER_LOW else "high") for s in STATS],
         "status": list(STATUS_NAMES),
         "status_colours": {name: list(rgb) for name, rgb in STATUS_COLOURS.items()},
+        "status_words": dict(STATUS_WORDS),
+        "status_meanings": dict(STATUS_MEANINGS),
+        "count_stats": [{"name": k, "words": COUNT_WORDS[k]} for k in NONFINITE_STATS],
+        "finite_ramp": [list(c) for c in FINITE_RAMP],
+        "zero_colour": list(ZERO_COLOUR),
+        "not_measured_colour": list(NOT_MEASURED_COLOUR),
+        "default_stat": DEFAULT_STAT,
     }

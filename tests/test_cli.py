@@ -580,3 +580,31 @@ def test_one_summary_line_per_run_before_the_details(logdir):
     assert lines[4] == "2 of 3 runs with a non-finite value"
     # The details follow, after the summary.
     assert out.index("run bad: first") > out.index(lines[4]) and out.index("run good: finite") > out.index(lines[4])
+
+
+def test_png_cells_take_the_tables_colours():
+    values = np.array([[0.0, 1.0, 10.0, 100.0, np.nan, 5.0]])
+    status = np.array([[0, 0, 0, 0, 0, 1]], dtype=np.uint8)
+    cells, lo, hi = report.cell_colours(values, status, "log")
+    assert tuple(cells[0, 0]) == stats.ZERO_COLOUR                  # an exact 0 is not the ramp's palest
+    assert tuple(cells[0, 1]) == tuple(stats.FINITE_RAMP[0]) and tuple(cells[0, 3]) == tuple(stats.FINITE_RAMP[-1])
+    assert tuple(cells[0, 4]) == stats.NOT_MEASURED_COLOUR
+    assert tuple(cells[0, 5]) == stats.STATUS_COLOURS["nan"]
+    # Headroom: low is the danger, so few doublings left read dark.
+    headroom = np.array([[2.0, 120.0]])
+    danger = report.cell_colours(headroom, np.zeros((1, 2), np.uint8), "linear", danger_low=True)[0]
+    assert tuple(danger[0, 0]) == tuple(stats.FINITE_RAMP[-1]) and tuple(danger[0, 1]) == tuple(stats.FINITE_RAMP[0])
+
+
+def test_png_marker_names_the_first_steps_own_column(tmp_path):
+    # One row per 100 steps; the first non-finite at step 2 sits in a column of its own.
+    sites = synthetic.sites_for()
+    synthetic.write_run(str(tmp_path / "logs" / "coarse"), n_rows=900, log_every=100, first=(2, PRODUCER, "posinf"))
+    png = tmp_path / "h.png"
+    code, out, err = cli(tmp_path / "logs", "--png", png)
+    assert code == 1, err
+    layout = json.loads(Image.open(png).text["tb-nanwatch"])
+    row, col = layout["first_cell"]
+    assert layout["column_first_steps"][col] <= 2 <= layout["column_last_steps"][col]
+    # 900 rows in at most 450 columns, but the row of steps 0-99 is not merged with the next.
+    assert layout["column_last_steps"][col] == 99 and layout["column_first_steps"][col + 1] == 100

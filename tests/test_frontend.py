@@ -163,15 +163,17 @@ def test_heatmap_drawn_with_banner(tab):
     assert colours.get(NAN_RGB, 0) > 1000 and colours.get(MIXED_RGB, 0) > 100
     assert tab.heat("n_columns") == plugin_helpers.BLOWUP_ROWS
     legend = tab.fl.locator(".nw-legend").inner_text()
-    for word in ("max_abs", "log scale", "NaN", "+Inf", "\u2212Inf", "mixed", "first non-finite value"):
+    for word in ("max_abs", "log scale", "first non-finite value", "exactly 0"):
         assert word in legend, word
+    for name in stats.STATUS_NAMES[1:]:     # every status's words, from the table
+        assert stats.STATUS_WORDS[name] in legend, name
 
 
 def test_stat_choices_come_from_the_backend_table(tab):
     options = tab.fl.locator("select.nw-stat option").all_inner_texts()
     assert options == list(stats.STAT_NAMES)
     kinds = tab.fl.locator("select.nw-kind option").all_inner_texts()
-    assert kinds == ["all kinds"] + [k.replace("_", " ") for k in stats.KINDS]
+    assert kinds == ["all kinds"] + [stats.kind_words(k) for k in stats.KINDS]
     tab.fl.locator("select.nw-stat").select_option("nan")
     tab.wait("() => window.__nanwatch.heat.stat === 'nan'")
     assert "nan (count, log scale)" in tab.fl.locator(".nw-legend").inner_text()
@@ -234,7 +236,7 @@ def test_flight_recorder_at_step_resolution(tab):
 def test_layer_names_are_text_never_html(tab):
     tab.select_run("xss")
     banner = tab.fl.locator(".nw-banner .nw-headline")
-    assert banner.inner_text() == "First NaN at step 303: %s, weight grad kernel" % XSS
+    assert banner.inner_text() == "First NaN at step 303: %s, weight gradient kernel" % XSS
     assert "&lt;img" in tab.eval("() => document.querySelector('.nw-banner').innerHTML")
     assert tab.fl.locator("img").count() == 0
     assert tab.page.locator("img[src=x]").count() == 0
@@ -324,7 +326,7 @@ def test_mixed_precision_skips_warning_signs_and_worker(tab):
 
     tab.select_run("sqrt_grad")
     assert tab.fl.locator(".nw-banner .nw-headline").inner_text() == (
-        "First NaN at step 25: dense_2, activation grad")
+        "First NaN at step 25: dense_2, activation gradient")
     assert tab.fl.locator(".nw-banner .nw-first-detail").inner_text() == "Computed in the backward pass of sqrt."
     assert "loss-scale skip" not in tab.fl.locator(".nw-legend").inner_text()
 
@@ -379,3 +381,22 @@ def test_944_sites_fit_one_screen_with_the_first_layer_in_sight(server, browser,
         assert tab.errors == []
     finally:
         context.close()
+
+
+def test_the_frontend_defines_no_stat_kind_or_status_of_its_own():
+    """Every statistic, kind and status name, and every colour ramp, comes from /info: a
+    string literal in the JS that names one (or a ramp of its own) fails here."""
+    names = set(stats.STAT_NAMES) | set(stats.KINDS) | set(stats.STATUS_NAMES)
+    literal = re.compile(r"""(["'`])((?:\\.|(?!\1).)*)\1""")
+    found = []
+    for path in sorted(pathlib.Path(__file__).resolve().parent.parent.joinpath("frontend").glob("*.js")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//")[0] if not line.strip().startswith("//") else ""
+            for m in literal.finditer(code):
+                if m.group(2) in names or re.fullmatch(r"\d+, \d+, \d+", m.group(2) or ""):
+                    found.append("%s:%d: %s" % (path.name, number, m.group(0)))
+            # object keys too: {nan: ...} or {"+inf": ...}
+            for m in re.finditer(r"[{,]\s*([A-Za-z_+-]+)\s*:", code):
+                if m.group(1) in names:
+                    found.append("%s:%d: key %s" % (path.name, number, m.group(1)))
+    assert found == []
