@@ -543,6 +543,10 @@ class App {
       if (e.type === "loss_scale_skip" || e.type === "loss_scale_collapse") continue;
       b.appendChild(el("div", "nw-event", `${e.count} \u00d7 ${kindWords(e.type)} logged.`));
     }
+    // A script re-run into the same run directory: the sessions are named, the latest shown.
+    if (heat.session_warning) {
+      b.appendChild(el("div", "nw-event nw-sessions", `This run has ${heat.session_warning}.`));
+    }
     // Records the reader's gate dropped (damaged or malformed): said, never hidden.
     const dropped = Array.isArray(heat.warnings) ? heat.warnings : [];
     if (dropped.length) {

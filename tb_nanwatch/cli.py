@@ -250,6 +250,8 @@ def run_report(args, out, err):
                     problems.setdefault(run, []).append("unreadable nanwatch data%s: %s" % (where, e))
                     continue
                 problems.setdefault(run, []).extend("%s%s" % (w, where) for w in data.warnings)
+                if data.session_warning():
+                    problems[run].append(data.session_warning() + where)
                 try:
                     reports.append(report.RunReport(data))
                     if not args.json:

@@ -339,6 +339,9 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             "events": _events_in_view(data.events, hm),
             "event_counts": _event_counts(data.events),
             "warnings": data.warnings,   # records the reader's gate dropped, per tag
+            # Several writer sessions in the run directory: the words naming them (the data
+            # is the latest one's), else null.
+            "session_warning": data.session_warning(),
         }
 
     def _cell(self, request):

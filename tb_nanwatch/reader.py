@@ -52,6 +52,16 @@ class RunData:
         self.first_nonfinite = first_nonfinite
         self.events = events
         self.warnings = list(warnings)
+        # Writer sessions found in the run directory (a script re-run into it): when there
+        # are several, everything above is the latest one's (see `sessions_of`).
+        self.sessions = []
+
+    def session_warning(self):
+        """One line naming the writer sessions when there are several, else None."""
+        if len(self.sessions) < 2:
+            return None
+        return ("%d writer sessions in this run directory (%s); showing the latest only: write each run to its "
+                "own directory" % (len(self.sessions), "; ".join(session_words(x) for x in self.sessions)))
 
     @property
     def labels(self):
@@ -138,9 +148,16 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     sites = content["sites"] if content else []
     stat_names = content["stats"] if content else list(stats.STAT_NAMES)
 
+    raw = {}
+
     def read(tag_name):
-        """The data of one tag; a provider that cannot decode it (a damaged tensor) loses
-        that tag, not the run."""
+        """The data of one tag, of the latest writer session only; a provider that cannot
+        decode it (a damaged tensor) loses that tag, not the run."""
+        if tag_name not in raw:
+            raw[tag_name] = read_all(tag_name)
+        return [(t, d) for t, d in raw[tag_name] if since is None or d.wall_time > since]
+
+    def read_all(tag_name):
         try:
             got = provider.read_tensors(
                 ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
@@ -174,6 +191,13 @@ def read_run(provider, ctx, experiment_id, run, group=None):
         return steps[keep], rows[keep]
 
     with_content = [t for t in row_blocks if t in series]
+    # A script re-run into the same directory writes a second session: keep the latest.
+    since = None
+    others = [d for r in (metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS) if tags[r] in series
+              for _, d in read(tags[r])]
+    sessions = sessions_of([d for t in with_content for _, d in read(t)], others) if content is not None else []
+    if len(sessions) > 1:
+        since = sessions[-2]["last_wall_time"]
     steps, rows = matrices(with_content)
     flight_steps, flight_rows = matrices([tags[metadata.FLIGHT]] if tags[metadata.FLIGHT] in series else [])
     first = None
@@ -207,7 +231,56 @@ def read_run(provider, ctx, experiment_id, run, group=None):
             run, "" if group is None else " group %r" % group, "; ".join(warnings) or "no site list"))
     for line in warnings:
         logger.debug("run %s: %s", run, line)
-    return RunData(run, group, sites, steps, rows, flight_steps, flight_rows, first, events, warnings)
+    data = RunData(run, group, sites, steps, rows, flight_steps, flight_rows, first, events, warnings)
+    data.sessions = sessions
+    return data
+
+
+SESSION_GAP_SECONDS = 1.0
+
+
+def sessions_of(row_data, other_data=()):
+    """Writer sessions in the rows of one run (TensorDatum with step and wall_time): in
+    wall-time order, a session's rows have rising steps; a row whose step is not past
+    every step before it starts another session (a re-run into the same directory; a
+    resumed run continues its steps and stays one session).  [{first_step, last_step,
+    rows, first_wall_time, last_wall_time}].
+
+    TensorBoard's Python loader purges a tag's older rows when its steps go back, so the
+    rows alone may show only the latest session: a record of `other_data` (flight, first
+    non-finite, events) written before the first row yet at a later step than it cannot be
+    of that session (a writer writes in step order) and stands for an earlier one."""
+    sessions = []
+    for d in sorted(row_data, key=lambda d: d.wall_time):
+        last = sessions[-1] if sessions else None
+        # The same step again within a second is one writer writing it twice (a row closed
+        # at the first non-finite step); a re-run takes longer than that to start.
+        if last is None or d.step < last["last_step"] or (
+                d.step == last["last_step"] and d.wall_time - last["last_wall_time"] > SESSION_GAP_SECONDS):
+            sessions.append(dict(first_step=int(d.step), last_step=int(d.step), rows=0,
+                                 first_wall_time=d.wall_time, last_wall_time=d.wall_time))
+        current = sessions[-1]
+        current["last_step"] = int(d.step)
+        current["rows"] += 1
+        current["last_wall_time"] = d.wall_time
+    if sessions:
+        first = sessions[0]
+        orphans = [d for d in other_data if d.wall_time < first["first_wall_time"] and d.step > first["first_step"]]
+        if orphans:
+            sessions.insert(0, dict(first_step=int(min(d.step for d in orphans)),
+                                    last_step=int(max(d.step for d in orphans)), rows=0,
+                                    first_wall_time=min(d.wall_time for d in orphans),
+                                    last_wall_time=max(d.wall_time for d in orphans)))
+    return sessions
+
+
+def session_words(session):
+    """`steps 0-999, written 21:03:04-21:05:10 UTC on 2026-12-01`."""
+    import time
+    a, b = (time.gmtime(session[k]) for k in ("first_wall_time", "last_wall_time"))
+    return "steps %d-%d, written %s-%s UTC on %s" % (
+        session["first_step"], session["last_step"], time.strftime("%H:%M:%S", a), time.strftime("%H:%M:%S", b),
+        time.strftime("%Y-%m-%d", a))
 
 
 def producer_index(run_data, first):

@@ -608,3 +608,24 @@ def test_png_marker_names_the_first_steps_own_column(tmp_path):
     assert layout["column_first_steps"][col] <= 2 <= layout["column_last_steps"][col]
     # 900 rows in at most 450 columns, but the row of steps 0-99 is not merged with the next.
     assert layout["column_last_steps"][col] == 99 and layout["column_first_steps"][col + 1] == 100
+
+
+def test_two_writer_sessions_in_one_run_directory_show_the_latest_with_a_warning(tmp_path):
+    """A script re-run into logs/run1: the older session blew up at step 33 in one site, the
+    newer one at step 123 in another.  The report is the newer session's, never a mix,
+    and a warning names both sessions."""
+    run = str(tmp_path / "logs" / "run1")
+    other = site_index("dense", "optimizer_state", "velocity/kernel")
+    synthetic.write_run(run, n_rows=50, log_every=10, first=(33, other, "posinf"))
+    time.sleep(1.2)
+    synthetic.write_run(run, n_rows=20, log_every=10, first=(FIRST_STEP, PRODUCER, "nan"))
+    code, out, err = cli(tmp_path / "logs", "--json")
+    (entry,) = json.loads(out)["runs"]
+    assert entry["first_nonfinite"]["step"] == FIRST_STEP and entry["first_nonfinite"]["kind"] == "activation_grad"
+    warning = [w for w in entry.get("warnings", []) if "writer sessions" in w]
+    assert warning and "2 writer sessions" in warning[0] and "steps 9-499" in warning[0] and "steps 9-199" in warning[0]
+    code, out, err = cli(tmp_path / "logs")
+    assert "2 writer sessions in this run directory" in err
+    trend = out.split("before it")[1]
+    steps = [int(line.split()[0]) for line in trend.splitlines()[2:] if line.strip() and line.split()[0].isdigit()]
+    assert steps == sorted(set(steps)), steps    # one flight recorder, not two interleaved

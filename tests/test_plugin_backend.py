@@ -603,3 +603,21 @@ def test_a_failing_data_provider_is_a_json_error_not_an_html_500(app, monkeypatc
     r = app.get("/heatmap", run=app.json("/runs")[0], stat="max_abs")
     assert r.status_code == 503
     assert "RESOURCE_EXHAUSTED" in json.loads(r.get_data())["error"]
+
+
+def test_two_writer_sessions_show_the_latest_one_with_a_warning(tmp_path):
+    """Re-running a script into the same run directory: the tab shows the latest session
+    only (under the Python loader, which purges a tag's older rows when steps go back, and
+    keeps the older session's first record), and says that there were two."""
+    run = str(tmp_path / "run1")
+    synthetic.write_run(run, n_rows=50, log_every=10, first=(33, 20, "posinf"))
+    time.sleep(1.2)
+    synthetic.write_run(run, n_rows=20, log_every=10)      # the re-run stayed finite
+    app = App(tmp_path)
+    assert app.json("/first_nonfinite", run="run1") is None
+    hm = app.json("/heatmap", run="run1", columns=500)
+    assert "2 writer sessions" in hm["session_warning"] and "latest only" in hm["session_warning"]
+    assert hm["step_range"]["rows"] == 20 and hm["flight_range"] is None
+    # One session: no warning.
+    synthetic.write_run(str(tmp_path / "single"), n_rows=5, log_every=10)
+    assert App(tmp_path).json("/heatmap", run="single")["session_warning"] is None
