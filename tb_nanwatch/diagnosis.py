@@ -1,15 +1,20 @@
-"""Signs that come before a blow-up, read off the rows: shared by the CLI and the plugin.
+"""Why a run went NaN/Inf: causes with evidence and remedies, and the warning signs before it.
 
-The first non-finite value is where the damage shows; its cause can be earlier and
-finite: a float16 tensor that underflowed to zero (Adam's velocity under the
-float16 policy makes m / (sqrt(v) + eps) explode a step later), a tensor within
-a doubling of its dtype's largest value.  (Loss-scale skips and a collapsed loss
-scale are events the writer records itself.)
+Read off the logged evidence only (`reader.RunData`: sites with dtype and shape, rows,
+flight rows, the first non-finite record, events), TensorFlow-free, shared by the CLI
+and the plugin.  `diagnose` evaluates one rule per cause of `causes.CAUSES` (RULES,
+keyed by cause ID) and ranks what fires; `precursors` lists finite warning signs: a
+float16 tensor that underflowed to zero (Adam's velocity under the float16 policy makes
+m / (sqrt(v) + eps) explode a step later), a tensor within a doubling of its dtype's
+largest value.  (Loss-scale skips and a collapsed loss scale are events the writer
+records itself.)
 """
+
+import math
 
 import numpy as np
 
-from tb_nanwatch import stats, summary
+from tb_nanwatch import causes, reader, stats, summary
 
 UNDERFLOW_FRACTION = 0.9   # nearly all of a half-precision tensor below the smallest normal
 # Where underflow is damage rather than ReLU's honest zeros: slots and weight gradients.
@@ -20,7 +25,8 @@ _HALF = ("float16", "bfloat16")
 
 def precursors(run_data, limit=8):
     """[{step, layer, kind, tensor, sign, value, text}] up to the first non-finite step
-    (or the whole run when there is none), earliest first, one per site and sign."""
+    (or the whole run when there is none), earliest first, one per site and sign;
+    the first `limit` (all with limit 0 or None)."""
     first = run_data.first_nonfinite
     until = first["step"] if first else None
     col = stats.STAT_INDEX
@@ -43,7 +49,8 @@ def precursors(run_data, limit=8):
             for s in np.nonzero(mask.any(axis=0))[0]:
                 row, site = rows[earliest[s], s], sites[s]
                 _keep(found, steps[earliest[s]], site, sign, *_words(sign, row, site))
-    return sorted(found.values(), key=lambda p: (p["step"], p["sign"]))[:limit]
+    found = sorted(found.values(), key=lambda p: (p["step"], p["sign"]))
+    return found[:limit] if limit else found
 
 
 def _words(sign, row, site):
@@ -64,3 +71,518 @@ def _keep(found, step, site, sign, value, text):
     if key not in found or step < found[key]["step"]:
         found[key] = dict(step=int(step), layer=site["layer"], kind=site["kind"], tensor=site.get("tensor", ""),
                           sign=sign, value=float(value), text=text)
+
+
+# -- causes ---------------------------------------------------------------------
+# Thresholds of the rules in causes.CAUSES (whose `rule` texts quote them).
+INPUT_SCALE = 50.0          # standardised data stays within about +-5
+HUGE_LOSS = 1e6
+OUTPUT_VS_LOSS = 0.1        # |output| below a tenth of sqrt(loss): the targets make the loss
+INIT_RATIO = 5.0            # kernel RMS over the He scale sqrt(2 / fan_in)
+DOMAIN_HEADROOM = 8.0       # +Inf with more doublings left than this at the step before: not an overflow
+DOMAIN_INPUT = 1e6          # ... and from an input below this (exp, division), not a huge matmul
+GROWTH_TOTAL = 10.0         # weights: at least 10x overall ...
+GROWTH_STEADY = 0.7         # ... growing in at least 70% of the steps ...
+GROWTH_RATE = 1.05          # ... at 5% or more per step
+GRADIENT_DEPTH_RATIO = 1e3  # first layer's kernel gradient norm over the last layer's
+GRADIENT_GROWTH = 100.0
+VANISHED_ROWS = 3
+VANISHED_FRACTION = 0.5
+
+
+def dtype_limits(dtype):
+    """(largest finite value, smallest normal value) of a float dtype name, or None."""
+    if dtype == "bfloat16":
+        return 3.3895313892515355e38, 1.1754943508222875e-38
+    try:
+        info = np.finfo(np.dtype(dtype))
+    except (TypeError, ValueError):
+        return None
+    return float(info.max), float(info.tiny)
+
+
+def _site_json(site):
+    return {"layer": site["layer"], "kind": site["kind"], "tensor": site.get("tensor", "")}
+
+
+def _is_kernel(site):
+    return site.get("tensor", "").split("/")[-1] == "kernel" and len(site.get("shape") or ()) >= 2
+
+
+def _g(value):
+    """A figure in evidence text: 3 significant digits."""
+    return "%.3g" % value
+
+
+class Evidence:
+    """What the rules read: one timeline of the logged and flight rows, merged by step
+    (a flight row fills what the logged row of its step did not measure), and the first
+    non-finite record.  Columns are built per statistic, on demand, so a big run is not
+    copied whole."""
+
+    def __init__(self, run_data):
+        self.data = run_data
+        self.sites = run_data.sites
+        self.first = reader.first_nonfinite_json(run_data)
+        self.until = self.first["step"] if self.first else None
+        self.producer = self._producer()
+        flight = np.asarray(run_data.flight_steps, dtype=np.int64)
+        logged = np.asarray(run_data.steps, dtype=np.int64)
+        self._extra = ~np.isin(flight, logged)
+        self._shared_rows = np.nonzero(np.isin(logged, flight))[0]
+        self._shared_flight = np.array([np.nonzero(flight == logged[i])[0][-1] for i in self._shared_rows], dtype=int)
+        steps = np.concatenate([logged, flight[self._extra]])
+        self._order = np.argsort(steps, kind="stable")
+        self.steps = steps[self._order]
+        self._columns = {}
+        # [n_steps, n_sites]: the state that led up to the first non-finite value: rows that end
+        # before its step, and in its step the sites that ran before the producer.
+        n = len(self.sites)
+        if self.until is None:
+            self.before = np.ones((len(self.steps), n), bool)
+        else:
+            self.before = np.repeat((self.steps < self.until)[:, None], n, axis=1)
+            if self.producer is not None:
+                self.before[self.steps == self.until, :self.producer] = True
+        self.events = [e for e in run_data.events if isinstance(e, dict)]
+
+    def _producer(self):
+        if self.first is None:
+            return None
+        index = self.first.get("site")
+        if isinstance(index, int) and 0 <= index < len(self.sites):
+            s = self.sites[index]
+            if (s["layer"], s["kind"], s.get("tensor", "")) == (self.first["layer"], self.first["kind"],
+                                                                 self.first.get("tensor", "")):
+                return index
+        return self.data.site_index(self.first["layer"], self.first["kind"], self.first.get("tensor", ""))
+
+    def col(self, name):
+        """[n_steps, n_sites] of one statistic over the timeline."""
+        if name not in self._columns:
+            c = stats.STAT_INDEX[name]
+            rows = self.data.rows[..., c] if len(self.data.steps) else np.zeros((0, len(self.sites)))
+            flight = (self.data.flight_rows[..., c] if len(self.data.flight_steps)
+                      else np.zeros((0, len(self.sites))))
+            merged = np.concatenate([rows, flight[self._extra]])
+            for i, j in zip(self._shared_rows, self._shared_flight):
+                merged[i] = np.where(np.isnan(merged[i]), flight[j], merged[i])
+            self._columns[name] = merged[self._order]
+        return self._columns[name]
+
+    def nonfinite(self):
+        if "_nonfinite" not in self._columns:
+            counts = sum(np.nan_to_num(self.col(k)) for k in stats.NONFINITE_STATS)
+            self._columns["_nonfinite"] = counts > 0
+        return self._columns["_nonfinite"]
+
+    def finite_before(self, name):
+        """The statistic where it is measured on a finite cell before the first non-finite step, else NaN."""
+        values = self.col(name).copy()
+        values[~self.before] = np.nan
+        values[self.nonfinite()] = np.nan
+        return values
+
+    def at(self, step, name, site):
+        """The statistic of `site` at `step` (NaN if not logged)."""
+        hit = np.nonzero(self.steps == step)[0]
+        return float(self.col(name)[hit[-1], site]) if len(hit) else float("nan")
+
+    def indices(self, kind, kernels_only=False):
+        return [i for i, s in enumerate(self.sites)
+                if s["kind"] == kind and (not kernels_only or _is_kernel(s))]
+
+    def loss_site(self):
+        found = self.indices("loss")
+        return found[0] if found else None
+
+    def output_site(self):
+        """The last activation before the loss: the model's output."""
+        loss = self.loss_site()
+        acts = [i for i in self.indices("activation") if loss is None or i < loss]
+        return acts[-1] if acts else None
+
+    def label(self, index):
+        from tb_nanwatch.report import site_words
+        return site_words(self.sites[index])
+
+    def counts_words(self, obj):
+        parts = ["%d %s" % (int(obj.get(k, 0) or 0), w) for k, w in (("nan", "NaN"), ("posinf", "+Inf"),
+                                                                      ("neginf", "-Inf")) if obj.get(k)]
+        return ", ".join(parts) or "non-finite"
+
+
+class Finding:
+    """One cause that fires: a score in [0, 1] (how likely, for ranking), the evidence in
+    words with its figures, the sites and steps it quotes."""
+
+    def __init__(self, score, evidence, sites=(), steps=()):
+        self.score = float(score)
+        self.evidence = evidence
+        self.sites = list(sites)
+        self.steps = sorted({int(s) for s in steps})
+
+
+def _steady_growth(values, steps):
+    """(total ratio, fraction of growing steps, per-step rate, i_first, i_last) of a positive
+    series, or None when it has fewer than 4 measured points."""
+    keep = np.isfinite(values) & (values > 0)
+    if keep.sum() < 4:
+        return None
+    v, t = values[keep], steps[keep]
+    ratio = v[-1] / v[0]
+    growing = float(np.mean(np.diff(v) > 0))
+    span = max(int(t[-1] - t[0]), 1)
+    rate = ratio ** (1.0 / span) if ratio > 0 else 0.0
+    idx = np.nonzero(keep)[0]
+    return ratio, growing, rate, idx[0], idx[-1]
+
+
+def rule_nonfinite_input(ev):
+    if ev.producer is None or ev.sites[ev.producer]["kind"] != "input":
+        return None
+    return Finding(1.0, "%s held %s at step %d, before any layer ran: the data itself is not finite"
+                   % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until),
+                   [ev.producer], [ev.until])
+
+
+def rule_unscaled_inputs(ev):
+    inputs = ev.indices("input")
+    if not inputs or ev.first is None or ev.sites[ev.producer if ev.producer is not None else 0]["kind"] == "input":
+        return None
+    max_abs = ev.finite_before("max_abs")[:, inputs]
+    if not np.isfinite(max_abs).any():
+        return None
+    i, j = np.unravel_index(np.nanargmax(max_abs), max_abs.shape)
+    biggest = max_abs[i, j]
+    if not biggest > INPUT_SCALE:
+        return None
+    site = inputs[j]
+    std = ev.col("std")[i, site]
+    std_text = "" if not np.isfinite(std) else ", std %s" % _g(std)
+    return Finding(min(0.95, 0.4 + 0.06 * math.log10(biggest)),
+                   "%s: largest |x| %s at step %d%s; standardised inputs stay within about +-5"
+                   % (ev.label(site), _g(biggest), ev.steps[i], std_text), [site], [ev.steps[i]])
+
+
+def rule_unscaled_targets(ev):
+    loss, out = ev.loss_site(), ev.output_site()
+    if ev.first is None or loss is None or out is None or not len(ev.steps):
+        return None
+    start = ev.steps[0]
+    out_abs = ev.col("max_abs")[0, out]
+    loss_value = ev.col("max_abs")[0, loss]
+    if ev.nonfinite()[0, out] or not np.isfinite(out_abs):
+        return None
+    overflowed = (ev.producer == loss and ev.until == start and ev.first.get("posinf", 0)
+                  and not ev.first.get("nan", 0) and not ev.first.get("neginf", 0))
+    if overflowed:
+        return Finding(0.9, "the loss overflowed to +Inf at step %d, the first step, while the model's output "
+                       "(%s) was at most %s in magnitude: the targets are beyond 1e19"
+                       % (start, ev.label(out), _g(out_abs)), [loss, out], [start])
+    if ev.nonfinite()[0, loss] or not (loss_value > HUGE_LOSS) or not (out_abs < OUTPUT_VS_LOSS * math.sqrt(loss_value)):
+        return None
+    # Targets pull on the output: its gradient is large (a loss summed over many terms, with no
+    # targets at all, is large too, but its gradient is not).
+    pull = [i for i in ev.indices("activation_grad") if ev.sites[i]["layer"] == ev.sites[out]["layer"]]
+    if not pull or not ev.col("max_abs")[0, pull[0]] > 1.0:
+        return None
+    return Finding(0.9, "the loss was %s at step %d while the model's output (%s) was at most %s in magnitude: "
+                   "the targets are about %s" % (_g(loss_value), start, ev.label(out), _g(out_abs),
+                                                 _g(math.sqrt(loss_value))), [loss, out], [start])
+
+
+def rule_large_initial_weights(ev):
+    if ev.first is None or not len(ev.steps):
+        return None
+    best = None
+    for site in ev.indices("weight", kernels_only=True):
+        shape = ev.sites[site]["shape"]
+        fan_in = int(np.prod(shape[:-1]))
+        if fan_in <= 0:
+            continue
+        norm, size = ev.col("norm")[0, site], ev.col("size")[0, site]
+        rms = norm / math.sqrt(size) if np.isfinite(norm) and size > 0 else math.hypot(
+            ev.col("std")[0, site], ev.col("mean")[0, site])
+        he = math.sqrt(2.0 / fan_in)
+        if not (np.isfinite(rms) and rms > INIT_RATIO * he):
+            continue
+        # Weights are logged after the step's update; the layer's output at the first step was
+        # computed before it, so a large gain there shows the initial weights, not a wild first update.
+        gain = _first_step_gain(ev, ev.sites[site]["layer"])
+        if gain is not None and gain < max(INIT_RATIO, rms / he) / 4:
+            continue
+        if best is None or rms / he > best[0]:
+            best = (rms / he, site, rms, he, gain)
+    if best is None:
+        return None
+    ratio, site, rms, he, gain = best
+    text = "%s: RMS %s at step %d, %sx the He scale sqrt(2 / fan_in) = %s" % (
+        ev.label(site), _g(rms), ev.steps[0], _g(ratio), _g(he))
+    if gain is not None:
+        text += "; the layer's output at that step is %sx the RMS of its input" % _g(gain)
+    return Finding(min(0.9, 0.5 + 0.1 * math.log10(ratio)), text, [site], [ev.steps[0]])
+
+
+def _rms(ev, row, site):
+    norm, size = ev.col("norm")[row, site], ev.col("size")[row, site]
+    if np.isfinite(norm) and size > 0:
+        return norm / math.sqrt(size)
+    return math.hypot(ev.col("std")[row, site], ev.col("mean")[row, site])
+
+
+def _first_step_gain(ev, layer):
+    """RMS of `layer`'s output over the RMS of the activation (or input) before it, at the first
+    logged step, or None when either is not measured."""
+    out = [i for i in ev.indices("activation") if ev.sites[i]["layer"] == layer]
+    if not out or ev.nonfinite()[0, out[0]]:
+        return None
+    prev = [i for i in range(out[0]) if ev.sites[i]["kind"] in ("input", "activation")]
+    if not prev or ev.nonfinite()[0, prev[-1]]:
+        return None
+    rms_in, rms_out = _rms(ev, 0, prev[-1]), _rms(ev, 0, out[0])
+    if not (np.isfinite(rms_in) and np.isfinite(rms_out) and rms_in > 0):
+        return None
+    return rms_out / rms_in
+
+
+def rule_reduced_precision_underflow(ev):
+    found = []
+    for p in precursors(ev.data, limit=0):
+        if p["sign"] != "underflow":
+            continue
+        site = ev.data.site_index(p["layer"], p["kind"], p["tensor"])
+        if ev.until is not None and site is not None and not (
+                p["step"] < ev.until or (p["step"] == ev.until and ev.producer is not None and site < ev.producer)):
+            continue
+        found.append((p, site))
+    if not found:
+        return None
+    text = "; ".join("step %d: %s" % (p["step"], p["text"]) for p, _ in found[:3])
+    if len(found) > 3:
+        text += "; and %d more" % (len(found) - 3)
+    if ev.first is not None:
+        text += "; then the first non-finite value at step %d" % ev.until
+    return Finding(0.9 if ev.first is not None else 0.6, text, [s for _, s in found if s is not None],
+                   [p["step"] for p, _ in found])
+
+
+def rule_reduced_precision_overflow(ev):
+    if ev.producer is None:
+        return None
+    site = ev.sites[ev.producer]
+    if site.get("dtype") not in _HALF or not (ev.first.get("posinf") or ev.first.get("neginf")):
+        return None
+    limit = dtype_limits(site["dtype"])[0]
+    text = "%s (%s) went %s at step %d; %s's largest finite value is %s" % (
+        ev.label(ev.producer), site["dtype"], ev.counts_words(ev.first), ev.until, site["dtype"], _g(limit))
+    prev = ev.finite_before("max_abs")[:, ev.producer]
+    if np.isfinite(prev).any():
+        i = np.nonzero(np.isfinite(prev))[0][-1]
+        text += " (its largest |x| was %s at step %d)" % (_g(prev[i]), ev.steps[i])
+    return Finding(0.85, text, [ev.producer], [ev.until])
+
+
+def rule_unstable_loss(ev):
+    loss = ev.loss_site()
+    if ev.producer is None or ev.producer != loss:
+        return None
+    if ev.first.get("nan") or ev.first.get("neginf"):
+        score = 0.8
+    else:
+        before = ev.finite_before("max_abs")[:, loss]
+        if np.nanmax(before, initial=0.0) > HUGE_LOSS:
+            return None    # a huge loss that grew into +Inf: targets or divergence, not the loss's formula
+        score = 0.6
+    out = ev.output_site()
+    text = "the loss went %s at step %d" % (ev.counts_words(ev.first), ev.until)
+    sites = [loss]
+    if out is not None:
+        lo, hi = ev.at(ev.until, "min", out), ev.at(ev.until, "max", out)
+        zeros = ev.at(ev.until, "zero_frac", out)
+        if np.isfinite(lo) and np.isfinite(hi):
+            text += " while the model's output (%s) was finite, in [%s, %s]" % (ev.label(out), _g(lo), _g(hi))
+            if np.isfinite(zeros) and zeros > 0:
+                text += ", %.0f%% of it exactly 0" % (100 * zeros)
+            sites.append(out)
+    return Finding(score, text, sites, [ev.until])
+
+
+def rule_domain_error(ev):
+    if ev.producer is None:
+        return None
+    site = ev.sites[ev.producer]
+    if site["kind"] not in ("activation", "activation_grad"):
+        return None
+    if ev.first.get("posinf") and site.get("dtype") in _HALF:
+        return None    # reduced_precision_overflow
+    headroom = ev.finite_before("headroom")[:, ev.producer]
+    measured = headroom[np.isfinite(headroom)]
+    if len(measured) and measured[-1] <= DOMAIN_HEADROOM:
+        return None    # it was close to overflowing: growth, not a domain error
+    feeding = [i for i in range(ev.producer) if ev.sites[i]["kind"] in ("input", "activation")]
+    if site["kind"] == "activation" and feeding and not ev.at(ev.until, "max_abs", feeding[-1]) < DOMAIN_INPUT:
+        return None    # a huge input times the weights overflows (and inf - inf makes NaN): not a domain error
+    score = 0.8 if (ev.first.get("nan") or ev.first.get("neginf")) else 0.6
+    what = "%s went %s at step %d" % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until)
+    earlier = [i for i in range(ev.producer) if ev.sites[i]["kind"] in ("input", "activation", "loss")]
+    if site["kind"] == "activation":
+        prev = [i for i in earlier if ev.sites[i]["kind"] in ("input", "activation")]
+        text = what + " while everything before it was finite"
+        if prev:
+            lo, hi = ev.at(ev.until, "min", prev[-1]), ev.at(ev.until, "max", prev[-1])
+            if np.isfinite(lo) and np.isfinite(hi):
+                text += " (its input, %s, in [%s, %s])" % (ev.label(prev[-1]), _g(lo), _g(hi))
+    else:
+        text = what + " while the loss and every activation were finite: the backward pass of an op after it"
+        by = [b for b in ev.first.get("backward_of") or [] if b]
+        if by:
+            text += " (%s)" % ", ".join(by)
+        text += " has an undefined gradient there"
+    return Finding(score, text, [ev.producer], [ev.until])
+
+
+def _kernel_growth(ev, kind):
+    """The steadiest geometric growth of a kernel's norm before the first non-finite step."""
+    norms = ev.finite_before("norm")
+    best = None
+    for site in ev.indices(kind, kernels_only=True):
+        grown = _steady_growth(norms[:, site], ev.steps)
+        if grown and (best is None or grown[0] > best[0][0]):
+            best = (grown, site)
+    return best
+
+
+def rule_learning_rate_too_high(ev):
+    if ev.first is None:
+        return None
+    best = _kernel_growth(ev, "weight")
+    if best is None:
+        return None
+    (ratio, growing, rate, i, j), site = best
+    if not (ratio >= GROWTH_TOTAL and growing >= GROWTH_STEADY and rate >= GROWTH_RATE):
+        return None
+    norms = ev.col("norm")[:, site]
+    return Finding(0.75, "%s: L2 norm grew from %s at step %d to %s at step %d (x%.2f a step, growing in %.0f%% "
+                   "of the steps)" % (ev.label(site), _g(norms[i]), ev.steps[i], _g(norms[j]), ev.steps[j],
+                                     rate, 100 * growing), [site], [ev.steps[i], ev.steps[j]])
+
+
+def rule_exploding_gradients(ev):
+    if ev.first is None:
+        return None
+    grads = ev.indices("weight_grad", kernels_only=True)   # backward order: last layer first
+    norms = ev.finite_before("norm")
+    if len(grads) >= 3:
+        measured = np.nonzero(np.isfinite(norms[:, grads]).all(axis=1) & (norms[:, grads] > 0).all(axis=1))[0]
+        if len(measured):
+            i = measured[-1]
+            last, first = grads[0], grads[-1]
+            ratio = norms[i, first] / norms[i, last]
+            if ratio > GRADIENT_DEPTH_RATIO:
+                return Finding(0.7, "at step %d the gradient norm of %s is %s, %sx that of %s (%s): gradients "
+                               "multiply backward through %d layers" % (
+                                   ev.steps[i], ev.label(first), _g(norms[i, first]), _g(ratio), ev.label(last),
+                                   _g(norms[i, last]), len(grads)), [first, last], [ev.steps[i]])
+    best = _kernel_growth(ev, "weight_grad")
+    if best is None:
+        return None
+    (ratio, growing, rate, i, j), site = best
+    if not (ratio >= GRADIENT_GROWTH and growing >= GROWTH_STEADY):
+        return None
+    weights = _kernel_growth(ev, "weight")
+    weights_grew = weights is not None and weights[0][0] >= GROWTH_TOTAL
+    g = ev.col("norm")[:, site]
+    return Finding(0.5 if weights_grew else 0.65,
+                   "%s: norm grew from %s at step %d to %s at step %d (x%.2f a step)%s" % (
+                       ev.label(site), _g(g[i]), ev.steps[i], _g(g[j]), ev.steps[j], rate,
+                       "; the weights grew with it" if weights_grew else ", while the weights did not"),
+                   [site], [ev.steps[i], ev.steps[j]])
+
+
+def rule_optimizer_state_overflow(ev):
+    if ev.producer is None:
+        return None
+    site = ev.sites[ev.producer]
+    if site["kind"] != "optimizer_state" or not (ev.first.get("posinf") or ev.first.get("nan")):
+        return None
+    tensor = site.get("tensor", "").split("/")[-1]
+    grad = ev.data.site_index(site["layer"], "weight_grad", tensor)
+    text = "%s went %s at step %d" % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until)
+    sites = [ev.producer]
+    limits = dtype_limits(site.get("dtype", "float32")) or dtype_limits("float32")
+    if grad is not None:
+        g = ev.at(ev.until, "max_abs", grad)
+        if np.isfinite(g):
+            text += " while its gradient (%s) was finite, largest |g| %s" % (ev.label(grad), _g(g))
+            if g * g > limits[0]:
+                text += ": g^2 = %s passes %s's largest value %s" % (_g(g * g), site.get("dtype", "float32"),
+                                                                    _g(limits[0]))
+            sites.append(grad)
+    return Finding(0.7, text, sites, [ev.until])
+
+
+def rule_loss_scale_collapse(ev):
+    collapses = [e for e in ev.events if e.get("type") == "loss_scale_collapse"]
+    if not collapses:
+        return None
+    e = collapses[0]
+    scale = e.get("loss_scale")
+    return Finding(0.7, "the loss scale fell to %s at step %s (%d collapse event%s)" % (
+        "?" if scale is None else _g(scale), e.get("step", "?"), len(collapses), "" if len(collapses) == 1 else "s"),
+        [], [e["step"]] if isinstance(e.get("step"), int) else [])
+
+
+def rule_vanishing_gradients(ev):
+    zeros = ev.finite_before("zero_frac")
+    out, loss = ev.output_site(), ev.loss_site()
+    candidates = ev.indices("weight_grad", kernels_only=True) + [
+        i for i in ev.indices("activation") if i != out and (loss is None or i < loss)]
+    best = None
+    for site in candidates:
+        measured = np.isfinite(zeros[:, site]) & (ev.col("size")[:, site] > 0)
+        dead = measured & (zeros[:, site] >= 1.0)
+        n, total = int(dead.sum()), int(measured.sum())
+        if n >= VANISHED_ROWS and n >= VANISHED_FRACTION * total and (best is None or n / total > best[0]):
+            best = (n / total, site, n, total, np.nonzero(dead)[0][0])
+    if best is None:
+        return None
+    _, site, n, total, i = best
+    what = "gradient" if ev.sites[site]["kind"] == "weight_grad" else "output"
+    return Finding(0.5, "%s: every element exactly 0 in %d of %d logged rows, from step %d (the %s is gone)"
+                   % (ev.label(site), n, total, ev.steps[i], what), [site], [ev.steps[i]])
+
+
+RULES = {
+    "nonfinite_input": rule_nonfinite_input,
+    "unscaled_inputs": rule_unscaled_inputs,
+    "unscaled_targets": rule_unscaled_targets,
+    "large_initial_weights": rule_large_initial_weights,
+    "reduced_precision_underflow": rule_reduced_precision_underflow,
+    "reduced_precision_overflow": rule_reduced_precision_overflow,
+    "unstable_loss": rule_unstable_loss,
+    "domain_error": rule_domain_error,
+    "learning_rate_too_high": rule_learning_rate_too_high,
+    "exploding_gradients": rule_exploding_gradients,
+    "optimizer_state_overflow": rule_optimizer_state_overflow,
+    "loss_scale_collapse": rule_loss_scale_collapse,
+    "vanishing_gradients": rule_vanishing_gradients,
+}
+
+
+def diagnose(run_data):
+    """[{cause, title, evidence, remedy, sites, steps, score}], most likely first; [] for a
+    finite run with no warning sign.  `report --json`'s "diagnosis" and the tab's banner."""
+    ev = Evidence(run_data)
+    found = []
+    for order, cause in enumerate(causes.CAUSES):
+        if cause.blowup and ev.first is None:
+            continue
+        finding = RULES[cause.id](ev)
+        if finding is None:
+            continue
+        found.append((-finding.score, order, dict(
+            cause=cause.id, title=cause.title, evidence=finding.evidence, remedy=cause.remedy,
+            sites=[_site_json(ev.sites[s]) for s in finding.sites], steps=finding.steps,
+            score=round(finding.score, 2))))
+    return [f for _, _, f in sorted(found, key=lambda x: x[:2])]

@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from tb_nanwatch import diagnosis, heatmap, reader, stats
+from tb_nanwatch import diagnosis, early_warning, heatmap, reader, stats
 
 LOSS_SCALE_SKIP = "loss_scale_skip"
 # Every-step statistics shown in the trend table, in this order; the sampled
@@ -71,9 +71,12 @@ class RunReport:
         self.producer = self._producer_index()
         self.steps_watched, self.last_step = _steps_watched(data)
         self.skips = [e for e in data.events if isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP]
-        self.other_events = [e for e in data.events if not (isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP)]
+        self.other_events = [e for e in data.events if not (isinstance(e, dict) and e.get("type") in (
+            LOSS_SCALE_SKIP, "early_warning"))]
         self.propagators = self._propagators()
         self.precursors = diagnosis.precursors(data)
+        self.diagnosis = diagnosis.diagnose(data)
+        self.early_warning = early_warning.from_run(data)
 
     # -- analysis ---------------------------------------------------------------
     def _producer_index(self):
@@ -169,6 +172,8 @@ class RunReport:
             "loss_scale_skips": jsonable(self.skips),
             "events": jsonable(self.other_events),
             "precursors": jsonable(self.precursors),
+            "diagnosis": jsonable(self.diagnosis),
+            "early_warning": jsonable(early_warning.as_json(self.early_warning)),
         }
         if self.group is not None:
             out["group"] = self.group
@@ -198,7 +203,8 @@ class RunReport:
                 line += "; %s" % _skips_words(self.skips)
             # Other events (e.g. a collapsed loss scale) can matter without any NaN.
             return ([line] + ["  " + _event_words(e) for e in self.other_events[:5]]
-                    + ["  warning sign at step %d: %s" % (p["step"], clean(p["text"])) for p in self.precursors])
+                    + ["  warning sign at step %d: %s" % (p["step"], clean(p["text"])) for p in self.precursors]
+                    + self.why_lines("  why to worry (finite so far, most likely first):"))
         f = self.first
         lines.append("run %s: first non-finite value at step %d" % (name, f["step"]))
         lines.append("  producer:   %s  (%s)" % (site_words(f), stats.KIND_MEANINGS.get(f["kind"], f["kind"])))
@@ -238,6 +244,7 @@ class RunReport:
             lines.append("  warning signs up to that step (finite, but often the cause):")
             for p in self.precursors:
                 lines.append("    step %d: %s" % (p["step"], clean(p["text"])))
+        lines += self.why_lines("  why (most likely first):")
         if self.skips:
             lines.append("  " + _skips_words(self.skips))
         for e in self.other_events[:5]:
@@ -246,6 +253,28 @@ class RunReport:
             lines.append("  ... and %d more events (--json has all)" % (len(self.other_events) - 5))
         lines.append("  watched: %s" % _steps(self.steps_watched, self.last_step))
         return lines
+
+
+    def why_lines(self, lead):
+        """The "Why" section: the ranked causes with evidence and remedy, and the early warning."""
+        lines = []
+        if self.diagnosis:
+            lines.append(lead)
+            for i, d in enumerate(self.diagnosis, 1):
+                lines.append("    %d. %s: %s" % (i, d["cause"], d["title"]))
+                lines.append("       evidence: %s" % clean(d["evidence"]))
+                lines.append("       remedy:   %s" % clean(d["remedy"]))
+        if self.early_warning is not None:
+            lines.append("  " + early_warning_words(self.early_warning))
+        return lines
+
+
+def early_warning_words(w):
+    """`early warning at step 120: dense, weight kernel on course to pass float32's largest value by step 171 ...`."""
+    text = "early warning at step %d: %s on course to pass %s's largest value by step %d (norm %s, x%.3g a step" % (
+        w["step"], site_words(w), w.get("dtype") or "its dtype", w["predicted_step"], fmt(w.get("norm")),
+        w.get("growth_per_step", float("nan")))
+    return text + ("; written by the writer)" if w.get("source") == "event" else "; from the logged norms)")
 
 
 def _steps(n, last):

@@ -126,7 +126,8 @@ def test_exit_status_zero_when_every_run_is_finite(finite_logdir):
     rc, out, err = cli(finite_logdir, "--json")
     assert (rc, err) == (0, "")
     assert json.loads(out) == {"runs": [{"run": "good", "first_nonfinite": None, "steps_watched": 200,
-                                         "last_step": 199, "loss_scale_skips": [], "events": [], "precursors": []}]}
+                                         "last_step": 199, "loss_scale_skips": [], "events": [], "precursors": [],
+                                         "diagnosis": [], "early_warning": None}]}
     rc, out, _ = cli(finite_logdir)
     assert rc == 0
     assert "run good: finite: no NaN or Inf in the 200 steps" in out

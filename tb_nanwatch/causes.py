@@ -1,0 +1,175 @@
+"""The one table of causes: why a run went NaN/Inf, how the logs show it, what to change.
+
+`diagnosis.diagnose` evaluates one rule per cause (`diagnosis.RULES`, keyed by the
+cause ID) on the logged evidence only, so the same diagnosis comes out of the CLI
+(without TensorFlow), the tab and `report --json`.  docs/causes.md is generated from
+this table (tests/test_diagnosis.py checks it is current).
+
+The IDs are a contract (`report --json`'s `"diagnosis": [{"cause": ID, ...}]`).
+`blowup` causes explain a first non-finite value and are only named for a run that
+has one; the others are warnings and are named for finite runs too.
+"""
+
+import collections
+
+Cause = collections.namedtuple("Cause", ["id", "title", "rule", "remedy", "blowup"])
+
+CAUSES = (
+    Cause(
+        "nonfinite_input",
+        "The data itself holds NaN or Inf",
+        "The producer (the first non-finite site of the step, in execution order) is the model's input: "
+        "the batch was non-finite before any layer ran.",
+        "Find and clean the bad rows before training: `np.isfinite(x).all(axis=1)` marks them; drop or "
+        "impute them (e.g. `x = np.nan_to_num(x, nan=np.nanmean(x, axis=0))`), or check the pipeline with "
+        "`dataset.map(lambda x, y: (tf.debugging.assert_all_finite(x, 'bad input'), y))`.",
+        True),
+    Cause(
+        "unscaled_inputs",
+        "Inputs far outside the unit range",
+        "An input site's largest |x| before the first non-finite step is above 50 (standardised data stays "
+        "within about +-5). Ranked by how far: 1e2 is a contributing condition, 1e6 and up the root cause.",
+        "Standardise the inputs: `norm = keras.layers.Normalization(); norm.adapt(x_train)` as the model's "
+        "first layer, or `x = (x - x.mean(0)) / x.std(0)` with the training set's mean and std.",
+        True),
+    Cause(
+        "unscaled_targets",
+        "Targets so large that the loss is huge from the start",
+        "The loss at the first logged step is above 1e6 (or the loss itself is the producer, +Inf, at the "
+        "first step) while the model's output is small: |output| below a tenth of sqrt(loss), so the "
+        "targets, not the predictions, make the loss huge.",
+        "Scale the targets, and undo it on the predictions: `y_mean, y_std = y.mean(), y.std(); "
+        "model.fit(x, (y - y_mean) / y_std)`, then `model.predict(x) * y_std + y_mean`; or log-transform "
+        "positive targets (`np.log1p(y)`).",
+        True),
+    Cause(
+        "large_initial_weights",
+        "Initial weights far above the Glorot/He scale",
+        "A kernel's RMS at the first logged step is more than 5x the He scale sqrt(2 / fan_in) "
+        "(fan_in: the product of all but the kernel's last dimension), and its layer's output at that "
+        "step, computed before the first update, is at least a quarter of that ratio times the RMS of "
+        "the layer's input (weights are logged after the update; a wild first update is not an "
+        "initialisation).",
+        "Use the default initialiser, or one that scales with the fan-in: "
+        "`keras.layers.Dense(n, kernel_initializer=\"he_normal\")` for ReLU layers, \"glorot_uniform\" "
+        "(Keras' default) otherwise.",
+        True),
+    Cause(
+        "reduced_precision_underflow",
+        "Half precision underflows to zero",
+        "A float16/bfloat16 optimizer slot or weight gradient has 90% or more of its elements below the "
+        "dtype's smallest normal value (zeros included) before the first non-finite step (or anywhere in "
+        "a finite run): e.g. Adam's velocity g^2 flushed to 0 makes m / (sqrt(v) + eps) explode.",
+        "Keep variables and optimizer slots in float32: `keras.mixed_precision.set_global_policy("
+        "\"mixed_float16\")` instead of `set_dtype_policy(\"float16\")`; Keras then also scales the loss "
+        "so that small gradients survive.",
+        False),
+    Cause(
+        "reduced_precision_overflow",
+        "A float16/bfloat16 value passes its dtype's largest value",
+        "The producer is a float16/bfloat16 site that went +-Inf (float16's largest finite value is 65504).",
+        "Compute in float16 but keep the variables in float32 (`keras.mixed_precision.set_global_policy("
+        "\"mixed_float16\")`), keep the last layer in float32 (`Dense(..., dtype=\"float32\")`), and scale "
+        "inputs and initial weights so activations stay far below 65504.",
+        True),
+    Cause(
+        "unstable_loss",
+        "The loss itself is not defined for the predictions",
+        "The producer is the loss (with NaN or -Inf, or +Inf without a huge loss before it) while every "
+        "site before it, the model's output included, was finite: e.g. log(0) of a saturated sigmoid.",
+        "Use Keras' own loss, which is computed stably from the logits "
+        "(`loss=\"binary_crossentropy\"`, or `keras.losses.BinaryCrossentropy(from_logits=True)` on a "
+        "linear output), or keep a hand-written loss away from its singularities: "
+        "`tf.math.log(tf.clip_by_value(p, 1e-7, 1 - 1e-7))`, `tf.math.log(d + 1e-3)`.",
+        True),
+    Cause(
+        "domain_error",
+        "An op inside a layer (or its gradient) is outside its domain",
+        "The producer is a layer's output, or the gradient w.r.t. a layer's output, that went NaN, -Inf "
+        "or +Inf while everything before it in the step was finite, far from overflow: its headroom at "
+        "the step before was more than 8 doublings and (for an output) its input's largest |x| below 1e6. "
+        "Typical: log or division by 0, sqrt or pow of a negative number, the gradient of sqrt or "
+        "tf.norm at 0. NaN and -Inf rank above a lone +Inf.",
+        "Keep the op inside its domain where the layer computes it: `tf.math.log(x + eps)`, "
+        "`tf.math.divide_no_nan(a, b)`, `tf.sqrt(tf.maximum(x, 0.0) + 1e-12)` instead of `tf.norm` for "
+        "distances that can be 0, `tf.math.abs(x) ** p` for a fractional power.",
+        True),
+    Cause(
+        "learning_rate_too_high",
+        "The learning rate is too high: the weights grow geometrically",
+        "A kernel's L2 norm grows steadily step over step before the first non-finite step: at least 10x "
+        "overall, in at least 70% of the steps, at 5% or more per step.",
+        "Lower the learning rate (`keras.optimizers.SGD(learning_rate=lr / 10)`), or make it adapt: "
+        "`keras.optimizers.Adam(1e-3)`, a warm-up schedule, or `clipnorm=1.0` to bound each update.",
+        True),
+    Cause(
+        "exploding_gradients",
+        "Gradients grow layer over layer backward, or step over step",
+        "At the last finite step, the gradient norm of the first layer's kernel is more than 1000x that of "
+        "the last layer's (gradients multiply backward through the layers), or a weight gradient's norm "
+        "grows 100x or more over the steps before the first non-finite step while the weights did not.",
+        "Clip the gradients (`keras.optimizers.Adam(clipnorm=1.0)`, or `global_clipnorm=1.0`), and make "
+        "depth trainable: He/Glorot initialisation, `keras.layers.BatchNormalization()` or "
+        "`LayerNormalization()` between layers, residual connections, LSTM/GRU instead of SimpleRNN.",
+        True),
+    Cause(
+        "optimizer_state_overflow",
+        "An optimizer slot passes the dtype's largest value",
+        "The producer is an optimizer slot (e.g. Adam's velocity, the running mean of g^2) that went "
+        "+Inf or NaN while the weight gradient it is built from was finite: g^2 overflows when "
+        "|g| > sqrt(largest value) (1.8e19 in float32).",
+        "Bound the gradients before they reach the slots: `keras.optimizers.Adam(clipnorm=1.0)`; and "
+        "remove what makes them huge (unscaled inputs or targets, a loss summed instead of averaged).",
+        True),
+    Cause(
+        "loss_scale_collapse",
+        "The mixed-precision loss scale collapsed",
+        "A `loss_scale_collapse` event: the LossScaleOptimizer lowered the scale below 1 because the "
+        "scaled gradients kept overflowing; updates are skipped and training has probably stalled.",
+        "Find the site that overflows in float16 (the heatmap's float16 gradients at the skipped steps), "
+        "keep the loss and the last layer in float32 (`Dense(..., dtype=\"float32\")`), scale the inputs, "
+        "or clip: `keras.optimizers.Adam(clipnorm=1.0)` under `mixed_float16`.",
+        False),
+    Cause(
+        "vanishing_gradients",
+        "Gradients or activations stuck at exactly zero",
+        "A kernel's weight gradient is exactly 0 in every element, or a hidden layer's output is all "
+        "zeros (dead ReLU), in at least half of the logged rows and at least 3 of them: that part of the "
+        "model no longer trains.",
+        "Keep the gradient alive: He initialisation (`kernel_initializer=\"he_normal\"`), "
+        "`activation=\"leaky_relu\"` or `\"gelu\"` instead of ReLU, a lower learning rate, "
+        "`BatchNormalization()`; under half precision use `mixed_float16`, not `float16`.",
+        False),
+)
+
+CAUSE_IDS = tuple(c.id for c in CAUSES)
+CAUSES_BY_ID = {c.id: c for c in CAUSES}
+
+
+def as_markdown():
+    """docs/causes.md: every cause with its evidence rule and remedy."""
+    lines = [
+        "# The causes tb_nanwatch names",
+        "",
+        "<!-- generated from tb_nanwatch/causes.py by `python -m tb_nanwatch.causes > docs/causes.md`;",
+        "     tests/test_diagnosis.py fails when this page and the table disagree -->",
+        "",
+        "`tb-nanwatch report` (text and `--json`) and the NanWatch tab's banner name the causes below,",
+        "most likely first, each with the evidence quoted from the logs. Every rule reads the logged",
+        "evidence only (sites with their dtype and shape, rows, flight-recorder rows, the first non-finite",
+        "record, events), so it works without TensorFlow on the logs of any run. *Blow-up* causes are",
+        "named only for a run that went non-finite; *warnings* also for a finite run.",
+        "",
+        "| ID | cause | named for |",
+        "|---|---|---|",
+    ]
+    for c in CAUSES:
+        lines.append("| [`%s`](#%s) | %s | %s |" % (c.id, c.id, c.title, "a blow-up" if c.blowup else "any run (warning)"))
+    for c in CAUSES:
+        lines += ["", "## %s" % c.id, "", "**%s.**" % c.title, "", "*Evidence.* %s" % c.rule, "",
+                  "*Remedy.* %s" % c.remedy]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(as_markdown(), end="")
