@@ -62,6 +62,7 @@ export const api = {
   groups: () => getJSON("groups"),
   firstNonfinite: (run, group) => getJSON("first_nonfinite", {run, group}),
   precursors: (run, group) => getJSON("precursors", {run, group}),
+  diagnosis: (run, group) => getJSON("diagnosis", {run, group}),
   heatmap: async (params) => decodeHeatmap(await getJSON("heatmap", params)),
   cell: (params) => getJSON("cell", params),
 };

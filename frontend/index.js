@@ -8,6 +8,7 @@ import {drawHeatmap, drawOverlay, drawLegend, makeScale, setStatusColours, forma
 import {setTable, kindWords, countStats} from "./table.js";
 import {visibleRows, hasChildren, initialOpen, rowKey, shownRowFor} from "./tree.js";
 import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
+import {renderDiagnosis} from "./diagnosis.js";
 
 const POLL_MS = 30000;
 
@@ -538,6 +539,7 @@ class App {
           "Inf/NaN gradients are the scaled gradients that overflowed, not the blow-up."));
       }
     }
+    renderDiagnosis(b, {run: sel.run, group: sel.group, version: JSON.stringify(heat.step_range || null), finite: !first});
     if (collapse && collapse.last) b.appendChild(el("div", "nw-event", collapseWords(collapse.last)));
     for (const e of heat.event_counts || []) {
       if (e.type === "loss_scale_skip" || e.type === "loss_scale_collapse") continue;

@@ -24,7 +24,7 @@ from tensorboard.backend import http_util, json_util
 from tensorboard.data import provider as tb_provider
 from tensorboard.plugins import base_plugin
 
-from tb_nanwatch import diagnosis, heatmap, metadata, reader, stats
+from tb_nanwatch import diagnosis, early_warning, heatmap, metadata, reader, report, stats
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ STATIC_FILES = {
     "controls.js": "text/javascript",
     "tree.js": "text/javascript",
     "table.js": "text/javascript",
+    "diagnosis.js": "text/javascript",
     "style.css": "text/css",
 }
 
@@ -128,6 +129,7 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             "/groups": self._serve_groups,
             "/first_nonfinite": self._serve_first_nonfinite,
             "/precursors": self._serve_precursors,
+            "/diagnosis": self._serve_diagnosis,
             "/heatmap": self._serve_heatmap,
             "/cell": self._serve_cell,
         }
@@ -272,6 +274,13 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         def route(request):
             run, group = self._run_and_group(request)
             return _precursors(self._run_data(request, run, group))
+        return self._handle(request, route)
+
+    @wrappers.Request.application
+    def _serve_diagnosis(self, request):
+        def route(request):
+            run, group = self._run_and_group(request)
+            return _diagnosis(self._run_data(request, run, group))
         return self._handle(request, route)
 
     @wrappers.Request.application
@@ -514,4 +523,14 @@ def _precursors(data):
     found = getattr(data, "precursors_json", None)
     if found is None:
         found = data.precursors_json = diagnosis.precursors(data)
+    return found
+
+
+def _diagnosis(data):
+    """`/diagnosis`: the causes and the early warning of the run, computed once per version of its data."""
+    found = getattr(data, "diagnosis_json", None)
+    if found is None:
+        found = data.diagnosis_json = report.jsonable({
+            "diagnosis": diagnosis.diagnose(data),
+            "early_warning": early_warning.as_json(early_warning.from_run(data))})
     return found
