@@ -9,7 +9,8 @@
 The summary line of each run is read back from its event files through
 `tb_nanwatch.reader` (what TensorBoard and `tb-nanwatch report` see), not from
 the training process.  Exit status 0; 1 when a run's logs disagree with what
-its training process recorded; 2 when a run failed to train (the others still
+its training process recorded, or a run's diagnosis is not the one
+scenarios.CAUSE_DEMOS / NO_CAUSE expect; 2 when a run failed to train (the others still
 run) or on a usage error.
 """
 
@@ -37,16 +38,31 @@ def has_logs(run_dir):
 
 def summarise(run_dir):
     """What the logs say about one run: steps logged, first non-finite (or None)."""
-    from tb_nanwatch import reader
+    from tb_nanwatch import diagnosis, early_warning, reader
     provider, ctx, eid = reader.open_logdir(run_dir)
     runs = reader.list_runs(provider, ctx, eid)
     if not runs:
-        return {"rows": 0, "last_step": None, "first_nonfinite": None}
+        return {"rows": 0, "last_step": None, "first_nonfinite": None, "causes": [], "early_warning_step": None}
     run = sorted(runs)[0]
     data = reader.read_run(provider, ctx, eid, run, runs[run][0])
+    warning = early_warning.from_run(data)
     return {"rows": int(len(data.steps)),
             "last_step": int(data.steps[-1]) if len(data.steps) else None,
-            "first_nonfinite": reader.first_nonfinite_json(data)}
+            "first_nonfinite": reader.first_nonfinite_json(data),
+            "causes": [d["cause"] for d in diagnosis.diagnose(data)],
+            "early_warning_step": None if warning is None else warning["step"]}
+
+
+def diagnosis_disagrees(name, logged):
+    """Why a run's diagnosis is not what scenarios.CAUSE_DEMOS / NO_CAUSE say (None if it is)."""
+    for cause, (broken, fixed) in scenarios.CAUSE_DEMOS.items():
+        if name == broken and logged["causes"][:1] != [cause]:
+            return "diagnosis %s, expected %s first" % (logged["causes"], cause)
+        if name == fixed and (logged["causes"] or logged["first_nonfinite"] is not None):
+            return "the fixed run of %s: %s" % (cause, logged["causes"] or "non-finite")
+    if name in scenarios.NO_CAUSE and logged["causes"]:
+        return "no cause expected, got %s" % logged["causes"]
+    return None
 
 
 def site_of(first):
@@ -67,20 +83,27 @@ def line(name, facts, logged, reused):
         what = "NON-FINITE   first at step %d: %s (%s)" % (first["step"], site_of(first), counts_of(first))
         loss_step = facts.get("keras_loss_nonfinite_step")
         what += "; loss non-finite %s" % ("from step %d" % loss_step if loss_step is not None else "never")
+    if logged.get("causes"):
+        what += "; why: %s" % ", ".join(logged["causes"])
+    if logged.get("early_warning_step") is not None:
+        what += "; early warning at step %d" % logged["early_warning_step"]
     return "%-28s %s  [%s %.1f s]" % (name, what, "reused, trained in" if reused else "trained in",
                                        facts.get("train_seconds", float("nan")))
 
 
 def markdown(results, total):
-    out = ["| run | kind | first non-finite value (step: site) | loss non-finite | steps | train time |",
-           "|---|---|---|---|---|---|"]
+    out = ["| run | kind | first non-finite value (step: site) | loss non-finite | steps | train time | why (diagnosis) |",
+           "|---|---|---|---|---|---|---|"]
     for r in results:
         first = r["first_nonfinite"]
         where = "none" if first is None else "step %d: %s (%s)" % (first["step"], site_of(first), counts_of(first))
         loss = r["keras_loss_nonfinite_step"]
-        out.append("| `%s` | %s | %s | %s | %s | %.1f s |" % (
+        why = ", ".join("`%s`" % c for c in r.get("causes") or []) or "-"
+        if r.get("early_warning_step") is not None:
+            why += "; early warning at step %d" % r["early_warning_step"]
+        out.append("| `%s` | %s | %s | %s | %s | %.1f s | %s |" % (
             r["name"], r["kind"], where, "never" if loss is None else "from step %d" % loss, r["steps"],
-            r["train_seconds"] or float("nan")))
+            r["train_seconds"] or float("nan"), why))
     out.append("")
     out.append("%d runs, %.0f s of training." % (len(results), sum(r["train_seconds"] or 0 for r in results)))
     return "\n".join(out)
@@ -135,16 +158,19 @@ def main(argv=None):
                 continue
         logged = summarise(run_dir)
         ok = agrees(facts, logged)
-        if not ok:
+        wrong_cause = diagnosis_disagrees(name, logged)
+        if not ok or wrong_cause:
             status = 1
         results.append(dict(name=name, kind=scenarios.REGISTRY[name].kind, reused=reused,
                             train_seconds=facts.get("train_seconds"), steps=facts.get("steps"),
                             keras_loss_nonfinite_step=facts.get("keras_loss_nonfinite_step"),
                             final_loss=facts.get("final_loss"), rows=logged["rows"],
-                            first_nonfinite=logged["first_nonfinite"], logs_agree=ok))
+                            first_nonfinite=logged["first_nonfinite"], logs_agree=ok,
+                            causes=logged["causes"], early_warning_step=logged["early_warning_step"],
+                            diagnosis_problem=wrong_cause))
         if not (args.json or args.markdown):
-            print(line(name, facts, logged, reused) + ("" if ok else "   !! logs disagree with training"),
-                  flush=True)
+            print(line(name, facts, logged, reused) + ("" if ok else "   !! logs disagree with training")
+                  + ("" if not wrong_cause else "   !! %s" % wrong_cause), flush=True)
     total = time.perf_counter() - t0
     if args.json:
         json.dump({"logdir": args.logdir, "total_seconds": round(total, 1), "runs": results}, sys.stdout,

@@ -507,6 +507,211 @@ def custom_pair_distance_fixed(logdir, facts):
     return _custom_loop(logdir, facts, eps=1e-12)
 
 
+# --------------------------------------------------------------------------- one run per cause
+# Each cause of tb_nanwatch/causes.py that no article run shows first gets a small run that
+# does, and a fixed run with the cause's remedy applied (tests/test_diagnosis_demo.py checks
+# that the diagnosis names the cause first and the fixed run stays finite).
+def _regression_data(n=1024, features=8, target_scale=1.0):
+    x = np.random.normal(size=(n, features)).astype(np.float32)
+    w = np.random.normal(size=(features, 1)).astype(np.float32)
+    y = (x @ w + 0.1 * np.random.normal(size=(n, 1))).astype(np.float32) * target_scale
+    return x, y
+
+
+def _linear_model(features=8):
+    keras = _keras()
+    return keras.Sequential([keras.Input((features,)), keras.layers.Dense(1)])
+
+
+LR_LIMIT_SGD = 0.9   # just above the stable limit of SGD on this regression at batch 32
+
+
+@scenario("lr_gradual", "variant", "Linear regression, SGD learning rate just above the stable limit",
+          "Not from the articles: the weights oscillate with a growing amplitude for a few hundred steps; "
+          "nothing is non-finite until the very end. The early warning comes long before.",
+          shrunk="1,024 samples, up to 40 epochs (1,280 steps), stops 8 steps after the first non-finite value")
+def lr_gradual(logdir, facts):
+    keras = _keras()
+    x, y = _regression_data()
+    model = _linear_model()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=LR_LIMIT_SGD), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=40)
+
+
+@scenario("lr_gradual_fixed", "fixed", "The same regression with SGD(learning_rate=0.1)",
+          "The remedy for learning_rate_too_high: a learning rate below the stable limit.", fixes="lr_gradual",
+          shrunk="1,024 samples, 4 epochs (128 steps)")
+def lr_gradual_fixed(logdir, facts):
+    keras = _keras()
+    x, y = _regression_data()
+    model = _linear_model()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=4)
+
+
+def _with_missing_value(x):
+    x = x.copy()
+    x[700, 3] = np.nan     # one missing measurement, as a CSV with an empty cell gives
+    return x
+
+
+@scenario("nan_in_data", "variant", "A regression whose data holds one NaN (an empty CSV cell)",
+          "Not from the articles: nothing in the model is wrong; the batch that holds row 700 is NaN.")
+def nan_in_data(logdir, facts):
+    x, y = _regression_data()
+    model = _linear_model()
+    model.compile(optimizer="adam", loss="mse")
+    return _fit(model, _with_missing_value(x), y, logdir, facts, epochs=1)
+
+
+@scenario("nan_in_data_fixed", "fixed", "The same data with the missing value imputed (column mean)",
+          "The remedy for nonfinite_input.", fixes="nan_in_data")
+def nan_in_data_fixed(logdir, facts):
+    x, y = _regression_data()
+    x = _with_missing_value(x)
+    x = np.where(np.isnan(x), np.nanmean(x, axis=0), x).astype(np.float32)
+    model = _linear_model()
+    model.compile(optimizer="adam", loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+def _small_mlp(features=8, **dense_kwargs):
+    keras = _keras()
+    return keras.Sequential([keras.Input((features,)), keras.layers.Dense(16, activation="relu", **dense_kwargs),
+                             keras.layers.Dense(1)])
+
+
+@scenario("targets_in_dollars", "variant", "An MLP regression on targets in the 1e5 range (prices), SGD",
+          "Not from the articles: standardised inputs, but the targets are not; the huge residuals make "
+          "SGD's first updates huge.")
+def targets_in_dollars(logdir, facts):
+    keras = _keras()
+    x, y = _regression_data(target_scale=1e5)
+    model = _small_mlp()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+@scenario("targets_in_dollars_fixed", "fixed", "The same regression with the targets standardised",
+          "The remedy for unscaled_targets.", fixes="targets_in_dollars")
+def targets_in_dollars_fixed(logdir, facts):
+    keras = _keras()
+    x, y = _regression_data(target_scale=1e5)
+    y = (y - y.mean()) / y.std()
+    model = _small_mlp()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+def _deep_relu(init, depth=6, width=64):
+    keras = _keras()
+    layers = [keras.Input((20,))]
+    layers += [keras.layers.Dense(width, activation="relu", kernel_initializer=init) for _ in range(depth)]
+    layers += [keras.layers.Dense(1)]
+    return keras.Sequential(layers)
+
+
+@scenario("large_init_deep", "variant", "B's U(10, 20) kernels in a 6-layer ReLU regression, SGD",
+          "B's initialiser where it really bites: depth multiplies the scale layer after layer.")
+def large_init_deep(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20).astype(np.float32)
+    y = np.random.rand(1000, 1).astype(np.float32)
+    model = _deep_relu(keras.initializers.RandomUniform(minval=10, maxval=20))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario("large_init_deep_fixed", "fixed", "The same network with he_uniform kernels",
+          "The remedy for large_initial_weights.", fixes="large_init_deep")
+def large_init_deep_fixed(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20).astype(np.float32)
+    y = np.random.rand(1000, 1).astype(np.float32)
+    model = _deep_relu("he_uniform")
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+def _deep_linear(depth=12, width=32, gain=3.0):
+    keras = _keras()
+    init = keras.initializers.RandomNormal(stddev=gain / np.sqrt(width))
+    layers = [keras.Input((width,))]
+    layers += [keras.layers.Dense(width, kernel_initializer=init) for _ in range(depth)]
+    layers += [keras.layers.Dense(1)]
+    return keras.Sequential(layers)
+
+
+@scenario("deep_linear_gain3", "variant", "12 linear layers, each multiplying by about 3 (2x the He scale)",
+          "Not from the articles: no single layer looks wrong, but gradients multiply backward "
+          "through twelve of them.")
+def deep_linear_gain3(logdir, facts):
+    keras = _keras()
+    x = np.random.normal(size=(1024, 32)).astype(np.float32)
+    y = np.random.normal(size=(1024, 1)).astype(np.float32)
+    model = _deep_linear()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+@scenario("deep_linear_gain3_clipnorm", "fixed", "The same network with SGD(clipnorm=1.0)",
+          "The remedy for exploding_gradients: clipped gradients.", fixes="deep_linear_gain3")
+def deep_linear_gain3_clipnorm(logdir, facts):
+    keras = _keras()
+    x = np.random.normal(size=(1024, 32)).astype(np.float32)
+    y = np.random.normal(size=(1024, 1)).astype(np.float32)
+    model = _deep_linear()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.01, clipnorm=1.0), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+@scenario("dead_relu", "variant", "A ReLU layer whose bias starts at -10: every unit dead from step 0",
+          "Not from the articles, and finite: the first layer's output and gradients are exactly 0, so "
+          "it never trains.")
+def dead_relu(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20).astype(np.float32)
+    y = np.random.randint(0, 2, size=(1000, 1))
+    model = keras.Sequential([keras.Input((20,)),
+                              keras.layers.Dense(16, activation="relu", bias_initializer=keras.initializers.Constant(-10.0)),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+@scenario("dead_relu_fixed", "fixed", "The same model with a zero bias and leaky_relu",
+          "The remedy for vanishing_gradients.", fixes="dead_relu")
+def dead_relu_fixed(logdir, facts):
+    keras = _keras()
+    x = np.random.rand(1000, 20).astype(np.float32)
+    y = np.random.randint(0, 2, size=(1000, 1))
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(16, activation="leaky_relu"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    return _fit(model, x, y, logdir, facts, epochs=2)
+
+
+# The demo run of each cause (tb_nanwatch/causes.py) whose diagnosis names it first, and the
+# run with its remedy applied, which stays finite.  tests/test_diagnosis_demo.py trains and checks them.
+CAUSE_DEMOS = collections.OrderedDict([
+    ("nonfinite_input", ("nan_in_data", "nan_in_data_fixed")),
+    ("unscaled_inputs", ("f_huge_data", "f_standardised")),
+    ("unscaled_targets", ("targets_in_dollars", "targets_in_dollars_fixed")),
+    ("large_initial_weights", ("large_init_deep", "large_init_deep_fixed")),
+    ("reduced_precision_underflow", ("d_float16", "d_mixed_float16")),
+    ("reduced_precision_overflow", ("b_float16_x1000", "b_float16_fixed")),
+    ("unstable_loss", ("e_loss_relu", "e_loss_relu_fixed")),
+    ("domain_error", ("custom_pair_distance", "custom_pair_distance_fixed")),
+    ("learning_rate_too_high", ("lr_gradual", "lr_gradual_fixed")),
+    ("exploding_gradients", ("deep_linear_gain3", "deep_linear_gain3_clipnorm")),
+    ("vanishing_gradients", ("dead_relu", "dead_relu_fixed")),
+])
+# Runs that must get no cause at all: healthy, mixed precision with loss-scale skips only, and the
+# articles' scenarios that stay finite.
+NO_CAUSE = ("a_unscaled_inputs", "b_large_init", "c_deep", "d_mlp", "b_float16_fixed", "d_mixed_float16",
+            "f_standardised", "e_loss_relu_fixed")
+
+
 # --------------------------------------------------------------------------- running
 def train(name, logdir):
     """Trains scenario `name` into `logdir` (emptied first); returns its facts."""

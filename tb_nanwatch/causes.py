@@ -45,11 +45,11 @@ CAUSES = (
     Cause(
         "large_initial_weights",
         "Initial weights far above the Glorot/He scale",
-        "A kernel's RMS at the first logged step is more than 5x the He scale sqrt(2 / fan_in) "
-        "(fan_in: the product of all but the kernel's last dimension), and its layer's output at that "
-        "step, computed before the first update, is at least a quarter of that ratio times the RMS of "
-        "the layer's input (weights are logged after the update; a wild first update is not an "
-        "initialisation).",
+        "A layer with a kernel whose output at the first logged step, computed before the first update, "
+        "has more than 8x the RMS of its input (He/Glorot weights keep it near 1). Without that evidence: "
+        "a kernel's RMS at the first step more than 5x the He scale sqrt(2 / fan_in) (fan_in: the product "
+        "of all but the kernel's last dimension), unless the layer's gain says the first update, not the "
+        "initialisation, made it large (weights are logged after the update).",
         "Use the default initialiser, or one that scales with the fan-in: "
         "`keras.layers.Dense(n, kernel_initializer=\"he_normal\")` for ReLU layers, \"glorot_uniform\" "
         "(Keras' default) otherwise.",
@@ -98,16 +98,19 @@ CAUSES = (
         "learning_rate_too_high",
         "The learning rate is too high: the weights grow geometrically",
         "A kernel's L2 norm grows steadily step over step before the first non-finite step: at least 10x "
-        "overall, in at least 70% of the steps, at 5% or more per step.",
+        "overall, at 5% or more per step, steadily: log norm against step is a line (R^2 at least 0.7: "
+        "an unstable SGD oscillates while its amplitude grows) or the norm grows in at least 70% of the "
+        "steps (a divergence that accelerates).",
         "Lower the learning rate (`keras.optimizers.SGD(learning_rate=lr / 10)`), or make it adapt: "
         "`keras.optimizers.Adam(1e-3)`, a warm-up schedule, or `clipnorm=1.0` to bound each update.",
         True),
     Cause(
         "exploding_gradients",
         "Gradients grow layer over layer backward, or step over step",
-        "At the last finite step, the gradient norm of the first layer's kernel is more than 1000x that of "
-        "the last layer's (gradients multiply backward through the layers), or a weight gradient's norm "
-        "grows 100x or more over the steps before the first non-finite step while the weights did not.",
+        "At the last finite step, with 3 or more layers, the norm of the gradient w.r.t. the first layer's "
+        "output is more than 1000x that w.r.t. the last layer's (gradients multiply backward through the "
+        "layers), or a weight gradient's norm grows steadily 100x or more over the steps before the first "
+        "non-finite step (ranked lower when the weights grew with it).",
         "Clip the gradients (`keras.optimizers.Adam(clipnorm=1.0)`, or `global_clipnorm=1.0`), and make "
         "depth trainable: He/Glorot initialisation, `keras.layers.BatchNormalization()` or "
         "`LayerNormalization()` between layers, residual connections, LSTM/GRU instead of SimpleRNN.",

@@ -79,10 +79,11 @@ INPUT_SCALE = 50.0          # standardised data stays within about +-5
 HUGE_LOSS = 1e6
 OUTPUT_VS_LOSS = 0.1        # |output| below a tenth of sqrt(loss): the targets make the loss
 INIT_RATIO = 5.0            # kernel RMS over the He scale sqrt(2 / fan_in)
+INIT_GAIN = 8.0             # a layer's output RMS over its input's, before the first update
 DOMAIN_HEADROOM = 8.0       # +Inf with more doublings left than this at the step before: not an overflow
 DOMAIN_INPUT = 1e6          # ... and from an input below this (exp, division), not a huge matmul
 GROWTH_TOTAL = 10.0         # weights: at least 10x overall ...
-GROWTH_STEADY = 0.7         # ... growing in at least 70% of the steps ...
+GROWTH_STEADY = 0.7         # ... steadily (R^2 of log norm against step at least 0.7) ...
 GROWTH_RATE = 1.05          # ... at 5% or more per step
 GRADIENT_DEPTH_RATIO = 1e3  # first layer's kernel gradient norm over the last layer's
 GRADIENT_GROWTH = 100.0
@@ -224,14 +225,21 @@ class Finding:
 
 
 def _steady_growth(values, steps):
-    """(total ratio, fraction of growing steps, per-step rate, i_first, i_last) of a positive
-    series, or None when it has fewer than 4 measured points."""
+    """(total ratio, steadiness, per-step rate, i_first, i_last) of a positive series, or None
+    when it has fewer than 4 measured points.  Steadiness: the larger of R^2 of log norm against
+    step (an unstable SGD oscillates while its amplitude grows) and the fraction of growing steps."""
     keep = np.isfinite(values) & (values > 0)
     if keep.sum() < 4:
         return None
     v, t = values[keep], steps[keep]
     ratio = v[-1] / v[0]
-    growing = float(np.mean(np.diff(v) > 0))
+    logs = np.log(v)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        growing = float(np.corrcoef(t, logs)[0, 1] ** 2) if np.ptp(logs) > 0 and np.ptp(t) > 0 else 0.0
+    growing = growing if np.isfinite(growing) and logs[-1] > logs[0] else 0.0
+    # Faster than geometric (log norm convex, as a diverging SGD accelerates) fits a line badly
+    # but rises at nearly every step.
+    growing = max(growing, float(np.mean(np.diff(v) > 0)))
     span = max(int(t[-1] - t[0]), 1)
     rate = ratio ** (1.0 / span) if ratio > 0 else 0.0
     idx = np.nonzero(keep)[0]
@@ -296,6 +304,19 @@ def rule_large_initial_weights(ev):
     if ev.first is None or not len(ev.steps):
         return None
     best = None
+    # Weights are logged after the step's update, and a huge first gradient makes even sane
+    # weights huge; a layer's output at the first step was computed before the update, so its
+    # gain over its input shows the initial weights.
+    for site in ev.indices("weight", kernels_only=True):
+        gain = _first_step_gain(ev, ev.sites[site]["layer"])
+        if gain is not None and gain > INIT_GAIN and (best is None or gain > best[0]):
+            best = (gain, site)
+    if best is not None:
+        gain, site = best
+        return Finding(min(0.9, 0.6 + 0.1 * math.log10(gain)),
+                       "%s's output at step %d, computed before the first update, has %sx the RMS of its input "
+                       "(with He or Glorot initial weights a layer keeps it near 1)" % (
+                           ev.sites[site]["layer"], ev.steps[0], _g(gain)), [site], [ev.steps[0]])
     for site in ev.indices("weight", kernels_only=True):
         shape = ev.sites[site]["shape"]
         fan_in = int(np.prod(shape[:-1]))
@@ -463,15 +484,14 @@ def rule_learning_rate_too_high(ev):
     if not (ratio >= GROWTH_TOTAL and growing >= GROWTH_STEADY and rate >= GROWTH_RATE):
         return None
     norms = ev.col("norm")[:, site]
-    return Finding(0.75, "%s: L2 norm grew from %s at step %d to %s at step %d (x%.2f a step, growing in %.0f%% "
-                   "of the steps)" % (ev.label(site), _g(norms[i]), ev.steps[i], _g(norms[j]), ev.steps[j],
-                                     rate, 100 * growing), [site], [ev.steps[i], ev.steps[j]])
+    return Finding(0.75, "%s: L2 norm grew from %s at step %d to %s at step %d (x%.3g a step, steadiness %.2f)" % (ev.label(site), _g(norms[i]), ev.steps[i], _g(norms[j]), ev.steps[j],
+                                                 rate, growing), [site], [ev.steps[i], ev.steps[j]])
 
 
 def rule_exploding_gradients(ev):
     if ev.first is None:
         return None
-    grads = ev.indices("weight_grad", kernels_only=True)   # backward order: last layer first
+    grads = ev.indices("activation_grad")   # backward order: last layer first
     norms = ev.finite_before("norm")
     if len(grads) >= 3:
         measured = np.nonzero(np.isfinite(norms[:, grads]).all(axis=1) & (norms[:, grads] > 0).all(axis=1))[0]
@@ -480,7 +500,7 @@ def rule_exploding_gradients(ev):
             last, first = grads[0], grads[-1]
             ratio = norms[i, first] / norms[i, last]
             if ratio > GRADIENT_DEPTH_RATIO:
-                return Finding(0.7, "at step %d the gradient norm of %s is %s, %sx that of %s (%s): gradients "
+                return Finding(0.7, "at step %d the norm of %s is %s, %sx that of %s (%s): gradients "
                                "multiply backward through %d layers" % (
                                    ev.steps[i], ev.label(first), _g(norms[i, first]), _g(ratio), ev.label(last),
                                    _g(norms[i, last]), len(grads)), [first, last], [ev.steps[i]])

@@ -110,6 +110,22 @@ def test_f_huge_data_propagation_in_the_rows(demo):
     assert list(data.flight_steps) == [0, 1, 2, 3]
 
 
+def test_diagnosis_names_the_cause_first(demo):
+    """F: its inputs in +-1e10 first, then its targets, then Adam's velocity; E: a log of 0 inside
+    a layer; A as written: nothing (finite, no warning sign)."""
+    from tb_nanwatch import diagnosis, early_warning, reader
+    logdir, _ = demo
+    got = {}
+    for name in RUNS:
+        provider, ctx, eid = reader.open_logdir(os.path.join(logdir, name))
+        runs = reader.list_runs(provider, ctx, eid)
+        data = reader.read_run(provider, ctx, eid, sorted(runs)[0])
+        got[name] = ([d["cause"] for d in diagnosis.diagnose(data)], early_warning.from_run(data))
+    assert got["f_huge_data"][0] == ["unscaled_inputs", "unscaled_targets", "optimizer_state_overflow"]
+    assert got["e_log_abs_diff"][0] == ["domain_error"]
+    assert got["a_unscaled_inputs"] == ([], None)
+
+
 def test_rerun_reuses_the_logs_and_prints_the_summary_line(demo):
     logdir, runs = demo
     proc = _run_all("--only", "f_huge_data", "--only", "a_unscaled_inputs", "--logdir", logdir, timeout=120)

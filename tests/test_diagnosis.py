@@ -188,16 +188,26 @@ def test_a_sum_over_many_terms_is_not_a_target_problem():
     assert "unscaled_targets" not in run.causes()
 
 
-def test_large_initial_weights():
+def test_large_initial_weights_from_the_first_steps_gain():
     run = Run()
-    kernel = run.index("dense_1", "weight", "kernel")
-    run.set(kernel, norm=15.3 * 16, std=2.9, mean=15.0)         # U(10, 20): RMS 15.3 over 256 elements
-    run.set(run.index("dense_1", "activation"), norm=15.3 * 16 * math.sqrt(32))
+    run.set(run.index("dense_1", "weight", "kernel"), norm=1e29)    # after a wild first update
+    run.set(run.index("dense", "activation"), at=0, norm=0.8 * math.sqrt(32 * 16))
+    run.set(run.index("dense_1", "activation"), at=0, norm=262 * 0.8 * math.sqrt(32 * 16))
     run.blow_up(1, run.index("dense_2", "activation"))
     f = first_finding(run)
     assert f["cause"] == "large_initial_weights"
-    assert "RMS 15.3" in f["evidence"] and "He scale" in f["evidence"]
+    assert "dense_1's output at step 0" in f["evidence"] and "262x the RMS of its input" in f["evidence"]
     assert f["sites"] == [{"layer": "dense_1", "kind": "weight", "tensor": "kernel"}]
+
+
+def test_large_initial_weights_from_the_kernel_alone():
+    """No activation sites (a lean Watch): the kernel's RMS against the He scale."""
+    sites = [s for s in mlp_sites() if s["kind"] != "activation"]
+    run = Run(sites)
+    run.set(run.index("dense_1", "weight", "kernel"), norm=15.3 * 16)     # U(10, 20): RMS 15.3 over 256
+    run.blow_up(1, run.index("", "loss"))
+    f = first_finding(run)
+    assert f["cause"] == "large_initial_weights" and "RMS 15.3" in f["evidence"] and "He scale" in f["evidence"]
 
 
 def test_a_wild_first_update_is_not_a_large_initialisation():
@@ -280,14 +290,14 @@ def test_learning_rate_too_high():
     run.blow_up(30, run.index("dense_1", "activation"))
     f = first_finding(run)
     assert f["cause"] == "learning_rate_too_high"
-    assert "x1.25 a step" in f["evidence"] and "growing in 100%" in f["evidence"]
+    assert "x1.25 a step" in f["evidence"] and "steadiness 1.00" in f["evidence"]
     assert f["steps"] == [0, 29]
 
 
 def test_exploding_gradients_layer_over_layer():
     run = Run()
     for i, layer in enumerate(("dense_2", "dense_1", "dense")):     # backward order
-        run.set(run.index(layer, "weight_grad", "kernel"), norm=0.01 * 1e2 ** i)
+        run.set(run.index(layer, "activation_grad"), norm=0.01 * 1e2 ** i)
     run.blow_up(5, run.index("dense", "weight_grad", "kernel"))
     f = first_finding(run)
     assert f["cause"] == "exploding_gradients" and "1e+04x" in f["evidence"]
