@@ -60,7 +60,7 @@ function causeItem(d) {
 
 // Renders into a box appended to `container` once the route answers; a later call for another
 // run replaces it.  `version` changes when the run's data do (a reload), so the answer is fetched again.
-export function renderDiagnosis(container, {run, group = null, version = "", finite = false} = {}) {
+export function renderDiagnosis(container, {run, group = null, version = "", blownUp = true} = {}) {
   const box = el("div", "nw-diagnosis");
   box.hidden = true;
   container.appendChild(box);
@@ -68,7 +68,7 @@ export function renderDiagnosis(container, {run, group = null, version = "", fin
     if (!answer || !box.isConnected) return;
     const causes = Array.isArray(answer.diagnosis) ? answer.diagnosis : [];
     if (causes.length) {
-      box.appendChild(el("div", "nw-diagnosis-lead", finite ? "Why to worry (most likely first):" : "Why (most likely first):"));
+      box.appendChild(el("div", "nw-diagnosis-lead", blownUp ? "Why (most likely first):" : "Why to worry (most likely first):"));
       const list = el("ol", "nw-cause-list");
       causes.slice(0, SHOWN).forEach((d) => list.appendChild(causeItem(d)));
       box.appendChild(list);

@@ -539,7 +539,7 @@ class App {
           "Inf/NaN gradients are the scaled gradients that overflowed, not the blow-up."));
       }
     }
-    renderDiagnosis(b, {run: sel.run, group: sel.group, version: JSON.stringify(heat.step_range || null), finite: !first});
+    renderDiagnosis(b, {run: sel.run, group: sel.group, version: JSON.stringify(heat.step_range || null), blownUp: Boolean(first)});
     if (collapse && collapse.last) b.appendChild(el("div", "nw-event", collapseWords(collapse.last)));
     for (const e of heat.event_counts || []) {
       if (e.type === "loss_scale_skip" || e.type === "loss_scale_collapse") continue;
