@@ -44,14 +44,17 @@ export function buildToolbar(root, handlers) {
   stat.addEventListener("change", () => handlers.onStat(stat.value));
   source.addEventListener("change", () => handlers.onSource(source.value));
   const colour = el("select", "nw-colour");
-  fillSelect(colour, [{value: "shared", text: "one scale"}, {value: "row", text: "per row",
+  fillSelect(colour, [{value: "shared", text: "one scale"}, {value: "row", text: "per-row scale",
     title: "each row from its own min to its own max: shows a site's trend"}], "shared");
   colour.addEventListener("change", () => handlers.onColour(colour.value));
   bar.appendChild(labelled("Run", run));
   bar.appendChild(labelled("Kind", kind));
   bar.appendChild(labelled("Statistic", stat));
-  bar.appendChild(labelled("Steps", source));
-  bar.appendChild(labelled("Colour", colour));
+  // These two read without a label (their options say what they do): one toolbar line at 1024 px.
+  source.title = "steps: the logged rows, or the flight recorder's steps one by one";
+  colour.title = "colour scale: one for every row, or each row from its own min to max";
+  bar.appendChild(source);
+  bar.appendChild(colour);
 
   const zoom = el("span", "nw-zoom");
   const zoomOut = el("button", "nw-zoom-out", "Zoom out");
@@ -63,7 +66,6 @@ export function buildToolbar(root, handlers) {
   zoom.appendChild(zoomText);
   zoom.appendChild(zoomOut);
   zoom.appendChild(zoomReset);
-  bar.appendChild(zoom);
 
   const reload = el("button", "nw-reload", "\u21bb");
   reload.type = "button";
@@ -72,10 +74,20 @@ export function buildToolbar(root, handlers) {
   bar.appendChild(reload);
   root.appendChild(bar);
 
+  // Under the toolbar: what the statistic means, and the steps in view (so the toolbar
+  // itself stays one line at 1024 px).
+  const line = el("div", "nw-subbar");
   const meaning = el("div", "nw-stat-meaning");
-  root.appendChild(meaning);
+  line.appendChild(meaning);
+  line.appendChild(zoom);
+  root.appendChild(line);
 
   return {
+    // No run to show: every control but reload off, nothing under the toolbar.
+    setEmpty(empty) {
+      for (const c of [run, kind, stat, source, colour, zoomOut, zoomReset]) c.disabled = empty;
+      line.hidden = empty;
+    },
     setInfo(info) {
       fillSelect(kind, [{value: "all", text: "all kinds"}].concat(
         info.kinds.map((k) => ({value: k.name, text: kindWords(k.name), title: k.meaning}))));

@@ -6,6 +6,7 @@ import {api} from "./data.js";
 import {drawHeatmap, drawOverlay, drawLegend, makeScale, setStatusColours, formatNumber, MAX_LABEL_W, ROW_H,
   heightFor, setTheme, columnWords} from "./heatmap.js";
 import {setTable, kindWords, countStats} from "./table.js";
+import {readView, writeView, watchDarkMode} from "./location.js";
 import {visibleRows, hasChildren, initialOpen, rowKey, shownRowFor} from "./tree.js";
 import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
 import {renderDiagnosis} from "./diagnosis.js";
@@ -191,9 +192,13 @@ class App {
       return;
     }
     setTable(this.info);
-    if (!this.state.stat) this.state.stat = this.info.default_stat;
+    this.restoreView();
     setStatusColours(this.info);
-    setTheme(this.root);
+    watchDarkMode((dark) => {
+      document.body.classList.toggle("nw-dark", dark);
+      setTheme(this.root);
+      if (this.heat && this.layout) this.drawGrid();
+    });
     this.toolbar.setInfo(this.info);
     this.followReload();
     setInterval(() => {
@@ -226,6 +231,26 @@ class App {
       channel.port1.postMessage(JSON.stringify({type: message.type, id: message.id, payload: null, error: null, isReply: true}));
     };
     window.parent.postMessage("experimental.bootstrap", "*", [channel.port2]);
+  }
+
+  // The view a link or a reload asks for (run, statistic, kind, steps source, zoom).
+  restoreView() {
+    const view = readView();
+    if (view.run !== undefined) this.state.key = JSON.stringify([view.run, view.group === undefined ? null : view.group]);
+    this.state.stat = this.info.stats.some((s) => s.name === view.stat) ? view.stat : this.info.default_stat;
+    if (this.info.kinds.some((k) => k.name === view.kind)) this.state.kind = view.kind;
+    if (view.source === "flight") this.state.source = "flight";
+    if (view.range) {
+      this.state.range = view.range;
+      this.state.zoom = [null];   // "Zoom out" goes back to every step
+    }
+  }
+
+  saveView() {
+    const sel = this.selected();
+    if (!sel) return;
+    writeView({run: sel.run, group: sel.group, stat: this.state.stat, kind: this.state.kind,
+      source: this.state.source, range: this.state.range});
   }
 
   update(changes) {
@@ -266,6 +291,7 @@ class App {
       for (const [run, gs] of Object.entries(groups)) {
         for (const g of gs) this.runs.push({key: JSON.stringify([run, g]), run, group: g});
       }
+      this.toolbar.setEmpty(!this.runs.length);
       if (!this.runs.length) {
         this.toolbar.setRuns([], null);
         this.showMessage("No NanWatch data yet. Train with tb_nanwatch.NanWatchCallback(logdir) and point TensorBoard at that logdir; this tab follows TensorBoard's reload.");
@@ -307,6 +333,7 @@ class App {
       }
       this.cellCache.clear();
       this.draw();
+      this.saveView();
     } catch (e) {
       if (token === this.token) this.showMessage(`NanWatch: ${e.message}`);
     }

@@ -263,7 +263,8 @@ def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None,
             np.full((len(tree.nodes), 0, len(stats.STATS)), np.nan)
     values = np.ascontiguousarray(combined[..., k])                      # [rows, cols]
     status = np.ascontiguousarray(stats.nonfinite_status(combined))     # [rows, cols]
-    labels = [run_data.labels[i] for i in site_indices]
+    all_labels = run_data.labels   # a property that builds every label: once, not per site
+    labels = [all_labels[i] for i in site_indices]
     hm = Heatmap(site_indices, labels, col_first, col_last, values, status)
     hm.rows_per_column = np.diff(edges)
     hm.tree = tree

@@ -37,6 +37,7 @@ STATIC_FILES = {
     "tree.js": "text/javascript",
     "table.js": "text/javascript",
     "diagnosis.js": "text/javascript",
+    "location.js": "text/javascript",
     "style.css": "text/css",
 }
 

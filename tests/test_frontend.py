@@ -364,6 +364,7 @@ def test_944_sites_fit_one_screen_with_the_first_layer_in_sight(server, browser,
                     canvas: a.canvas.getBoundingClientRect().bottom, inner: innerHeight,
                     label: a.heat.rows[a.shown[a.firstShownRow()]].label}; }""")
         assert tab.heat("n_sites") == 944
+        assert tab.eval("() => document.querySelector('.nw-toolbar').offsetHeight") < 40   # one line
         assert view["canvas"] <= height, view           # the iframe's own window is smaller still
         assert view["shown"] <= 40, view                # layers and blocks, not 944 sites
         assert view["offset"] <= view["first"] < view["offset"] + view["drawn"], view
@@ -400,3 +401,62 @@ def test_the_frontend_defines_no_stat_kind_or_status_of_its_own():
                 if m.group(1) in names:
                     found.append("%s:%d: key %s" % (path.name, number, m.group(1)))
     assert found == []
+
+
+def test_the_view_lives_in_the_url_and_a_reload_opens_it_again(server, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, device_scale_factor=1)
+    page = context.new_page()
+    try:
+        page.goto(server + "/#nanwatch&nw_run=xss&nw_stat=nan&nw_kind=weight_grad")
+        frame_locator = page.frame_locator("iframe")
+        frame_locator.locator("canvas.nw-heatmap[data-columns]").wait_for()
+        frame = next(f for f in page.frames if "plugin_entry.html?name=nanwatch" in f.url)
+        frame.wait_for_function("() => window.__nanwatch.heat && window.__nanwatch.heat.run === 'xss'")
+        assert frame.evaluate("() => [window.__nanwatch.heat.stat, window.__nanwatch.heat.kind]") == ["nan", "weight_grad"]
+        frame_locator.locator("select.nw-stat").select_option("norm")
+        frame.wait_for_function("() => window.__nanwatch.heat.stat === 'norm'")
+        page.wait_for_function("() => location.hash.includes('nw_stat=norm')")
+        assert page.evaluate("() => location.hash").startswith("#nanwatch&")   # TensorBoard's own key kept
+        page.reload()
+        page.frame_locator("iframe").locator("canvas.nw-heatmap[data-columns]").wait_for()
+        frame = next(f for f in page.frames if "plugin_entry.html?name=nanwatch" in f.url)
+        frame.wait_for_function("() => window.__nanwatch.heat && window.__nanwatch.heat.run === 'xss'")
+        assert frame.evaluate("() => [window.__nanwatch.heat.stat, window.__nanwatch.heat.kind]") == ["norm", "weight_grad"]
+    finally:
+        context.close()
+
+
+def test_dark_mode_follows_tensorboard(tab):
+    """TensorBoard's theme button toggles `dark-mode` on its page's body; the tab follows."""
+    light = tab.eval("() => getComputedStyle(document.body).backgroundColor")
+    tab.page.evaluate("() => document.body.classList.add('dark-mode')")
+    tab.wait("() => document.body.classList.contains('nw-dark')")
+    dark = tab.eval("() => getComputedStyle(document.body).backgroundColor")
+    assert light == "rgb(255, 255, 255)" and dark != light
+    # The canvas's own text takes the theme's colour too.
+    assert tab.eval("() => window.__nanwatch && getComputedStyle(document.body).getPropertyValue('--nw-text').trim()") == "#e0e0e0"
+    tab.page.mouse.move(5, 5)
+    tab.page.wait_for_timeout(300)
+    tab.page.screenshot(path=str(SCREENSHOT.with_name("screenshot_dark.png")))
+    tab.page.evaluate("() => document.body.classList.remove('dark-mode')")
+    tab.wait("() => !document.body.classList.contains('nw-dark')")
+
+
+def test_empty_logdir_is_a_clean_state(tmp_path, browser):
+    logdir = tmp_path / "empty"
+    logdir.mkdir()
+    with plugin_helpers.tensorboard(logdir, "--reload_interval=1") as base:
+        context = browser.new_context(viewport={"width": 1024, "height": 700}, device_scale_factor=1)
+        page = context.new_page()
+        try:
+            # The plugin's own page (TensorBoard's iframe) opened alone: TensorBoard's frontend
+            # only loads the iframe of an inactive plugin at its next 30 s reload.
+            page.goto(base + "/data/plugin_entry.html?name=nanwatch")
+            fl = page
+            fl.locator(".nw-message:not([hidden])").wait_for()
+            assert "No NanWatch data yet" in fl.locator(".nw-message").inner_text()
+            disabled = fl.locator(".nw-toolbar select:disabled, .nw-zoom button:disabled").count()
+            assert disabled == fl.locator(".nw-toolbar select, .nw-zoom button").count() >= 6
+            assert fl.locator(".nw-subbar").is_hidden() and fl.locator(".nw-stack").is_hidden()
+        finally:
+            context.close()
