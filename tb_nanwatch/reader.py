@@ -193,9 +193,14 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     with_content = [t for t in row_blocks if t in series]
     # A script re-run into the same directory writes a second session: keep the latest.
     since = None
+    # Only records the gate would keep count: one malformed record (or a hostile step) must
+    # not pass for a second session and hide the first.
+    lines = len(sites) + (1 if metadata.has_header(stat_names) else 0)
     others = [d for r in (metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS) if tags[r] in series
-              for _, d in read(tags[r])]
-    sessions = sessions_of([d for t in with_content for _, d in read(t)], others) if content is not None else []
+              for _, d in read(tags[r]) if validation.is_step(d.step)]
+    session_rows = [d for t in with_content for _, d in read(t)
+                    if validation.is_step(d.step) and validation.matrix_problem(d.numpy, lines, len(stat_names)) is None]
+    sessions = sessions_of(session_rows, others) if content is not None else []
     if len(sessions) > 1:
         since = sessions[-2]["last_wall_time"]
     steps, rows = matrices(with_content)
@@ -205,7 +210,7 @@ def read_run(provider, ctx, experiment_id, run, group=None):
         for tag_name, datum in read(tags[metadata.FIRST_NONFINITE]):
             try:
                 record, notes = validation.first_nonfinite(validation.parse_json(datum.numpy, "the record"),
-                                                           datum.step)
+                                                           datum.step, len(sites) if content else None)
             except validation.InvalidData as e:
                 dropped.add(tag_name, datum.step, e)
                 continue

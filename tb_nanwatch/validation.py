@@ -40,6 +40,11 @@ def _is_whole(x, lo=0):
             and math.isfinite(x) and float(x).is_integer() and lo <= x < MAX_COUNT)
 
 
+def is_step(step):
+    """A training step: whole, >= 0, below 2**53 (exact in float64; no training gets near)."""
+    return _is_whole(step)
+
+
 def parse_json(raw, what):
     """The JSON value of a string tensor (a numpy bytes/str scalar or 1-element array)."""
     value = raw
@@ -149,6 +154,7 @@ def row_problems(steps, rows):
                 out[i] = words
 
     check(steps < 0, "a negative step")
+    check(steps >= MAX_COUNT, "a step beyond 2**53")
     for name in _COUNT_STATS:
         if name not in col:
             continue
@@ -170,7 +176,7 @@ def row_problems(steps, rows):
     return out
 
 
-def first_nonfinite(value, step):
+def first_nonfinite(value, step, n_sites=None):
     """(clean record, [what was cleaned away]) of a first-non-finite record (JSON already
     parsed) logged at `step`, or InvalidData.  Bad propagators and a bad `backward_of` are
     dropped, not the record: the producer is the evidence."""
@@ -191,10 +197,14 @@ def first_nonfinite(value, step):
             raise InvalidData("%s count %r is not a whole number >= 0" % (name, count))
         record[name] = int(count)
     notes = []
-    if "site" in record and not _is_whole(record["site"]):
-        del record["site"]      # an index is only a shortcut; the names identify the site
-    elif "site" in record:
-        record["site"] = int(record["site"])
+    if "site" in record:
+        # An index into the site list is only a shortcut; the names identify the site.
+        site = record.pop("site")
+        if _is_whole(site) and (n_sites is None or site < n_sites):
+            record["site"] = int(site)
+        else:
+            notes.append("site index %r is not one of the run's %s sites: dropped" % (
+                site, "?" if n_sites is None else n_sites))
     if "propagators" in record:
         propagators = record["propagators"]
         if not isinstance(propagators, list):

@@ -345,3 +345,19 @@ def test_matrix_problem():
     assert "shape [3, 5]" in validation.matrix_problem(np.zeros((3, 5)), 3, 4)
     assert "object" in validation.matrix_problem(np.zeros((3, 4), dtype=object), 3, 4)
     assert "complex" in validation.matrix_problem(np.zeros((3, 4), dtype=complex), 3, 4)
+
+
+@pytest.mark.parametrize("bad", ["malformed row at a later step", "valid row at step 2**62", "step -2**63"])
+def test_one_hostile_record_does_not_pass_for_a_second_writer_session(tmp_path, bad):
+    """Rows whose steps go back start a new writer session (a re-run), and the reader shows the
+    latest only; one record the gate drops must not split the run and hide what came before."""
+    row, step = {"malformed row at a later step": (BAD_ROWS["16 instead of 17 columns"](), 50),
+                 "valid row at step 2**62": (_row(5), 2**62),
+                 "step -2**63": (_row(5), -2**63)}[bad]
+    _hostile_run(tmp_path / "r", [(step, dh.value(ROWS_TAG, row)), (3, dh.value(ROWS_TAG, _row(3))),
+                                  (4, dh.value(ROWS_TAG, _row(4)))])
+    run = reader.read_run(*reader.open_logdir(tmp_path), "r")
+    assert list(run.steps) == [0, 1, 2, 3, 4]
+    assert run.session_warning() is None
+    (warning,) = run.warnings
+    assert "record at step %d dropped" % step in warning

@@ -29,7 +29,9 @@ import os
 import random
 import shutil
 import struct
+import time
 import traceback
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ ROWS, FLIGHT, FIRST, EVENTS = (metadata.tag(r) for r in metadata.RECORDS)
 META_RECORD = {ROWS: "rows", FLIGHT: "flight", FIRST: "first_nonfinite", EVENTS: "events"}
 
 
-def _event_frame(step, value, wall_time=1.0):
+def _event_frame(step, value, wall_time):
     event = event_pb2.Event(step=step, wall_time=wall_time, summary=summary_pb2.Summary(value=[value]))
     return dh.frame(event.SerializeToString())
 
@@ -62,8 +64,9 @@ def _write_base(run_dir, blowup):
     path = dh.only_event_file(run_dir)
     skips = [{"type": "loss_scale_skip", "step": 12, "loss_scale": 2.0, "skips_total": 1}]
     events = dh.value(EVENTS, dh.string_tensor(json.dumps(skips)), {"version": 1, "record": "events"})
+    last_wall_time = dh.event_of(dh.frames(open(path, "rb").read())[0][-1][2]).wall_time
     with open(path, "ab") as f:
-        f.write(_event_frame(12, events))
+        f.write(_event_frame(12, events, last_wall_time))
     data = open(path, "rb").read()
     shutil.rmtree(run_dir)
     return data
@@ -134,8 +137,10 @@ def m_other_plugins(rng, data, frames):
     other.metadata.plugin_data.plugin_name = "images"
     hijack = summary_pb2.Summary.Value(tag="nanwatch/d9/rows", tensor=tensor_util.make_tensor_proto(np.ones(3)))
     hijack.metadata.plugin_data.plugin_name = "scalars"
-    extra = b"".join(_event_frame(rng.randint(0, 50), v) for v in (scalar, other, hijack))
-    at = _random_frame(rng, frames)[1]
+    at_frame = _random_frame(rng, frames)
+    wall_time = dh.event_of(at_frame[2]).wall_time
+    extra = b"".join(_event_frame(rng.randint(0, 50), v, wall_time) for v in (scalar, other, hijack))
+    at = at_frame[1]
     return data[:at] + extra + data[at:]
 
 
@@ -270,12 +275,15 @@ CONTENT = [c_row, c_flight, c_metadata, c_first, c_first_not_a_string, c_events]
 
 def content_mutation(rng, data, frames):
     """Replace one nanwatch record (or add one) with malformed content, well-framed; now and
-    then give it a hostile event step.  Returns (bytes, replaced frame or None)."""
+    then give it a hostile event step.  Returns (bytes, replaced frame or None, words)."""
     kind = rng.choice(CONTENT)
     target_tag, tensor, content = kind(rng, 0)
     tagged = [f for f in frames if _tag(f) == target_tag]
     victim = rng.choice(tagged) if tagged and rng.random() < 0.7 else None
-    step = dh.event_of(victim[2]).step if victim else rng.randint(0, 60)
+    # An added record takes the step of the record before it (a writer writes in step
+    # order; a valid record at an earlier step would stand for a re-run, see sessions_of).
+    after = rng.choice(frames)
+    step = dh.event_of((victim or after)[2]).step
     if rng.random() < 0.1:
         step = rng.choice([-5, 2**62, -2**63])
     value = summary_pb2.Summary.Value(tag=target_tag, tensor=tensor)
@@ -285,11 +293,15 @@ def content_mutation(rng, data, frames):
         value.metadata.plugin_data.content = content if content is not None else (
             dh.event_of(victim[2]).summary.value[0].metadata.plugin_data.content)
         value.metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
-    new = _event_frame(step, value)
+    # The wall time of the record replaced or followed: a writer's own clock, so that only
+    # the content is hostile (a record from 1970 would stand for another writer session).
     if victim is None:
-        at = rng.choice(frames)[1]
-        return data[:at] + new + data[at:], None
-    return data[:victim[0]] + new + data[victim[1]:], victim
+        new = _event_frame(step, value, dh.event_of(after[2]).wall_time)
+        at = after[1]
+        return data[:at] + new + data[at:], None, "%s added at step %d" % (kind.__name__, step)
+    new = _event_frame(step, value, dh.event_of(victim[2]).wall_time)
+    return (data[:victim[0]] + new + data[victim[1]:], victim,
+            "%s replacing step %d with step %d" % (kind.__name__, dh.event_of(victim[2]).step, step))
 
 
 def _tag(f):
@@ -336,8 +348,7 @@ def test_fuzz(bases, tmp_path, monkeypatch):
                 mutated = mutation(rng, mutated, frames_now if frames_now and not broken else base_frames)
             what = "+".join(m.__name__ for m in mutations)
         else:
-            mutated, replaced = content_mutation(rng, data, base_frames)
-            what = "content"
+            mutated, replaced, what = content_mutation(rng, data, base_frames)
         case_dir = tmp_path / ("case%03d" % n)
         os.makedirs(case_dir / "run")
         os.makedirs(case_dir / "ok")
@@ -445,6 +456,50 @@ def _content_was_harmless(run, replaced, mutated):
     if tag == EVENTS and now:
         # Well-formed events (a type, a whole step, numbers where the report computes) are
         # shown as written, odd values and all.
-        written = json.loads(dh.event_of(now[0][2]).summary.value[0].tensor.string_val[0])
+        try:
+            written = json.loads(dh.event_of(now[0][2]).summary.value[0].tensor.string_val[0])
+        except (ValueError, RecursionError):
+            return False
         return isinstance(written, list) and 0 < len(written) == len([e for e in run.events if e in written])
     return (tag == ROWS and step in set(run.steps)) or (tag == FLIGHT and step in set(run.flight_steps))
+
+
+N_RUSTBOARD = 30
+
+
+def test_fuzz_plugin_under_rustboard(bases, tmp_path):
+    """The content cases again, as 30 runs of one logdir served by a real TensorBoard with
+    its default loader (RustBoard): every route of every run answers JSON, none 5xx."""
+    import plugin_helpers
+
+    rng = random.Random(SEED + 1)
+    logdir = tmp_path / "logs"
+    for n in range(N_RUSTBOARD):
+        data = bases[rng.choice(sorted(bases))]
+        mutated, _, _ = content_mutation(rng, data, dh.frames(data)[0])
+        os.makedirs(logdir / ("r%02d" % n))
+        (logdir / ("r%02d" % n) / ("events.out.tfevents.1.fuzz.%d" % n)).write_bytes(mutated)
+    figures = collections.Counter()
+    bad = []
+    with plugin_helpers.tensorboard(logdir) as base:
+        prefix = base + "/data/plugin/nanwatch"
+        runs = []
+        deadline = time.monotonic() + 90
+        while len(runs) < N_RUSTBOARD and time.monotonic() < deadline:
+            status, body = plugin_helpers.get(prefix + "/runs")
+            runs = json.loads(body) if status == 200 else []
+            time.sleep(0.5)
+        assert len(runs) == N_RUSTBOARD, runs       # every run has nanwatch records left
+        for run in runs:
+            for route in ROUTES:
+                status, body = plugin_helpers.get(prefix + route.format(run=urllib.parse.quote(run)))
+                figures["requests"] += 1
+                figures[status] += 1
+                answer = json.loads(body)
+                if route.startswith("/heatmap") and status == 200 and answer.get("warnings"):
+                    figures["heatmaps naming dropped records"] += 1
+                if status >= 500:
+                    bad.append((run, route, status, body[:200]))
+    print("\nrustboard fuzz (seed %d): %s" % (SEED + 1, dict(figures)))
+    assert not bad, bad
+    assert figures["heatmaps naming dropped records"] > 10    # the gate saw the damage through RustBoard
