@@ -32,6 +32,8 @@ export function setStatusColours(info) {
 // Marks above the grid: a loss-scale skip (as report --png draws it), a collapsed loss scale.
 export const SKIP_MARK = [120, 120, 120];
 export const COLLAPSE_MARK = [66, 66, 66];
+// The early warning (a site on course to overflow): a triangle above its column.
+export const EARLY_MARK = [179, 71, 0];
 
 // Colour of the text on a background of colour `rgb`: black or white, whichever reads.
 export function textOn(rgb) {
@@ -229,7 +231,7 @@ export function heightFor(hm, nRows) {
 
 function hasTrack(hm) {
   const types = new Set((hm.event_counts || []).map((e) => e.type));
-  return types.has("loss_scale_skip") || types.has("loss_scale_collapse");
+  return types.has("loss_scale_skip") || types.has("loss_scale_collapse") || types.has("early_warning");
 }
 
 // Lays out and draws the heatmap into `canvas` (CSS width `width`, at most `maxHeight`
@@ -392,7 +394,9 @@ function drawTrack(ctx, layout, events, types) {
   ctx.fillStyle = THEME.muted;
   ctx.textAlign = "right";
   ctx.textBaseline = "middle";
-  ctx.fillText(types.has("loss_scale_skip") ? "loss-scale skips" : "loss scale", layout.gridX - 8, top + h / 2);
+  const caption = types.has("loss_scale_skip") ? "loss-scale skips"
+    : types.has("loss_scale_collapse") ? "loss scale" : "early warning";
+  ctx.fillText(caption, layout.gridX - 8, top + h / 2);
   ctx.restore();
   const placed = (e) => e.column !== null && e.column !== undefined;
   ctx.fillStyle = css(SKIP_MARK);
@@ -422,6 +426,17 @@ function drawTrack(ctx, layout, events, types) {
     cross();
   }
   ctx.lineWidth = 1;
+  ctx.fillStyle = css(EARLY_MARK);
+  for (const e of events) {
+    if (e.type !== "early_warning" || !placed(e)) continue;
+    const cx = layout.gridX + (e.column + 0.5) * layout.colW;
+    ctx.beginPath();
+    ctx.moveTo(cx, top + h - 1);
+    ctx.lineTo(cx - 4.5, top + 1);
+    ctx.lineTo(cx + 4.5, top + 1);
+    ctx.closePath();
+    ctx.fill();
+  }
 }
 
 function markFirst(ctx, layout, row, col) {
@@ -583,6 +598,7 @@ export function drawLegend(container, scale, hm) {
   const marks = [
     {type: "loss_scale_skip", className: "nw-mark-skip", text: "loss-scale skip (by design)"},
     {type: "loss_scale_collapse", className: "nw-mark-collapse", text: "loss scale collapsed"},
+    {type: "early_warning", className: "nw-mark-early", text: "early warning (on course to overflow)"},
   ];
   for (const m of marks) {
     if (!types.has(m.type)) continue;
@@ -591,7 +607,10 @@ export function drawLegend(container, scale, hm) {
     const glyph = document.createElement("span");
     glyph.className = `nw-mark ${m.className}`;
     if (m.type === "loss_scale_skip") glyph.style.background = css(SKIP_MARK);
-    else {
+    else if (m.type === "early_warning") {
+      glyph.style.color = css(EARLY_MARK);
+      glyph.textContent = "\u25bc";
+    } else {
       glyph.style.color = css(COLLAPSE_MARK);
       glyph.textContent = "\u00d7";
     }

@@ -11,6 +11,7 @@ import plugin_helpers
 from test_diagnosis import Run
 from tb_nanwatch import diagnosis, early_warning, reader, summary
 
+EARLY_RGB = (179, 71, 0)      # frontend/heatmap.js EARLY_MARK
 SHOTS = pathlib.Path(os.environ.get("NANWATCH_SHOTS", "/tmp/nanwatch_shots"))
 
 
@@ -40,6 +41,11 @@ def logdir(tmp_path_factory):
     dead = Run()
     dead.set(dead.index("dense", "weight_grad", "kernel"), at=slice(5, None), zero_frac=1.0)
     write(dead, d / "vanishing")
+    warned = Run()
+    warned.events = [{"type": "early_warning", "step": 20, "site": 2, "layer": "dense_1", "kind": "activation",
+                      "tensor": "", "dtype": "float32", "norm": 2.9e19, "limit": 3.4e38, "growth_per_step": 1.59,
+                      "doublings_left": 63.3, "predicted_step": 115}]
+    write(warned, d / "warned")
     return d
 
 
@@ -51,7 +57,7 @@ def app(logdir):
 
 def test_route_answers_what_the_report_says(app, logdir):
     provider, ctx, eid = reader.open_logdir(str(logdir))
-    for run in ("f_like", "healthy", "vanishing"):
+    for run in ("f_like", "healthy", "vanishing", "warned"):
         got = app.json("/diagnosis", run=run)
         data = reader.read_run(provider, ctx, eid, run)
         assert got["diagnosis"] == diagnosis.diagnose(data)
@@ -98,6 +104,22 @@ def test_banner_names_the_causes(server):
             tab.select_run("vanishing")
             tab.fl.locator(".nw-banner .nw-cause[data-cause=vanishing_gradients]").wait_for()
             assert tab.fl.locator(".nw-banner .nw-diagnosis-lead").inner_text() == "Why to worry (most likely first):"
+            # The writer's early-warning event: in the banner, and a triangle above its column.
+            tab.select_run("warned")
+            tab.fl.locator(".nw-banner .nw-early-warning").wait_for()
+            assert tab.fl.locator(".nw-banner .nw-early-warning").inner_text() == (
+                "Early warning at step 20: dense_1, activation was on course to pass float32's largest value "
+                "by step 115 (norm \u00d71.59 a step).")
+            assert "early warning (on course to overflow)" in tab.fl.locator(".nw-legend").inner_text()
+            (event,) = [e for e in tab.heat("events") if e["type"] == "early_warning"]
+            mark = tab.eval("""([col]) => {
+                const L = window.__nanwatch.layout;
+                const ctx = document.querySelector('canvas.nw-heatmap').getContext('2d');
+                const px = (c) => Array.from(ctx.getImageData(Math.floor(L.gridX + (c + 0.5) * L.colW), L.gridY - 8, 1, 1).data);
+                return [px(col), px(col + 6)];
+            }""", [event["column"]])
+            assert tuple(mark[0][:3]) == EARLY_RGB and tuple(mark[1][:3]) != EARLY_RGB, mark
+            page.screenshot(path=str(SHOTS / ("early_warning_%dx%d.png" % (width, height))))
             tab.select_run("healthy")
             page.wait_for_timeout(1000)
             assert tab.fl.locator(".nw-banner .nw-diagnosis:not([hidden])").count() == 0
