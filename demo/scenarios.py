@@ -691,6 +691,29 @@ def dead_relu_fixed(logdir, facts):
     return _fit(model, x, y, logdir, facts, epochs=2)
 
 
+@scenario("targets_mixed_float16", "variant", "mixed_float16 regression on targets in the 1e7 range",
+          "Not from the articles, and finite: the gradient w.r.t. the float16 output is above 65504 even "
+          "unscaled, so the LossScaleOptimizer skips every step and lowers the scale below 1.")
+def targets_mixed_float16(logdir, facts):
+    x, y = _regression_data(target_scale=1e7)
+    with _dtype_policy("mixed_float16"):
+        model = _small_mlp()
+        model.compile(optimizer="adam", loss="mse")
+        return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario("targets_mixed_float16_fixed", "fixed", "The same regression with the targets standardised",
+          "The remedy for loss_scale_collapse here: nothing left that overflows float16.",
+          fixes="targets_mixed_float16")
+def targets_mixed_float16_fixed(logdir, facts):
+    x, y = _regression_data(target_scale=1e7)
+    y = (y - y.mean()) / y.std()
+    with _dtype_policy("mixed_float16"):
+        model = _small_mlp()
+        model.compile(optimizer="adam", loss="mse")
+        return _fit(model, x, y, logdir, facts, epochs=1)
+
+
 # The demo run of each cause (tb_nanwatch/causes.py) whose diagnosis names it first, and the
 # run with its remedy applied, which stays finite.  tests/test_diagnosis_demo.py trains and checks them.
 CAUSE_DEMOS = collections.OrderedDict([
@@ -704,6 +727,7 @@ CAUSE_DEMOS = collections.OrderedDict([
     ("domain_error", ("custom_pair_distance", "custom_pair_distance_fixed")),
     ("learning_rate_too_high", ("lr_gradual", "lr_gradual_fixed")),
     ("exploding_gradients", ("deep_linear_gain3", "deep_linear_gain3_clipnorm")),
+    ("loss_scale_collapse", ("targets_mixed_float16", "targets_mixed_float16_fixed")),
     ("vanishing_gradients", ("dead_relu", "dead_relu_fixed")),
 ])
 # Runs that must get no cause at all: healthy, mixed precision with loss-scale skips only, and the

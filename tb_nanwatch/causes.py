@@ -128,10 +128,12 @@ CAUSES = (
         "loss_scale_collapse",
         "The mixed-precision loss scale collapsed",
         "A `loss_scale_collapse` event: the LossScaleOptimizer lowered the scale below 1 because the "
-        "scaled gradients kept overflowing; updates are skipped and training has probably stalled.",
+        "scaled gradients kept overflowing; updates are skipped and training has probably stalled. The "
+        "evidence names the float16/bfloat16 gradient with the least headroom.",
         "Find the site that overflows in float16 (the heatmap's float16 gradients at the skipped steps), "
-        "keep the loss and the last layer in float32 (`Dense(..., dtype=\"float32\")`), scale the inputs, "
-        "or clip: `keras.optimizers.Adam(clipnorm=1.0)` under `mixed_float16`.",
+        "keep the loss and the last layer in float32 (`Dense(..., dtype=\"float32\")`), scale the inputs "
+        "and the targets (`y = (y - y.mean()) / y.std()`), or clip: `keras.optimizers.Adam(clipnorm=1.0)` "
+        "under `mixed_float16`.",
         False),
     Cause(
         "vanishing_gradients",

@@ -548,9 +548,24 @@ def rule_loss_scale_collapse(ev):
         return None
     e = collapses[0]
     scale = e.get("loss_scale")
-    return Finding(0.7, "the loss scale fell to %s at step %s (%d collapse event%s)" % (
-        "?" if scale is None else _g(scale), e.get("step", "?"), len(collapses), "" if len(collapses) == 1 else "s"),
-        [], [e["step"]] if isinstance(e.get("step"), int) else [])
+    text = "the loss scale fell to %s at step %s (%d collapse event%s)" % (
+        "?" if scale is None else _g(scale), e.get("step", "?"), len(collapses), "" if len(collapses) == 1 else "s")
+    sites, steps = [], [e["step"]] if isinstance(e.get("step"), int) else []
+    # The half-precision gradient that came closest to its dtype's largest value (statistics are
+    # of the unscaled gradients, so this is what overflows even at a scale of 1).
+    halves = [i for i, site in enumerate(ev.sites)
+              if site.get("dtype") in _HALF and site["kind"] in ("activation_grad", "weight_grad")]
+    if halves:
+        headroom = ev.finite_before("headroom")[:, halves]
+        if steps:   # what led to the collapse, not what came after
+            headroom[ev.steps > steps[0]] = np.nan
+        if np.isfinite(headroom).any():
+            i, j = np.unravel_index(np.nanargmin(headroom), headroom.shape)
+            text += "; closest to overflowing: %s, %.1f doublings below %s's largest value at step %d" % (
+                ev.label(halves[j]), max(headroom[i, j], 0.0), ev.sites[halves[j]]["dtype"], ev.steps[i])
+            sites.append(halves[j])
+            steps.append(ev.steps[i])
+    return Finding(0.7, text, sites, steps)
 
 
 def rule_vanishing_gradients(ev):

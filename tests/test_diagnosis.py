@@ -320,11 +320,16 @@ def test_optimizer_state_overflow():
     assert "1.85e+19" in f["evidence"] and "g^2 = 3.42e+38" in f["evidence"]
 
 
-def test_loss_scale_collapse():
-    run = Run()
+def test_loss_scale_collapse_names_the_gradient_closest_to_overflow():
+    run = Run(mlp_sites(dtype="float16"))
     run.events = [{"type": "loss_scale_collapse", "step": 15, "loss_scale": 0.5}]
+    grad = run.index("dense_1", "activation_grad")
+    run.set(grad, at=11, headroom=0.8)
+    run.set(run.index("dense", "activation_grad"), at=21, headroom=0.1)    # after the collapse: not its cause
     f = first_finding(run)
-    assert f["cause"] == "loss_scale_collapse" and "0.5 at step 15" in f["evidence"] and f["steps"] == [15]
+    assert f["cause"] == "loss_scale_collapse" and "0.5 at step 15" in f["evidence"] and f["steps"] == [11, 15]
+    assert "dense_1, activation gradient, 0.8 doublings below float16's largest value at step 11" in f["evidence"]
+    assert f["sites"] == [{"layer": "dense_1", "kind": "activation_grad", "tensor": ""}]
 
 
 def test_vanishing_gradients_in_a_finite_run():
