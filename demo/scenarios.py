@@ -714,6 +714,35 @@ def targets_mixed_float16_fixed(logdir, facts):
         return _fit(model, x, y, logdir, facts, epochs=1)
 
 
+def _sentinel_data():
+    """A regression whose target column marks one missing value with a sentinel, 1e19."""
+    x, y = _regression_data()
+    y[700] = 1e19
+    return x, y
+
+
+@scenario("sentinel_target", "variant", "A summed-MSE regression, Adam, one target set to a 1e19 sentinel",
+          "Not from the articles: the loss of the batch with the sentinel is 1e38, still finite, but Adam "
+          "squares its gradient (2e19) for the velocity, and g^2 passes float32's largest value.")
+def sentinel_target(logdir, facts):
+    keras = _keras()
+    x, y = _sentinel_data()
+    model = _linear_model()
+    model.compile(optimizer="adam", loss=keras.losses.MeanSquaredError(reduction="sum"))
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario("sentinel_target_clipnorm", "fixed", "The same regression with Adam(clipnorm=1.0)",
+          "The remedy for optimizer_state_overflow: the gradient is clipped before Adam squares it "
+          "(dropping the sentinel row is the better fix of the data).", fixes="sentinel_target")
+def sentinel_target_clipnorm(logdir, facts):
+    keras = _keras()
+    x, y = _sentinel_data()
+    model = _linear_model()
+    model.compile(optimizer=keras.optimizers.Adam(clipnorm=1.0), loss=keras.losses.MeanSquaredError(reduction="sum"))
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
 # The demo run of each cause (tb_nanwatch/causes.py) whose diagnosis names it first, and the
 # run with its remedy applied, which stays finite.  tests/test_diagnosis_demo.py trains and checks them.
 CAUSE_DEMOS = collections.OrderedDict([
@@ -727,6 +756,7 @@ CAUSE_DEMOS = collections.OrderedDict([
     ("domain_error", ("custom_pair_distance", "custom_pair_distance_fixed")),
     ("learning_rate_too_high", ("lr_gradual", "lr_gradual_fixed")),
     ("exploding_gradients", ("deep_linear_gain3", "deep_linear_gain3_clipnorm")),
+    ("optimizer_state_overflow", ("sentinel_target", "sentinel_target_clipnorm")),
     ("loss_scale_collapse", ("targets_mixed_float16", "targets_mixed_float16_fixed")),
     ("vanishing_gradients", ("dead_relu", "dead_relu_fixed")),
 ])

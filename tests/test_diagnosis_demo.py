@@ -18,7 +18,7 @@ from tb_nanwatch import causes  # noqa: E402
 
 # The cheapest pairs (about 5 s of training each); tests/test_demo.py checks F, A and E.
 CAUSES = ("nonfinite_input", "unscaled_targets", "learning_rate_too_high", "exploding_gradients",
-          "loss_scale_collapse", "vanishing_gradients")
+          "optimizer_state_overflow", "loss_scale_collapse", "vanishing_gradients")
 HEALTHY = ("lr_gradual_fixed", "nan_in_data_fixed")
 RUNS = sorted({n for c in CAUSES for n in scenarios.CAUSE_DEMOS[c]} | set(HEALTHY))
 
