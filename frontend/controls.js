@@ -93,8 +93,10 @@ export function buildToolbar(root, handlers) {
         info.kinds.map((k) => ({value: k.name, text: kindWords(k.name), title: k.meaning}))));
       fillSelect(stat, info.stats.map((s) => ({value: s.name, text: s.name, title: s.meaning})));
     },
+    // `runs`: [{key, run, group, state}] (state: the /overview line in words, or "").
     setRuns(runs, selected) {
-      fillSelect(run, runs.map((r) => ({value: r.key, text: r.group ? `${r.run} \u00b7 ${r.group}` : r.run})), selected);
+      fillSelect(run, runs.map((r) => ({value: r.key, title: r.state || "",
+        text: (r.group ? `${r.run} \u00b7 ${r.group}` : r.run) + (r.state ? ` \u2014 ${r.state}` : "")})), selected);
       run.disabled = runs.length === 0;
     },
     setState(state, info, heat) {

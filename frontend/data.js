@@ -60,6 +60,7 @@ export const api = {
   info: () => getJSON("info"),
   runs: () => getJSON("runs"),
   groups: () => getJSON("groups"),
+  overview: () => getJSON("overview"),
   firstNonfinite: (run, group) => getJSON("first_nonfinite", {run, group}),
   precursors: (run, group) => getJSON("precursors", {run, group}),
   diagnosis: (run, group) => getJSON("diagnosis", {run, group}),

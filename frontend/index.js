@@ -51,6 +51,19 @@ function whereWords(first) {
   return parts.length ? ` on ${parts.join(", ")}` : "";
 }
 
+// A run's state in a few words, from its /overview line: "+Inf at step 3 in dense",
+// "finite, 6 loss-scale skips", "finite".
+export function stateWords(line) {
+  if (!line) return "";
+  if (line.state === "nonfinite") {
+    const kinds = countStats().filter((c) => Number(line[c.name]) > 0).map((c) => c.words);
+    return `${kinds.length ? kinds.join(" and ") : "non-finite"} at step ${line.step} in ${line.layer || kindWords(line.kind)}`;
+  }
+  if (line.state === "skips") return `healthy but ${plural(line.loss_scale_skips, "loss-scale skip")}`;
+  if (line.state === "unreadable") return "unreadable";
+  return "healthy";
+}
+
 // "First +Inf at step 3: dense, optimizer state velocity/kernel[ on worker_1, replica 3]"
 export function headline(first) {
   const kinds = countStats().filter((c) => Number(first[c.name]) > 0).map((c) => c.words);
@@ -136,6 +149,9 @@ class App {
       onZoomReset: () => this.update({zoom: [], range: null}),
       onReload: () => this.refresh(),
     });
+    this.overview = el("details", "nw-overview");
+    this.overview.hidden = true;
+    this.root.appendChild(this.overview);
     this.banner = el("div", "nw-banner");
     this.banner.hidden = true;
     this.root.appendChild(this.banner);
@@ -285,12 +301,17 @@ class App {
     const token = ++this.token;
     this.lastRefresh = Date.now();
     try {
-      const groups = await api.groups();
+      const [groups, overview] = await Promise.all([api.groups(), api.overview().catch(() => [])]);
       if (token !== this.token) return;
+      const lines = new Map((overview || []).map((o) => [JSON.stringify([o.run, o.group]), o]));
       this.runs = [];
       for (const [run, gs] of Object.entries(groups)) {
-        for (const g of gs) this.runs.push({key: JSON.stringify([run, g]), run, group: g});
+        for (const g of gs) {
+          const key = JSON.stringify([run, g]);
+          this.runs.push({key, run, group: g, line: lines.get(key) || null, state: stateWords(lines.get(key))});
+        }
       }
+      this.drawOverview();
       this.toolbar.setEmpty(!this.runs.length);
       if (!this.runs.length) {
         this.toolbar.setRuns([], null);
@@ -337,6 +358,35 @@ class App {
     } catch (e) {
       if (token === this.token) this.showMessage(`NanWatch: ${e.message}`);
     }
+  }
+
+  // The runs overview: one line counting the runs by state, opening to every run's state
+  // (a click selects it).
+  drawOverview() {
+    const box = this.overview;
+    box.replaceChildren();
+    box.hidden = this.runs.length < 2;
+    if (box.hidden) return;
+    const count = (state) => this.runs.filter((r) => r.line && r.line.state === state).length;
+    const bad = count("nonfinite");
+    const skips = count("skips");
+    const parts = [`${plural(bad, "run")} with a non-finite value`];
+    if (skips) parts.push(`${skips} with loss-scale skips only`);
+    parts.push(`${count("healthy")} healthy`);
+    const summary = el("summary", "nw-overview-summary", `${plural(this.runs.length, "run")}: ${parts.join(", ")}`);
+    box.appendChild(summary);
+    const list = el("table", "nw-overview-list");
+    for (const r of this.runs) {
+      const tr = el("tr", r.line ? `nw-overview-${r.line.state}` : "");
+      tr.appendChild(el("td", "nw-overview-run", r.group ? `${r.run} \u00b7 ${r.group}` : r.run));
+      tr.appendChild(el("td", "nw-overview-state", r.state || "\u2013"));
+      tr.addEventListener("click", () => {
+        this.overview.open = false;
+        this.update({key: r.key, range: null, zoom: [], source: "rows"});
+      });
+      list.appendChild(tr);
+    }
+    box.appendChild(list);
   }
 
   // Warning signs come on their own (they can take longer than the heatmap on a big run):

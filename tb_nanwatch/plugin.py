@@ -24,7 +24,7 @@ from tensorboard.backend import http_util, json_util
 from tensorboard.data import provider as tb_provider
 from tensorboard.plugins import base_plugin
 
-from tb_nanwatch import diagnosis, early_warning, heatmap, metadata, reader, report, stats
+from tb_nanwatch import cache, diagnosis, early_warning, heatmap, metadata, reader, report, stats
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +56,17 @@ MAX_EVENTS = 5000
 _MAX_STEP = 2**63 - 1
 
 
-def _frontend_dirs():
-    """Directories holding the frontend files: the package `tb_nanwatch.frontend` (a wheel,
-    or the editable install's mapping onto the repository's `frontend/`), then the
-    repository layout as a fallback."""
-    dirs = []
+def frontend_dir():
+    """The directory holding the frontend files: the package `tb_nanwatch.frontend` (a wheel,
+    or the editable install's mapping onto the repository's `frontend/`), else the
+    repository layout.  Resolved once, when the plugin loads."""
+    candidates = []
     try:
-        dirs.extend(str(p) for p in importlib.import_module("tb_nanwatch.frontend").__path__)
+        candidates.extend(str(p) for p in importlib.import_module("tb_nanwatch.frontend").__path__)
     except ImportError:
         pass
-    dirs.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frontend"))
-    return dirs
+    candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frontend"))
+    return next((d for d in candidates if os.path.isfile(os.path.join(d, "index.js"))), candidates[-1])
 
 
 def _parse_samples_per_plugin(value):
@@ -113,14 +113,29 @@ class _BadRequest(ValueError):
     pass
 
 
+# What each error of a request means over HTTP, first match wins.  Anything else is the data
+# provider failing (e.g. RustBoard down): 503, said in JSON.  TensorBoard's own errors
+# (errors.PublicError) carry their status already and pass through.
+ERROR_STATUS = (
+    (_BadRequest, 400),               # a bad or missing parameter
+    (heatmap.HeatmapError, 400),      # a request the data cannot answer
+    (reader.RunNotFound, 404),
+    (metadata.MetadataError, 422),    # written by a newer tb_nanwatch
+    (reader.InvalidData, 422),        # damaged past the reader's gate
+)
+
+
 class NanWatchPlugin(base_plugin.TBPlugin):
+    """Routes parse their parameters and hand them to a `*_impl` method, which takes plain
+    values (a request context, an experiment id, names, numbers), so each is tested
+    directly; `_json_route` turns their answers and errors (ERROR_STATUS) into HTTP."""
+
     plugin_name = metadata.PLUGIN_NAME
 
     def __init__(self, context):
         self._provider = context.data_provider
-        self._cache = collections.OrderedDict()      # (eid, run, group) -> (fingerprint, RunData)
-        self._heatmaps = collections.OrderedDict()   # (data version, request) -> /heatmap body
-        self._lock = threading.Lock()
+        self.cache = cache.RunCache(CACHE_SIZE, CACHE_BYTES, HEATMAP_CACHE_SIZE)
+        self._frontend_dir = frontend_dir()
 
     # -- TBPlugin ----------------------------------------------------------------
     def get_plugin_apps(self):
@@ -128,6 +143,7 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             "/info": self._serve_info,
             "/runs": self._serve_runs,
             "/groups": self._serve_groups,
+            "/overview": self._serve_overview,
             "/first_nonfinite": self._serve_first_nonfinite,
             "/precursors": self._serve_precursors,
             "/diagnosis": self._serve_diagnosis,
@@ -149,254 +165,269 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="NanWatch")
 
     # -- plumbing ----------------------------------------------------------------
-    def _ctx(self, request):
-        return plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
-
-    def _run_data(self, request, run, group):
-        """RunData of (run, group), cached while the provider reports nothing new for it."""
-        ctx, eid = self._ctx(request)
+    def _entry(self, ctx, eid, run, group=None):
+        """The cache entry of (run, group), the group defaulting to the run's first site
+        list; read again when the provider reports something new for its tags."""
+        if group is None:
+            groups = reader.list_runs(self._provider, ctx, eid).get(run)
+            if groups is None:
+                raise reader.RunNotFound("no nanwatch data for run %r" % run)
+            group = groups[0]
         series = reader.run_series(self._provider, ctx, eid, run, group)
         if not series:   # a run killed before its first row still has its first-non-finite record
             raise reader.RunNotFound("no nanwatch data for run %r%s" % (
                 run, "" if group is None else " group %r" % group))
-        fingerprint = tuple(sorted(
-            (tag, ts.max_step, ts.max_wall_time) for tag, ts in series.items()))
-        key = (eid, run, group)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] == fingerprint:
-                self._cache.move_to_end(key)
-                return hit[1]
-        data = reader.read_run(self._provider, ctx, eid, run, group)
-        data.fingerprint = (key, fingerprint)
-        with self._lock:
-            self._cache[key] = (fingerprint, data)
-            self._cache.move_to_end(key)
-            while len(self._cache) > CACHE_SIZE or (
-                    len(self._cache) > 1 and sum(_nbytes(d) for _, d in self._cache.values()) > CACHE_BYTES):
-                self._cache.popitem(last=False)
-        return data
+        fingerprint = tuple(sorted((tag, ts.max_step, ts.max_wall_time) for tag, ts in series.items()))
+        return self.cache.get((eid, run, group), fingerprint,
+                              lambda: reader.read_run(self._provider, ctx, eid, run, group))
 
-    def _cached_heatmap(self, data, *args):
-        """The /heatmap answer for these arguments over this version of the run's data:
-        a reload of an unchanged run (the frontend re-asks every 30 s) costs nothing."""
-        key = (data.fingerprint,) + args
-        with self._lock:
-            hit = self._heatmaps.get(key)
-            if hit is not None:
-                self._heatmaps.move_to_end(key)
-                return hit
-        body = self._heatmap_body(data, *args)
-        with self._lock:
-            self._heatmaps[key] = body
-            while len(self._heatmaps) > HEATMAP_CACHE_SIZE:
-                self._heatmaps.popitem(last=False)
-        return body
-
-    def _groups(self, request):
-        ctx, eid = self._ctx(request)
-        return reader.list_runs(self._provider, ctx, eid)
-
-    def _run_and_group(self, request):
-        """(run, group) from the query; the group defaults to the run's first site list."""
-        run = _required(request, "run")
-        group = request.args.get("group") or None
-        if group is None:
-            groups = self._groups(request).get(run)
-            if groups is None:
-                raise reader.RunNotFound("no nanwatch data for run %r" % run)
-            group = groups[0]
-        return run, group
-
-    def _handle(self, request, fn):
-        """Runs a JSON route: 400 for bad parameters, 404 for unknown runs, never a 500
-        for anything the request itself could cause."""
+    def _json_route(self, request, impl):
+        """impl(ctx, experiment_id) as a JSON answer; its errors by ERROR_STATUS, never an
+        HTML 500 for anything the request or the logs could cause."""
+        ctx, eid = plugin_util.context(request.environ), plugin_util.experiment_id(request.environ)
         try:
-            body = fn(request)
-            if not isinstance(body, (dict, list)):  # Respond serialises only dicts and lists
-                body = json.dumps(json_util.Cleanse(body))
-            return http_util.Respond(request, body, "application/json")
-        except _BadRequest as e:
-            return http_util.Respond(request, {"error": str(e)}, "application/json", code=400)
-        except heatmap.HeatmapError as e:
-            return http_util.Respond(request, {"error": str(e)}, "application/json", code=400)
-        except reader.RunNotFound as e:
-            return http_util.Respond(request, {"error": str(e)}, "application/json", code=404)
-        except (metadata.MetadataError, reader.InvalidData) as e:
-            # The logs are there but cannot be read (written by a newer tb_nanwatch, or
-            # damaged past the reader's gate): the request was fine, the data is not.
-            return http_util.Respond(request, {"error": str(e)}, "application/json", code=422)
+            body = impl(ctx, eid)
         except errors.PublicError:
-            raise   # TensorBoard's own errors carry their HTTP status already
-        except Exception as e:  # the data provider failed (e.g. RustBoard down): say so in JSON
-            logger.exception("nanwatch: %s failed", request.path)
-            return http_util.Respond(request, {"error": "reading the logs failed: %s: %s"
-                                               % (type(e).__name__, e)}, "application/json", code=503)
+            raise
+        except Exception as e:
+            code = next((c for kind, c in ERROR_STATUS if isinstance(e, kind)), None)
+            if code is None:
+                logger.exception("nanwatch: %s failed", request.path)
+                code, e = 503, "reading the logs failed: %s: %s" % (type(e).__name__, e)
+            return http_util.Respond(request, {"error": str(e)}, "application/json", code=code)
+        if not isinstance(body, (dict, list)):  # Respond serialises only dicts and lists
+            body = json.dumps(json_util.Cleanse(body))
+        return http_util.Respond(request, body, "application/json")
 
-    # -- routes ------------------------------------------------------------------
+    # -- routes: parse, then delegate ---------------------------------------------
     @wrappers.Request.application
     def _serve_static(self, request):
         name = request.path.rsplit("/", 1)[-1]
         if name not in STATIC_FILES:  # unreachable through routing; kept as a guard
             return http_util.Respond(request, "not found", "text/plain", code=404)
-        for directory in _frontend_dirs():
-            path = os.path.join(directory, name)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    content = f.read()
-                return http_util.Respond(request, content, STATIC_FILES[name])
-        return http_util.Respond(request, "frontend file %s is missing from the installation" % name,
-                                 "text/plain", code=404)
+        path = os.path.join(self._frontend_dir, name)
+        if not os.path.isfile(path):
+            return http_util.Respond(request, "frontend file %s is missing from the installation" % name,
+                                     "text/plain", code=404)
+        with open(path, "rb") as f:
+            return http_util.Respond(request, f.read(), STATIC_FILES[name])
 
     @wrappers.Request.application
     def _serve_info(self, request):
-        info = stats.table_as_json()
-        info["version"] = metadata.PROTOCOL_VERSION
-        info["max_columns"] = MAX_COLUMNS
-        return http_util.Respond(request, info, "application/json")
+        return http_util.Respond(request, self.info_impl(), "application/json")
 
     @wrappers.Request.application
     def _serve_runs(self, request):
-        return self._handle(request, lambda r: list(self._groups(r)))
+        return self._json_route(request, self.runs_impl)
 
     @wrappers.Request.application
     def _serve_groups(self, request):
-        return self._handle(request, self._groups)
+        return self._json_route(request, self.groups_impl)
+
+    @wrappers.Request.application
+    def _serve_overview(self, request):
+        return self._json_route(request, self.overview_impl)
 
     @wrappers.Request.application
     def _serve_first_nonfinite(self, request):
-        def route(request):
-            run, group = self._run_and_group(request)
-            return reader.first_nonfinite_json(self._run_data(request, run, group))
-        return self._handle(request, route)
+        run, group = _required_later(request, "run"), request.args.get("group") or None
+        return self._json_route(request, lambda ctx, eid: self.first_nonfinite_impl(ctx, eid, run(), group))
 
     @wrappers.Request.application
     def _serve_precursors(self, request):
-        def route(request):
-            run, group = self._run_and_group(request)
-            return _precursors(self._run_data(request, run, group))
-        return self._handle(request, route)
+        run, group = _required_later(request, "run"), request.args.get("group") or None
+        return self._json_route(request, lambda ctx, eid: self.precursors_impl(ctx, eid, run(), group))
 
     @wrappers.Request.application
     def _serve_diagnosis(self, request):
-        def route(request):
-            run, group = self._run_and_group(request)
-            return _diagnosis(self._run_data(request, run, group))
-        return self._handle(request, route)
+        run, group = _required_later(request, "run"), request.args.get("group") or None
+        return self._json_route(request, lambda ctx, eid: self.diagnosis_impl(ctx, eid, run(), group))
 
     @wrappers.Request.application
     def _serve_heatmap(self, request):
-        return self._handle(request, self._heatmap)
+        def impl(ctx, eid):
+            return self.heatmap_impl(
+                ctx, eid, _required(request, "run"), request.args.get("group") or None,
+                stat=request.args.get("stat", stats.DEFAULT_STAT), kind=request.args.get("kind", "all"),
+                columns=_int_arg(request, "columns", DEFAULT_COLUMNS, 1, MAX_COLUMNS),
+                first_step=_int_arg(request, "first_step", None, 0, _MAX_STEP),
+                last_step=_int_arg(request, "last_step", None, 0, _MAX_STEP),
+                source=request.args.get("source", "rows"), rows=request.args.get("rows", "tree"))
+        return self._json_route(request, impl)
 
     @wrappers.Request.application
     def _serve_cell(self, request):
-        return self._handle(request, self._cell)
+        def impl(ctx, eid):
+            site = _int_arg(request, "site", None, 0, 2**31 - 1)
+            if site is None:
+                raise _BadRequest("missing parameter 'site' (index into the run's site list)")
+            return self.cell_impl(
+                ctx, eid, _required(request, "run"), site, request.args.get("group") or None,
+                first_step=_int_arg(request, "first_step", None, 0, _MAX_STEP),
+                last_step=_int_arg(request, "last_step", None, 0, _MAX_STEP),
+                source=request.args.get("source", "rows"))
+        return self._json_route(request, impl)
 
-    # -- route bodies ------------------------------------------------------------
-    def _heatmap(self, request):
-        stat = request.args.get("stat", "max_abs")
-        kind = request.args.get("kind", "all")
-        source = request.args.get("source", "rows")
-        rows_mode = request.args.get("rows", "tree")
-        if rows_mode not in heatmap.ROW_MODES:
-            raise _BadRequest("unknown rows %r; one of: %s" % (rows_mode, ", ".join(heatmap.ROW_MODES)))
-        columns = _int_arg(request, "columns", DEFAULT_COLUMNS, 1, MAX_COLUMNS)
-        first_step = _int_arg(request, "first_step", None, 0, _MAX_STEP)
-        last_step = _int_arg(request, "last_step", None, 0, _MAX_STEP)
-        if first_step is not None and last_step is not None and first_step > last_step:
-            raise _BadRequest("first_step %d is after last_step %d" % (first_step, last_step))
+    # -- what the routes answer ----------------------------------------------------
+    def info_impl(self):
+        info = stats.table_as_json()
+        info["version"] = metadata.PROTOCOL_VERSION
+        info["max_columns"] = MAX_COLUMNS
+        return info
+
+    def runs_impl(self, ctx, eid):
+        return list(reader.list_runs(self._provider, ctx, eid))
+
+    def groups_impl(self, ctx, eid):
+        return reader.list_runs(self._provider, ctx, eid)
+
+    def first_nonfinite_impl(self, ctx, eid, run, group=None):
+        return reader.first_nonfinite_json(self._entry(ctx, eid, run, group).data)
+
+    def precursors_impl(self, ctx, eid, run, group=None):
+        """`diagnosis.precursors` of the run, computed once per version of its data."""
+        entry = self._entry(ctx, eid, run, group)
+        return entry.memo("precursors", lambda: diagnosis.precursors(entry.data))
+
+    def diagnosis_impl(self, ctx, eid, run, group=None):
+        """The causes and the early warning of the run, computed once per version of its data."""
+        entry = self._entry(ctx, eid, run, group)
+        return entry.memo("diagnosis", lambda: report.jsonable({
+            "diagnosis": diagnosis.diagnose(entry.data),
+            "early_warning": early_warning.as_json(early_warning.from_run(entry.data))}))
+
+    def overview_impl(self, ctx, eid):
+        """Every run's state in one list: its first non-finite step and site, or finite (with
+        its loss-scale skips).  Cheap on a logdir of many runs: runs already read answer from
+        the cache; the others from their small first-non-finite and events records only."""
+        listing = self._provider.list_tensors(ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME)
+        out = []
+        for run, groups in reader.list_runs(self._provider, ctx, eid).items():
+            for group in groups:
+                series = {t: ts for t, ts in listing.get(run, {}).items()
+                          if (metadata.parse_tag(t) or (False,))[0] == group}
+                fingerprint = tuple(sorted((t, ts.max_step, ts.max_wall_time) for t, ts in series.items()))
+                entry = self.cache.peek((eid, run, group), fingerprint)
+                try:
+                    data = entry.data if entry is not None else reader.read_run_summary(
+                        self._provider, ctx, eid, run, group, series)
+                except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
+                    out.append({"run": run, "group": group, "state": "unreadable", "error": str(e)})
+                    continue
+                out.append(run_state(data))
+        return out
+
+    def heatmap_impl(self, ctx, eid, run, group=None, stat=stats.DEFAULT_STAT, kind="all",
+                     columns=DEFAULT_COLUMNS, first_step=None, last_step=None, source="rows", rows="tree"):
+        if rows not in heatmap.ROW_MODES:
+            raise _BadRequest("unknown rows %r; one of: %s" % (rows, ", ".join(heatmap.ROW_MODES)))
+        if not 1 <= columns <= MAX_COLUMNS:
+            raise _BadRequest("parameter 'columns' must be between 1 and %d, got %d" % (MAX_COLUMNS, columns))
+        _check_range(first_step, last_step)
         if stat not in stats.STAT_INDEX:
             raise _BadRequest("unknown stat %r; one of: %s" % (stat, ", ".join(stats.STAT_NAMES)))
         if kind != "all" and kind not in stats.KINDS:
             raise _BadRequest("unknown kind %r; 'all' or one of: %s" % (kind, ", ".join(stats.KINDS)))
-        if source not in heatmap.SOURCES:
-            raise _BadRequest("unknown source %r; one of: %s" % (source, ", ".join(heatmap.SOURCES)))
-        run, group = self._run_and_group(request)
-        data = self._run_data(request, run, group)
-        return self._cached_heatmap(data, stat, kind, columns, first_step, last_step, source, rows_mode)
+        _check_source(source)
+        entry = self._entry(ctx, eid, run, group)
+        # A reload of an unchanged run (the frontend re-asks every 30 s) costs nothing.
+        args = (stat, kind, columns, first_step, last_step, source, rows)
+        return entry.memo(("heatmap",) + args, lambda: heatmap_body(entry.data, *args))
 
-    def _heatmap_body(self, data, stat, kind, columns, first_step, last_step, source, rows_mode="tree"):
-        run, group = data.run, data.group
-        first = reader.first_nonfinite_json(data)
-        hm = heatmap.build(data, stat=stat, kind=None if kind == "all" else kind, max_columns=columns,
-                           first_step=first_step, last_step=last_step, source=source, rows_mode=rows_mode,
-                           first_step_of_run=None if first is None else int(first["step"]))
-        tree_rows = None if hm.tree is None else [n.as_json() for n in hm.tree.nodes]
-        return {
-            "run": run,
-            "group": group,
-            "stat": stat,
-            "kind": kind,
-            "source": source,
-            "rows_mode": rows_mode,
-            "n_sites": len(hm.site_indices),
-            "n_rows": int(hm.values.shape[0]),
-            "n_columns": int(len(hm.first_steps)),
-            "sites": [dict(_site_json(data.sites[i]), index=int(i)) for i in hm.site_indices],
-            # rows "tree": groups > layers > sites in pre-order; "sites": null (rows are `sites`).
-            "rows": tree_rows,
-            "first_steps": [int(s) for s in hm.first_steps],
-            "last_steps": [int(s) for s in hm.last_steps],
-            "rows_per_column": [int(n) for n in hm.rows_per_column],
-            # Row-major [n_rows, n_columns]; NaN = not measured.
-            "values": _b64(hm.values.astype("<f4")),
-            "status": _b64(hm.status.astype(np.uint8)),
-            # 1 where a non-finite cell of the first non-finite step's column went bad later.
-            "late": _b64(hm.late.astype(np.uint8)),
-            "first_nonfinite_cell": _first_cell(data, hm, first),
-            "step_range": _step_range(data.steps, data.rows),
-            "flight_range": _step_range(data.flight_steps, data.flight_rows),
-            "events": _events_in_view(data.events, hm),
-            "event_counts": _event_counts(data.events),
-            "warnings": data.warnings,   # records the reader's gate dropped, per tag
-            # Several writer sessions in the run directory: the words naming them (the data
-            # is the latest one's), else null.
-            "session_warning": data.session_warning(),
-        }
-
-    def _cell(self, request):
-        source = request.args.get("source", "rows")
-        if source not in heatmap.SOURCES:
-            raise _BadRequest("unknown source %r; one of: %s" % (source, ", ".join(heatmap.SOURCES)))
-        site = _int_arg(request, "site", None, 0, 2**31 - 1)
-        if site is None:
-            raise _BadRequest("missing parameter 'site' (index into the run's site list)")
-        first_step = _int_arg(request, "first_step", None, 0, _MAX_STEP)
-        last_step = _int_arg(request, "last_step", None, 0, _MAX_STEP)
-        if first_step is not None and last_step is not None and first_step > last_step:
-            raise _BadRequest("first_step %d is after last_step %d" % (first_step, last_step))
-        run, group = self._run_and_group(request)
-        data = self._run_data(request, run, group)
-        if site >= len(data.sites):
+    def cell_impl(self, ctx, eid, run, site, group=None, first_step=None, last_step=None, source="rows"):
+        _check_source(source)
+        _check_range(first_step, last_step)
+        data = self._entry(ctx, eid, run, group).data
+        if not 0 <= site < len(data.sites):
             raise _BadRequest("site %d out of range: run %r has %d sites" % (site, run, len(data.sites)))
-        steps, rows = (data.steps, data.rows) if source == "rows" else (data.flight_steps, data.flight_rows)
-        firsts = heatmap.row_first_steps(steps, rows) if len(steps) else steps
-        keep = np.ones(len(steps), dtype=bool)
-        if first_step is not None:
-            keep &= steps >= first_step
-        if last_step is not None:
-            keep &= firsts <= last_step
-        picked = rows[:, site, :][keep]   # a view of one site, then the rows: no copy of the run
-        if len(picked):
-            combined = stats.aggregate_rows(picked, axis=0) if len(picked) > 1 else picked[0]
-            status = stats.STATUS_NAMES[int(stats.nonfinite_status(combined))]
-            values = {name: _num(combined[k]) for k, name in enumerate(stats.STAT_NAMES)}
-            covered = [int(firsts[keep][0]), int(steps[keep][-1])]
-        else:
-            status, values, covered = None, None, None
-        flight = [dict({"step": int(s)}, **{name: _num(r[site, k]) for k, name in enumerate(stats.STAT_NAMES)})
-                  for s, r in zip(data.flight_steps, data.flight_rows)]
-        return {
-            "run": run,
-            "group": group,
-            "source": source,
-            "site": dict(_site_json(data.sites[site]), index=site),
-            "rows": int(keep.sum()),
-            "steps": covered,
-            "status": status,
-            "stats": values,
-            "flight": flight,
-        }
+        return cell_body(data, site, first_step, last_step, source)
+
+
+def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_mode="tree"):
+    """The /heatmap answer over one version of a run's data (see http_api.md)."""
+    first = reader.first_nonfinite_json(data)
+    hm = heatmap.build(data, stat=stat, kind=None if kind == "all" else kind, max_columns=columns,
+                       first_step=first_step, last_step=last_step, source=source, rows_mode=rows_mode,
+                       first_step_of_run=None if first is None else int(first["step"]))
+    tree_rows = None if hm.tree is None else [n.as_json() for n in hm.tree.nodes]
+    return {
+        "run": data.run,
+        "group": data.group,
+        "stat": stat,
+        "kind": kind,
+        "source": source,
+        "rows_mode": rows_mode,
+        "n_sites": len(hm.site_indices),
+        "n_rows": int(hm.values.shape[0]),
+        "n_columns": int(len(hm.first_steps)),
+        "sites": [dict(_site_json(data.sites[i]), index=int(i)) for i in hm.site_indices],
+        # rows "tree": groups > layers > sites in pre-order; "sites": null (rows are `sites`).
+        "rows": tree_rows,
+        "first_steps": [int(s) for s in hm.first_steps],
+        "last_steps": [int(s) for s in hm.last_steps],
+        "rows_per_column": [int(n) for n in hm.rows_per_column],
+        # Row-major [n_rows, n_columns]; NaN = not measured.
+        "values": _b64(hm.values.astype("<f4")),
+        "status": _b64(hm.status.astype(np.uint8)),
+        # 1 where a non-finite cell of the first non-finite step's column went bad later.
+        "late": _b64(hm.late.astype(np.uint8)),
+        "first_nonfinite_cell": _first_cell(data, hm, first),
+        "step_range": _step_range(data.steps, data.rows),
+        "flight_range": _step_range(data.flight_steps, data.flight_rows),
+        "events": _events_in_view(data.events, hm),
+        "event_counts": _event_counts(data.events),
+        "warnings": data.warnings,   # records the reader's gate dropped, per tag
+        # Several writer sessions in the run directory: the words naming them (the data
+        # is the latest one's), else null.
+        "session_warning": data.session_warning(),
+    }
+
+
+def cell_body(data, site, first_step, last_step, source):
+    """The /cell answer: every statistic of one site over the rows overlapping the range."""
+    steps, rows = (data.steps, data.rows) if source == "rows" else (data.flight_steps, data.flight_rows)
+    steps, firsts, picked = heatmap.select_rows(steps, rows[:, site:site + 1, :] if len(steps) else rows,
+                                                first_step, last_step)
+    picked = picked[:, 0, :] if len(picked) else picked.reshape(0, len(stats.STATS))
+    if len(picked):
+        combined = stats.aggregate_rows(picked, axis=0) if len(picked) > 1 else picked[0]
+        status = stats.STATUS_NAMES[int(stats.nonfinite_status(combined))]
+        values = {name: _num(combined[k]) for k, name in enumerate(stats.STAT_NAMES)}
+        covered = [int(firsts[0]), int(steps[-1])]
+    else:
+        status, values, covered = None, None, None
+    flight = [dict({"step": int(s)}, **{name: _num(r[site, k]) for k, name in enumerate(stats.STAT_NAMES)})
+              for s, r in zip(data.flight_steps, data.flight_rows)]
+    return {
+        "run": data.run,
+        "group": data.group,
+        "source": source,
+        "site": dict(_site_json(data.sites[site]), index=site),
+        "rows": int(len(picked)),
+        "steps": covered,
+        "status": status,
+        "stats": values,
+        "flight": flight,
+    }
+
+
+def run_state(data):
+    """A run's line of the runs overview: "nonfinite" (its first step and site), "skips"
+    (finite but for loss-scale skips, by design) or "healthy"."""
+    first = reader.first_nonfinite_json(data)
+    skips = [e for e in data.events if isinstance(e, dict) and e.get("type") == "loss_scale_skip"]
+    totals = [e["skips_total"] for e in skips if _is_step(e.get("skips_total"))]
+    n_skips = max([len(skips)] + [int(t) for t in totals]) if skips else 0
+    last = int(data.steps.max()) if len(data.steps) else getattr(data, "last_step", None)
+    out = {"run": data.run, "group": data.group, "last_step": last, "loss_scale_skips": n_skips,
+           "session_warning": data.session_warning()}
+    if first is not None:
+        out.update(state="nonfinite", step=int(first["step"]), layer=first["layer"], kind=first["kind"],
+                   tensor=first.get("tensor", ""), nan=first.get("nan", 0), posinf=first.get("posinf", 0),
+                   neginf=first.get("neginf", 0))
+    else:
+        out["state"] = "skips" if n_skips else "healthy"
+    return out
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -405,6 +436,21 @@ def _required(request, name):
     if value is None or value == "":
         raise _BadRequest("missing parameter %r" % name)
     return value
+
+
+def _required_later(request, name):
+    """The parameter, read inside the route's error handling (a missing one answers 400)."""
+    return lambda: _required(request, name)
+
+
+def _check_range(first_step, last_step):
+    if first_step is not None and last_step is not None and first_step > last_step:
+        raise _BadRequest("first_step %d is after last_step %d" % (first_step, last_step))
+
+
+def _check_source(source):
+    if source not in heatmap.SOURCES:
+        raise _BadRequest("unknown source %r; one of: %s" % (source, ", ".join(heatmap.SOURCES)))
 
 
 def _int_arg(request, name, default, lo, hi):
@@ -418,10 +464,6 @@ def _int_arg(request, name, default, lo, hi):
     if not lo <= value <= hi:
         raise _BadRequest("parameter %r must be between %d and %d, got %d" % (name, lo, hi, value))
     return value
-
-
-def _nbytes(data):
-    return data.rows.nbytes + data.flight_rows.nbytes
 
 
 def _b64(array):
@@ -517,21 +559,3 @@ def _event_counts(events):
                     "first_step": min(steps) if steps else None, "last_step": max(steps) if steps else None,
                     "last": dicts[-1] if dicts else None})
     return out
-
-
-def _precursors(data):
-    """`diagnosis.precursors` of the run, computed once per version of its data."""
-    found = getattr(data, "precursors_json", None)
-    if found is None:
-        found = data.precursors_json = diagnosis.precursors(data)
-    return found
-
-
-def _diagnosis(data):
-    """`/diagnosis`: the causes and the early warning of the run, computed once per version of its data."""
-    found = getattr(data, "diagnosis_json", None)
-    if found is None:
-        found = data.diagnosis_json = report.jsonable({
-            "diagnosis": diagnosis.diagnose(data),
-            "early_warning": early_warning.as_json(early_warning.from_run(data))})
-    return found

@@ -244,6 +244,35 @@ def read_run(provider, ctx, experiment_id, run, group=None):
 SESSION_GAP_SECONDS = 1.0
 
 
+def read_run_summary(provider, ctx, experiment_id, run, group, series):
+    """A RunData without rows (for the runs overview): the first non-finite record, the
+    events and the last step, from their small records only.  `series`: the run's
+    nanwatch tags (run_series).  Unlike read_run it does not tell writer sessions apart."""
+    tags = {record: metadata.tag(record, group) for record in metadata.RECORDS}
+    wanted = [tags[r] for r in (metadata.FIRST_NONFINITE, metadata.EVENTS) if tags[r] in series]
+    got = provider.read_tensors(
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
+        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=wanted)).get(run, {}) if wanted else {}
+    first, events = None, []
+    for datum in got.get(tags[metadata.FIRST_NONFINITE], []):
+        try:
+            record, _ = validation.first_nonfinite(validation.parse_json(datum.numpy, "the record"), datum.step)
+        except validation.InvalidData:
+            continue
+        if first is None or record["step"] < first["step"]:
+            first = record
+    for datum in sorted(got.get(tags[metadata.EVENTS], []), key=lambda d: d.step):
+        try:
+            events.extend(validation.events(validation.parse_json(datum.numpy, "the record"))[0])
+        except validation.InvalidData:
+            continue
+    empty = np.zeros((0, 0, len(stats.STATS)))
+    data = RunData(run, group, [], np.zeros(0, np.int64), empty, np.zeros(0, np.int64), empty, first, events)
+    row_steps = [ts.max_step for t, ts in series.items() if metadata.parse_tag(t)[1] == metadata.ROWS]
+    data.last_step = max(row_steps) if row_steps else None
+    return data
+
+
 def sessions_of(row_data, other_data=()):
     """Writer sessions in the rows of one run (TensorDatum with step and wall_time): in
     wall-time order, a session's rows have rising steps; a row whose step is not past

@@ -9,6 +9,7 @@ and the worker.  Saves docs/screenshot.png (the README's) and
 docs/screenshot_mixed_precision.png.
 """
 
+import json
 import os
 import pathlib
 import re
@@ -134,7 +135,8 @@ class Tab:
         }""")}
 
     def select_run(self, run):
-        self.fl.locator("select.nw-run").select_option(label=run)
+        # Options read "run \u2014 its state"; their values are [run, group] in JSON.
+        self.fl.locator("select.nw-run").select_option(value=json.dumps([run, None], separators=(",", ":")))
         self.wait("(run) => window.__nanwatch.heat && window.__nanwatch.heat.run === run", run)
 
     def heat(self, field):
@@ -460,3 +462,15 @@ def test_empty_logdir_is_a_clean_state(tmp_path, browser):
             assert fl.locator(".nw-subbar").is_hidden() and fl.locator(".nw-stack").is_hidden()
         finally:
             context.close()
+
+
+def test_runs_overview_lists_every_runs_state(tab):
+    options = tab.fl.locator("select.nw-run option").all_inner_texts()
+    assert "adam_blowup \u2014 +Inf at step %d in dense_2" % plugin_helpers.BLOWUP_STEP in options
+    assert any(o.startswith("mp_healthy \u2014 healthy but 6 loss-scale skips") for o in options), options
+    summary = tab.fl.locator(".nw-overview-summary")
+    assert re.match(r"\d+ runs: \d+ runs with a non-finite value, 1 with loss-scale skips only, \d+ healthy",
+                    summary.inner_text()), summary.inner_text()
+    summary.click()
+    tab.fl.locator(".nw-overview-list tr", has_text="mp_healthy").click()
+    tab.wait("() => window.__nanwatch.heat.run === 'mp_healthy'")

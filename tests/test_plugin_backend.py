@@ -24,7 +24,7 @@ from tensorboard.plugins.core import core_plugin
 
 import plugin_helpers
 import synthetic
-from tb_nanwatch import diagnosis, heatmap, plugin, reader, stats, summary
+from tb_nanwatch import cache, diagnosis, heatmap, plugin, reader, stats, summary
 
 COL = stats.STAT_INDEX
 PREFIX = "/data/plugin/nanwatch"
@@ -303,8 +303,7 @@ def test_heatmap_latency(app):
         t0 = time.perf_counter()
         app.json("/heatmap", rows="sites", run="mlp", columns=500, **params)
         return time.perf_counter() - t0
-    app.plugin._cache.clear()
-    app.plugin._heatmaps.clear()
+    app.plugin.cache = cache.RunCache()
     cold = timed()                                                  # reads the run
     built = min(timed(stat=s) for s in ("norm", "std", "mean"))     # run cached, heatmap built
     cached = min(timed() for _ in range(3))                         # the same view again
@@ -511,7 +510,7 @@ def test_precursors_route(mixed):
 
 def test_precursors_of_a_big_run_cost_what_their_signs_cost(app):
     # 1,000 rows x 32 sites without a sign: diagnosis.precursors alone takes ~1 s here.
-    app.plugin._cache.clear()
+    app.plugin.cache = cache.RunCache()
     app.json("/heatmap", rows="sites", run="spikes", columns=10)      # reads the run
     t0 = time.perf_counter()
     assert app.json("/precursors", run="spikes") == []
@@ -598,7 +597,7 @@ def test_a_failing_data_provider_is_a_json_error_not_an_html_500(app, monkeypatc
     def fail(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: Received message larger than max")
 
-    monkeypatch.setattr(app.plugin, "_cache", collections.OrderedDict())
+    monkeypatch.setattr(app.plugin, "cache", cache.RunCache())
     monkeypatch.setattr(app.plugin._provider, "read_tensors", fail)
     r = app.get("/heatmap", run=app.json("/runs")[0], stat="max_abs")
     assert r.status_code == 503
@@ -621,3 +620,42 @@ def test_two_writer_sessions_show_the_latest_one_with_a_warning(tmp_path):
     # One session: no warning.
     synthetic.write_run(str(tmp_path / "single"), n_rows=5, log_every=10)
     assert App(tmp_path).json("/heatmap", run="single")["session_warning"] is None
+
+
+# -- the routes' *_impl methods, called directly --------------------------------------
+def test_impl_methods_answer_plain_values_without_a_request(app):
+    from tensorboard import context
+    ctx, p = context.RequestContext(), app.plugin
+    assert p.runs_impl(ctx, "") == app.json("/runs")
+    assert p.info_impl() == app.json("/info")
+    hm = p.heatmap_impl(ctx, "", "mlp", rows="sites", columns=10)
+    assert (hm["run"], hm["n_columns"], hm["rows"]) == ("mlp", 10, None)
+    assert p.heatmap_impl(ctx, "", "mlp", rows="sites", columns=10) is hm      # memoised per data version
+    cell = p.cell_impl(ctx, "", "mlp", MLP_FIRST[1], first_step=5000, last_step=5009)
+    assert cell["status"] == "+inf" and cell["steps"] == [5000, 5009]
+    assert p.first_nonfinite_impl(ctx, "", "mlp")["step"] == MLP_FIRST[0]
+    for call, error in ((lambda: p.heatmap_impl(ctx, "", "mlp", stat="bogus"), plugin._BadRequest),
+                        (lambda: p.heatmap_impl(ctx, "", "mlp", first_step=9, last_step=3), plugin._BadRequest),
+                        (lambda: p.cell_impl(ctx, "", "mlp", 10**6), plugin._BadRequest),
+                        (lambda: p.first_nonfinite_impl(ctx, "", "nope"), reader.RunNotFound)):
+        with pytest.raises(error):
+            call()
+
+
+def test_one_table_maps_errors_to_statuses():
+    codes = {kind: code for kind, code in plugin.ERROR_STATUS}
+    assert codes[plugin._BadRequest] == codes[heatmap.HeatmapError] == 400
+    assert codes[reader.RunNotFound] == 404 and codes[reader.InvalidData] == 422
+
+
+def test_overview_lists_every_runs_state(app, mixed):
+    states = {(r["run"], r["group"]): r for r in app.json("/overview")}
+    assert set(states) == {(run, g) for run, gs in app.json("/groups").items() for g in gs}
+    mlp = states[("mlp", None)]
+    assert (mlp["state"], mlp["step"], mlp["layer"], mlp["kind"]) == (
+        "nonfinite", MLP_FIRST[0], synthetic.sites_for()[MLP_FIRST[1]]["layer"], synthetic.sites_for()[MLP_FIRST[1]]["kind"])
+    assert states[("clean", None)]["state"] == "healthy" and states[("clean", None)]["last_step"] == 149
+    mixed_app, _ = mixed
+    mp = {r["run"]: r for r in mixed_app.json("/overview")}
+    assert mp["mp"]["state"] == "skips" and mp["mp"]["loss_scale_skips"] == 5
+    assert mp["mp_worker"]["state"] == "nonfinite"
