@@ -15,6 +15,8 @@ Everything else is a fixed set of ops over all sites at once:
   the poll vector the host reads are updated with one assign each.
 """
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2
@@ -24,8 +26,10 @@ from tb_nanwatch import stats
 from tb_nanwatch.watch import host
 
 HALF = (tf.float16, tf.bfloat16)
-# Elements concatenated per chunk of the full statistics (16 MB of float32).
+# Elements concatenated per chunk of the full statistics (16 MB of float32), and per block
+# (a row of the chunk's matrix, reduced densely).
 CHUNK_ELEMENTS = 1 << 22
+BLOCK = 512
 # A dimension unknown when the step is traced (the batch) counts as this much when chunks
 # are planned; it only changes where chunks are cut, never a result.
 _UNKNOWN_DIM = 32
@@ -77,24 +81,44 @@ class DeviceState:
         self.acc.assign(host.initial_accumulators(self.capacity))
 
 
+_constants = weakref.WeakKeyDictionary()
+
+
+def _shared_constant(value, dtype):
+    """One Const op per graph for a value used by every site (trace time grows with ops)."""
+    graph = tf.compat.v1.get_default_graph()
+    cache = _constants.setdefault(graph, {})
+    key = (tf.as_dtype(dtype).name, np.asarray(value).tobytes(), np.shape(value))
+    if key not in cache:
+        cache[key] = tf.constant(value, dtype)
+    return cache[key]
+
+
 def flatten(tensor):
     """A watched tensor as the step reads it: 1-D, half precision widened to float32 (a
     float16 sum of squares overflows at 65,504 and would raise false alarms)."""
-    flat = tf.reshape(tensor, [-1])
+    flat = tf.reshape(tensor, _shared_constant([-1], tf.int32))
     return tf.cast(flat, tf.float32) if flat.dtype in HALF else flat
 
 
 def l2_norm(flat):
-    """The once-per-step read.  `reduce_euclidean_norm` is one pass with no temporary, but XLA
-    has no kernel for it; there the square fuses into the sum."""
+    """The once-per-step read of a 1-D tensor.  `reduce_euclidean_norm` is one pass with no
+    temporary, but XLA has no kernel for it; there the square fuses into the sum."""
+    axis = _shared_constant([0], tf.int32)
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-        return tf.sqrt(tf.reduce_sum(tf.square(flat)))
-    return tf.math.reduce_euclidean_norm(flat)
+        return tf.sqrt(tf.raw_ops.Sum(input=tf.square(flat), axis=axis))
+    return tf.raw_ops.EuclideanNorm(input=flat, axis=axis)
 
 
-def _static_size(tensor):
-    known = tensor.shape.num_elements()   # a constant where the shape is static (weights, slots)
-    return tf.constant(float(known), tf.float64) if known is not None else tf.cast(tf.size(tensor), tf.float64)
+def _sizes(pieces):
+    """float64 [len(pieces)]: one constant for the static sizes, a Size op per dynamic one."""
+    known = [p.shape.num_elements() for p in pieces]
+    static = tf.constant([float(k) if k is not None else 0.0 for k in known], tf.float64)
+    dynamic = [(i, tf.size(p)) for i, (p, k) in enumerate(zip(pieces, known)) if k is None]
+    if not dynamic:
+        return static
+    return static + tf.scatter_nd([[i] for i, _ in dynamic], tf.cast(tf.stack([d for _, d in dynamic]), tf.float64),
+                                  [len(pieces)])
 
 
 def _planned_size(tensor):
@@ -118,63 +142,84 @@ def plan_chunks(pieces):
     return chunks
 
 
-def _segment_ids(sizes, total):
-    """Element -> piece index for pieces of `sizes` laid end to end (empty pieces skipped)."""
-    starts = tf.cumsum(sizes, exclusive=True)
-    markers = tf.scatter_nd(starts[:, None], tf.ones_like(sizes), tf.reshape(total + 1, [1]))[:-1]
-    return tf.cumsum(markers) - 1
+def _padding(piece):
+    """(padding, blocks, filler): NaN elements that bring `piece` to a whole number of blocks, so
+    that a block belongs to one piece; NaN is neutral to every finite-only statistic (the NaN
+    count takes it back).  Python ints where the shape is static."""
+    known = piece.shape.num_elements()
+    if known is not None:
+        pad = -known % BLOCK
+        return pad, (known + pad) // BLOCK, (_shared_constant(np.full(pad, np.nan), piece.dtype) if pad else None)
+    pad = tf.math.floormod(-tf.size(piece), BLOCK)
+    return pad, (tf.size(piece) + pad) // BLOCK, tf.fill(tf.reshape(pad, [1]), tf.constant(np.nan, piece.dtype))
 
 
 def _chunk_moments(pieces, tiny):
-    """float64 [len(pieces), len(MOMENTS)] of 1-D pieces of one dtype, concatenated."""
-    x = tf.concat(pieces, 0) if len(pieces) > 1 else pieces[0]
-    sizes = tf.stack([tf.size(p) for p in pieces])
-    total = tf.size(x)
+    """float64 [len(pieces), len(MOMENTS)] of 1-D pieces of one dtype.
+
+    The pieces, each padded to whole blocks of BLOCK elements, are laid out as one matrix
+    [blocks, BLOCK]: dense reductions along its rows (as fast as one reduce_sum, where segment
+    ops over elements are ten times slower), then the few per-block values per piece."""
+    parts, pads, blocks = [], [], []
+    for piece in pieces:
+        pad, piece_blocks, filler = _padding(piece)
+        parts.append(piece)
+        if filler is not None:
+            parts.append(filler)
+        pads.append(pad)
+        blocks.append(piece_blocks)
+    x = tf.reshape(tf.concat(parts, 0) if len(parts) > 1 else parts[0], [-1, BLOCK])
     n = len(pieces)
-    ids = _segment_ids(sizes, total)
+    if all(isinstance(b, int) for b in blocks):
+        block_piece = tf.constant(np.repeat(np.arange(n), blocks).astype(np.int32))
+    else:
+        block_piece = tf.repeat(tf.range(n), tf.stack([tf.cast(b, tf.int32) for b in blocks]))
     finite = tf.math.is_finite(x)
 
-    def count(mask):
-        return tf.cast(tf.math.unsorted_segment_sum(tf.cast(mask, tf.int32), ids, n), tf.float64)
+    def count(mask):   # exact: a block's count is at most BLOCK
+        return tf.cast(tf.reduce_sum(tf.cast(mask, tf.float32), 1), tf.float64)
 
-    x_finite = tf.where(finite, x, tf.zeros_like(x))
-    wide = tf.cast(x_finite, tf.float64)
+    wide = tf.cast(tf.where(finite, x, tf.zeros_like(x)), tf.float64)
     columns = {
         "finite": count(finite),
-        "sum": tf.math.unsorted_segment_sum(wide, ids, n),
-        "sumsq": tf.math.unsorted_segment_sum(tf.square(wide), ids, n),
+        "sum": tf.reduce_sum(wide, 1),
+        "sumsq": tf.reduce_sum(tf.square(wide), 1),
         "zeros": count(tf.equal(x, 0)),
         "nan": count(tf.math.is_nan(x)),
         "posinf": count(tf.equal(x, np.inf)),
         "neginf": count(tf.equal(x, -np.inf)),
-        "min": tf.cast(tf.math.unsorted_segment_min(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(np.inf, x.dtype))), ids, n), tf.float64),
-        "max": tf.cast(tf.math.unsorted_segment_max(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(-np.inf, x.dtype))), ids, n), tf.float64),
+        "min": tf.cast(tf.reduce_min(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(np.inf, x.dtype))), 1), tf.float64),
+        "max": tf.cast(tf.reduce_max(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(-np.inf, x.dtype))), 1), tf.float64),
     }
     if any(t > 0 for t in tiny):
         # NaN and Inf compare False: only finite elements count as underflow.
-        threshold = tf.gather(tf.constant(tiny, x.dtype), ids)
-        columns["under"] = count(tf.abs(x) < threshold)
+        threshold = tf.gather(tf.constant(tiny, x.dtype), block_piece)
+        columns["under"] = count(tf.abs(x) < threshold[:, None])
     else:
-        columns["under"] = tf.zeros([n], tf.float64)
-    # A piece with no finite element has no extremes (segment min/max give the dtype's limits).
-    has = columns["finite"] > 0
-    columns["min"] = tf.where(has, columns["min"], tf.fill([n], np.float64(np.inf)))
-    columns["max"] = tf.where(has, columns["max"], tf.fill([n], np.float64(-np.inf)))
-    return tf.stack([columns[name] for name in MOMENTS], 1)
+        columns["under"] = tf.zeros_like(columns["finite"])
+    per_block = tf.stack([columns[name] for name in MOMENTS], 1)
+    moments = _combine(per_block, block_piece, n)
+    # The padding was counted as NaN.
+    padded = tf.cast(tf.stack([tf.cast(p, tf.int32) for p in pads]), tf.float64)
+    return moments - tf.one_hot(MOMENT["nan"], len(MOMENTS), dtype=tf.float64)[None] * padded[:, None]
 
 
 def _combine(moments, segment_ids, n):
-    """Rows of MOMENTS combined per segment (pieces -> sites, or replicas -> one)."""
-    return tf.concat([tf.math.unsorted_segment_sum(moments[:, :_ADDED], segment_ids, n),
-                      tf.math.unsorted_segment_min(moments[:, _ADDED:_ADDED + 1], segment_ids, n),
-                      tf.math.unsorted_segment_max(moments[:, _ADDED + 1:], segment_ids, n)], 1)
+    """Rows of MOMENTS combined per segment (blocks -> pieces -> sites, or replicas -> one);
+    a segment with no rows gets no extremes (+inf min, -inf max)."""
+    added = tf.math.unsorted_segment_sum(moments[:, :_ADDED], segment_ids, n)
+    low = tf.math.unsorted_segment_min(moments[:, _ADDED:_ADDED + 1], segment_ids, n)
+    high = tf.math.unsorted_segment_max(moments[:, _ADDED + 1:], segment_ids, n)
+    rows = tf.math.unsorted_segment_sum(tf.ones_like(moments[:, :1]), segment_ids, n) > 0
+    return tf.concat([added, tf.where(rows, low, tf.fill(tf.shape(low), np.float64(np.inf))),
+                      tf.where(rows, high, tf.fill(tf.shape(high), np.float64(-np.inf)))], 1)
 
 
 def site_moments(pieces, piece_site, tiny, n_sites):
     """float64 [n_sites, len(MOMENTS)]: chunk after chunk (control dependencies keep one
     chunk's copy alive at a time), then pieces combined into their sites."""
     if not pieces:
-        return tf.zeros([n_sites, len(MOMENTS)], tf.float64)
+        return tf.constant(np.tile(_NO_MOMENTS, (n_sites, 1)))
     out, previous = [], []
     for chunk in plan_chunks(pieces):
         with tf.control_dependencies(previous):
@@ -182,10 +227,7 @@ def site_moments(pieces, piece_site, tiny, n_sites):
         out.append(moments)
         previous = [moments]
     moments = tf.concat(out, 0) if len(out) > 1 else out[0]
-    combined = _combine(moments, tf.constant(piece_site, tf.int32), n_sites)
-    # unsorted_segment_min/max of a site without pieces: the dtype's limits, not "none".
-    empty = tf.constant(np.bincount(piece_site, minlength=n_sites) == 0)
-    return tf.where(empty[:, None], tf.constant(np.tile(_NO_MOMENTS, (n_sites, 1))), combined)
+    return _combine(moments, tf.constant(piece_site, tf.int32), n_sites)
 
 
 _NO_MOMENTS = np.array([np.inf if m == "min" else -np.inf if m == "max" else 0.0 for m in MOMENTS])
@@ -255,8 +297,11 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     segments = tf.constant(piece_site, tf.int32)
     if pieces:
         # The once-per-step read: an L2 norm per tensor, in float64 from there on.
-        norms = tf.cast(tf.stack([l2_norm(p) for p in pieces]), tf.float64)
-        sizes = tf.stack([_static_size(p) for p in pieces])
+        norms = [l2_norm(p) for p in pieces]
+        if len({n.dtype for n in norms}) > 1:   # a float64 site among float32 ones
+            norms = [tf.cast(n, tf.float64) for n in norms]
+        norms = tf.cast(tf.stack(norms), tf.float64)
+        sizes = _sizes(pieces)
         local = tf.stack([tf.math.unsorted_segment_sum(tf.square(norms), segments, n),
                           tf.math.unsorted_segment_sum(sizes, segments, n)], 1)
     else:
