@@ -54,6 +54,7 @@ class NanWatchCallback(keras.callbacks.Callback):
         self._train_function_key = None
 
     def on_train_begin(self, logs=None):
+        self._build_optimizers()
         if self.watch is None:
             self.watch = self.watch_class(self.logdir, self.model,
                                optimizers=instrument.find_optimizers(self.model, self._extra_optimizers),
@@ -69,6 +70,15 @@ class NanWatchCallback(keras.callbacks.Callback):
         steps, epochs = self.params.get("steps"), self.params.get("epochs")
         if steps and epochs:
             self.watch.expect_last_step(steps * epochs)
+
+    def _build_optimizers(self):
+        """Builds the optimizer's slots before the step is traced, as Keras itself does under a
+        distribution strategy (`Trainer._symbolic_build`).  Built inside the trace instead, they
+        make TensorFlow trace the whole step twice, and the instrumentation with it."""
+        optimizer = getattr(self.model, "optimizer", None)
+        variables = self.model.trainable_variables if getattr(self.model, "built", False) else []
+        if optimizer is not None and not optimizer.built and variables:
+            optimizer.build(variables)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.watch.after_step() and self.stop_on_nonfinite:
