@@ -78,11 +78,15 @@ def encode_row(step, row):
     col = stats.STAT_INDEX
     out = np.zeros((row.shape[0] + 1, len(DISK_STATS)), dtype=DISK_DTYPE)
     out[0, 0] = np.nanmax(row[:, col["steps"]]) if len(row) else 1
+    # A float64 statistic past float32's range (the norm of a float32 tensor near overflow)
+    # saturates at float32's largest value rather than reading as an infinity.
+    largest = np.finfo(DISK_DTYPE).max
     for j, name in enumerate(DISK_STATS):
         if name == FIRST_OFFSET:
             out[1:, j] = step - row[:, col["first_nonfinite_step"]]
         else:
-            out[1:, j] = row[:, col[name]]
+            value = row[:, col[name]]
+            out[1:, j] = np.where(np.isinf(value), value, np.clip(value, -largest, largest))
     return out
 
 

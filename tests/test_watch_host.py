@@ -188,3 +188,14 @@ def test_protocol_1_runs_still_read(tmp_path):
     assert data.rows[2, 1, COL["first_nonfinite_step"]] == 15 and data.rows[2, 1, COL["nan"]] == 2
     assert np.all(np.isnan(data.rows[:, :, COL["max_norm"]]))     # not measured by protocol 1
     assert reader.first_nonfinite_json(data)["step"] == 15
+
+
+def test_values_past_float32_saturate_and_infinities_stay():
+    row = np.full((2, len(stats.STATS)), np.nan)
+    row[:, COL["steps"]] = 1
+    row[:, COL["norm"]] = [1e300, 2.0]
+    row[:, COL["headroom"]] = [np.inf, 3.0]    # all zeros: infinite headroom, on purpose
+    with np.errstate(over="raise"):
+        decoded = metadata.decode_rows(metadata.encode_row(5, row)[None], metadata.DISK_STATS, [5])[0]
+    assert decoded[0, COL["norm"]] == np.finfo(np.float32).max and decoded[1, COL["norm"]] == 2.0
+    assert decoded[0, COL["headroom"]] == np.inf

@@ -365,3 +365,38 @@ def test_model_called_twice_in_one_step_keeps_both_calls(tmp_path):
     assert (first["kind"], first["nan"]) == ("input", 1)
     rd = read(tmp_path)
     assert rd.rows[0, rd.site_index(model.name, "input"), stats.STAT_INDEX["size"]] == 2 * 4 * 3
+
+
+def _regression(tmp_path, name, learning_rate, epochs):
+    """Least squares by SGD: the curvature is 2, so the iteration diverges for a learning
+    rate above 1, geometrically (|1 - 2 lr| per step), and overflows float32 a few hundred
+    steps later."""
+    keras.utils.set_random_seed(0)
+    x = np.random.normal(size=(512, 4)).astype("float32")
+    y = (x @ np.ones((4, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate), loss="mse")
+    callback = tb_nanwatch.NanWatchCallback(str(tmp_path / name), log_every=50)
+    losses = keras.callbacks.History()
+    model.fit(x, y, epochs=epochs, batch_size=32, shuffle=False, verbose=0, callbacks=[callback, losses])
+    return callback.watch, losses.history["loss"]
+
+
+def test_early_warning_comes_well_before_a_gradual_overflow(tmp_path):
+    watch, _ = _regression(tmp_path, "diverging", 1.08, 14)
+    first = watch.first_nonfinite
+    warning = watch.early_warning
+    assert first is not None and warning is not None
+    assert first["step"] - warning["step"] >= 20
+    assert warning["predicted_step"] > warning["step"]
+    # On disk: an event the tab marks and --json reports.
+    data = read(tmp_path, "diverging")
+    events = [e for e in data.events if e.get("type") == "early_warning"]
+    assert [e["step"] for e in events] == [warning["step"]]
+    assert (events[0]["layer"], events[0]["kind"]) == (warning["layer"], warning["kind"])
+
+
+def test_no_early_warning_when_training_converges(tmp_path):
+    watch, history = _regression(tmp_path, "converging", 0.9, 14)   # |1 - 2 lr| < 1
+    assert watch.first_nonfinite is None and watch.early_warning is None
+    assert history[-1] < history[0]

@@ -15,7 +15,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from tb_nanwatch import stats, summary
+from tb_nanwatch import early_warning, stats, summary
 from tb_nanwatch.watch import device, distribute, host, instrument
 from tb_nanwatch.watch import sites as site_catalogue
 
@@ -189,12 +189,7 @@ class Watch:
             logger.warning(
                 "tb_nanwatch: %d trainable variable(s) were updated by no watched optimizer (%s): pass the "
                 "optimizer that updates them with optimizers=[...]", len(missed), ", ".join(missed[:5]))
-        try:
-            from tb_nanwatch import early_warning
-        except ImportError:  # pragma: no cover - the detector ships with the package
-            early_warning = None
-        if early_warning is not None:
-            self._forecast = early_warning.OverflowForecast(sites)
+        self._forecast = early_warning.OverflowForecast(sites)
 
     # ------------------------------------------------------------------ host side
     def after_step(self):
