@@ -8,7 +8,7 @@ TensorBoard's readers stop at the first bad frame (RustBoard and TensorFlow's re
 even abort on a huge length field).  A postmortem tool must read what is intact, so here:
 
 * every length is checked against what remains of the file before anything is read
-  (the file is memory-mapped: a length of 2**62 is damage, never an allocation);
+  (the file is read whole, once: a length of 2**62 is damage, never an allocation);
 * a frame whose length or data checksum fails is skipped, and reading resynchronises
   on the next position where a whole frame verifies (both checksums);
 * every damaged place is remembered as (file, byte offset, what), and `FileDamage.words`
@@ -21,9 +21,9 @@ as it reads the plugin's.
 
 import collections
 import logging
-import mmap
 import os
 import struct
+import time
 
 import google_crc32c
 import numpy as np
@@ -184,19 +184,17 @@ def read_events(path, damage=None):
             damage.size = size
             if size == 0:
                 return
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    for offset, data in iter_records(view, damage):
-                        try:
-                            event = event_pb2.Event.FromString(data)
-                        except (pb_message.DecodeError, RecursionError, ValueError) as e:
-                            damage.add(offset, "record is not a TensorBoard event (%s)"
-                                       % (str(e) or type(e).__name__))
-                            continue
-                        yield offset, event
-                finally:
-                    view.release()   # the map cannot close while a view of it exists
+            # What is on disk, read once: its size bounds every allocation (a length field
+            # never does).  Not mmap: a file cut shorter while mapped kills the reader (SIGBUS).
+            content = f.read(size)
+        damage.size = len(content)
+        for offset, data in iter_records(memoryview(content), damage):
+            try:
+                event = event_pb2.Event.FromString(data)
+            except (pb_message.DecodeError, RecursionError, ValueError) as e:
+                damage.add(offset, "record is not a TensorBoard event (%s)" % (str(e) or type(e).__name__))
+                continue
+            yield offset, event
     except OSError as e:
         if damage is None:
             damage = FileDamage(path, 0)
@@ -241,6 +239,10 @@ def find_runs(logdir):
         pending.extend(subdirs)
     return runs
 
+
+# A file whose only damage is an incomplete last record and that changed this recently is
+# probably being written (a live run), and the warning says so.
+LIVE_SECONDS = 60
 
 # A decoded tensor is allocated from its shape alone (a proto of a few bytes can claim
 # 2**40 elements); nanwatch matrices are sites x statistics, far below this.
@@ -326,7 +328,15 @@ class LogdirProvider(tb_provider.DataProvider):
                                                            numpy=array))
         self.bytes_read += damage.size
         if damage:
-            self.damage.setdefault(run, []).append("%s: %s" % (os.path.basename(path), damage.words()))
+            words = damage.words()
+            if len(damage.places) == 1 and damage.places[0][1].startswith("truncated"):
+                try:
+                    age = time.time() - os.path.getmtime(path)
+                except OSError:
+                    age = None
+                if age is not None and age < LIVE_SECONDS:
+                    words += " (the file changed %.0f s ago: its writer may still be writing it)" % max(age, 0)
+            self.damage.setdefault(run, []).append("%s: %s" % (os.path.basename(path), words))
         if not tags:
             del self._runs[run]
 

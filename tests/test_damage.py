@@ -105,6 +105,17 @@ def test_a_truncated_file_reads_every_whole_record(tmp_path):
     assert "truncated: the last record is incomplete" in provider.damage["r"][0]
 
 
+def test_an_incomplete_last_record_of_a_live_file_says_its_writer_may_be_writing(tmp_path):
+    path = _run_with_first(tmp_path / "r")
+    frames = _frames_of(path)
+    os.truncate(path, frames[-1][0] + 7)
+    (live,) = reader.open_logdir(tmp_path)[0].damage["r"]
+    assert "its writer may still be writing it" in live
+    os.utime(path, (time.time() - 3600, time.time() - 3600))   # an hour old: a killed run
+    (old,) = reader.open_logdir(tmp_path)[0].damage["r"]
+    assert old.startswith(os.path.basename(path) + ": truncated") and "writing" not in old
+
+
 def test_a_lost_first_row_record_takes_the_site_list_from_the_flight_recorder(tmp_path):
     """The first record of a tag carries its metadata; the rows after it are still read."""
     path = _run_with_first(tmp_path / "r")
