@@ -104,7 +104,9 @@ def build(trace, model_name, layer_order, kinds):
 
     if trace.inputs:
         add(model_name, "input", "", lambda tr: tr.inputs, *_describe(trace.inputs))
-    forward = list(trace.activations)
+    # A layer that also ran inside a nested graph (an RNN cell: once outside its layer's loop for
+    # the output shape, then in the loop) is watched through the layer around it.
+    forward = [path for path in trace.activations if path not in trace.nested]
     for path in forward:
         add(path, "activation", "", lambda tr, p=path: tr.activations.get(p, []),
             *_describe(trace.activations[path]))

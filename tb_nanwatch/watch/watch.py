@@ -177,10 +177,10 @@ class Watch:
             sites, getters = sites[:self._state.capacity], getters[:self._state.capacity]
         self._sites, self._getters = sites, getters
         self._consumers = {k: list(v) for k, v in trace.consumers.items()}
-        nested = sorted(trace.nested - set(trace.activations))
+        nested = sorted(trace.nested)
         if nested:
             logger.warning(
-                "tb_nanwatch: %d layer(s) run only inside a nested graph of the step (an RNN cell in its "
+                "tb_nanwatch: %d layer(s) run inside a nested graph of the step (an RNN cell in its "
                 "layer's loop, a tf.cond branch, map_fn) and are watched through the layer around them: %s",
                 len(nested), ", ".join(nested[:8]) + (" ..." if len(nested) > 8 else ""))
         updated = {id(v) for _, _, variables in trace.applies for v in variables}
