@@ -350,7 +350,93 @@ def test_application(name, tmp_path):
     check_case(mm.Case(name, build(), x, y, target=target, steps=2, inject_step=1, batch=2), tmp_path)
 
 
-# ------------------------------------------------------------------ repeated fit()
+# ---------------------------------------------------------------------------------- misuse
+@pytest.fixture
+def watch_log():
+    """The writer's log records (the CLI may have turned propagation to the root logger off)."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(level=logging.WARNING)
+    logger = logging.getLogger("tb_nanwatch.watch")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def messages(records, text):
+    return [r.getMessage() for r in records if text in r.getMessage()]
+
+
+def small_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="tanh", name="hidden"),
+                             keras.layers.Dense(1, name="head")])
+
+
+def test_watch_created_after_the_step_was_traced_warns_at_first_step_and_at_close(tmp_path, watch_log):
+    model, optimizer = small_model(), keras.optimizers.SGD(0.01)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+    x, y = tf.constant(floats(8, 6)), tf.zeros((8, 1))
+    train_step(x, y)                      # traced before the Watch exists
+    watch = tb_nanwatch.Watch(str(tmp_path / "run"), model, optimizer, log_every=1)
+    text = "no training step was traced with the Watch in place"
+    for step in range(3):
+        train_step(x, y)
+        assert watch.after_step() is False
+        assert len(messages(watch_log, text)) == 1, "warned once, at the first after_step()"
+    watch.close()
+    at_close = messages(watch_log, text)
+    assert len(at_close) == 2 and "closing" in at_close[1] and "after 3 step(s)" in at_close[1], at_close
+    assert watch.sites == []
+
+
+class ManualUpdate(keras.Model):
+    """A train_step that updates the weights itself: model.optimizer.apply is never reached."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        for variable, grad in zip(self.trainable_variables, grads):
+            variable.assign_sub(0.01 * grad)
+        return {"loss": loss}
+
+
+def test_train_step_without_optimizer_apply_warns_at_first_step_and_at_close(tmp_path, watch_log):
+    base = small_model()
+    model = ManualUpdate(base.inputs, base.outputs)
+    model.compile(optimizer="sgd", loss="mse")
+    before = model.get_layer("head").kernel.numpy().copy()
+
+    class AtFirstStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 0:
+                self.warned = len(messages(watch_log, "never called apply()"))
+
+    at_first = AtFirstStep()
+    callback = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=1)
+    x = floats(4 * B, 6)
+    model.fit(x, x[:, :1], batch_size=B, epochs=1, verbose=0, callbacks=[callback, at_first])
+    # It trained (the manual update ran) and said, at the first step, why nothing is recorded.
+    assert not np.array_equal(before, model.get_layer("head").kernel.numpy())
+    assert at_first.warned == 1
+    warned = messages(watch_log, "never called apply()")
+    assert len(warned) == 2 and "closing" in warned[1] and "SGD" in warned[0], warned
+    assert callback.watch.sites == []
+
+
 def trace_counter():
     """A layer counting how often a training step is traced (a Python side effect at trace time)."""
 

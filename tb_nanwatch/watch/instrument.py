@@ -224,10 +224,8 @@ class Instrumentation:
     def _finish(self, trace):
         if self.trace is trace:
             self.trace = None
-        if trace.applies:
-            self.on_step_end(trace)
-        else:
-            self.on_step_end(None, reason="no_apply", trace=trace)
+        # A step without a watched optimizer's apply is the Watch's to report (misuse).
+        self.on_step_end(trace)
 
 
 def _is_symbolic(values):

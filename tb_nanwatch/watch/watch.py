@@ -224,18 +224,21 @@ class Watch:
                                                                              self.log_every):
             self._write_row(steps_run - 1)
 
-    def _warn_nothing_traced(self):
-        if self._misuse_warned:
+    def _warn_nothing_traced(self, closing=False):
+        """Once at the first after_step(), and again at close(): a misuse must not go unseen."""
+        if self._misuse_warned and not closing:
             return
         self._misuse_warned = True
+        when = "closing %s after %d step(s) with nothing recorded: " % (self.logdir, self._host_calls) \
+            if closing else ""
         if self._traced_without_apply:
-            logger.warning("tb_nanwatch: the train step ran the model but never called apply() of a watched "
+            logger.warning("tb_nanwatch: %sthe train step ran the model but never called apply() of a watched "
                            "optimizer (%s): nothing is recorded; pass the optimizer that updates the model with "
-                           "optimizers=[...]", ", ".join(type(o).__name__ for o in self.optimizers))
+                           "optimizers=[...]", when, ", ".join(type(o).__name__ for o in self.optimizers))
         else:
-            logger.warning("tb_nanwatch: no training step was traced with the Watch in place, so nothing is "
+            logger.warning("tb_nanwatch: %sno training step was traced with the Watch in place, so nothing is "
                            "recorded: create the Watch before the train step's first call (a tf.function "
-                           "traced earlier keeps running uninstrumented)")
+                           "traced earlier keeps running uninstrumented)", when)
 
     def expect_last_step(self, steps_from_now):
         """Tells the device that training ends after `steps_from_now` more steps, so the
@@ -333,7 +336,7 @@ class Watch:
             if self._sites is not None:
                 self._read_device(final=True)
             elif self._host_calls:
-                self._warn_nothing_traced()
+                self._warn_nothing_traced(closing=True)
             if self._writer is not None:
                 self._writer.close()
         finally:
