@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tb_nanwatch import early_warning, stats, summary
-from tb_nanwatch.watch import device, distribute, host, instrument
+from tb_nanwatch.watch import device, distribute, host, instrument, reads
 from tb_nanwatch.watch import sites as site_catalogue
 
 logger = logging.getLogger("tb_nanwatch.watch")
@@ -161,7 +161,8 @@ class Watch:
                 self._define_sites(trace)
         loss_scaled = any(hasattr(o, "inner_optimizer") for o in self.optimizers)
         grad_sites = np.array([s["kind"] in stats.GRADIENT_KINDS for s in self._sites])
-        tensors = [getter(trace) for getter in self._getters]
+        copies = {}
+        tensors = [[reads.for_reading(t, copies) for t in getter(trace)] for getter in self._getters]
         dtypes = [tf.as_dtype(site["dtype"]) for site in self._sites]
         device.device_step(self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None)
 
