@@ -201,22 +201,58 @@ def _check_png_path(path):
 
 
 def run_report(args, out, err):
-    logdir = args.logdir
-    if not os.path.exists(logdir):
-        raise UsageError("%s: no such directory" % logdir)
-    if not os.path.isdir(logdir):
-        raise UsageError("%s: not a directory (give the logdir, not an event file)" % logdir)
+    """`tb-nanwatch report`: check the arguments, read every run (a summary line each as it
+    is read), write the PNG, say the warnings, then the details (text or JSON)."""
+    _check_report_args(args)
+    _no_tensorflow()
+    loaded = _read_runs(args, out, err)
+    png_note = _write_png(args, loaded.reports)
+    _warn_runs(err, loaded.problems)
+    _warn_runs(err, loaded.other_damage)
+    try:
+        if args.json:
+            _write_json(out, loaded)
+        else:
+            _write_text(out, args, loaded, png_note)
+        if png_note and args.json:
+            err.write("%s: %s\n" % (PROG, png_note))
+        out.flush()
+    except BrokenPipeError:
+        # `tb-nanwatch report logs | head`: the reader left; the verdict below still holds.
+        _silence_stdout()
+    if any(r.first is not None for r in loaded.reports):
+        return EXIT_NONFINITE
+    if loaded.unreadable:
+        return EXIT_ERROR
+    return EXIT_FINITE
+
+
+def _check_report_args(args):
+    if not os.path.exists(args.logdir):
+        raise UsageError("%s: no such directory" % args.logdir)
+    if not os.path.isdir(args.logdir):
+        raise UsageError("%s: not a directory (give the logdir, not an event file)" % args.logdir)
     if args.png:
         _check_png_path(args.png)
 
-    _no_tensorflow()
-    from tb_nanwatch import heatmap, metadata, reader, report
 
+class _Loaded:
+    """What _read_runs found: the runs asked for, a RunReport per readable (run, group),
+    warnings per run, and damage in directories without nanwatch data."""
+
+    def __init__(self, runs, reports, problems, other_damage):
+        self.runs, self.reports, self.problems, self.other_damage = runs, reports, problems, other_damage
+        self.unreadable = [run for run in runs if not any(r.run == run for r in reports)]
+
+
+def _read_runs(args, out, err):
+    from tb_nanwatch import metadata, reader, report
+
+    logdir = args.logdir
     n_runs, n_bytes = _scan_logdir(logdir)
     if n_runs == 0:
         raise UsageError("%s: no TensorBoard event files in it or below it" % logdir)
-    show_progress = not args.json and err.isatty()
-    progress = Progress(show_progress, n_runs, n_bytes)
+    progress = Progress(not args.json and err.isatty(), n_runs, n_bytes)
     with progress:
         provider, ctx, eid = reader.open_logdir(logdir, on_bytes=lambda n: BYTES_CHECKED.__setitem__(0, n))
         runs = reader.list_runs(provider, ctx, eid)
@@ -263,62 +299,58 @@ def run_report(args, out, err):
             progress.step()
         for run in runs:
             problems[run] = provider.damage.get(run, []) + problems.get(run, [])
+    return _Loaded(runs, reports, problems, other_damage)
 
-    any_nonfinite = any(r.first is not None for r in reports)
-    unreadable = [run for run in runs if not any(r.run == run for r in reports)]
 
-    png_note = None
-    if args.png:
-        with_first = [r for r in reports if r.first is not None]
-        rep = with_first[0] if with_first else (reports[0] if reports else None)
-        if rep is not None:
-            if args.kind and not any(s["kind"] == args.kind for s in rep.data.sites):
-                raise UsageError("--kind %s: run %s has no site of that kind" % (args.kind, report.clean(rep.run)))
-            try:
-                size, stat = report.render_png(rep, args.png, stat=args.stat, kind=args.kind)
-            except OSError as e:
-                raise UsageError("--png %s: %s" % (args.png, e.strerror or e))
-            except heatmap.HeatmapError as e:
-                raise UsageError("--png: %s" % e)
-            png_note = "wrote %s (%dx%d, run %s, %s)" % (args.png, size[0], size[1], report.clean(rep.run), stat)
+def _write_png(args, reports):
+    """--png: the first run with a non-finite value (else the first run); the note to print."""
+    from tb_nanwatch import heatmap, report
 
-    _warn_runs(err, problems)
-    _warn_runs(err, other_damage)
-
+    if not args.png:
+        return None
+    with_first = [r for r in reports if r.first is not None]
+    rep = with_first[0] if with_first else (reports[0] if reports else None)
+    if rep is None:
+        return None
+    if args.kind and not any(s["kind"] == args.kind for s in rep.data.sites):
+        raise UsageError("--kind %s: run %s has no site of that kind" % (args.kind, report.clean(rep.run)))
     try:
-        if args.json:
-            import json
-            entries = report.merge_groups(reports)
-            for e in entries:
-                if problems.get(e["run"]):
-                    e["warnings"] = problems[e["run"]]
-            for run in unreadable:
-                entries.append({"run": run, "first_nonfinite": None, "error": "; ".join(problems.get(run, []))})
-            body = {"runs": entries}
-            if other_damage:
-                body["damaged_without_nanwatch_data"] = other_damage
-            out.write(json.dumps(body, indent=2, allow_nan=False) + "\n")
-        else:
-            n_bad = len({r.run for r in reports if r.first is not None})
-            out.write("%d of %d run%s with a non-finite value\n" % (
-                n_bad, len(runs), "" if len(runs) == 1 else "s"))
-            for rep in reports:
-                out.write("\n" + "\n".join(rep.text(max_propagators=args.propagators, trend_steps=args.steps)) + "\n")
-            for run in unreadable:
-                out.write("\nrun %s: could not be read (see the warnings on stderr)\n" % report.clean(run))
-            if png_note:
-                out.write("\n%s\n" % png_note)
-        if png_note and args.json:
-            err.write("%s: %s\n" % (PROG, png_note))
-        out.flush()
-    except BrokenPipeError:
-        # `tb-nanwatch report logs | head`: the reader left; the verdict below still holds.
-        _silence_stdout()
-    if any_nonfinite:
-        return EXIT_NONFINITE
-    if unreadable:
-        return EXIT_ERROR
-    return EXIT_FINITE
+        size, stat = report.render_png(rep, args.png, stat=args.stat, kind=args.kind)
+    except OSError as e:
+        raise UsageError("--png %s: %s" % (args.png, e.strerror or e))
+    except heatmap.HeatmapError as e:
+        raise UsageError("--png: %s" % e)
+    return "wrote %s (%dx%d, run %s, %s)" % (args.png, size[0], size[1], report.clean(rep.run), stat)
+
+
+def _write_json(out, loaded):
+    import json
+    from tb_nanwatch import report
+
+    entries = report.merge_groups(loaded.reports)
+    for e in entries:
+        if loaded.problems.get(e["run"]):
+            e["warnings"] = loaded.problems[e["run"]]
+    for run in loaded.unreadable:
+        entries.append({"run": run, "first_nonfinite": None, "error": "; ".join(loaded.problems.get(run, []))})
+    body = {"runs": entries}
+    if loaded.other_damage:
+        body["damaged_without_nanwatch_data"] = loaded.other_damage
+    out.write(json.dumps(body, indent=2, allow_nan=False) + "\n")
+
+
+def _write_text(out, args, loaded, png_note):
+    from tb_nanwatch import report
+
+    n_bad = len({r.run for r in loaded.reports if r.first is not None})
+    out.write("%d of %d run%s with a non-finite value\n" % (
+        n_bad, len(loaded.runs), "" if len(loaded.runs) == 1 else "s"))
+    for rep in loaded.reports:
+        out.write("\n" + "\n".join(rep.text(max_propagators=args.propagators, trend_steps=args.steps)) + "\n")
+    for run in loaded.unreadable:
+        out.write("\nrun %s: could not be read (see the warnings on stderr)\n" % report.clean(run))
+    if png_note:
+        out.write("\n%s\n" % png_note)
 
 
 def _warn_runs(err, messages):
