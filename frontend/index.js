@@ -549,9 +549,10 @@ class App {
     const signs = this.signs && this.signs.key === this.heatKey() ? this.signs.list : [];
     const skips = skipWords(heat);
     const collapse = eventCount(heat, "loss_scale_collapse");
+    const warned = eventCount(heat, "early_warning");   // a finite run on course to overflow
     if (!first) {
       const dropped = Array.isArray(heat.warnings) && heat.warnings.length;
-      b.className = `nw-banner ${signs.length || collapse || dropped ? "nw-banner-warn" : "nw-banner-ok"}`;
+      b.className = `nw-banner ${signs.length || collapse || warned || dropped ? "nw-banner-warn" : "nw-banner-ok"}`;
       const r = heat.step_range;
       const span = r ? `${r.rows} logged rows, steps ${r.first}\u2013${r.last}` : "";
       if (skips) {

@@ -111,6 +111,7 @@ def test_banner_names_the_causes(server):
                 "Early warning at step 20: dense_1, activation was on course to pass float32's largest value "
                 "by step 115 (norm \u00d71.59 a step).")
             assert "early warning (on course to overflow)" in tab.fl.locator(".nw-legend").inner_text()
+            assert "nw-banner-warn" in tab.fl.locator(".nw-banner").get_attribute("class")   # not the all-clear
             (event,) = [e for e in tab.heat("events") if e["type"] == "early_warning"]
             mark = tab.eval("""([col]) => {
                 const L = window.__nanwatch.layout;
