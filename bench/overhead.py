@@ -19,10 +19,9 @@ Method (see bench/README.md):
   subprocess each: plain fit is traced and measured there before the tool is enabled,
   then tool and plain epochs alternate with the tool enabled (it cannot be switched off
   and on again: re-enabling the dump crashed the process here).
-* NanWatchCallback re-traces the train function at every fit() call (by design: it
-  instruments before tracing).  The benchmark keeps the instrumented, traced function
-  across its fit() calls (BenchNanWatch below) so each round does not pay a new trace;
-  the trace cost is reported once, in the "first step" column.
+* NanWatchCallback keeps its instrumented, traced train function across fit() calls, as
+  Keras keeps its own, so each round does not pay a new trace; the trace cost is reported
+  once, in the "first step" column.
 """
 
 import argparse
@@ -50,7 +49,7 @@ INPROC = {
     "defaults": (False, "NanWatchCallback(logdir): all 7 kinds, a row every 100 steps"),
     "lean": (False, "NanWatchCallback(kinds=all but weight and optimizer_state), rows every 100"),
     "every10": (False, "NanWatchCallback(log_every=10): defaults with a row every 10 steps"),
-    "floor": (False, "one reduce_sum per watched site per step into a variable, nothing else"),
+    "floor": (False, "one L2 norm per watched tensor per step into a variable, nothing else"),
     "tb_hist": (False, "keras.callbacks.TensorBoard(histogram_freq=1)"),
     "plain_xla": (True, "model.fit, jit_compile=True"),
     "defaults_xla": (True, "NanWatchCallback defaults, jit_compile=True"),
@@ -164,15 +163,15 @@ def make_callbacks(config, logdir):
     if base == "tb_hist":
         cb = keras.callbacks.TensorBoard(logdir, histogram_freq=1)
         return [cb], lambda: None
-    BenchNanWatch = _bench_nanwatch_class(floor=base == "floor")
+    Callback = _bench_nanwatch_class(floor=base == "floor")
     if base == "defaults":
-        cb = BenchNanWatch(logdir)
+        cb = Callback(logdir)
     elif base == "lean":
-        cb = BenchNanWatch(logdir, kinds=[k for k in stats.KINDS if k not in LEAN_EXCLUDES])
+        cb = Callback(logdir, kinds=[k for k in stats.KINDS if k not in LEAN_EXCLUDES])
     elif base == "every10":
-        cb = BenchNanWatch(logdir, log_every=10)
+        cb = Callback(logdir, log_every=10)
     elif base == "floor":
-        cb = BenchNanWatch(logdir)
+        cb = Callback(logdir)
     else:
         raise ValueError(config)
     return [cb], lambda: None
