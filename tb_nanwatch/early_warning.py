@@ -64,6 +64,9 @@ class OverflowForecast:
             self._logs[slot[idx], idx] = np.log2(norms[idx])
         self._count[idx] += 1
         ready = idx[self._count[idx] >= self.window]
+        # forecast() only warns from past half the doublings to the limit: fit no other site
+        # (the writer calls this every step, for every site).
+        ready = ready[self._logs[slot[ready], ready] >= self.log2_limit[ready] / 2]
         if not len(ready):
             return None
         found = forecast(self._steps[:, ready], self._logs[:, ready], self.log2_limit[ready], step,
