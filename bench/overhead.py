@@ -679,7 +679,7 @@ def render(results):
         L.append("")
         L.append("### Bytes written")
         L.append("")
-        L.append("Per logged row (`RecordWriter.write_row`, %d statistics as float64): %.0f bytes per site "
+        L.append("Per logged row (`RecordWriter.write_row`, %d statistics; protocol 2 stores them as float32): %.0f bytes per site "
                  "plus %.0f bytes per row; a row of the MLP's 42 sites is %.0f bytes, of 1,000 sites %.0f bytes. "
                  "The site list is written once per tag (%.0f bytes of header for 1,000 sites)." % (
                      rec["n_stats"], rec["per_site_per_row"], rec["per_row_fixed"], rec["row_bytes_42"],
