@@ -265,10 +265,10 @@ CASES = cases()
 # (22:40 UTC, commit 859602d; issue 9 point 4: the cause is being researched).  A fix makes
 # these XPASS, which fails (strict): then delete the entry.
 KNOWN_DIFFERENT = {
-    "mobilenet_v2": "502 of 580 variables differ after 1 Adam step (Conv1/kernel by 4.7e-10, "
-                    "bn_Conv1/beta by 1.2e-10): the instrumentation changes what MobileNetV2 computes",
-    "resnet50": "734 of 750 variables differ after 1 Adam step (conv1_conv/kernel and bias by 2.0e-3, "
-                "i.e. Adam's step of lr flips sign): the instrumentation changes what ResNet50 computes",
+    "resnet50": "2 of 322 variables (conv1_conv kernel and bias) differ after 1 SGD step at 64x64: Grappler's "
+                "memory optimizer turns the 3-term gradient AddN at conv1's output into accumulating assigns "
+                "when its whole-graph peak-memory estimate passes 80% of the CPU device's limit, and the "
+                "statistics' memory moves the estimate",
 }
 
 
@@ -469,8 +469,10 @@ def fit_evaluate_fit(watched, tmp_path):
 def test_second_fit_does_not_retrace_and_evaluate_between_fits(tmp_path):
     plain, plain_first, plain_total, plain_eval, _ = fit_evaluate_fit(False, tmp_path / "plain")
     model, first, total, evaluated, (callback,) = fit_evaluate_fit(True, tmp_path / "watched")
-    # The callback traces once, like plain Keras; the second fit reuses its function.
-    assert first == plain_first >= 1
+    # The callback traces no more than plain Keras (which traces twice when the optimizer builds
+    # its slots inside the first trace; the callback builds them before); the second fit reuses
+    # its function.
+    assert 1 <= first <= plain_first
     assert total - first == plain_total - plain_first == 0
     # evaluate() between the fits ran none of our ops and gives plain Keras's number.
     assert evaluated == plain_eval

@@ -29,6 +29,22 @@ def _unaliased(tensor):
     return tensor
 
 
+# What a consumer passes on unchanged, for the question "does this node feed a tree?".
+_FORWARDERS = _ALIASES + ("Reshape", "Sum")
+
+
+def _feeds_family(tensor, family, depth=4):
+    """Whether `tensor` is an input of an op of `family` (through forwarding ops): an inner
+    node of a tree Grappler may re-associate."""
+    for consumer in tensor.consumers():
+        if consumer.type in family:
+            return True
+        if depth and consumer.type in _FORWARDERS and any(
+                _feeds_family(out, family, depth - 1) for out in consumer.outputs):
+            return True
+    return False
+
+
 def for_reading(tensor, copies, family=None):
     """`tensor`, or a bitwise-equal copy of it where reading it could block a rewrite.
 
@@ -43,6 +59,14 @@ def for_reading(tensor, copies, family=None):
         return tensor
     if op.graph is not tf.compat.v1.get_default_graph():
         return tensor   # the step's own graph only
+    if family is None and not _feeds_family(source, _FAMILY[op.type]):
+        # The root of a tree (a swish's Mul feeding a conv) loses no rewrite when read, while
+        # copying it would give its inputs a consumer more (and stop the swish fusion).
+        return tensor
+    if op.type == "Mul" and any(x.op.type == "Sigmoid" for x in op.inputs):
+        # x * sigmoid(x): the remapper fuses it into one swish kernel only while the sigmoid has
+        # that single consumer; a copy would be a second one (EfficientNet's layers).
+        return tensor
     if id(source) not in copies:
         inputs = [for_reading(x, copies, _FAMILY[op.type]) for x in op.inputs]
         copies[id(source)] = _clone(op, inputs)
