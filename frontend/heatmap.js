@@ -563,36 +563,18 @@ export function drawLegend(container, scale, hm) {
   if (scale.kind === "log") entries.push({name: "exactly 0", colour: ZERO});
   entries.push({name: "not measured", colour: NOT_MEASURED});
   for (const e of entries) {
-    const item = document.createElement("span");
-    item.className = "nw-legend-item";
     const sw = document.createElement("span");
     sw.className = "nw-swatch";
     sw.style.background = css(e.colour);
-    item.appendChild(sw);
-    const label = document.createElement("span");
-    label.textContent = e.name;
-    item.appendChild(label);
-    swatches.appendChild(item);
+    swatches.appendChild(legendItem(sw, e.name));
   }
-  const firstItem = document.createElement("span");
-  firstItem.className = "nw-legend-item";
   const mark = document.createElement("span");
   mark.className = "nw-swatch nw-swatch-first";
-  firstItem.appendChild(mark);
-  const markLabel = document.createElement("span");
-  markLabel.textContent = "first non-finite value";
-  firstItem.appendChild(markLabel);
-  swatches.appendChild(firstItem);
+  swatches.appendChild(legendItem(mark, "first non-finite value"));
   if (hm && hm.late && hm.late.some((x) => x)) {
-    const lateItem = document.createElement("span");
-    lateItem.className = "nw-legend-item";
     const stripes = document.createElement("span");
     stripes.className = "nw-swatch nw-swatch-late";
-    lateItem.appendChild(stripes);
-    const lateLabel = document.createElement("span");
-    lateLabel.textContent = "non-finite only later in that column";
-    lateItem.appendChild(lateLabel);
-    swatches.appendChild(lateItem);
+    swatches.appendChild(legendItem(stripes, "non-finite only later in that column"));
   }
   const types = new Set(((hm && hm.event_counts) || []).map((e) => e.type));
   const marks = [
@@ -602,8 +584,6 @@ export function drawLegend(container, scale, hm) {
   ];
   for (const m of marks) {
     if (!types.has(m.type)) continue;
-    const item = document.createElement("span");
-    item.className = `nw-legend-item nw-legend-${m.type.replace(/_/g, "-")}`;
     const glyph = document.createElement("span");
     glyph.className = `nw-mark ${m.className}`;
     if (m.type === "loss_scale_skip") glyph.style.background = css(SKIP_MARK);
@@ -614,11 +594,18 @@ export function drawLegend(container, scale, hm) {
       glyph.style.color = css(COLLAPSE_MARK);
       glyph.textContent = "\u00d7";
     }
-    item.appendChild(glyph);
-    const label = document.createElement("span");
-    label.textContent = m.text;
-    item.appendChild(label);
-    swatches.appendChild(item);
+    swatches.appendChild(legendItem(glyph, m.text, `nw-legend-${m.type.replace(/_/g, "-")}`));
   }
   container.appendChild(swatches);
+}
+
+/** One legend entry: a swatch or glyph, then its words. */
+function legendItem(swatch, text, extraClass) {
+  const item = document.createElement("span");
+  item.className = extraClass ? `nw-legend-item ${extraClass}` : "nw-legend-item";
+  item.appendChild(swatch);
+  const label = document.createElement("span");
+  label.textContent = text;
+  item.appendChild(label);
+  return item;
 }

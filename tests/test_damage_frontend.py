@@ -15,7 +15,7 @@ from tensorboard.util import tensor_util
 import damage_helpers as dh
 import synthetic
 from tb_nanwatch import metadata, summary
-from test_frontend import CHROMIUM, CHROMIUM_ARGS, Tab, plugin_helpers
+from test_frontend import Tab, browser, plugin_helpers  # noqa: F401 (browser: the shared fixture)
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -42,12 +42,6 @@ def server(tmp_path_factory):
         yield base
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.mark.parametrize("size", [(1400, 900), (1024, 700)])
