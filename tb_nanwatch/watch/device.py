@@ -41,7 +41,6 @@ MOMENT = {name: i for i, name in enumerate(MOMENTS)}
 _ADDED = len(MOMENTS) - 2
 
 _ACCUMULATE = np.array(host.ACCUMULATE)
-_SAMPLED_COLUMNS = [stats.STAT_INDEX[name] for name in stats.SAMPLED_STATS]
 
 
 def dtype_limits(dtype):

@@ -255,11 +255,8 @@ class Watch:
                                                  log_every=self.log_every)
         return self._writer
 
-    def _site_count(self):
-        return len(self._sites)
-
     def _write_row(self, last_step):
-        acc = self._state.acc.numpy()[:self._site_count()]
+        acc = self._state.acc.numpy()[:len(self._sites)]
         self._state.reset_accumulators()
         scale = self._loss_scale()
         row = host.unscale_gradients(host.row_from_accumulators(acc), self._sites, scale)
@@ -273,7 +270,7 @@ class Watch:
         self._last_row_step = last_step
 
     def _write_first(self, step):
-        n = self._site_count()
+        n = len(self._sites)
         scale = self._loss_scale()
         first_row = host.unscale_gradients(host.row_from_accumulators(self._state.first.numpy()[:n]),
                                            self._sites, scale)
