@@ -268,7 +268,7 @@ KNOWN_DIFFERENT = {
     "resnet50": "2 of 322 variables (conv1_conv kernel and bias) differ after 1 SGD step at 64x64: Grappler's "
                 "memory optimizer turns the 3-term gradient AddN at conv1's output into accumulating assigns "
                 "when its whole-graph peak-memory estimate passes 80% of the CPU device's limit, and the "
-                "statistics' memory moves the estimate",
+                "statistics' memory moves the estimate (at 32x32 Adam it differs in some runs, not in others)",
 }
 
 
@@ -324,7 +324,9 @@ def params(names):
     out = []
     for name in names:
         known = KNOWN_DIFFERENT.get(name)
-        marks = [pytest.mark.xfail(strict=True, raises=TrainingChanged, reason=known)] if known else []
+        # Not strict: whether the memory optimizer's threshold is crossed varies from run to run
+        # (the same code passed and failed at 32x32); a naming failure still fails the test.
+        marks = [pytest.mark.xfail(strict=False, raises=TrainingChanged, reason=known)] if known else []
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
