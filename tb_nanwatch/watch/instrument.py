@@ -92,10 +92,6 @@ class Instrumentation:
         return trace
 
     # -- wrapping ---------------------------------------------------------------------------------
-    @property
-    def active(self):
-        return bool(self._restore)
-
     def install(self):
         if self._restore:
             return
@@ -156,22 +152,21 @@ class Instrumentation:
         trace = self._step_trace()
         if trace is not None and not trace.in_train_step and "input" in self.kinds:
             trace.inputs.extend(site_catalogue.float_tensors(args[0]))
-        return self._layer_call(None, original, *args, **kwargs)
+        return original(*args, **kwargs)
 
     def _layer_call(self, path, original, *args, **kwargs):
         trace = self._step_trace()
         if trace is None:
-            if path is not None and self.trace is not None and not self._suppressed:
+            if self.trace is not None and not self._suppressed:
                 self.trace.nested.add(path)
             return original(*args, **kwargs)
-        if path is not None:
-            # Whose backward pass computes the gradient w.r.t. a layer's output: its consumers'.
-            for t in tf.nest.flatten((args, kwargs)):
-                producer = trace.produced_by.get(id(t))
-                if producer is not None and path not in trace.consumers.setdefault(producer, []):
-                    trace.consumers[producer].append(path)
+        # Whose backward pass computes the gradient w.r.t. a layer's output: its consumers'.
+        for t in tf.nest.flatten((args, kwargs)):
+            producer = trace.produced_by.get(id(t))
+            if producer is not None and path not in trace.consumers.setdefault(producer, []):
+                trace.consumers[producer].append(path)
         outputs = original(*args, **kwargs)
-        if path is None or self.trace is not trace or not any(
+        if self.trace is not trace or not any(
                 k in self.kinds for k in ("activation", "activation_grad")):
             return outputs
         flat = tf.nest.flatten(outputs)
