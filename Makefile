@@ -7,7 +7,7 @@ BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo demo-retrain bench bench-plugin chromium setup clean
+.PHONY: test lint format demo demo-retrain bench bench-plugin chromium setup clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,23 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; }
 
-test: $(STAMP) chromium
+test: lint $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+# ruff (format + check, ruff.toml) for Python, eslint (eslint.config.mjs) for frontend/.
+lint: $(STAMP) node_modules/.installed
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+	npx --no-install eslint frontend
+
+format: $(STAMP) node_modules/.installed
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	npx --no-install eslint --fix frontend
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 demo: $(STAMP)
 	$(BIN)/python demo/run_all.py
@@ -39,4 +54,4 @@ bench-plugin: $(STAMP)
 	$(BIN)/python bench/plugin_scale.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info node_modules

@@ -6,13 +6,17 @@ from pathlib import Path
 from setuptools import setup
 
 here = Path(__file__).resolve().parent
-version = re.search(r'__version__ = "([^"]+)"', (here / "tb_nanwatch" / "__init__.py").read_text()).group(1)
+version = re.search(
+    r'__version__ = "([^"]+)"', (here / "tb_nanwatch" / "__init__.py").read_text()
+).group(1)
 
 setup(
     name="tb_nanwatch",
     version=version,
     description="Find where TensorFlow training first goes NaN or Inf: a Keras callback, a TensorBoard plugin and a postmortem CLI",
-    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description=(here / "README.md").read_text(encoding="utf-8")
+    if (here / "README.md").exists()
+    else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     # frontend/ lives at the top of the repo and ships inside the package.
@@ -29,5 +33,8 @@ setup(
         "tensorboard_plugins": ["nanwatch = tb_nanwatch.plugin:NanWatchLoader"],
         "console_scripts": ["tb-nanwatch = tb_nanwatch.cli:main"],
     },
-    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
 )

@@ -17,9 +17,15 @@ class FloorWatch(tb_nanwatch.Watch):
             if self._sites is None:
                 self._define_sites(trace)
                 with tf.init_scope():
-                    self._floor = tf.Variable(tf.zeros([len(self._sites)], tf.float32), trainable=False)
-        norms = [tf.add_n([device.l2_norm(device.flatten(t)) for t in getter(trace)])
-                 if getter(trace) else tf.constant(0.0) for getter in self._getters]
+                    self._floor = tf.Variable(
+                        tf.zeros([len(self._sites)], tf.float32), trainable=False
+                    )
+        norms = [
+            tf.add_n([device.l2_norm(device.flatten(t)) for t in getter(trace)])
+            if getter(trace)
+            else tf.constant(0.0)
+            for getter in self._getters
+        ]
         self._floor.assign(tf.cast(tf.stack(norms), tf.float32))
 
     def after_step(self):

@@ -40,15 +40,18 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, HERE)
 
 RUN = "synthetic"
-FIRST_AT = 0.73421      # the first NaN: at this fraction of the steps (73,421 of 100,000) ...
-FIRST_SITE_AT = 0.4     # ... in the site at this fraction of the site list (400 of 1,000)
+FIRST_AT = 0.73421  # the first NaN: at this fraction of the steps (73,421 of 100,000) ...
+FIRST_SITE_AT = 0.4  # ... in the site at this fraction of the site list (400 of 1,000)
 
 
 # ----------------------------------------------------------------------------- logdir
 def site_list(n_sites):
     """A realistic site list of `n_sites` in execution order (a deep stack of Dense blocks)."""
     from tb_nanwatch import summary
-    per_layer = 12     # activation, activation_grad, 2 weight grads, 4 optimizer slots, 2 weights ... ~12
+
+    per_layer = (
+        12  # activation, activation_grad, 2 weight grads, 4 optimizer slots, 2 weights ... ~12
+    )
     n_layers = max(1, (n_sites - 2) // per_layer)
     layers = ["model/block_%d/dense" % i for i in range(n_layers)]
     sites = [summary.make_site("model", "input", "", "float32", (128, 784))]
@@ -56,14 +59,19 @@ def site_list(n_sites):
     sites.append(summary.make_site("model", "loss", "", "float32", ()))
     for l in reversed(layers):
         sites.append(summary.make_site(l, "activation_grad", "", "float32", (128, 1024)))
-        sites += [summary.make_site(l, "weight_grad", t, "float32", s) for t, s in (("kernel", (1024, 1024)), ("bias", (1024,)))]
+        sites += [
+            summary.make_site(l, "weight_grad", t, "float32", s)
+            for t, s in (("kernel", (1024, 1024)), ("bias", (1024,)))
+        ]
     for l in layers:
         for t, s in (("kernel", (1024, 1024)), ("bias", (1024,))):
-            sites += [summary.make_site(l, "optimizer_state", "%s/%s" % (slot, t), "float32", s)
-                      for slot in ("momentum", "velocity")]
+            sites += [
+                summary.make_site(l, "optimizer_state", "%s/%s" % (slot, t), "float32", s)
+                for slot in ("momentum", "velocity")
+            ]
             sites.append(summary.make_site(l, "weight", t, "float32", s))
     i = 0
-    while len(sites) < n_sites:   # pad with extra weights of the last layer
+    while len(sites) < n_sites:  # pad with extra weights of the last layer
         sites.append(summary.make_site(layers[-1], "weight", "extra_%d" % i, "float32", (8,)))
         i += 1
     return sites[:n_sites]
@@ -71,9 +79,10 @@ def site_list(n_sites):
 
 def write_logdir(logdir, n_sites, n_steps, log_every, flight=32):
     """Rows every `log_every` steps through RecordWriter, non-finite from FIRST_STEP at FIRST_SITE on."""
-    import numpy as np
     import synthetic
+
     from tb_nanwatch import stats, summary
+
     sites = site_list(n_sites)
     col = stats.STAT_INDEX
     run_dir = os.path.join(logdir, RUN)
@@ -82,7 +91,7 @@ def write_logdir(logdir, n_sites, n_steps, log_every, flight=32):
     n_rows = n_steps // log_every
     first_step = int(round(FIRST_AT * n_steps))
     first_site = int(FIRST_SITE_AT * n_sites)
-    try:   # newer RecordWriters spread rows over tags by step block and need the cadence
+    try:  # newer RecordWriters spread rows over tags by step block and need the cadence
         writer = summary.RecordWriter(run_dir, sites, log_every=log_every)
     except TypeError:
         writer = summary.RecordWriter(run_dir, sites)
@@ -109,20 +118,47 @@ def write_logdir(logdir, n_sites, n_steps, log_every, flight=32):
                     rows.append(fr)
                 w.write_flight(steps, rows)
                 site = sites[first_site]
-                w.write_first_nonfinite(first_step, dict(
-                    layer=site["layer"], kind=site["kind"], tensor=site["tensor"], site=first_site,
-                    nan=3, posinf=0, neginf=0,
-                    propagators=[dict(layer=sites[s]["layer"], kind=sites[s]["kind"], tensor=sites[s]["tensor"],
-                                      nan=3, posinf=0, neginf=0) for s in range(first_site + 1, min(n_sites, first_site + 50))]))
+                w.write_first_nonfinite(
+                    first_step,
+                    dict(
+                        layer=site["layer"],
+                        kind=site["kind"],
+                        tensor=site["tensor"],
+                        site=first_site,
+                        nan=3,
+                        posinf=0,
+                        neginf=0,
+                        propagators=[
+                            dict(
+                                layer=sites[s]["layer"],
+                                kind=sites[s]["kind"],
+                                tensor=sites[s]["tensor"],
+                                nan=3,
+                                posinf=0,
+                                neginf=0,
+                            )
+                            for s in range(first_site + 1, min(n_sites, first_site + 50))
+                        ],
+                    ),
+                )
     size = sum(os.path.getsize(os.path.join(run_dir, f)) for f in os.listdir(run_dir))
-    return {"seconds": time.perf_counter() - t0, "bytes": size, "rows": n_rows, "sites": n_sites,
-            "steps": n_steps, "log_every": log_every, "flight_rows": flight, "first_step": first_step,
-            "first_site": first_site}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "bytes": size,
+        "rows": n_rows,
+        "sites": n_sites,
+        "steps": n_steps,
+        "log_every": log_every,
+        "flight_rows": flight,
+        "first_step": first_step,
+        "first_site": first_site,
+    }
 
 
 def _format_fingerprint():
     """Changes whenever the record format's code does (then the cached logdir is rewritten)."""
     import hashlib
+
     h = hashlib.sha1()
     for name in ("summary.py", "metadata.py", "stats.py"):
         with open(os.path.join(ROOT, "tb_nanwatch", name), "rb") as f:
@@ -132,8 +168,15 @@ def _format_fingerprint():
 
 def ensure_logdir(path, n_sites, n_steps, log_every, rewrite=False):
     stamp = os.path.join(path, "params.json")
-    params = {"sites": n_sites, "steps": n_steps, "log_every": log_every, "first_at": FIRST_AT,
-              "first_site_at": FIRST_SITE_AT, "version": 1, "format": _format_fingerprint()}
+    params = {
+        "sites": n_sites,
+        "steps": n_steps,
+        "log_every": log_every,
+        "first_at": FIRST_AT,
+        "first_site_at": FIRST_SITE_AT,
+        "version": 1,
+        "format": _format_fingerprint(),
+    }
     if not rewrite and os.path.exists(stamp):
         with open(stamp) as f:
             info = json.load(f)
@@ -142,6 +185,7 @@ def ensure_logdir(path, n_sites, n_steps, log_every, rewrite=False):
             return info
     if os.path.exists(path):
         import shutil
+
         shutil.rmtree(path)
     os.makedirs(path)
     info = write_logdir(path, n_sites, n_steps, log_every)
@@ -196,7 +240,7 @@ class MemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_sum = 0
-        self.hwm = {}      # pid -> (name, VmHWM bytes)
+        self.hwm = {}  # pid -> (name, VmHWM bytes)
         self._halt = threading.Event()
 
     def run(self):
@@ -210,7 +254,10 @@ class MemorySampler(threading.Thread):
             st = _status(p)
             if st:
                 total += _kb(st.get("VmRSS"))
-                self.hwm[p] = (st.get("Name", "?"), max(_kb(st.get("VmHWM")), self.hwm.get(p, ("", 0))[1]))
+                self.hwm[p] = (
+                    st.get("Name", "?"),
+                    max(_kb(st.get("VmHWM")), self.hwm.get(p, ("", 0))[1]),
+                )
         self.peak_sum = max(self.peak_sum, total)
         return total
 
@@ -227,7 +274,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-WIRE = {}   # path -> bytes on the wire of its last response
+WIRE = {}  # path -> bytes on the wire of its last response
 
 
 def get(base, path, timeout=120, gzip_ok=True):
@@ -235,8 +282,11 @@ def get(base, path, timeout=120, gzip_ok=True):
     compresses JSON then, at level 3, which is part of the latency); the body returned is
     decompressed, the bytes on the wire go to WIRE[path]."""
     import gzip
+
     t0 = time.perf_counter()
-    request = urllib.request.Request(base + path, headers={"Accept-Encoding": "gzip"} if gzip_ok else {})
+    request = urllib.request.Request(
+        base + path, headers={"Accept-Encoding": "gzip"} if gzip_ok else {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as r:
             body = r.read()
@@ -253,6 +303,7 @@ def get(base, path, timeout=120, gzip_ok=True):
 
 def percentile(values, q):
     import numpy as np
+
     return float(np.percentile(values, q)) if values else None
 
 
@@ -263,7 +314,10 @@ def measure(logdir, info, loader, args):
     cmd = [tb, "--logdir", logdir, "--host", "127.0.0.1", "--port", str(port)]
     if loader == "python":
         cmd.append("--load_fast=false")
-    res = {"loader": loader, "command": " ".join(["tensorboard"] + cmd[1:]).replace(logdir, "LOGDIR")}
+    res = {
+        "loader": loader,
+        "command": " ".join(["tensorboard"] + cmd[1:]).replace(logdir, "LOGDIR"),
+    }
     log = open(os.path.join(os.path.dirname(logdir), "tensorboard_%s.log" % loader), "w")
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -283,7 +337,12 @@ def measure(logdir, info, loader, args):
         # 2) every row served: the heatmap's step_range counts them
         full = "/data/plugin/nanwatch/heatmap?run=%s&stat=max_abs&columns=%d" % (run, args.columns)
         failures = 0
-        while "runs_listed_s" in res and time.perf_counter() < deadline and proc.poll() is None and failures < 10:
+        while (
+            "runs_listed_s" in res
+            and time.perf_counter() < deadline
+            and proc.poll() is None
+            and failures < 10
+        ):
             status, body, dt = get(base, full)
             if status == 200:
                 rng = json.loads(body).get("step_range") or {}
@@ -298,10 +357,17 @@ def measure(logdir, info, loader, args):
                 res["heatmap_error"] = "%s %s" % (status, body[:200])
             time.sleep(0.5)
         if "all_rows_s" not in res:
-            res["error"] = "no heatmap with all rows after %.0f s (%s; rows seen: %s; process %s)" % (
-                time.perf_counter() - t_start,
-                "%d errors in a row: HTTP %s" % (failures, res.get("heatmap_error", "")[:3]) if failures else "timed out",
-                res.get("rows_seen"), "alive" if proc.poll() is None else "exited %s" % proc.returncode)
+            res["error"] = (
+                "no heatmap with all rows after %.0f s (%s; rows seen: %s; process %s)"
+                % (
+                    time.perf_counter() - t_start,
+                    "%d errors in a row: HTTP %s" % (failures, res.get("heatmap_error", "")[:3])
+                    if failures
+                    else "timed out",
+                    res.get("rows_seen"),
+                    "alive" if proc.poll() is None else "exited %s" % proc.returncode,
+                )
+            )
             log.flush()
             res["server_log"] = _last_error(log.name)
             return res
@@ -310,13 +376,19 @@ def measure(logdir, info, loader, args):
             res["tab_enabled"] = bool(json.loads(body).get("nanwatch", {}).get("enabled"))
         # 3) latencies
         zoom_first = max(0, info["first_step"] - 1000)
-        zoom = "/data/plugin/nanwatch/heatmap?run=%s&stat=nan&columns=%d&first_step=%d&last_step=%d" % (
-            run, args.columns, zoom_first, zoom_first + 2000)
+        zoom = (
+            "/data/plugin/nanwatch/heatmap?run=%s&stat=nan&columns=%d&first_step=%d&last_step=%d"
+            % (run, args.columns, zoom_first, zoom_first + 2000)
+        )
         first = "/data/plugin/nanwatch/first_nonfinite?run=%s" % run
         lat = {"heatmap_full": [], "heatmap_zoom": [], "first_nonfinite": []}
         sizes = {}
-        for _ in range(args.repeats):      # interleaved, bounded
-            for name, path in (("heatmap_full", full), ("heatmap_zoom", zoom), ("first_nonfinite", first)):
+        for _ in range(args.repeats):  # interleaved, bounded
+            for name, path in (
+                ("heatmap_full", full),
+                ("heatmap_zoom", zoom),
+                ("first_nonfinite", first),
+            ):
                 status, body, dt = get(base, path)
                 if status != 200:
                     res.setdefault("errors", []).append("%s: %s %s" % (name, status, body[:200]))
@@ -327,8 +399,13 @@ def measure(logdir, info, loader, args):
         res["zoom_columns"] = body.get("n_columns")
         res["first_nonfinite_cell"] = json.loads(get(base, full)[1]).get("first_nonfinite_cell")
         for name, values in lat.items():
-            res[name] = {"p50": percentile(values, 50), "p95": percentile(values, 95), "n": len(values),
-                         "bytes": sizes.get(name, (None, None))[0], "wire_bytes": sizes.get(name, (None, None))[1]}
+            res[name] = {
+                "p50": percentile(values, 50),
+                "p95": percentile(values, 95),
+                "n": len(values),
+                "bytes": sizes.get(name, (None, None))[0],
+                "wire_bytes": sizes.get(name, (None, None))[1],
+            }
         # the same full-range query without gzip: how much of the latency is compression
         plain = [get(base, full, gzip_ok=False)[2] for _ in range(max(3, args.repeats // 4))]
         res["heatmap_full_identity"] = {"p50": percentile(plain, 50), "n": len(plain)}
@@ -357,6 +434,7 @@ def _last_error(path):
 def baseline(loader, settle=5.0, timeout=120):
     """TensorBoard's RSS with an empty logdir (the cost of TensorBoard itself, with TensorFlow importable)."""
     import tempfile
+
     empty = tempfile.mkdtemp(prefix="nw_empty_")
     port = free_port()
     base = "http://127.0.0.1:%d" % port
@@ -364,7 +442,9 @@ def baseline(loader, settle=5.0, timeout=120):
     cmd = [tb, "--logdir", empty, "--host", "127.0.0.1", "--port", str(port)]
     if loader == "python":
         cmd.append("--load_fast=false")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     sampler = MemorySampler(proc.pid)
     sampler.start()
     try:
@@ -400,7 +480,13 @@ def stop(proc):
 def mb(b):
     if b is None:
         return "-"
-    return "%.0f MB" % (b / 1e6) if b >= 1e7 else "%.1f MB" % (b / 1e6) if b >= 1e6 else "%.0f kB" % (b / 1e3)
+    return (
+        "%.0f MB" % (b / 1e6)
+        if b >= 1e7
+        else "%.1f MB" % (b / 1e6)
+        if b >= 1e6
+        else "%.0f kB" % (b / 1e3)
+    )
 
 
 def ms(s):
@@ -410,44 +496,89 @@ def ms(s):
 def render(results):
     info = results["logdir"]
     L = ["## Plugin at scale (`bench/plugin_scale.py`)", ""]
-    L.append("Run %s. Logdir: %d sites x %d steps, a row every %d steps = %d rows, %d flight rows, first NaN at "
-             "step %d (site %d) propagating to all later sites; %s on disk (written through `RecordWriter` in %.0f s). "
-             "Load average at start %.2f, at end %.2f." % (
-                 results["date"], info["sites"], info["steps"], info["log_every"], info["rows"], info["flight_rows"],
-                 info["first_step"], info["first_site"], mb(info["bytes"]), info["seconds"],
-                 results["loadavg_start"][0], results["loadavg_end"][0]))
+    L.append(
+        "Run %s. Logdir: %d sites x %d steps, a row every %d steps = %d rows, %d flight rows, first NaN at "
+        "step %d (site %d) propagating to all later sites; %s on disk (written through `RecordWriter` in %.0f s). "
+        "Load average at start %.2f, at end %.2f."
+        % (
+            results["date"],
+            info["sites"],
+            info["steps"],
+            info["log_every"],
+            info["rows"],
+            info["flight_rows"],
+            info["first_step"],
+            info["first_site"],
+            mb(info["bytes"]),
+            info["seconds"],
+            results["loadavg_start"][0],
+            results["loadavg_end"][0],
+        )
+    )
     L.append("")
     L.append("Code: commit %s. Command: `%s`" % (results.get("commit", "?"), results["command"]))
     L.append("")
-    L.append("| loader | runs listed | all rows served | first heatmap (cold) | heatmap full p50 / p95 | "
-             "heatmap zoom p50 / p95 | first_nonfinite p50 / p95 | peak RSS (tree, sampled) | sum of VmHWM | "
-             "RSS with an empty logdir |")
+    L.append(
+        "| loader | runs listed | all rows served | first heatmap (cold) | heatmap full p50 / p95 | "
+        "heatmap zoom p50 / p95 | first_nonfinite p50 / p95 | peak RSS (tree, sampled) | sum of VmHWM | "
+        "RSS with an empty logdir |"
+    )
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         if "error" in r:
-            L.append("| %s | %s | failed: %s | | | | | %s | %s | %s |" % (
-                r["loader"], "%.1f s" % r["runs_listed_s"] if "runs_listed_s" in r else "-", r["error"],
-                mb(r.get("peak_rss_sum")), mb(r.get("vmhwm_sum")), mb(r.get("baseline_rss"))))
+            L.append(
+                "| %s | %s | failed: %s | | | | | %s | %s | %s |"
+                % (
+                    r["loader"],
+                    "%.1f s" % r["runs_listed_s"] if "runs_listed_s" in r else "-",
+                    r["error"],
+                    mb(r.get("peak_rss_sum")),
+                    mb(r.get("vmhwm_sum")),
+                    mb(r.get("baseline_rss")),
+                )
+            )
             continue
-        L.append("| %s | %.1f s | %.1f s | %s | %s / %s | %s / %s | %s / %s | %s | %s | %s |" % (
-            r["loader"], r["runs_listed_s"], r["all_rows_s"], ms(r.get("first_heatmap_s")),
-            ms(r["heatmap_full"]["p50"]), ms(r["heatmap_full"]["p95"]),
-            ms(r["heatmap_zoom"]["p50"]), ms(r["heatmap_zoom"]["p95"]),
-            ms(r["first_nonfinite"]["p50"]), ms(r["first_nonfinite"]["p95"]),
-            mb(r["peak_rss_sum"]), mb(r["vmhwm_sum"]), mb(r.get("baseline_rss"))))
+        L.append(
+            "| %s | %.1f s | %.1f s | %s | %s / %s | %s / %s | %s / %s | %s | %s | %s |"
+            % (
+                r["loader"],
+                r["runs_listed_s"],
+                r["all_rows_s"],
+                ms(r.get("first_heatmap_s")),
+                ms(r["heatmap_full"]["p50"]),
+                ms(r["heatmap_full"]["p95"]),
+                ms(r["heatmap_zoom"]["p50"]),
+                ms(r["heatmap_zoom"]["p95"]),
+                ms(r["first_nonfinite"]["p50"]),
+                ms(r["first_nonfinite"]["p95"]),
+                mb(r["peak_rss_sum"]),
+                mb(r["vmhwm_sum"]),
+                mb(r.get("baseline_rss")),
+            )
+        )
     L.append("")
     first = info["first_step"]
     for r in results["runs"]:
         if "heatmap_full" in r:
-            L.append("- %s: %d requests each, with `Accept-Encoding: gzip` as a browser sends it; full-range response %s "
-                     "(%s gzipped on the wire; without gzip p50 %s), %d columns requested; zoomed %s (%s columns, "
-                     "steps %d-%d), first_nonfinite %s; processes: %s." % (
-                         r["loader"], r["heatmap_full"]["n"], mb(r["heatmap_full"]["bytes"]),
-                         mb(r["heatmap_full"].get("wire_bytes")), ms(r.get("heatmap_full_identity", {}).get("p50")),
-                         results["columns"],
-                         mb(r["heatmap_zoom"]["bytes"]), r.get("zoom_columns"), max(0, first - 1000), first + 1000,
-                         "%.1f kB" % (r["first_nonfinite"]["bytes"] / 1e3),
-                         ", ".join("%s %s" % (k, mb(v)) for k, v in r["vmhwm"].items())))
+            L.append(
+                "- %s: %d requests each, with `Accept-Encoding: gzip` as a browser sends it; full-range response %s "
+                "(%s gzipped on the wire; without gzip p50 %s), %d columns requested; zoomed %s (%s columns, "
+                "steps %d-%d), first_nonfinite %s; processes: %s."
+                % (
+                    r["loader"],
+                    r["heatmap_full"]["n"],
+                    mb(r["heatmap_full"]["bytes"]),
+                    mb(r["heatmap_full"].get("wire_bytes")),
+                    ms(r.get("heatmap_full_identity", {}).get("p50")),
+                    results["columns"],
+                    mb(r["heatmap_zoom"]["bytes"]),
+                    r.get("zoom_columns"),
+                    max(0, first - 1000),
+                    first + 1000,
+                    "%.1f kB" % (r["first_nonfinite"]["bytes"] / 1e3),
+                    ", ".join("%s %s" % (k, mb(v)) for k, v in r["vmhwm"].items()),
+                )
+            )
         if r.get("server_log"):
             L.append("- %s: TensorBoard's log says: `%s`" % (r["loader"], r["server_log"]))
         for e in r.get("errors", [])[:3]:
@@ -456,17 +587,33 @@ def render(results):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="200 sites x 20,000 steps, 5 repeats, RustBoard only")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="200 sites x 20,000 steps, 5 repeats, RustBoard only"
+    )
     p.add_argument("--sites", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--repeats", type=int)
-    p.add_argument("--columns", type=int, default=500, help="heatmap columns per request (the frontend's default)")
+    p.add_argument(
+        "--columns",
+        type=int,
+        default=500,
+        help="heatmap columns per request (the frontend's default)",
+    )
     p.add_argument("--loaders", help="comma list of rust,python (default both; quick: rust)")
-    p.add_argument("--logdir", help="where to write the synthetic logdir (default bench/out/plugin_scale_<sites>x<steps>)")
-    p.add_argument("--rewrite", action="store_true", help="write the logdir even if a matching one exists")
-    p.add_argument("--ready-timeout", type=float, default=300, help="seconds to wait for all rows per loader")
+    p.add_argument(
+        "--logdir",
+        help="where to write the synthetic logdir (default bench/out/plugin_scale_<sites>x<steps>)",
+    )
+    p.add_argument(
+        "--rewrite", action="store_true", help="write the logdir even if a matching one exists"
+    )
+    p.add_argument(
+        "--ready-timeout", type=float, default=300, help="seconds to wait for all rows per loader"
+    )
     p.add_argument("--out", help="update this markdown file (e.g. bench/RESULTS.md)")
     p.add_argument("--json", help="also write the raw results here")
     args = p.parse_args()
@@ -476,9 +623,14 @@ def main():
     loaders = (args.loaders or ("rust" if args.quick else "rust,python")).split(",")
     logdir = args.logdir or os.path.join(HERE, "out", "plugin_scale_%dx%d" % (sites, steps))
     import overhead
-    results = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "loadavg_start": os.getloadavg(),
-               "commit": overhead.code_version(),
-               "command": " ".join(["python", "bench/plugin_scale.py"] + sys.argv[1:]), "columns": args.columns}
+
+    results = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "loadavg_start": os.getloadavg(),
+        "commit": overhead.code_version(),
+        "command": " ".join(["python", "bench/plugin_scale.py"] + sys.argv[1:]),
+        "columns": args.columns,
+    }
     print("writing/reusing %s ..." % logdir, flush=True)
     results["logdir"] = ensure_logdir(logdir, sites, steps, args.log_every, args.rewrite)
     print("logdir: %s" % json.dumps(results["logdir"]), flush=True)
@@ -490,7 +642,7 @@ def main():
         print(json.dumps(r, indent=1), flush=True)
         results["runs"].append(r)
     results["loadavg_end"] = os.getloadavg()
-    publish(results, render(results), args.json, args.out, 'plugin')
+    publish(results, render(results), args.json, args.out, "plugin")
 
 
 if __name__ == "__main__":

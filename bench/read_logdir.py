@@ -49,24 +49,38 @@ print(time.perf_counter() - start, sum(len(v) for v in got.values()))
 
 
 def write_logdir(path, n_sites, n_rows):
-    import numpy as np
     import synthetic
+
     from tb_nanwatch import stats, summary
 
-    sites = [summary.make_site("layer_%d" % i, "activation", "", "float32", (32, 64)) for i in range(n_sites)]
+    sites = [
+        summary.make_site("layer_%d" % i, "activation", "", "float32", (32, 64))
+        for i in range(n_sites)
+    ]
     first = 10 * (3 * n_rows // 4) + 3
     with summary.RecordWriter(os.path.join(path, "run"), sites, log_every=10) as writer:
         for i in range(n_rows):
             step = 10 * i + 9
             row = synthetic.finite_row(n_sites, step, steps=10)
             if step >= first:
-                row[n_sites // 2:, stats.STAT_INDEX["nan"]] = 1
+                row[n_sites // 2 :, stats.STAT_INDEX["nan"]] = 1
             writer.write_row(step, row)
             if step - 10 < first <= step:
-                writer.write_flight(list(range(first - 7, first + 1)),
-                                    [synthetic.finite_row(n_sites, s) for s in range(first - 7, first + 1)])
-                writer.write_first_nonfinite(first, dict(layer=sites[n_sites // 2]["layer"], kind="activation",
-                                                         tensor="", nan=1, posinf=0, neginf=0))
+                writer.write_flight(
+                    list(range(first - 7, first + 1)),
+                    [synthetic.finite_row(n_sites, s) for s in range(first - 7, first + 1)],
+                )
+                writer.write_first_nonfinite(
+                    first,
+                    dict(
+                        layer=sites[n_sites // 2]["layer"],
+                        kind="activation",
+                        tensor="",
+                        nan=1,
+                        posinf=0,
+                        neginf=0,
+                    ),
+                )
     return first
 
 
@@ -78,8 +92,12 @@ def damage(src, dst, n_rows):
     path = dh.only_event_file(os.path.join(dst, "run"))
     data = bytearray(open(path, "rb").read())
     frames, _ = dh.frames(bytes(data))
-    rows = [f for f in frames if dh.event_of(f[2]).summary.value
-            and dh.event_of(f[2]).summary.value[0].tag.startswith("nanwatch/rows")]
+    rows = [
+        f
+        for f in frames
+        if dh.event_of(f[2]).summary.value
+        and dh.event_of(f[2]).summary.value[0].tag.startswith("nanwatch/rows")
+    ]
     victim = rows[len(rows) // 4]
     data[victim[1] - 1] ^= 0xFF
     data += bytes(4 << 20)
@@ -90,14 +108,20 @@ def timed(command, repeats):
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        proc = subprocess.run(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )
         runs.append((time.perf_counter() - start, proc))
     return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sites", type=int, default=400)
     p.add_argument("--rows", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=3)
@@ -113,25 +137,55 @@ def main():
     damage(intact, damaged, args.rows)
     cli = os.path.join(os.path.dirname(sys.executable), "tb-nanwatch")
     results = {"sites": args.sites, "rows": args.rows}
-    lines = ["`bench/read_logdir.py --sites %d --rows %d`: one run, %d rows written; median of %d runs." % (
-        args.sites, args.rows, args.rows, args.repeats), "",
+    lines = [
+        "`bench/read_logdir.py --sites %d --rows %d`: one run, %d rows written; median of %d runs."
+        % (args.sites, args.rows, args.rows, args.repeats),
+        "",
         "| logdir | MB | `tb-nanwatch report --json` | rows it reads | TensorBoard's Python loader | rows it reads |",
-        "|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|",
+    ]
     for name, logdir in (("intact", intact), ("damaged", damaged)):
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(logdir) for f in fs) / 1e6
+        size = (
+            sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(logdir) for f in fs)
+            / 1e6
+        )
         seconds, proc = timed([cli, "report", logdir, "--json"], args.repeats)
         report = json.loads(proc.stdout)
         (entry,) = report["runs"]
         from tb_nanwatch import reader
-        rows_cli = len(reader.read_run(*reader.open_logdir(logdir), "run").steps)   # what that report read
+
+        rows_cli = len(
+            reader.read_run(*reader.open_logdir(logdir), "run").steps
+        )  # what that report read
         tb_seconds, tb_proc = timed([sys.executable, "-c", TB_LOADER, logdir], args.repeats)
         tb_rows = int(tb_proc.stdout.split()[-1]) if tb_proc.returncode == 0 else None
-        results[name] = dict(mb=size, cli_seconds=seconds, cli_exit=proc.returncode, cli_rows=rows_cli,
-                             cli_warnings=entry.get("warnings", []), tb_seconds=tb_seconds, tb_rows=tb_rows)
-        lines.append("| %s | %.0f | %.1f s (exit %d) | %d | %.1f s | %s |" % (
-            name, size, seconds, proc.returncode, rows_cli, tb_seconds, "crashed" if tb_rows is None else tb_rows))
-    lines += ["", "Damaged: the row at 1/4 of the run has a bad data checksum and 4 MB of zeros follow the "
-              "last record. The CLI's warning: `%s`." % "; ".join(results["damaged"]["cli_warnings"]), ""]
+        results[name] = dict(
+            mb=size,
+            cli_seconds=seconds,
+            cli_exit=proc.returncode,
+            cli_rows=rows_cli,
+            cli_warnings=entry.get("warnings", []),
+            tb_seconds=tb_seconds,
+            tb_rows=tb_rows,
+        )
+        lines.append(
+            "| %s | %.0f | %.1f s (exit %d) | %d | %.1f s | %s |"
+            % (
+                name,
+                size,
+                seconds,
+                proc.returncode,
+                rows_cli,
+                tb_seconds,
+                "crashed" if tb_rows is None else tb_rows,
+            )
+        )
+    lines += [
+        "",
+        "Damaged: the row at 1/4 of the run has a bad data checksum and 4 MB of zeros follow the "
+        "last record. The CLI's warning: `%s`." % "; ".join(results["damaged"]["cli_warnings"]),
+        "",
+    ]
     publish(results, "\n".join(lines), args.json, args.out, "read_logdir")
 
 

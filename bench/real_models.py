@@ -41,8 +41,9 @@ MODELS = {
 
 def build(name):
     """(model, x, y) of a benchmark model, seed 0."""
-    import numpy as np
     import keras
+    import numpy as np
+
     keras.utils.set_random_seed(0)
     batch, steps = MODELS[name]
     n = batch * steps
@@ -56,9 +57,14 @@ def build(name):
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         return model, rng.integers(0, 20000, (n, 200)), rng.integers(0, 2, n)
     if name == "mlp":
-        model = keras.Sequential([keras.Input((784,))] + [keras.layers.Dense(1024, activation="relu")
-                                                          for _ in range(3)] + [keras.layers.Dense(10)])
-        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model = keras.Sequential(
+            [keras.Input((784,))]
+            + [keras.layers.Dense(1024, activation="relu") for _ in range(3)]
+            + [keras.layers.Dense(10)]
+        )
+        model.compile(
+            optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
         return model, rng.normal(size=(n, 784)).astype("float32"), rng.integers(0, 10, n)
     raise ValueError(name)
 
@@ -72,7 +78,9 @@ def transformer_classifier(vocab=20000, maxlen=200, embed_dim=32, heads=2, ff_di
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.att = layers.MultiHeadAttention(num_heads=heads, key_dim=embed_dim)
-            self.ffn = keras.Sequential([layers.Dense(ff_dim, activation="relu"), layers.Dense(embed_dim)])
+            self.ffn = keras.Sequential(
+                [layers.Dense(ff_dim, activation="relu"), layers.Dense(embed_dim)]
+            )
             self.layernorm1 = layers.LayerNormalization(epsilon=1e-6)
             self.layernorm2 = layers.LayerNormalization(epsilon=1e-6)
             self.dropout1 = layers.Dropout(0.1)
@@ -106,8 +114,9 @@ def transformer_classifier(vocab=20000, maxlen=200, embed_dim=32, heads=2, ff_di
 
 def worker(name, epochs, watched_first):
     """One process: alternating epochs; returns a list of per-fit() measurements."""
-    import numpy as np
     import keras
+    import numpy as np
+
     import tb_nanwatch
 
     class Timer(keras.callbacks.Callback):
@@ -115,7 +124,9 @@ def worker(name, epochs, watched_first):
             self.ends = []
 
         def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"]) if logs and "loss" in logs else None   # a host sync, as a user's logging
+            float(
+                logs["loss"]
+            ) if logs and "loss" in logs else None  # a host sync, as a user's logging
             self.ends.append(time.perf_counter())
 
     model, x, y = build(name)
@@ -128,19 +139,35 @@ def worker(name, epochs, watched_first):
         timer = Timer()
         model.train_function = functions["plain"] if config == "plain" else None
         start = time.perf_counter()
-        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0,
-                  callbacks=([callback] if config == "nanwatch" else []) + [timer])
+        model.fit(
+            x,
+            y,
+            batch_size=batch,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=([callback] if config == "nanwatch" else []) + [timer],
+        )
         if config == "plain":
             functions["plain"] = model.train_function
         intervals = np.diff(timer.ends)
-        out.append({"config": config, "epoch": epoch, "first_step_s": timer.ends[0] - start,
-                    "median_step_s": float(np.median(intervals[1:] if len(intervals) > 1 else intervals)),
-                    "sites": len(callback.watch.sites) if callback.watch else None})
+        out.append(
+            {
+                "config": config,
+                "epoch": epoch,
+                "first_step_s": timer.ends[0] - start,
+                "median_step_s": float(
+                    np.median(intervals[1:] if len(intervals) > 1 else intervals)
+                ),
+                "sites": len(callback.watch.sites) if callback.watch else None,
+            }
+        )
     return out
 
 
 def summarise(name, runs):
     import numpy as np
+
     by = {"plain": [], "nanwatch": []}
     firsts = {"plain": [], "nanwatch": []}
     seconds = {"plain": [], "nanwatch": []}
@@ -174,36 +201,63 @@ def summarise(name, runs):
     fresh = {c: [run[0]["first_step_s"] for run in runs if run[0]["config"] == c] for c in by}
     first_ratio = [n / p for n, p in zip(firsts["nanwatch"], firsts["plain"])]
     return {
-        "model": name, "sites": sites,
-        "first_step_plain_s": spread(firsts["plain"], "%.1f"), "first_step_nanwatch_s": spread(firsts["nanwatch"], "%.1f"),
+        "model": name,
+        "sites": sites,
+        "first_step_plain_s": spread(firsts["plain"], "%.1f"),
+        "first_step_nanwatch_s": spread(firsts["nanwatch"], "%.1f"),
         "first_step_ratio": spread(first_ratio),
         "fresh_first_step_plain_s": spread(fresh["plain"], "%.1f"),
         "fresh_first_step_nanwatch_s": spread(fresh["nanwatch"], "%.1f"),
-        "fresh_first_step_ratio": "%.2f" % (np.median(fresh["nanwatch"]) / np.median(fresh["plain"]))
-        if fresh["plain"] and fresh["nanwatch"] else "-",
-        "second_fit_extra_plain_s": spread(seconds["plain"]), "second_fit_extra_nanwatch_s": spread(seconds["nanwatch"]),
+        "fresh_first_step_ratio": "%.2f"
+        % (np.median(fresh["nanwatch"]) / np.median(fresh["plain"]))
+        if fresh["plain"] and fresh["nanwatch"]
+        else "-",
+        "second_fit_extra_plain_s": spread(seconds["plain"]),
+        "second_fit_extra_nanwatch_s": spread(seconds["nanwatch"]),
         "step_plain_ms": spread([1e3 * v for v in by["plain"]], "%.0f"),
         "step_nanwatch_ms": spread([1e3 * v for v in by["nanwatch"]], "%.0f"),
-        "step_ratio": spread(ratios), "plain_vs_plain": spread(plain_pairs),
+        "step_ratio": spread(ratios),
+        "plain_vs_plain": spread(plain_pairs),
         "pairs": len(ratios),
     }
 
 
 def render(summaries, argv):
-    cols = ("model", "sites", "fresh_first_step_plain_s", "fresh_first_step_nanwatch_s", "fresh_first_step_ratio",
-            "first_step_plain_s", "first_step_nanwatch_s", "first_step_ratio",
-            "second_fit_extra_plain_s", "second_fit_extra_nanwatch_s", "step_plain_ms", "step_nanwatch_ms",
-            "step_ratio", "plain_vs_plain")
-    lines = ["Real models (`%s`, %s): median (min-max)." % (" ".join(["bench/real_models.py"] + argv),
-                                                          time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
-             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = (
+        "model",
+        "sites",
+        "fresh_first_step_plain_s",
+        "fresh_first_step_nanwatch_s",
+        "fresh_first_step_ratio",
+        "first_step_plain_s",
+        "first_step_nanwatch_s",
+        "first_step_ratio",
+        "second_fit_extra_plain_s",
+        "second_fit_extra_nanwatch_s",
+        "step_plain_ms",
+        "step_nanwatch_ms",
+        "step_ratio",
+        "plain_vs_plain",
+    )
+    lines = [
+        "Real models (`%s`, %s): median (min-max)."
+        % (
+            " ".join(["bench/real_models.py"] + argv),
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        ),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for s in summaries:
         lines.append("| " + " | ".join(str(s[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", default="mobilenetv2,transformer")
     p.add_argument("--processes", type=int, default=3)
     p.add_argument("--epochs", type=int, default=6, help="alternating fit() calls per process")
@@ -218,22 +272,38 @@ def main():
         print("RESULT " + json.dumps(worker(args.worker, epochs, args.watched_first)))
         return
     from results_md import publish
+
     raw, summaries = {}, []
     for name in args.models.split(","):
         runs = []
         for i in range(args.processes):
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--epochs", str(epochs)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                name,
+                "--epochs",
+                str(epochs),
+            ]
             if i % 2:
                 cmd.append("--watched-first")
-            done = subprocess.run(cmd, capture_output=True, text=True,
-                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+            )
             line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
                 print(done.stderr[-3000:], file=sys.stderr)
                 raise SystemExit("worker %s failed" % name)
             runs.append(json.loads(line[-1][7:]))
-            print(name, i, [(m["config"][0], round(m["first_step_s"], 1), round(1e3 * m["median_step_s"]))
-                            for m in runs[-1]], flush=True)
+            print(
+                name,
+                i,
+                [
+                    (m["config"][0], round(m["first_step_s"], 1), round(1e3 * m["median_step_s"]))
+                    for m in runs[-1]
+                ],
+                flush=True,
+            )
         raw[name] = runs
         summaries.append(summarise(name, runs))
     publish(raw, render(summaries, sys.argv[1:]), args.json, args.out, "real_models")

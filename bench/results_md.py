@@ -10,7 +10,7 @@ def update_results(path, section, name):
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n\n"
     block = "%s\n%s%s" % (begin, section, end)
     if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     with open(path, "w") as f:
@@ -20,6 +20,7 @@ def update_results(path, section, name):
 def publish(results, text, json_path, out_path, name):
     """Prints the tables, saves the raw results as JSON and updates RESULTS.md, as asked."""
     import json
+
     print()
     print(text)
     if json_path:

@@ -19,7 +19,7 @@ async function getJSON(route, params = {}) {
   let body = null;
   try {
     body = await response.json();
-  } catch (e) {
+  } catch {
     body = null;
   }
   if (!response.ok) {

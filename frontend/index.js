@@ -239,7 +239,7 @@ class App {
       let message;
       try {
         message = JSON.parse(event.data);
-      } catch (e) {
+      } catch {
         return;
       }
       if (!message || message.isReply) return;

@@ -12,7 +12,7 @@ const KEYS = ["nw_run", "nw_group", "nw_stat", "nw_kind", "nw_source", "nw_steps
 function host() {
   try {
     if (window.parent !== window && window.parent.location.href) return window.parent;
-  } catch (e) {
+  } catch {
     // another origin: keep the view in our own URL
   }
   return window;
@@ -64,7 +64,7 @@ export function writeView(view) {
     const url = new URL(w.location.href);
     url.hash = hash;
     w.history.replaceState(w.history.state, "", url.toString());
-  } catch (e) {
+  } catch {
     // a host that refuses: the view just stays out of the URL
   }
 }

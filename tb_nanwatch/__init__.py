@@ -15,5 +15,6 @@ __all__ = ["NanWatchCallback", "Watch", "__version__"]
 def __getattr__(name):
     if name in ("NanWatchCallback", "Watch"):
         from tb_nanwatch import watch
+
         return getattr(watch, name)
     raise AttributeError("module 'tb_nanwatch' has no attribute %r" % name)

@@ -61,7 +61,9 @@ class RunCache:
             self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries or (
-                    len(self._entries) > 1 and sum(e.nbytes for e in self._entries.values()) > self.max_bytes):
+                len(self._entries) > 1
+                and sum(e.nbytes for e in self._entries.values()) > self.max_bytes
+            ):
                 self._entries.popitem(last=False)
         return entry
 

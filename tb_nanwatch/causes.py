@@ -23,7 +23,8 @@ CAUSES = (
         "Find and clean the bad rows before training: `np.isfinite(x).all(axis=1)` marks them; drop or "
         "impute them (e.g. `x = np.nan_to_num(x, nan=np.nanmean(x, axis=0))`), or check the pipeline with "
         "`dataset.map(lambda x, y: (tf.debugging.assert_all_finite(x, 'bad input'), y))`.",
-        True),
+        True,
+    ),
     Cause(
         "unscaled_inputs",
         "Inputs far outside the unit range",
@@ -31,7 +32,8 @@ CAUSES = (
         "within about +-5). Ranked by how far: 1e2 is a contributing condition, 1e6 and up the root cause.",
         "Standardise the inputs: `norm = keras.layers.Normalization(); norm.adapt(x_train)` as the model's "
         "first layer, or `x = (x - x.mean(0)) / x.std(0)` with the training set's mean and std.",
-        True),
+        True,
+    ),
     Cause(
         "unscaled_targets",
         "Targets so large that the loss is huge from the start",
@@ -41,7 +43,8 @@ CAUSES = (
         "Scale the targets, and undo it on the predictions: `y_mean, y_std = y.mean(), y.std(); "
         "model.fit(x, (y - y_mean) / y_std)`, then `model.predict(x) * y_std + y_mean`; or log-transform "
         "positive targets (`np.log1p(y)`).",
-        True),
+        True,
+    ),
     Cause(
         "large_initial_weights",
         "Initial weights far above the Glorot/He scale",
@@ -51,9 +54,10 @@ CAUSES = (
         "of all but the kernel's last dimension), unless the layer's gain says the first update, not the "
         "initialisation, made it large (weights are logged after the update).",
         "Use the default initialiser, or one that scales with the fan-in: "
-        "`keras.layers.Dense(n, kernel_initializer=\"he_normal\")` for ReLU layers, \"glorot_uniform\" "
+        '`keras.layers.Dense(n, kernel_initializer="he_normal")` for ReLU layers, "glorot_uniform" '
         "(Keras' default) otherwise.",
-        True),
+        True,
+    ),
     Cause(
         "reduced_precision_underflow",
         "Half precision underflows to zero",
@@ -61,27 +65,30 @@ CAUSES = (
         "dtype's smallest normal value (zeros included) before the first non-finite step (or anywhere in "
         "a finite run): e.g. Adam's velocity g^2 flushed to 0 makes m / (sqrt(v) + eps) explode.",
         "Keep variables and optimizer slots in float32: `keras.mixed_precision.set_global_policy("
-        "\"mixed_float16\")` instead of `set_dtype_policy(\"float16\")`; Keras then also scales the loss "
+        '"mixed_float16")` instead of `set_dtype_policy("float16")`; Keras then also scales the loss '
         "so that small gradients survive.",
-        False),
+        False,
+    ),
     Cause(
         "reduced_precision_overflow",
         "A float16/bfloat16 value passes its dtype's largest value",
         "The producer is a float16/bfloat16 site that went +-Inf (float16's largest finite value is 65504).",
         "Compute in float16 but keep the variables in float32 (`keras.mixed_precision.set_global_policy("
-        "\"mixed_float16\")`), keep the last layer in float32 (`Dense(..., dtype=\"float32\")`), and scale "
+        '"mixed_float16")`), keep the last layer in float32 (`Dense(..., dtype="float32")`), and scale '
         "inputs and initial weights so activations stay far below 65504.",
-        True),
+        True,
+    ),
     Cause(
         "unstable_loss",
         "The loss itself is not defined for the predictions",
         "The producer is the loss (with NaN or -Inf, or +Inf without a huge loss before it) while every "
         "site before it, the model's output included, was finite: e.g. log(0) of a saturated sigmoid.",
         "Use Keras' own loss, which is computed stably from the logits "
-        "(`loss=\"binary_crossentropy\"`, or `keras.losses.BinaryCrossentropy(from_logits=True)` on a "
+        '(`loss="binary_crossentropy"`, or `keras.losses.BinaryCrossentropy(from_logits=True)` on a '
         "linear output), or keep a hand-written loss away from its singularities: "
         "`tf.math.log(tf.clip_by_value(p, 1e-7, 1 - 1e-7))`, `tf.math.log(d + 1e-3)`.",
-        True),
+        True,
+    ),
     Cause(
         "domain_error",
         "An op inside a layer (or its gradient) is outside its domain",
@@ -93,7 +100,8 @@ CAUSES = (
         "Keep the op inside its domain where the layer computes it: `tf.math.log(x + eps)`, "
         "`tf.math.divide_no_nan(a, b)`, `tf.sqrt(tf.maximum(x, 0.0) + 1e-12)` instead of `tf.norm` for "
         "distances that can be 0, `tf.math.abs(x) ** p` for a fractional power.",
-        True),
+        True,
+    ),
     Cause(
         "learning_rate_too_high",
         "The learning rate is too high: the weights grow geometrically",
@@ -103,7 +111,8 @@ CAUSES = (
         "steps (a divergence that accelerates).",
         "Lower the learning rate (`keras.optimizers.SGD(learning_rate=lr / 10)`), or make it adapt: "
         "`keras.optimizers.Adam(1e-3)`, a warm-up schedule, or `clipnorm=1.0` to bound each update.",
-        True),
+        True,
+    ),
     Cause(
         "exploding_gradients",
         "Gradients grow layer over layer backward, or step over step",
@@ -114,7 +123,8 @@ CAUSES = (
         "Clip the gradients (`keras.optimizers.Adam(clipnorm=1.0)`, or `global_clipnorm=1.0`), and make "
         "depth trainable: He/Glorot initialisation, `keras.layers.BatchNormalization()` or "
         "`LayerNormalization()` between layers, residual connections, LSTM/GRU instead of SimpleRNN.",
-        True),
+        True,
+    ),
     Cause(
         "optimizer_state_overflow",
         "An optimizer slot passes the dtype's largest value",
@@ -123,7 +133,8 @@ CAUSES = (
         "|g| > sqrt(largest value) (1.8e19 in float32).",
         "Bound the gradients before they reach the slots: `keras.optimizers.Adam(clipnorm=1.0)`; and "
         "remove what makes them huge (unscaled inputs or targets, a loss summed instead of averaged).",
-        True),
+        True,
+    ),
     Cause(
         "loss_scale_collapse",
         "The mixed-precision loss scale collapsed",
@@ -131,20 +142,22 @@ CAUSES = (
         "scaled gradients kept overflowing; updates are skipped and training has probably stalled. The "
         "evidence names the float16/bfloat16 gradient with the least headroom.",
         "Find the site that overflows in float16 (the heatmap's float16 gradients at the skipped steps), "
-        "keep the loss and the last layer in float32 (`Dense(..., dtype=\"float32\")`), scale the inputs "
+        'keep the loss and the last layer in float32 (`Dense(..., dtype="float32")`), scale the inputs '
         "and the targets (`y = (y - y.mean()) / y.std()`), or clip: `keras.optimizers.Adam(clipnorm=1.0)` "
         "under `mixed_float16`.",
-        False),
+        False,
+    ),
     Cause(
         "vanishing_gradients",
         "Gradients or activations stuck at exactly zero",
         "A kernel's weight gradient is exactly 0 in every element, or a hidden layer's output is all "
         "zeros (dead ReLU), in at least half of the logged rows and at least 3 of them: that part of the "
         "model no longer trains.",
-        "Keep the gradient alive: He initialisation (`kernel_initializer=\"he_normal\"`), "
-        "`activation=\"leaky_relu\"` or `\"gelu\"` instead of ReLU, a lower learning rate, "
+        'Keep the gradient alive: He initialisation (`kernel_initializer="he_normal"`), '
+        '`activation="leaky_relu"` or `"gelu"` instead of ReLU, a lower learning rate, '
         "`BatchNormalization()`; under half precision use `mixed_float16`, not `float16`.",
-        False),
+        False,
+    ),
 )
 
 CAUSE_IDS = tuple(c.id for c in CAUSES)
@@ -169,10 +182,21 @@ def as_markdown():
         "|---|---|---|",
     ]
     for c in CAUSES:
-        lines.append("| [`%s`](#%s) | %s | %s |" % (c.id, c.id, c.title, "a blow-up" if c.blowup else "any run (warning)"))
+        lines.append(
+            "| [`%s`](#%s) | %s | %s |"
+            % (c.id, c.id, c.title, "a blow-up" if c.blowup else "any run (warning)")
+        )
     for c in CAUSES:
-        lines += ["", "## %s" % c.id, "", "**%s.**" % c.title, "", "*Evidence.* %s" % c.rule, "",
-                  "*Remedy.* %s" % c.remedy]
+        lines += [
+            "",
+            "## %s" % c.id,
+            "",
+            "**%s.**" % c.title,
+            "",
+            "*Evidence.* %s" % c.rule,
+            "",
+            "*Remedy.* %s" % c.remedy,
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,6 @@ import threading
 import time
 import types
 
-
 EXIT_FINITE, EXIT_NONFINITE, EXIT_ERROR = 0, 1, 2
 PROG = "tb-nanwatch"
 
@@ -33,9 +32,11 @@ def _no_tensorflow():
 BYTES_CHECKED = [0]
 
 
-EXIT_STATUS_WORDS = ("Exit status: 0 every run read is finite; 1 at least one run has a non-finite value; "
-                     "2 error (bad arguments, no nanwatch data, or a run that could not be read while none "
-                     "is non-finite); 130 interrupted (Ctrl-C).")
+EXIT_STATUS_WORDS = (
+    "Exit status: 0 every run read is finite; 1 at least one run has a non-finite value; "
+    "2 error (bad arguments, no nanwatch data, or a run that could not be read while none "
+    "is non-finite); 130 interrupted (Ctrl-C)."
+)
 
 
 class UsageError(Exception):
@@ -58,38 +59,74 @@ def _count(text):
 
 
 def build_parser():
+    import tb_nanwatch
     from tb_nanwatch import stats
 
-    import tb_nanwatch
-
-    parser = _Parser(prog=PROG, description="Where did TensorFlow training first go NaN or Inf?",
-                     epilog=EXIT_STATUS_WORDS)
-    parser.add_argument("--version", action="version", version="%s %s" % (PROG, tb_nanwatch.__version__))
+    parser = _Parser(
+        prog=PROG,
+        description="Where did TensorFlow training first go NaN or Inf?",
+        epilog=EXIT_STATUS_WORDS,
+    )
+    parser.add_argument(
+        "--version", action="version", version="%s %s" % (PROG, tb_nanwatch.__version__)
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     rep = sub.add_parser(
-        "report", help="postmortem of a logdir written by NanWatchCallback",
+        "report",
+        help="postmortem of a logdir written by NanWatchCallback",
         description="Postmortem of a logdir written by tb_nanwatch: per run, the first NaN/Inf value "
-                    "(the producer), the sites it reached in the same step, and the producer's statistics "
-                    "over the steps before it.",
-        epilog=EXIT_STATUS_WORDS)
-    rep.add_argument("logdir", metavar="LOGDIR", help="the logdir given to NanWatchCallback (or a parent of it)")
-    rep.add_argument("--json", action="store_true",
-                     help='print {"runs": [{"run", "first_nonfinite", ...}]} on stdout and nothing else')
-    rep.add_argument("--png", metavar="FILE",
-                     help="also write the heatmap (sites x steps) of one run as a PNG image: the --run, "
-                          "else the first run with a non-finite value, else the first run")
-    rep.add_argument("--run", metavar="RUN", action="append",
-                     help="only this run (path relative to LOGDIR, as listed in the report); repeatable")
-    rep.add_argument("--stat", metavar="NAME", choices=stats.STAT_NAMES,
-                     help="statistic the PNG shows (default max_abs; norm, measured at every step, for a run killed before its "
-                          "first row); one of: %s" % ", ".join(stats.STAT_NAMES))
-    rep.add_argument("--kind", metavar="KIND", choices=stats.KINDS,
-                     help="PNG: only sites of this kind; one of: %s" % ", ".join(stats.KINDS))
-    rep.add_argument("--steps", metavar="N", type=_count, default=12,
-                     help="trend table: the last N steps up to the first non-finite one (default 12; 0: all)")
-    rep.add_argument("--propagators", metavar="N", type=_count, default=10,
-                     help="list at most N propagators per run (default 10; 0: all)")
+        "(the producer), the sites it reached in the same step, and the producer's statistics "
+        "over the steps before it.",
+        epilog=EXIT_STATUS_WORDS,
+    )
+    rep.add_argument(
+        "logdir", metavar="LOGDIR", help="the logdir given to NanWatchCallback (or a parent of it)"
+    )
+    rep.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"runs": [{"run", "first_nonfinite", ...}]} on stdout and nothing else',
+    )
+    rep.add_argument(
+        "--png",
+        metavar="FILE",
+        help="also write the heatmap (sites x steps) of one run as a PNG image: the --run, "
+        "else the first run with a non-finite value, else the first run",
+    )
+    rep.add_argument(
+        "--run",
+        metavar="RUN",
+        action="append",
+        help="only this run (path relative to LOGDIR, as listed in the report); repeatable",
+    )
+    rep.add_argument(
+        "--stat",
+        metavar="NAME",
+        choices=stats.STAT_NAMES,
+        help="statistic the PNG shows (default max_abs; norm, measured at every step, for a run killed before its "
+        "first row); one of: %s" % ", ".join(stats.STAT_NAMES),
+    )
+    rep.add_argument(
+        "--kind",
+        metavar="KIND",
+        choices=stats.KINDS,
+        help="PNG: only sites of this kind; one of: %s" % ", ".join(stats.KINDS),
+    )
+    rep.add_argument(
+        "--steps",
+        metavar="N",
+        type=_count,
+        default=12,
+        help="trend table: the last N steps up to the first non-finite one (default 12; 0: all)",
+    )
+    rep.add_argument(
+        "--propagators",
+        metavar="N",
+        type=_count,
+        default=10,
+        help="list at most N propagators per run (default 10; 0: all)",
+    )
     return parser
 
 
@@ -132,7 +169,7 @@ class Progress:
         try:
             out.write(text + "\n")
             out.flush()
-        except BrokenPipeError:   # `| head`: the reader left; the verdict still holds
+        except BrokenPipeError:  # `| head`: the reader left; the verdict still holds
             _silence_stdout()
 
     def step(self, phase=None):
@@ -151,8 +188,14 @@ class Progress:
             counts = "%d/%d runs" % (min(self.done, self.total), self.total)
         filled = int(width * frac)
         return "%s %s %s [%s%s] %s, %.0fs" % (
-            PROG, self.phase, self.FRAMES[frame % 4], "#" * filled, "." * (width - filled), counts,
-            time.time() - self._start)
+            PROG,
+            self.phase,
+            self.FRAMES[frame % 4],
+            "#" * filled,
+            "." * (width - filled),
+            counts,
+            time.time() - self._start,
+        )
 
     def _loop(self):
         i = 0
@@ -241,7 +284,12 @@ class _Loaded:
     warnings per run, and damage in directories without nanwatch data."""
 
     def __init__(self, runs, reports, problems, other_damage):
-        self.runs, self.reports, self.problems, self.other_damage = runs, reports, problems, other_damage
+        self.runs, self.reports, self.problems, self.other_damage = (
+            runs,
+            reports,
+            problems,
+            other_damage,
+        )
         self.unreadable = [run for run in runs if not any(r.run == run for r in reports)]
 
 
@@ -254,36 +302,54 @@ def _read_runs(args, out, err):
         raise UsageError("%s: no TensorBoard event files in it or below it" % logdir)
     progress = Progress(not args.json and err.isatty(), n_runs, n_bytes)
     with progress:
-        provider, ctx, eid = reader.open_logdir(logdir, on_bytes=lambda n: BYTES_CHECKED.__setitem__(0, n))
+        provider, ctx, eid = reader.open_logdir(
+            logdir, on_bytes=lambda n: BYTES_CHECKED.__setitem__(0, n)
+        )
         runs = reader.list_runs(provider, ctx, eid)
         # Damage in a directory with no readable nanwatch record (it may have held some) is
         # said too, never silently passed over.
-        other_damage = {run: msgs for run, msgs in provider.damage.items() if run not in runs and not args.run}
+        other_damage = {
+            run: msgs for run, msgs in provider.damage.items() if run not in runs and not args.run
+        }
         if not runs:
             _warn_runs(err, other_damage)
-            raise UsageError("%s: no nanwatch data (%d run%s of TensorBoard event files, none written by "
-                             "tb_nanwatch%s)" % (logdir, n_runs, "" if n_runs == 1 else "s",
-                                                 "; damaged files named above" if other_damage else ""))
+            raise UsageError(
+                "%s: no nanwatch data (%d run%s of TensorBoard event files, none written by "
+                "tb_nanwatch%s)"
+                % (
+                    logdir,
+                    n_runs,
+                    "" if n_runs == 1 else "s",
+                    "; damaged files named above" if other_damage else "",
+                )
+            )
         if args.run:
             wanted = [_normalise_run(logdir, r) for r in args.run]
             unknown = [r for r in wanted if r not in runs]
             if unknown:
-                raise UsageError("no nanwatch run %s in %s; runs: %s" % (
-                    ", ".join(repr(r) for r in unknown), logdir, ", ".join(runs)))
+                raise UsageError(
+                    "no nanwatch run %s in %s; runs: %s"
+                    % (", ".join(repr(r) for r in unknown), logdir, ", ".join(runs))
+                )
             runs = {r: runs[r] for r in dict.fromkeys(wanted)}
         progress.total, progress.done, progress.phase = len(runs), 0, "reading"
         reports, problems = [], {}
         # Progressive output: one summary line per run as soon as it is read, details after.
         if not args.json:
-            progress.print(out, "tb-nanwatch report %s: %d run%s" % (
-                report.clean(logdir), len(runs), "" if len(runs) == 1 else "s"))
+            progress.print(
+                out,
+                "tb-nanwatch report %s: %d run%s"
+                % (report.clean(logdir), len(runs), "" if len(runs) == 1 else "s"),
+            )
         for run, groups in runs.items():
             for group in groups:
                 where = "" if group is None else " (group %s)" % group
                 try:
                     data = reader.read_run(provider, ctx, eid, run, group)
                 except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
-                    problems.setdefault(run, []).append("unreadable nanwatch data%s: %s" % (where, e))
+                    problems.setdefault(run, []).append(
+                        "unreadable nanwatch data%s: %s" % (where, e)
+                    )
                     continue
                 problems.setdefault(run, []).extend("%s%s" % (w, where) for w in data.warnings)
                 if data.session_warning():
@@ -292,10 +358,14 @@ def _read_runs(args, out, err):
                     reports.append(report.RunReport(data))
                     if not args.json:
                         progress.print(out, "  " + reports[-1].summary_line())
-                except Exception as e:  # a bug, not bad data (the reader's gate took that): say so, go on
+                except (
+                    Exception
+                ) as e:  # a bug, not bad data (the reader's gate took that): say so, go on
                     if os.environ.get("TB_NANWATCH_DEBUG"):
                         raise
-                    problems[run].append("internal error%s: %s: %s (please report it)" % (where, type(e).__name__, e))
+                    problems[run].append(
+                        "internal error%s: %s: %s (please report it)" % (where, type(e).__name__, e)
+                    )
             progress.step()
         for run in runs:
             problems[run] = provider.damage.get(run, []) + problems.get(run, [])
@@ -313,18 +383,27 @@ def _write_png(args, reports):
     if rep is None:
         return None
     if args.kind and not any(s["kind"] == args.kind for s in rep.data.sites):
-        raise UsageError("--kind %s: run %s has no site of that kind" % (args.kind, report.clean(rep.run)))
+        raise UsageError(
+            "--kind %s: run %s has no site of that kind" % (args.kind, report.clean(rep.run))
+        )
     try:
         size, stat = report.render_png(rep, args.png, stat=args.stat, kind=args.kind)
     except OSError as e:
         raise UsageError("--png %s: %s" % (args.png, e.strerror or e))
     except heatmap.HeatmapError as e:
         raise UsageError("--png: %s" % e)
-    return "wrote %s (%dx%d, run %s, %s)" % (args.png, size[0], size[1], report.clean(rep.run), stat)
+    return "wrote %s (%dx%d, run %s, %s)" % (
+        args.png,
+        size[0],
+        size[1],
+        report.clean(rep.run),
+        stat,
+    )
 
 
 def _write_json(out, loaded):
     import json
+
     from tb_nanwatch import report
 
     entries = report.merge_groups(loaded.reports)
@@ -332,7 +411,9 @@ def _write_json(out, loaded):
         if loaded.problems.get(e["run"]):
             e["warnings"] = loaded.problems[e["run"]]
     for run in loaded.unreadable:
-        entries.append({"run": run, "first_nonfinite": None, "error": "; ".join(loaded.problems.get(run, []))})
+        entries.append(
+            {"run": run, "first_nonfinite": None, "error": "; ".join(loaded.problems.get(run, []))}
+        )
     body = {"runs": entries}
     if loaded.other_damage:
         body["damaged_without_nanwatch_data"] = loaded.other_damage
@@ -343,10 +424,16 @@ def _write_text(out, args, loaded, png_note):
     from tb_nanwatch import report
 
     n_bad = len({r.run for r in loaded.reports if r.first is not None})
-    out.write("%d of %d run%s with a non-finite value\n" % (
-        n_bad, len(loaded.runs), "" if len(loaded.runs) == 1 else "s"))
+    out.write(
+        "%d of %d run%s with a non-finite value\n"
+        % (n_bad, len(loaded.runs), "" if len(loaded.runs) == 1 else "s")
+    )
     for rep in loaded.reports:
-        out.write("\n" + "\n".join(rep.text(max_propagators=args.propagators, trend_steps=args.steps)) + "\n")
+        out.write(
+            "\n"
+            + "\n".join(rep.text(max_propagators=args.propagators, trend_steps=args.steps))
+            + "\n"
+        )
     for run in loaded.unreadable:
         out.write("\nrun %s: could not be read (see the warnings on stderr)\n" % report.clean(run))
     if png_note:
@@ -382,7 +469,7 @@ def main(argv=None):
     # TensorBoard's loader logs at INFO/WARNING about every file it opens; our own
     # warnings are printed one line each below.
     logging.getLogger("tensorboard").setLevel(logging.ERROR)
-    _log_handler.setStream(err)      # one handler however often main() runs in a process
+    _log_handler.setStream(err)  # one handler however often main() runs in a process
     _log_handler.setFormatter(logging.Formatter(PROG + ": warning: %(message)s"))
     logging.getLogger("tb_nanwatch").addHandler(_log_handler)
     logging.getLogger("tb_nanwatch").propagate = False
@@ -400,7 +487,10 @@ def main(argv=None):
     except Exception as e:  # never a traceback for a user; TB_NANWATCH_DEBUG=1 shows it
         if os.environ.get("TB_NANWATCH_DEBUG"):
             raise
-        err.write("%s: error: %s: %s (set TB_NANWATCH_DEBUG=1 for a traceback)\n" % (PROG, type(e).__name__, e))
+        err.write(
+            "%s: error: %s: %s (set TB_NANWATCH_DEBUG=1 for a traceback)\n"
+            % (PROG, type(e).__name__, e)
+        )
         return EXIT_ERROR
 
 

@@ -16,10 +16,10 @@ import numpy as np
 
 from tb_nanwatch import causes, reader, stats, summary
 
-UNDERFLOW_FRACTION = 0.9   # nearly all of a half-precision tensor below the smallest normal
+UNDERFLOW_FRACTION = 0.9  # nearly all of a half-precision tensor below the smallest normal
 # Where underflow is damage rather than ReLU's honest zeros: slots and weight gradients.
 UNDERFLOW_KINDS = ("optimizer_state", "weight_grad")
-HEADROOM_DOUBLINGS = 1.0   # max |x| within a factor 2 of the dtype's largest finite value
+HEADROOM_DOUBLINGS = 1.0  # max |x| within a factor 2 of the dtype's largest finite value
 _HALF = ("float16", "bfloat16")
 
 
@@ -31,21 +31,32 @@ def precursors(run_data, limit=8):
     until = first["step"] if first else None
     col = stats.STAT_INDEX
     sites = run_data.sites
-    underflow_sites = np.array([s.get("dtype") in _HALF and s["kind"] in UNDERFLOW_KINDS for s in sites], bool)
+    underflow_sites = np.array(
+        [s.get("dtype") in _HALF and s["kind"] in UNDERFLOW_KINDS for s in sites], bool
+    )
     found = {}
-    for steps, rows in ((run_data.steps, run_data.rows), (run_data.flight_steps, run_data.flight_rows)):
+    for steps, rows in (
+        (run_data.steps, run_data.rows),
+        (run_data.flight_steps, run_data.flight_rows),
+    ):
         if not len(steps):
             continue
         with np.errstate(invalid="ignore"):
-            eligible = ~(np.nan_to_num(rows[..., [col[k] for k in stats.NONFINITE_STATS]]) > 0).any(-1)
-            if until is not None:   # rows that start after the blow-up tell nothing about its cause
-                eligible &= (steps[:, None] - np.nan_to_num(rows[..., col["steps"]], nan=1) + 1) <= until
+            eligible = ~(np.nan_to_num(rows[..., [col[k] for k in stats.NONFINITE_STATS]]) > 0).any(
+                -1
+            )
+            if until is not None:  # rows that start after the blow-up tell nothing about its cause
+                eligible &= (
+                    steps[:, None] - np.nan_to_num(rows[..., col["steps"]], nan=1) + 1
+                ) <= until
             signs = {
-                "underflow": eligible & underflow_sites & (rows[..., col["underflow_frac"]] >= UNDERFLOW_FRACTION),
+                "underflow": eligible
+                & underflow_sites
+                & (rows[..., col["underflow_frac"]] >= UNDERFLOW_FRACTION),
                 "overflow_risk": eligible & (rows[..., col["headroom"]] <= HEADROOM_DOUBLINGS),
             }
         for sign, mask in signs.items():
-            earliest = mask.argmax(axis=0)           # rows are in step order
+            earliest = mask.argmax(axis=0)  # rows are in step order
             for s in np.nonzero(mask.any(axis=0))[0]:
                 row, site = rows[earliest[s], s], sites[s]
                 _keep(found, steps[earliest[s]], site, sign, *_words(sign, row, site))
@@ -58,33 +69,45 @@ def _words(sign, row, site):
     label = summary.site_label(site)
     if sign == "underflow":
         underflow, zeros = row[col["underflow_frac"]], row[col["zero_frac"]]
-        words = ("exactly 0 (underflowed to zero, or no gradient at all)" if zeros >= 0.99 * underflow
-                 else "below %s's smallest normal value (underflow)" % site["dtype"])
+        words = (
+            "exactly 0 (underflowed to zero, or no gradient at all)"
+            if zeros >= 0.99 * underflow
+            else "below %s's smallest normal value (underflow)" % site["dtype"]
+        )
         return underflow, "%.0f%% of %s %s" % (100 * underflow, label, words)
     headroom = row[col["headroom"]]
-    return headroom, ("%s within %.1f doublings of %s's largest finite value"
-                      % (label, max(headroom, 0.0), site.get("dtype", "its dtype")))
+    return headroom, (
+        "%s within %.1f doublings of %s's largest finite value"
+        % (label, max(headroom, 0.0), site.get("dtype", "its dtype"))
+    )
 
 
 def _keep(found, step, site, sign, value, text):
     key = (summary.site_label(site), sign)
     if key not in found or step < found[key]["step"]:
-        found[key] = dict(step=int(step), layer=site["layer"], kind=site["kind"], tensor=site.get("tensor", ""),
-                          sign=sign, value=float(value), text=text)
+        found[key] = dict(
+            step=int(step),
+            layer=site["layer"],
+            kind=site["kind"],
+            tensor=site.get("tensor", ""),
+            sign=sign,
+            value=float(value),
+            text=text,
+        )
 
 
 # -- causes ---------------------------------------------------------------------
 # Thresholds of the rules in causes.CAUSES (whose `rule` texts quote them).
-INPUT_SCALE = 50.0          # standardised data stays within about +-5
+INPUT_SCALE = 50.0  # standardised data stays within about +-5
 HUGE_LOSS = 1e6
-OUTPUT_VS_LOSS = 0.1        # |output| below a tenth of sqrt(loss): the targets make the loss
-INIT_RATIO = 5.0            # kernel RMS over the He scale sqrt(2 / fan_in)
-INIT_GAIN = 8.0             # a layer's output RMS over its input's, before the first update
-DOMAIN_HEADROOM = 8.0       # +Inf with more doublings left than this at the step before: not an overflow
-DOMAIN_INPUT = 1e6          # ... and from an input below this (exp, division), not a huge matmul
-GROWTH_TOTAL = 10.0         # weights: at least 10x overall ...
-GROWTH_STEADY = 0.7         # ... steadily (R^2 of log norm against step at least 0.7) ...
-GROWTH_RATE = 1.05          # ... at 5% or more per step
+OUTPUT_VS_LOSS = 0.1  # |output| below a tenth of sqrt(loss): the targets make the loss
+INIT_RATIO = 5.0  # kernel RMS over the He scale sqrt(2 / fan_in)
+INIT_GAIN = 8.0  # a layer's output RMS over its input's, before the first update
+DOMAIN_HEADROOM = 8.0  # +Inf with more doublings left than this at the step before: not an overflow
+DOMAIN_INPUT = 1e6  # ... and from an input below this (exp, division), not a huge matmul
+GROWTH_TOTAL = 10.0  # weights: at least 10x overall ...
+GROWTH_STEADY = 0.7  # ... steadily (R^2 of log norm against step at least 0.7) ...
+GROWTH_RATE = 1.05  # ... at 5% or more per step
 GRADIENT_DEPTH_RATIO = 1e3  # first layer's kernel gradient norm over the last layer's
 GRADIENT_GROWTH = 100.0
 VANISHED_ROWS = 3
@@ -131,7 +154,9 @@ class Evidence:
         logged = np.asarray(run_data.steps, dtype=np.int64)
         self._extra = ~np.isin(flight, logged)
         self._shared_rows = np.nonzero(np.isin(logged, flight))[0]
-        self._shared_flight = np.array([np.nonzero(flight == logged[i])[0][-1] for i in self._shared_rows], dtype=int)
+        self._shared_flight = np.array(
+            [np.nonzero(flight == logged[i])[0][-1] for i in self._shared_rows], dtype=int
+        )
         steps = np.concatenate([logged, flight[self._extra]])
         self._order = np.argsort(steps, kind="stable")
         self.steps = steps[self._order]
@@ -144,7 +169,7 @@ class Evidence:
         else:
             self.before = np.repeat((self.steps < self.until)[:, None], n, axis=1)
             if self.producer is not None:
-                self.before[self.steps == self.until, :self.producer] = True
+                self.before[self.steps == self.until, : self.producer] = True
         self.events = [e for e in run_data.events if isinstance(e, dict)]
 
     def _producer(self):
@@ -153,18 +178,28 @@ class Evidence:
         index = self.first.get("site")
         if isinstance(index, int) and 0 <= index < len(self.sites):
             s = self.sites[index]
-            if (s["layer"], s["kind"], s.get("tensor", "")) == (self.first["layer"], self.first["kind"],
-                                                                 self.first.get("tensor", "")):
+            if (s["layer"], s["kind"], s.get("tensor", "")) == (
+                self.first["layer"],
+                self.first["kind"],
+                self.first.get("tensor", ""),
+            ):
                 return index
-        return self.data.site_index(self.first["layer"], self.first["kind"], self.first.get("tensor", ""))
+        return self.data.site_index(
+            self.first["layer"], self.first["kind"], self.first.get("tensor", "")
+        )
 
     def col(self, name):
         """[n_steps, n_sites] of one statistic over the timeline."""
         if name not in self._columns:
             c = stats.STAT_INDEX[name]
-            rows = self.data.rows[..., c] if len(self.data.steps) else np.zeros((0, len(self.sites)))
-            flight = (self.data.flight_rows[..., c] if len(self.data.flight_steps)
-                      else np.zeros((0, len(self.sites))))
+            rows = (
+                self.data.rows[..., c] if len(self.data.steps) else np.zeros((0, len(self.sites)))
+            )
+            flight = (
+                self.data.flight_rows[..., c]
+                if len(self.data.flight_steps)
+                else np.zeros((0, len(self.sites)))
+            )
             merged = np.concatenate([rows, flight[self._extra]])
             for i, j in zip(self._shared_rows, self._shared_flight):
                 merged[i] = np.where(np.isnan(merged[i]), flight[j], merged[i])
@@ -190,8 +225,11 @@ class Evidence:
         return float(self.col(name)[hit[-1], site]) if len(hit) else float("nan")
 
     def indices(self, kind, kernels_only=False):
-        return [i for i, s in enumerate(self.sites)
-                if s["kind"] == kind and (not kernels_only or _is_kernel(s))]
+        return [
+            i
+            for i, s in enumerate(self.sites)
+            if s["kind"] == kind and (not kernels_only or _is_kernel(s))
+        ]
 
     def loss_site(self):
         found = self.indices("loss")
@@ -205,11 +243,15 @@ class Evidence:
 
     def label(self, index):
         from tb_nanwatch.report import site_words
+
         return site_words(self.sites[index])
 
     def counts_words(self, obj):
-        parts = ["%d %s" % (int(obj.get(k, 0) or 0), w) for k, w in (("nan", "NaN"), ("posinf", "+Inf"),
-                                                                      ("neginf", "-Inf")) if obj.get(k)]
+        parts = [
+            "%d %s" % (int(obj.get(k, 0) or 0), w)
+            for k, w in (("nan", "NaN"), ("posinf", "+Inf"), ("neginf", "-Inf"))
+            if obj.get(k)
+        ]
         return ", ".join(parts) or "non-finite"
 
 
@@ -235,7 +277,9 @@ def _steady_growth(values, steps):
     ratio = v[-1] / v[0]
     logs = np.log(v)
     with np.errstate(invalid="ignore", divide="ignore"):
-        growing = float(np.corrcoef(t, logs)[0, 1] ** 2) if np.ptp(logs) > 0 and np.ptp(t) > 0 else 0.0
+        growing = (
+            float(np.corrcoef(t, logs)[0, 1] ** 2) if np.ptp(logs) > 0 and np.ptp(t) > 0 else 0.0
+        )
     growing = growing if np.isfinite(growing) and logs[-1] > logs[0] else 0.0
     # Faster than geometric (log norm convex, as a diverging SGD accelerates) fits a line badly
     # but rises at nearly every step.
@@ -249,14 +293,22 @@ def _steady_growth(values, steps):
 def rule_nonfinite_input(ev):
     if ev.producer is None or ev.sites[ev.producer]["kind"] != "input":
         return None
-    return Finding(1.0, "%s held %s at step %d, before any layer ran: the data itself is not finite"
-                   % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until),
-                   [ev.producer], [ev.until])
+    return Finding(
+        1.0,
+        "%s held %s at step %d, before any layer ran: the data itself is not finite"
+        % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until),
+        [ev.producer],
+        [ev.until],
+    )
 
 
 def rule_unscaled_inputs(ev):
     inputs = ev.indices("input")
-    if not inputs or ev.first is None or ev.sites[ev.producer if ev.producer is not None else 0]["kind"] == "input":
+    if (
+        not inputs
+        or ev.first is None
+        or ev.sites[ev.producer if ev.producer is not None else 0]["kind"] == "input"
+    ):
         return None
     max_abs = ev.finite_before("max_abs")[:, inputs]
     if not np.isfinite(max_abs).any():
@@ -268,9 +320,13 @@ def rule_unscaled_inputs(ev):
     site = inputs[j]
     std = ev.col("std")[i, site]
     std_text = "" if not np.isfinite(std) else ", std %s" % _g(std)
-    return Finding(min(0.95, 0.4 + 0.06 * math.log10(biggest)),
-                   "%s: largest |x| %s at step %d%s; standardised inputs stay within about +-5"
-                   % (ev.label(site), _g(biggest), ev.steps[i], std_text), [site], [ev.steps[i]])
+    return Finding(
+        min(0.95, 0.4 + 0.06 * math.log10(biggest)),
+        "%s: largest |x| %s at step %d%s; standardised inputs stay within about +-5"
+        % (ev.label(site), _g(biggest), ev.steps[i], std_text),
+        [site],
+        [ev.steps[i]],
+    )
 
 
 def rule_unscaled_targets(ev):
@@ -282,22 +338,43 @@ def rule_unscaled_targets(ev):
     loss_value = ev.col("max_abs")[0, loss]
     if ev.nonfinite()[0, out] or not np.isfinite(out_abs):
         return None
-    overflowed = (ev.producer == loss and ev.until == start and ev.first.get("posinf", 0)
-                  and not ev.first.get("nan", 0) and not ev.first.get("neginf", 0))
+    overflowed = (
+        ev.producer == loss
+        and ev.until == start
+        and ev.first.get("posinf", 0)
+        and not ev.first.get("nan", 0)
+        and not ev.first.get("neginf", 0)
+    )
     if overflowed:
-        return Finding(0.9, "the loss overflowed to +Inf at step %d, the first step, while the model's output "
-                       "(%s) was at most %s in magnitude: the targets are beyond 1e19"
-                       % (start, ev.label(out), _g(out_abs)), [loss, out], [start])
-    if ev.nonfinite()[0, loss] or not (loss_value > HUGE_LOSS) or not (out_abs < OUTPUT_VS_LOSS * math.sqrt(loss_value)):
+        return Finding(
+            0.9,
+            "the loss overflowed to +Inf at step %d, the first step, while the model's output "
+            "(%s) was at most %s in magnitude: the targets are beyond 1e19"
+            % (start, ev.label(out), _g(out_abs)),
+            [loss, out],
+            [start],
+        )
+    if (
+        ev.nonfinite()[0, loss]
+        or not (loss_value > HUGE_LOSS)
+        or not (out_abs < OUTPUT_VS_LOSS * math.sqrt(loss_value))
+    ):
         return None
     # Targets pull on the output: its gradient is large (a loss summed over many terms, with no
     # targets at all, is large too, but its gradient is not).
-    pull = [i for i in ev.indices("activation_grad") if ev.sites[i]["layer"] == ev.sites[out]["layer"]]
+    pull = [
+        i for i in ev.indices("activation_grad") if ev.sites[i]["layer"] == ev.sites[out]["layer"]
+    ]
     if not pull or not ev.col("max_abs")[0, pull[0]] > 1.0:
         return None
-    return Finding(0.9, "the loss was %s at step %d while the model's output (%s) was at most %s in magnitude: "
-                   "the targets are about %s" % (_g(loss_value), start, ev.label(out), _g(out_abs),
-                                                 _g(math.sqrt(loss_value))), [loss, out], [start])
+    return Finding(
+        0.9,
+        "the loss was %s at step %d while the model's output (%s) was at most %s in magnitude: "
+        "the targets are about %s"
+        % (_g(loss_value), start, ev.label(out), _g(out_abs), _g(math.sqrt(loss_value))),
+        [loss, out],
+        [start],
+    )
 
 
 def rule_large_initial_weights(ev):
@@ -313,18 +390,25 @@ def rule_large_initial_weights(ev):
             best = (gain, site)
     if best is not None:
         gain, site = best
-        return Finding(min(0.9, 0.6 + 0.1 * math.log10(gain)),
-                       "%s's output at step %d, computed before the first update, has %sx the RMS of its input "
-                       "(with He or Glorot initial weights a layer keeps it near 1)" % (
-                           ev.sites[site]["layer"], ev.steps[0], _g(gain)), [site], [ev.steps[0]])
+        return Finding(
+            min(0.9, 0.6 + 0.1 * math.log10(gain)),
+            "%s's output at step %d, computed before the first update, has %sx the RMS of its input "
+            "(with He or Glorot initial weights a layer keeps it near 1)"
+            % (ev.sites[site]["layer"], ev.steps[0], _g(gain)),
+            [site],
+            [ev.steps[0]],
+        )
     for site in ev.indices("weight", kernels_only=True):
         shape = ev.sites[site]["shape"]
         fan_in = int(np.prod(shape[:-1]))
         if fan_in <= 0:
             continue
         norm, size = ev.col("norm")[0, site], ev.col("size")[0, site]
-        rms = norm / math.sqrt(size) if np.isfinite(norm) and size > 0 else math.hypot(
-            ev.col("std")[0, site], ev.col("mean")[0, site])
+        rms = (
+            norm / math.sqrt(size)
+            if np.isfinite(norm) and size > 0
+            else math.hypot(ev.col("std")[0, site], ev.col("mean")[0, site])
+        )
         he = math.sqrt(2.0 / fan_in)
         if not (np.isfinite(rms) and rms > INIT_RATIO * he):
             continue
@@ -339,7 +423,12 @@ def rule_large_initial_weights(ev):
         return None
     ratio, site, rms, he, gain = best
     text = "%s: RMS %s at step %d, %sx the He scale sqrt(2 / fan_in) = %s" % (
-        ev.label(site), _g(rms), ev.steps[0], _g(ratio), _g(he))
+        ev.label(site),
+        _g(rms),
+        ev.steps[0],
+        _g(ratio),
+        _g(he),
+    )
     if gain is not None:
         text += "; the layer's output at that step is %sx the RMS of its input" % _g(gain)
     return Finding(min(0.9, 0.5 + 0.1 * math.log10(ratio)), text, [site], [ev.steps[0]])
@@ -373,8 +462,14 @@ def rule_reduced_precision_underflow(ev):
         if p["sign"] != "underflow":
             continue
         site = ev.data.site_index(p["layer"], p["kind"], p["tensor"])
-        if ev.until is not None and site is not None and not (
-                p["step"] < ev.until or (p["step"] == ev.until and ev.producer is not None and site < ev.producer)):
+        if (
+            ev.until is not None
+            and site is not None
+            and not (
+                p["step"] < ev.until
+                or (p["step"] == ev.until and ev.producer is not None and site < ev.producer)
+            )
+        ):
             continue
         found.append((p, site))
     if not found:
@@ -384,8 +479,12 @@ def rule_reduced_precision_underflow(ev):
         text += "; and %d more" % (len(found) - 3)
     if ev.first is not None:
         text += "; then the first non-finite value at step %d" % ev.until
-    return Finding(0.9 if ev.first is not None else 0.6, text, [s for _, s in found if s is not None],
-                   [p["step"] for p, _ in found])
+    return Finding(
+        0.9 if ev.first is not None else 0.6,
+        text,
+        [s for _, s in found if s is not None],
+        [p["step"] for p, _ in found],
+    )
 
 
 def rule_reduced_precision_overflow(ev):
@@ -396,7 +495,13 @@ def rule_reduced_precision_overflow(ev):
         return None
     limit = dtype_limits(site["dtype"])[0]
     text = "%s (%s) went %s at step %d; %s's largest finite value is %s" % (
-        ev.label(ev.producer), site["dtype"], ev.counts_words(ev.first), ev.until, site["dtype"], _g(limit))
+        ev.label(ev.producer),
+        site["dtype"],
+        ev.counts_words(ev.first),
+        ev.until,
+        site["dtype"],
+        _g(limit),
+    )
     prev = ev.finite_before("max_abs")[:, ev.producer]
     if np.isfinite(prev).any():
         i = np.nonzero(np.isfinite(prev))[0][-1]
@@ -413,7 +518,7 @@ def rule_unstable_loss(ev):
     else:
         before = ev.finite_before("max_abs")[:, loss]
         if np.nanmax(before, initial=0.0) > HUGE_LOSS:
-            return None    # a huge loss that grew into +Inf: targets or divergence, not the loss's formula
+            return None  # a huge loss that grew into +Inf: targets or divergence, not the loss's formula
         score = 0.6
     out = ev.output_site()
     text = "the loss went %s at step %d" % (ev.counts_words(ev.first), ev.until)
@@ -422,7 +527,11 @@ def rule_unstable_loss(ev):
         lo, hi = ev.at(ev.until, "min", out), ev.at(ev.until, "max", out)
         zeros = ev.at(ev.until, "zero_frac", out)
         if np.isfinite(lo) and np.isfinite(hi):
-            text += " while the model's output (%s) was finite, in [%s, %s]" % (ev.label(out), _g(lo), _g(hi))
+            text += " while the model's output (%s) was finite, in [%s, %s]" % (
+                ev.label(out),
+                _g(lo),
+                _g(hi),
+            )
             if np.isfinite(zeros) and zeros > 0:
                 text += ", %.0f%% of it exactly 0" % (100 * zeros)
             sites.append(out)
@@ -436,17 +545,23 @@ def rule_domain_error(ev):
     if site["kind"] not in ("activation", "activation_grad"):
         return None
     if ev.first.get("posinf") and site.get("dtype") in _HALF:
-        return None    # reduced_precision_overflow
+        return None  # reduced_precision_overflow
     headroom = ev.finite_before("headroom")[:, ev.producer]
     measured = headroom[np.isfinite(headroom)]
     if len(measured) and measured[-1] <= DOMAIN_HEADROOM:
-        return None    # it was close to overflowing: growth, not a domain error
+        return None  # it was close to overflowing: growth, not a domain error
     feeding = [i for i in range(ev.producer) if ev.sites[i]["kind"] in ("input", "activation")]
-    if site["kind"] == "activation" and feeding and not ev.at(ev.until, "max_abs", feeding[-1]) < DOMAIN_INPUT:
-        return None    # a huge input times the weights overflows (and inf - inf makes NaN): not a domain error
+    if (
+        site["kind"] == "activation"
+        and feeding
+        and not ev.at(ev.until, "max_abs", feeding[-1]) < DOMAIN_INPUT
+    ):
+        return None  # a huge input times the weights overflows (and inf - inf makes NaN): not a domain error
     score = 0.8 if (ev.first.get("nan") or ev.first.get("neginf")) else 0.6
     what = "%s went %s at step %d" % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until)
-    earlier = [i for i in range(ev.producer) if ev.sites[i]["kind"] in ("input", "activation", "loss")]
+    earlier = [
+        i for i in range(ev.producer) if ev.sites[i]["kind"] in ("input", "activation", "loss")
+    ]
     if site["kind"] == "activation":
         prev = [i for i in earlier if ev.sites[i]["kind"] in ("input", "activation")]
         text = what + " while everything before it was finite"
@@ -455,7 +570,10 @@ def rule_domain_error(ev):
             if np.isfinite(lo) and np.isfinite(hi):
                 text += " (its input, %s, in [%s, %s])" % (ev.label(prev[-1]), _g(lo), _g(hi))
     else:
-        text = what + " while the loss and every activation were finite: the backward pass of an op after it"
+        text = (
+            what
+            + " while the loss and every activation were finite: the backward pass of an op after it"
+        )
         by = [b for b in ev.first.get("backward_of") or [] if b]
         if by:
             text += " (%s)" % ", ".join(by)
@@ -484,26 +602,45 @@ def rule_learning_rate_too_high(ev):
     if not (ratio >= GROWTH_TOTAL and growing >= GROWTH_STEADY and rate >= GROWTH_RATE):
         return None
     norms = ev.col("norm")[:, site]
-    return Finding(0.75, "%s: L2 norm grew from %s at step %d to %s at step %d (x%.3g a step, steadiness %.2f)" % (ev.label(site), _g(norms[i]), ev.steps[i], _g(norms[j]), ev.steps[j],
-                                                 rate, growing), [site], [ev.steps[i], ev.steps[j]])
+    return Finding(
+        0.75,
+        "%s: L2 norm grew from %s at step %d to %s at step %d (x%.3g a step, steadiness %.2f)"
+        % (ev.label(site), _g(norms[i]), ev.steps[i], _g(norms[j]), ev.steps[j], rate, growing),
+        [site],
+        [ev.steps[i], ev.steps[j]],
+    )
 
 
 def rule_exploding_gradients(ev):
     if ev.first is None:
         return None
-    grads = ev.indices("activation_grad")   # backward order: last layer first
+    grads = ev.indices("activation_grad")  # backward order: last layer first
     norms = ev.finite_before("norm")
     if len(grads) >= 3:
-        measured = np.nonzero(np.isfinite(norms[:, grads]).all(axis=1) & (norms[:, grads] > 0).all(axis=1))[0]
+        measured = np.nonzero(
+            np.isfinite(norms[:, grads]).all(axis=1) & (norms[:, grads] > 0).all(axis=1)
+        )[0]
         if len(measured):
             i = measured[-1]
             last, first = grads[0], grads[-1]
             ratio = norms[i, first] / norms[i, last]
             if ratio > GRADIENT_DEPTH_RATIO:
-                return Finding(0.7, "at step %d the norm of %s is %s, %sx that of %s (%s): gradients "
-                               "multiply backward through %d layers" % (
-                                   ev.steps[i], ev.label(first), _g(norms[i, first]), _g(ratio), ev.label(last),
-                                   _g(norms[i, last]), len(grads)), [first, last], [ev.steps[i]])
+                return Finding(
+                    0.7,
+                    "at step %d the norm of %s is %s, %sx that of %s (%s): gradients "
+                    "multiply backward through %d layers"
+                    % (
+                        ev.steps[i],
+                        ev.label(first),
+                        _g(norms[i, first]),
+                        _g(ratio),
+                        ev.label(last),
+                        _g(norms[i, last]),
+                        len(grads),
+                    ),
+                    [first, last],
+                    [ev.steps[i]],
+                )
     best = _kernel_growth(ev, "weight_grad")
     if best is None:
         return None
@@ -513,11 +650,21 @@ def rule_exploding_gradients(ev):
     weights = _kernel_growth(ev, "weight")
     weights_grew = weights is not None and weights[0][0] >= GROWTH_TOTAL
     g = ev.col("norm")[:, site]
-    return Finding(0.5 if weights_grew else 0.65,
-                   "%s: norm grew from %s at step %d to %s at step %d (x%.2f a step)%s" % (
-                       ev.label(site), _g(g[i]), ev.steps[i], _g(g[j]), ev.steps[j], rate,
-                       "; the weights grew with it" if weights_grew else ", while the weights did not"),
-                   [site], [ev.steps[i], ev.steps[j]])
+    return Finding(
+        0.5 if weights_grew else 0.65,
+        "%s: norm grew from %s at step %d to %s at step %d (x%.2f a step)%s"
+        % (
+            ev.label(site),
+            _g(g[i]),
+            ev.steps[i],
+            _g(g[j]),
+            ev.steps[j],
+            rate,
+            "; the weights grew with it" if weights_grew else ", while the weights did not",
+        ),
+        [site],
+        [ev.steps[i], ev.steps[j]],
+    )
 
 
 def rule_optimizer_state_overflow(ev):
@@ -536,8 +683,11 @@ def rule_optimizer_state_overflow(ev):
         if np.isfinite(g):
             text += " while its gradient (%s) was finite, largest |g| %s" % (ev.label(grad), _g(g))
             if g * g > limits[0]:
-                text += ": g^2 = %s passes %s's largest value %s" % (_g(g * g), site.get("dtype", "float32"),
-                                                                    _g(limits[0]))
+                text += ": g^2 = %s passes %s's largest value %s" % (
+                    _g(g * g),
+                    site.get("dtype", "float32"),
+                    _g(limits[0]),
+                )
             sites.append(grad)
     return Finding(0.7, text, sites, [ev.until])
 
@@ -549,20 +699,34 @@ def rule_loss_scale_collapse(ev):
     e = collapses[0]
     scale = e.get("loss_scale")
     text = "the loss scale fell to %s at step %s (%d collapse event%s)" % (
-        "?" if scale is None else _g(scale), e.get("step", "?"), len(collapses), "" if len(collapses) == 1 else "s")
+        "?" if scale is None else _g(scale),
+        e.get("step", "?"),
+        len(collapses),
+        "" if len(collapses) == 1 else "s",
+    )
     sites, steps = [], [e["step"]] if isinstance(e.get("step"), int) else []
     # The half-precision gradient that came closest to its dtype's largest value (statistics are
     # of the unscaled gradients, so this is what overflows even at a scale of 1).
-    halves = [i for i, site in enumerate(ev.sites)
-              if site.get("dtype") in _HALF and site["kind"] in ("activation_grad", "weight_grad")]
+    halves = [
+        i
+        for i, site in enumerate(ev.sites)
+        if site.get("dtype") in _HALF and site["kind"] in ("activation_grad", "weight_grad")
+    ]
     if halves:
         headroom = ev.finite_before("headroom")[:, halves]
-        if steps:   # what led to the collapse, not what came after
+        if steps:  # what led to the collapse, not what came after
             headroom[ev.steps > steps[0]] = np.nan
         if np.isfinite(headroom).any():
             i, j = np.unravel_index(np.nanargmin(headroom), headroom.shape)
-            text += "; closest to overflowing: %s, %.1f doublings below %s's largest value at step %d" % (
-                ev.label(halves[j]), max(headroom[i, j], 0.0), ev.sites[halves[j]]["dtype"], ev.steps[i])
+            text += (
+                "; closest to overflowing: %s, %.1f doublings below %s's largest value at step %d"
+                % (
+                    ev.label(halves[j]),
+                    max(headroom[i, j], 0.0),
+                    ev.sites[halves[j]]["dtype"],
+                    ev.steps[i],
+                )
+            )
             sites.append(halves[j])
             steps.append(ev.steps[i])
     return Finding(0.7, text, sites, steps)
@@ -572,20 +736,30 @@ def rule_vanishing_gradients(ev):
     zeros = ev.finite_before("zero_frac")
     out, loss = ev.output_site(), ev.loss_site()
     candidates = ev.indices("weight_grad", kernels_only=True) + [
-        i for i in ev.indices("activation") if i != out and (loss is None or i < loss)]
+        i for i in ev.indices("activation") if i != out and (loss is None or i < loss)
+    ]
     best = None
     for site in candidates:
         measured = np.isfinite(zeros[:, site]) & (ev.col("size")[:, site] > 0)
         dead = measured & (zeros[:, site] >= 1.0)
         n, total = int(dead.sum()), int(measured.sum())
-        if n >= VANISHED_ROWS and n >= VANISHED_FRACTION * total and (best is None or n / total > best[0]):
+        if (
+            n >= VANISHED_ROWS
+            and n >= VANISHED_FRACTION * total
+            and (best is None or n / total > best[0])
+        ):
             best = (n / total, site, n, total, np.nonzero(dead)[0][0])
     if best is None:
         return None
     _, site, n, total, i = best
     what = "gradient" if ev.sites[site]["kind"] == "weight_grad" else "output"
-    return Finding(0.5, "%s: every element exactly 0 in %d of %d logged rows, from step %d (the %s is gone)"
-                   % (ev.label(site), n, total, ev.steps[i], what), [site], [ev.steps[i]])
+    return Finding(
+        0.5,
+        "%s: every element exactly 0 in %d of %d logged rows, from step %d (the %s is gone)"
+        % (ev.label(site), n, total, ev.steps[i], what),
+        [site],
+        [ev.steps[i]],
+    )
 
 
 RULES = {
@@ -616,8 +790,19 @@ def diagnose(run_data):
         finding = RULES[cause.id](ev)
         if finding is None:
             continue
-        found.append((-finding.score, order, dict(
-            cause=cause.id, title=cause.title, evidence=finding.evidence, remedy=cause.remedy,
-            sites=[_site_json(ev.sites[s]) for s in finding.sites], steps=finding.steps,
-            score=round(finding.score, 2))))
+        found.append(
+            (
+                -finding.score,
+                order,
+                dict(
+                    cause=cause.id,
+                    title=cause.title,
+                    evidence=finding.evidence,
+                    remedy=cause.remedy,
+                    sites=[_site_json(ev.sites[s]) for s in finding.sites],
+                    steps=finding.steps,
+                    score=round(finding.score, 2),
+                ),
+            )
+        )
     return [f for _, _, f in sorted(found, key=lambda x: x[:2])]

@@ -17,13 +17,17 @@ import math
 
 import numpy as np
 
-WINDOW = 12        # measured steps the slope is fitted over
-HORIZON = 100      # warn when the overflow is predicted within this many steps
-STEADY = 0.75      # fraction of the window's steps at which the norm rose
+WINDOW = 12  # measured steps the slope is fitted over
+HORIZON = 100  # warn when the overflow is predicted within this many steps
+STEADY = 0.75  # fraction of the window's steps at which the norm rose
 MIN_DOUBLINGS = 1.0  # growth over the window, in doublings: below it, noise or a slow drift
 
-_LIMITS = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38, "float32": 3.4028234663852886e38,
-           "float64": 1.7976931348623157e308}
+_LIMITS = {
+    "float16": 65504.0,
+    "bfloat16": 3.3895313892515355e38,
+    "float32": 3.4028234663852886e38,
+    "float64": 1.7976931348623157e308,
+}
 
 
 def dtype_limit(dtype):
@@ -35,12 +39,19 @@ class OverflowForecast:
     """Watches per-step norms of `sites` (the writer's site dicts, with `dtype`) and
     returns one warning, the first time a site is on course to overflow."""
 
-    def __init__(self, sites, window=WINDOW, horizon=HORIZON, steady=STEADY, min_doublings=MIN_DOUBLINGS):
+    def __init__(
+        self, sites, window=WINDOW, horizon=HORIZON, steady=STEADY, min_doublings=MIN_DOUBLINGS
+    ):
         self.sites = [dict(s) for s in sites]
-        self.window, self.horizon, self.steady, self.min_doublings = int(window), horizon, steady, min_doublings
+        self.window, self.horizon, self.steady, self.min_doublings = (
+            int(window),
+            horizon,
+            steady,
+            min_doublings,
+        )
         self.log2_limit = np.log2([dtype_limit(s.get("dtype")) for s in self.sites])
         n = len(self.sites)
-        self._steps = np.full((self.window, n), np.nan)   # ring buffer per site
+        self._steps = np.full((self.window, n), np.nan)  # ring buffer per site
         self._logs = np.full((self.window, n), np.nan)
         self._count = np.zeros(n, dtype=np.int64)
         self.warning = None
@@ -69,13 +80,22 @@ class OverflowForecast:
         ready = ready[self._logs[slot[ready], ready] >= self.log2_limit[ready] / 2]
         if not len(ready):
             return None
-        found = forecast(self._steps[:, ready], self._logs[:, ready], self.log2_limit[ready], step,
-                         self.horizon, self.steady, self.min_doublings)
+        found = forecast(
+            self._steps[:, ready],
+            self._logs[:, ready],
+            self.log2_limit[ready],
+            step,
+            self.horizon,
+            self.steady,
+            self.min_doublings,
+        )
         if found is None:
             return None
         j, slope, left = found
         site_index = int(ready[j])
-        self.warning = warning_dict(self.sites[site_index], site_index, step, norms[site_index], slope, left)
+        self.warning = warning_dict(
+            self.sites[site_index], site_index, step, norms[site_index], slope, left
+        )
         return self.warning
 
 
@@ -95,7 +115,14 @@ def forecast(steps, logs, log2_limit, step, horizon, steady, min_doublings):
     # Past half the doublings to the limit (1.8e19 in float32, 256 in float16): a steady rise from
     # far below (a sigmoid leaving 1e-30, a bias leaving 0) is training, not a course to overflow.
     halfway = y[-1] >= log2_limit / 2
-    ok = (slope > 0) & (rising >= steady) & (grown >= min_doublings) & halfway & (left <= horizon) & np.isfinite(left)
+    ok = (
+        (slope > 0)
+        & (rising >= steady)
+        & (grown >= min_doublings)
+        & halfway
+        & (left <= horizon)
+        & np.isfinite(left)
+    )
     if not ok.any():
         return None
     j = int(np.argmin(np.where(ok, left, np.inf)))
@@ -104,17 +131,27 @@ def forecast(steps, logs, log2_limit, step, horizon, steady, min_doublings):
 
 def warning_dict(site, index, step, norm, slope, left):
     limit = dtype_limit(site.get("dtype"))
-    return {"type": "early_warning", "step": int(step), "site": int(index), "layer": site.get("layer", ""),
-            "kind": site.get("kind", ""), "tensor": site.get("tensor", ""), "dtype": site.get("dtype", ""),
-            "norm": float(norm), "limit": limit, "growth_per_step": float(2.0 ** slope),
-            "doublings_left": float(math.log2(limit / norm)) if norm > 0 else None,
-            "predicted_step": int(step + math.ceil(left))}
+    return {
+        "type": "early_warning",
+        "step": int(step),
+        "site": int(index),
+        "layer": site.get("layer", ""),
+        "kind": site.get("kind", ""),
+        "tensor": site.get("tensor", ""),
+        "dtype": site.get("dtype", ""),
+        "norm": float(norm),
+        "limit": limit,
+        "growth_per_step": float(2.0**slope),
+        "doublings_left": float(math.log2(limit / norm)) if norm > 0 else None,
+        "predicted_step": int(step + math.ceil(left)),
+    }
 
 
 def norm_series(run_data):
     """(steps, norms [n_steps, n_sites]) before the first non-finite step: the logged rows'
     and flight rows' `norm`, merged by step (a flight row where the logged row has none)."""
     from tb_nanwatch import diagnosis
+
     ev = diagnosis.Evidence(run_data)
     norms = ev.col("norm").copy()
     norms[ev.nonfinite()] = np.nan
@@ -143,8 +180,16 @@ def as_json(warning):
     "predicted_step", ...} or None."""
     if warning is None:
         return None
-    out = {k: v for k, v in warning.items() if k not in ("type", "layer", "kind", "tensor", "dtype", "site")}
-    out["site"] = {"layer": warning.get("layer", ""), "kind": warning.get("kind", ""),
-                   "tensor": warning.get("tensor", ""), "dtype": warning.get("dtype", ""),
-                   "index": warning.get("site")}
+    out = {
+        k: v
+        for k, v in warning.items()
+        if k not in ("type", "layer", "kind", "tensor", "dtype", "site")
+    }
+    out["site"] = {
+        "layer": warning.get("layer", ""),
+        "kind": warning.get("kind", ""),
+        "tensor": warning.get("tensor", ""),
+        "dtype": warning.get("dtype", ""),
+        "index": warning.get("site"),
+    }
     return out

@@ -34,8 +34,8 @@ from tensorboard.util import tensor_util
 
 logger = logging.getLogger(__name__)
 
-HEADER_BYTES = 12   # length + its checksum
-FOOTER_BYTES = 4    # checksum of the data
+HEADER_BYTES = 12  # length + its checksum
+FOOTER_BYTES = 4  # checksum of the data
 # Resynchronisation looks at this many candidate positions at a time (numpy, see _candidates).
 _SCAN_CHUNK = 1 << 20
 
@@ -58,7 +58,9 @@ def _crc32c_table():
     poly = np.uint32(0x82F63B78)
     table = np.arange(256, dtype=np.uint32)
     for _ in range(8):
-        table = np.where(table & 1, (table >> np.uint32(1)) ^ poly, table >> np.uint32(1)).astype(np.uint32)
+        table = np.where(table & 1, (table >> np.uint32(1)) ^ poly, table >> np.uint32(1)).astype(
+            np.uint32
+        )
     return table
 
 
@@ -81,13 +83,15 @@ def _candidates(buf, start, stop):
         n = hi - lo
         crc = np.full(n, 0xFFFFFFFF, dtype=np.uint32)
         for k in range(8):
-            crc = _TABLE[(crc ^ data[lo + k:lo + k + n]) & 0xFF] ^ (crc >> np.uint32(8))
+            crc = _TABLE[(crc ^ data[lo + k : lo + k + n]) & 0xFF] ^ (crc >> np.uint32(8))
         crc ^= np.uint32(0xFFFFFFFF)
         masked = ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(0xA282EAD8)
-        stored = (data[lo + 8:lo + 8 + n].astype(np.uint32)
-                  | (data[lo + 9:lo + 9 + n].astype(np.uint32) << np.uint32(8))
-                  | (data[lo + 10:lo + 10 + n].astype(np.uint32) << np.uint32(16))
-                  | (data[lo + 11:lo + 11 + n].astype(np.uint32) << np.uint32(24)))
+        stored = (
+            data[lo + 8 : lo + 8 + n].astype(np.uint32)
+            | (data[lo + 9 : lo + 9 + n].astype(np.uint32) << np.uint32(8))
+            | (data[lo + 10 : lo + 10 + n].astype(np.uint32) << np.uint32(16))
+            | (data[lo + 11 : lo + 11 + n].astype(np.uint32) << np.uint32(24))
+        )
         out.extend((np.nonzero(masked == stored)[0] + lo).tolist())
         if out:
             return out
@@ -103,7 +107,7 @@ class FileDamage:
         self.size = size
         self.places = []
         self.skipped_bytes = 0
-        self.records = 0          # intact records read
+        self.records = 0  # intact records read
 
     def add(self, offset, what):
         self.places.append((offset, what))
@@ -118,8 +122,14 @@ class FileDamage:
         offset, what = self.places[0]
         more = len(self.places) - 1
         return "%s at byte %d%s; %d intact record%s read, %d byte%s skipped" % (
-            what, offset, "" if not more else " (and %d more damaged place%s)" % (more, "" if more == 1 else "s"),
-            self.records, "" if self.records == 1 else "s", self.skipped_bytes, "" if self.skipped_bytes == 1 else "s")
+            what,
+            offset,
+            "" if not more else " (and %d more damaged place%s)" % (more, "" if more == 1 else "s"),
+            self.records,
+            "" if self.records == 1 else "s",
+            self.skipped_bytes,
+            "" if self.skipped_bytes == 1 else "s",
+        )
 
 
 def _frame_at(buf, pos):
@@ -128,15 +138,17 @@ def _frame_at(buf, pos):
     if size - pos < HEADER_BYTES:
         return None, "truncated: the last record is incomplete"
     length, length_crc = struct.unpack_from("<QI", buf, pos)
-    if masked_crc32c(buf[pos:pos + 8]) != length_crc:
+    if masked_crc32c(buf[pos : pos + 8]) != length_crc:
         return None, "bad record header (length checksum)"
     if length > size - pos - HEADER_BYTES - FOOTER_BYTES:
         # A checksummed length that runs past the end: the file was cut inside this record.
         return None, "truncated: the last record is incomplete (it claims %d bytes, %d remain)" % (
-            length, size - pos - HEADER_BYTES)
+            length,
+            size - pos - HEADER_BYTES,
+        )
     end = pos + HEADER_BYTES + length
     (data_crc,) = struct.unpack_from("<I", buf, end)
-    if masked_crc32c(buf[pos + HEADER_BYTES:end]) != data_crc:
+    if masked_crc32c(buf[pos + HEADER_BYTES : end]) != data_crc:
         return None, "bad record data (checksum)"
     return end + FOOTER_BYTES, None
 
@@ -162,7 +174,7 @@ def iter_records(buf, damage):
         end, problem = _frame_at(buf, pos)
         if problem is None:
             damage.records += 1
-            yield pos, bytes(buf[pos + HEADER_BYTES:end - FOOTER_BYTES])
+            yield pos, bytes(buf[pos + HEADER_BYTES : end - FOOTER_BYTES])
             pos = end
             continue
         if pos == 0 and problem.startswith("bad record header"):
@@ -192,7 +204,9 @@ def read_events(path, damage=None):
             try:
                 event = event_pb2.Event.FromString(data)
             except (pb_message.DecodeError, RecursionError, ValueError) as e:
-                damage.add(offset, "record is not a TensorBoard event (%s)" % (str(e) or type(e).__name__))
+                damage.add(
+                    offset, "record is not a TensorBoard event (%s)" % (str(e) or type(e).__name__)
+                )
                 continue
             yield offset, event
     except OSError as e:
@@ -215,7 +229,7 @@ def find_runs(logdir):
     seen = set()
     pending = [str(logdir)]
     while pending:
-        directory = pending.pop(0)      # breadth first: the shortest path to a directory wins
+        directory = pending.pop(0)  # breadth first: the shortest path to a directory wins
         try:
             st = os.stat(directory)
             key = (st.st_dev, st.st_ino)
@@ -266,7 +280,7 @@ class _Series:
         self.plugin_name = plugin_name
         self.content = content
         self.description = description
-        self.data = []      # TensorDatum, in file order
+        self.data = []  # TensorDatum, in file order
 
 
 class LogdirProvider(tb_provider.DataProvider):
@@ -288,7 +302,7 @@ class LogdirProvider(tb_provider.DataProvider):
         self._orphan_plugin = orphan_plugin
         self.damage = {}
         self.bytes_read = 0
-        self._runs = {}       # run -> {tag: _Series}
+        self._runs = {}  # run -> {tag: _Series}
         for run, paths in find_runs(self._logdir).items():
             for path in paths:
                 self._load(run, path)
@@ -306,8 +320,11 @@ class LogdirProvider(tb_provider.DataProvider):
                 if series is None:
                     if value.HasField("metadata"):
                         plugin = value.metadata.plugin_data.plugin_name
-                        series = _Series(plugin, value.metadata.plugin_data.content,
-                                         value.metadata.summary_description)
+                        series = _Series(
+                            plugin,
+                            value.metadata.plugin_data.content,
+                            value.metadata.summary_description,
+                        )
                     else:
                         plugin = self._orphan_plugin(value.tag) if self._orphan_plugin else None
                         series = _Series(plugin, b"", "")
@@ -316,16 +333,24 @@ class LogdirProvider(tb_provider.DataProvider):
                     continue
                 elements = _elements(value.tensor)
                 if elements is None or elements > MAX_TENSOR_ELEMENTS:
-                    damage.add(offset, "tag %s step %d: tensor shape %s refused" % (
-                        value.tag, event.step, [d.size for d in value.tensor.tensor_shape.dim]))
+                    damage.add(
+                        offset,
+                        "tag %s step %d: tensor shape %s refused"
+                        % (value.tag, event.step, [d.size for d in value.tensor.tensor_shape.dim]),
+                    )
                     continue
                 try:
                     array = tensor_util.make_ndarray(value.tensor)
                 except Exception as e:  # hostile protos make numpy raise all sorts
-                    damage.add(offset, "tag %s step %d: tensor cannot be decoded (%s)" % (value.tag, event.step, e))
+                    damage.add(
+                        offset,
+                        "tag %s step %d: tensor cannot be decoded (%s)"
+                        % (value.tag, event.step, e),
+                    )
                     continue
-                series.data.append(tb_provider.TensorDatum(step=event.step, wall_time=event.wall_time,
-                                                           numpy=array))
+                series.data.append(
+                    tb_provider.TensorDatum(step=event.step, wall_time=event.wall_time, numpy=array)
+                )
         self.bytes_read += damage.size
         if damage:
             words = damage.words()
@@ -335,7 +360,10 @@ class LogdirProvider(tb_provider.DataProvider):
                 except OSError:
                     age = None
                 if age is not None and age < LIVE_SECONDS:
-                    words += " (the file changed %.0f s ago: its writer may still be writing it)" % max(age, 0)
+                    words += (
+                        " (the file changed %.0f s ago: its writer may still be writing it)"
+                        % max(age, 0)
+                    )
             self.damage.setdefault(run, []).append("%s: %s" % (os.path.basename(path), words))
         if not tags:
             del self._runs[run]
@@ -345,16 +373,26 @@ class LogdirProvider(tb_provider.DataProvider):
         return tb_provider.ExperimentMetadata(data_location=self._logdir)
 
     def list_plugins(self, ctx=None, *, experiment_id):
-        return sorted({s.plugin_name for tags in self._runs.values() for s in tags.values()
-                       if s.plugin_name in self._plugins and s.data})
+        return sorted(
+            {
+                s.plugin_name
+                for tags in self._runs.values()
+                for s in tags.values()
+                if s.plugin_name in self._plugins and s.data
+            }
+        )
 
     def list_runs(self, ctx=None, *, experiment_id):
-        return [tb_provider.Run(run_id=run, run_name=run, start_time=None) for run in sorted(self._runs)]
+        return [
+            tb_provider.Run(run_id=run, run_name=run, start_time=None) for run in sorted(self._runs)
+        ]
 
     def list_scalars(self, ctx=None, *, experiment_id, plugin_name, run_tag_filter=None):
         return {}
 
-    def read_scalars(self, ctx=None, *, experiment_id, plugin_name, downsample=None, run_tag_filter=None):
+    def read_scalars(
+        self, ctx=None, *, experiment_id, plugin_name, downsample=None, run_tag_filter=None
+    ):
         return {}
 
     def read_last_scalars(self, ctx=None, *, experiment_id, plugin_name, run_tag_filter=None):
@@ -367,7 +405,11 @@ class LogdirProvider(tb_provider.DataProvider):
             if runs is not None and run not in runs:
                 continue
             for tag, series in sorted(by_tag.items()):
-                if series.plugin_name == plugin_name and series.data and (tags is None or tag in tags):
+                if (
+                    series.plugin_name == plugin_name
+                    and series.data
+                    and (tags is None or tag in tags)
+                ):
                     yield run, tag, series
 
     def list_tensors(self, ctx=None, *, experiment_id, plugin_name, run_tag_filter=None):
@@ -376,10 +418,15 @@ class LogdirProvider(tb_provider.DataProvider):
             out[run][tag] = tb_provider.TensorTimeSeries(
                 max_step=max(d.step for d in series.data),
                 max_wall_time=max(d.wall_time for d in series.data),
-                plugin_content=series.content, description=series.description, display_name="")
+                plugin_content=series.content,
+                description=series.description,
+                display_name="",
+            )
         return dict(out)
 
-    def read_tensors(self, ctx=None, *, experiment_id, plugin_name, downsample=None, run_tag_filter=None):
+    def read_tensors(
+        self, ctx=None, *, experiment_id, plugin_name, downsample=None, run_tag_filter=None
+    ):
         out = collections.defaultdict(dict)
         for run, tag, series in self._matching(plugin_name, run_tag_filter):
             data = series.data

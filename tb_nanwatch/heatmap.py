@@ -23,11 +23,13 @@ class Heatmap:
     def __init__(self, site_indices, labels, first_steps, last_steps, values, status):
         self.site_indices = site_indices  # rows: indices into run_data.sites, execution order
         self.labels = labels
-        self.first_steps = first_steps    # per column: first training step it covers
-        self.last_steps = last_steps      # per column: last training step it covers
-        self.values = values              # [n_sites, n_columns] float64, NaN = not measured
-        self.status = status              # [n_sites, n_columns] uint8, stats.STATUS_NAMES
-        self.rows_per_column = np.ones(len(first_steps), dtype=np.int64)  # logged rows in each column
+        self.first_steps = first_steps  # per column: first training step it covers
+        self.last_steps = last_steps  # per column: last training step it covers
+        self.values = values  # [n_sites, n_columns] float64, NaN = not measured
+        self.status = status  # [n_sites, n_columns] uint8, stats.STATUS_NAMES
+        self.rows_per_column = np.ones(
+            len(first_steps), dtype=np.int64
+        )  # logged rows in each column
 
 
 def row_first_steps(steps, rows):
@@ -44,13 +46,15 @@ def aggregate_bins(rows, edges, stat_indices=None, sites=None):
     """`stats.aggregate` of rows [n, n_sites, n_stats] into bins [edges[c], edges[c+1])
     (non-empty, ascending): [n_bins, n_sites', n_stats] for the sites in `sites` (default
     all).  Only the requested statistics of the requested sites are ever copied."""
-    rows = np.asarray(rows)[:edges[-1]] if len(edges) else np.asarray(rows)[:0]
+    rows = np.asarray(rows)[: edges[-1]] if len(edges) else np.asarray(rows)[:0]
     if sites is not None:
         rows = rows[:, sites]
     return stats.aggregate(rows, np.asarray(edges[:-1], dtype=np.intp), 0, stat_indices)
 
 
-_STATUS_STATS = tuple(stats.STAT_INDEX[n] for n in ("steps", "size", "first_nonfinite_step") + stats.NONFINITE_STATS)
+_STATUS_STATS = tuple(
+    stats.STAT_INDEX[n] for n in ("steps", "size", "first_nonfinite_step") + stats.NONFINITE_STATS
+)
 
 ROW_MODES = ("tree", "sites")
 # A layer named `block_13_expand_BN` (Keras' MobileNetV2, EfficientNet, ...) folds into
@@ -69,8 +73,14 @@ class Node:
         self.parent, self.start, self.end, self.site = parent, start, end, site
 
     def as_json(self):
-        out = {"level": self.level, "name": self.name, "label": self.label, "depth": self.depth,
-               "parent": self.parent, "n_sites": self.end - self.start}
+        out = {
+            "level": self.level,
+            "name": self.name,
+            "label": self.label,
+            "depth": self.depth,
+            "parent": self.parent,
+            "n_sites": self.end - self.start,
+        }
         if self.site is not None:
             out["site"] = int(self.site)
         return out
@@ -108,7 +118,7 @@ def layer_tree(sites, site_indices):
     layer's sites follow it in execution order; layers with a common path prefix
     or numbered block fold into a group when it holds at least two layers.  Pure:
     names in, nodes out."""
-    layers = {}   # name -> site indices, insertion = first appearance
+    layers = {}  # name -> site indices, insertion = first appearance
     for i in site_indices:
         layers.setdefault(layer_name(sites[i]), []).append(int(i))
     # Which groups hold at least two layers (a group of one is just its layer).
@@ -117,11 +127,18 @@ def layer_tree(sites, site_indices):
     heads = {name for name in layers if counts.get(name)}
     for name in heads:
         counts[name] += 1
-    children = collections.OrderedDict()   # parent path ("" = root) -> ordered child keys
+    children = collections.OrderedDict()  # parent path ("" = root) -> ordered child keys
     for name in layers:
         # Keys say what they are: a group may share its name with a layer (`Conv1`, `Conv1_bn`).
-        chain = [("group", "")] + [("group", g) for g in _group_path(name) + ([name] if name in heads else [])
-                                    if counts[g] > 1] + [("layer", name)]
+        chain = (
+            [("group", "")]
+            + [
+                ("group", g)
+                for g in _group_path(name) + ([name] if name in heads else [])
+                if counts[g] > 1
+            ]
+            + [("layer", name)]
+        )
         for parent, child in zip(chain, chain[1:]):
             entry = children.setdefault(parent, [])
             if child not in entry:
@@ -133,17 +150,29 @@ def layer_tree(sites, site_indices):
         level, key = node_key
         if level == "layer":
             start = len(order)
-            label = key[len(parent_key) + 1:] if parent_key and key.startswith(parent_key + "/") else key
+            label = (
+                key[len(parent_key) + 1 :]
+                if parent_key and key.startswith(parent_key + "/")
+                else key
+            )
             node = Node("layer", key, label, depth, parent_row, start, start)
             nodes.append(node)
             for i in layers[key]:
                 s = sites[i]
-                site_label = " ".join(p for p in (stats.kind_words(s["kind"]), s.get("tensor", "")) if p)
-                nodes.append(Node("site", key, site_label, depth + 1, row, len(order), len(order) + 1, site=i))
+                site_label = " ".join(
+                    p for p in (stats.kind_words(s["kind"]), s.get("tensor", "")) if p
+                )
+                nodes.append(
+                    Node(
+                        "site", key, site_label, depth + 1, row, len(order), len(order) + 1, site=i
+                    )
+                )
                 order.append(i)
             node.end = len(order)
             return
-        label = key[len(parent_key) + 1:] if parent_key and key.startswith(parent_key + "/") else key
+        label = (
+            key[len(parent_key) + 1 :] if parent_key and key.startswith(parent_key + "/") else key
+        )
         node = Node("group", key, label, depth, parent_row, len(order), len(order))
         nodes.append(node)
         for child in children.get(node_key, []):
@@ -166,7 +195,9 @@ def aggregate_tree(tree, combined):
     grouped = combined[:, tree.order]
     layer_rows = [r for r, n in enumerate(tree.nodes) if n.level == "layer"]
     starts = [tree.nodes[r].start for r in layer_rows]
-    per_layer = stats.aggregate(grouped, starts, axis=1, rules=stats.ACROSS_SITES)  # [bins, layers, stats]
+    per_layer = stats.aggregate(
+        grouped, starts, axis=1, rules=stats.ACROSS_SITES
+    )  # [bins, layers, stats]
     for j, r in enumerate(layer_rows):
         out[r] = per_layer[:, j]
     for r, node in enumerate(tree.nodes):
@@ -198,13 +229,14 @@ def bin_edges(n, max_columns, own_columns=()):
 
     budget = max(1, max_columns - 2 * len(own))
     edges = edges_for(budget)
-    while len(edges) - 1 < max_columns and budget < max_columns:   # use every column allowed
+    while len(edges) - 1 < max_columns and budget < max_columns:  # use every column allowed
         budget += 1
-        edges = edges_for(budget)   # may be one over: trimmed below
+        edges = edges_for(budget)  # may be one over: trimmed below
     # One over: merge the two smallest neighbouring bins that no forced edge separates.
     while len(edges) - 1 > max_columns:
-        interior = ([i for i in range(1, len(edges) - 1) if edges[i] not in forced]
-                    or list(range(1, len(edges) - 1)))   # 1 or 2 columns asked: no room for it
+        interior = [i for i in range(1, len(edges) - 1) if edges[i] not in forced] or list(
+            range(1, len(edges) - 1)
+        )  # 1 or 2 columns asked: no room for it
         i = min(interior, key=lambda i: edges[i + 1] - edges[i - 1])
         edges.pop(i)
     return np.array(edges, dtype=int)
@@ -221,12 +253,21 @@ def select_rows(steps, rows, first_step=None, last_step=None):
         keep &= firsts <= last_step
     where = np.nonzero(keep)[0]
     if len(where) and where[-1] - where[0] + 1 == len(where):
-        where = slice(where[0], where[-1] + 1)   # the usual case: a view, not a copy
+        where = slice(where[0], where[-1] + 1)  # the usual case: a view, not a copy
     return steps[where], firsts[where], rows[where]
 
 
-def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None, last_step=None,
-          source="rows", rows_mode="sites", first_step_of_run=None):
+def build(
+    run_data,
+    stat="max_abs",
+    kind=None,
+    max_columns=500,
+    first_step=None,
+    last_step=None,
+    source="rows",
+    rows_mode="sites",
+    first_step_of_run=None,
+):
     """The heatmap of one statistic.  rows_mode "sites": one row per site (execution
     order); "tree": groups > layers > sites (`Heatmap.tree`).  `first_step_of_run`: the
     first non-finite step, whose row gets a column of its own."""
@@ -240,7 +281,11 @@ def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None,
         raise HeatmapError("unknown rows %r; one of: %s" % (rows_mode, ", ".join(ROW_MODES)))
     if max_columns < 1:
         raise HeatmapError("max_columns must be at least 1")
-    steps, rows = (run_data.steps, run_data.rows) if source == "rows" else (run_data.flight_steps, run_data.flight_rows)
+    steps, rows = (
+        (run_data.steps, run_data.rows)
+        if source == "rows"
+        else (run_data.flight_steps, run_data.flight_rows)
+    )
     site_indices = [i for i, s in enumerate(run_data.sites) if kind is None or s["kind"] == kind]
     steps, firsts, rows = select_rows(steps, rows, first_step, last_step)
     n = len(steps)
@@ -256,14 +301,19 @@ def build(run_data, stat="max_abs", kind=None, max_columns=500, first_step=None,
     tree = None
     if rows_mode == "sites":
         sites = None if kind is None else np.array(site_indices, dtype=np.intp)
-        combined = np.moveaxis(aggregate_bins(rows, edges, wanted, sites=sites), 0, 1)   # [sites, cols, stats]
+        combined = np.moveaxis(
+            aggregate_bins(rows, edges, wanted, sites=sites), 0, 1
+        )  # [sites, cols, stats]
     else:
         tree = layer_tree(run_data.sites, site_indices)
-        combined = aggregate_tree(tree, aggregate_bins(rows, edges, wanted)) if n_cols else \
-            np.full((len(tree.nodes), 0, len(stats.STATS)), np.nan)
-    values = np.ascontiguousarray(combined[..., k])                      # [rows, cols]
-    status = np.ascontiguousarray(stats.nonfinite_status(combined))     # [rows, cols]
-    all_labels = run_data.labels   # a property that builds every label: once, not per site
+        combined = (
+            aggregate_tree(tree, aggregate_bins(rows, edges, wanted))
+            if n_cols
+            else np.full((len(tree.nodes), 0, len(stats.STATS)), np.nan)
+        )
+    values = np.ascontiguousarray(combined[..., k])  # [rows, cols]
+    status = np.ascontiguousarray(stats.nonfinite_status(combined))  # [rows, cols]
+    all_labels = run_data.labels  # a property that builds every label: once, not per site
     labels = [all_labels[i] for i in site_indices]
     hm = Heatmap(site_indices, labels, col_first, col_last, values, status)
     hm.rows_per_column = np.diff(edges)

@@ -2,13 +2,12 @@
 
 import json
 
+import numpy as np
 from tensorboard.compat.proto import summary_pb2
 
-PLUGIN_NAME = "nanwatch"
-
-import numpy as np
-
 from tb_nanwatch import stats
+
+PLUGIN_NAME = "nanwatch"
 
 # Bumped when the layout of a record changes; readers migrate older versions.
 # 1: rows float64 [n_sites, 17], every column of the table.
@@ -19,10 +18,10 @@ from tb_nanwatch import stats
 PROTOCOL_VERSION = 2
 
 # Record kinds; each is one tag per site list ("group").
-ROWS = "rows"                  # float32 [1 + n_sites, len(DISK_STATS)], step = last step of the row
-FLIGHT = "flight"              # same, one per step before the first non-finite
+ROWS = "rows"  # float32 [1 + n_sites, len(DISK_STATS)], step = last step of the row
+FLIGHT = "flight"  # same, one per step before the first non-finite
 FIRST_NONFINITE = "first_nonfinite"  # scalar string: JSON object, step = that step
-EVENTS = "events"              # scalar string: JSON list of events at that step (loss-scale skips, ...)
+EVENTS = "events"  # scalar string: JSON list of events at that step (loss-scale skips, ...)
 RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS)
 
 TAG_PREFIX = "nanwatch"
@@ -62,8 +61,11 @@ def parse_block_tag(tag_name):
 
 # The columns of a row on disk (protocol 2), named in each tag's metadata.
 FIRST_OFFSET = "first_nonfinite_offset"
-DISK_STATS = tuple(FIRST_OFFSET if name == "first_nonfinite_step" else name
-                   for name in stats.STAT_NAMES if name != "steps")
+DISK_STATS = tuple(
+    FIRST_OFFSET if name == "first_nonfinite_step" else name
+    for name in stats.STAT_NAMES
+    if name != "steps"
+)
 DISK_DTYPE = np.float32
 
 

@@ -14,15 +14,12 @@ import json
 import logging
 import math
 import os
-import threading
 
 import numpy as np
-from werkzeug import wrappers
-
 from tensorboard import errors, plugin_util
 from tensorboard.backend import http_util, json_util
-from tensorboard.data import provider as tb_provider
 from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
 
 from tb_nanwatch import cache, diagnosis, early_warning, heatmap, metadata, reader, report, stats
 
@@ -65,8 +62,12 @@ def frontend_dir():
         candidates.extend(str(p) for p in importlib.import_module("tb_nanwatch.frontend").__path__)
     except ImportError:
         pass
-    candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frontend"))
-    return next((d for d in candidates if os.path.isfile(os.path.join(d, "index.js"))), candidates[-1])
+    candidates.append(
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frontend")
+    )
+    return next(
+        (d for d in candidates if os.path.isfile(os.path.join(d, "index.js"))), candidates[-1]
+    )
 
 
 def _parse_samples_per_plugin(value):
@@ -117,11 +118,11 @@ class _BadRequest(ValueError):
 # provider failing (e.g. RustBoard down): 503, said in JSON.  TensorBoard's own errors
 # (errors.PublicError) carry their status already and pass through.
 ERROR_STATUS = (
-    (_BadRequest, 400),               # a bad or missing parameter
-    (heatmap.HeatmapError, 400),      # a request the data cannot answer
+    (_BadRequest, 400),  # a bad or missing parameter
+    (heatmap.HeatmapError, 400),  # a request the data cannot answer
     (reader.RunNotFound, 404),
-    (metadata.MetadataError, 422),    # written by a newer tb_nanwatch
-    (reader.InvalidData, 422),        # damaged past the reader's gate
+    (metadata.MetadataError, 422),  # written by a newer tb_nanwatch
+    (reader.InvalidData, 422),  # damaged past the reader's gate
 )
 
 
@@ -174,12 +175,19 @@ class NanWatchPlugin(base_plugin.TBPlugin):
                 raise reader.RunNotFound("no nanwatch data for run %r" % run)
             group = groups[0]
         series = reader.run_series(self._provider, ctx, eid, run, group)
-        if not series:   # a run killed before its first row still has its first-non-finite record
-            raise reader.RunNotFound("no nanwatch data for run %r%s" % (
-                run, "" if group is None else " group %r" % group))
-        fingerprint = tuple(sorted((tag, ts.max_step, ts.max_wall_time) for tag, ts in series.items()))
-        return self.cache.get((eid, run, group), fingerprint,
-                              lambda: reader.read_run(self._provider, ctx, eid, run, group))
+        if not series:  # a run killed before its first row still has its first-non-finite record
+            raise reader.RunNotFound(
+                "no nanwatch data for run %r%s"
+                % (run, "" if group is None else " group %r" % group)
+            )
+        fingerprint = tuple(
+            sorted((tag, ts.max_step, ts.max_wall_time) for tag, ts in series.items())
+        )
+        return self.cache.get(
+            (eid, run, group),
+            fingerprint,
+            lambda: reader.read_run(self._provider, ctx, eid, run, group),
+        )
 
     def _json_route(self, request, impl):
         """impl(ctx, experiment_id) as a JSON answer; its errors by ERROR_STATUS, never an
@@ -207,8 +215,12 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             return http_util.Respond(request, "not found", "text/plain", code=404)
         path = os.path.join(self._frontend_dir, name)
         if not os.path.isfile(path):
-            return http_util.Respond(request, "frontend file %s is missing from the installation" % name,
-                                     "text/plain", code=404)
+            return http_util.Respond(
+                request,
+                "frontend file %s is missing from the installation" % name,
+                "text/plain",
+                code=404,
+            )
         with open(path, "rb") as f:
             return http_util.Respond(request, f.read(), STATIC_FILES[name])
 
@@ -231,28 +243,41 @@ class NanWatchPlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_first_nonfinite(self, request):
         run, group = _required_later(request, "run"), request.args.get("group") or None
-        return self._json_route(request, lambda ctx, eid: self.first_nonfinite_impl(ctx, eid, run(), group))
+        return self._json_route(
+            request, lambda ctx, eid: self.first_nonfinite_impl(ctx, eid, run(), group)
+        )
 
     @wrappers.Request.application
     def _serve_precursors(self, request):
         run, group = _required_later(request, "run"), request.args.get("group") or None
-        return self._json_route(request, lambda ctx, eid: self.precursors_impl(ctx, eid, run(), group))
+        return self._json_route(
+            request, lambda ctx, eid: self.precursors_impl(ctx, eid, run(), group)
+        )
 
     @wrappers.Request.application
     def _serve_diagnosis(self, request):
         run, group = _required_later(request, "run"), request.args.get("group") or None
-        return self._json_route(request, lambda ctx, eid: self.diagnosis_impl(ctx, eid, run(), group))
+        return self._json_route(
+            request, lambda ctx, eid: self.diagnosis_impl(ctx, eid, run(), group)
+        )
 
     @wrappers.Request.application
     def _serve_heatmap(self, request):
         def impl(ctx, eid):
             return self.heatmap_impl(
-                ctx, eid, _required(request, "run"), request.args.get("group") or None,
-                stat=request.args.get("stat", stats.DEFAULT_STAT), kind=request.args.get("kind", "all"),
+                ctx,
+                eid,
+                _required(request, "run"),
+                request.args.get("group") or None,
+                stat=request.args.get("stat", stats.DEFAULT_STAT),
+                kind=request.args.get("kind", "all"),
                 columns=_int_arg(request, "columns", DEFAULT_COLUMNS, 1, MAX_COLUMNS),
                 first_step=_int_arg(request, "first_step", None, 0, _MAX_STEP),
                 last_step=_int_arg(request, "last_step", None, 0, _MAX_STEP),
-                source=request.args.get("source", "rows"), rows=request.args.get("rows", "tree"))
+                source=request.args.get("source", "rows"),
+                rows=request.args.get("rows", "tree"),
+            )
+
         return self._json_route(request, impl)
 
     @wrappers.Request.application
@@ -262,10 +287,16 @@ class NanWatchPlugin(base_plugin.TBPlugin):
             if site is None:
                 raise _BadRequest("missing parameter 'site' (index into the run's site list)")
             return self.cell_impl(
-                ctx, eid, _required(request, "run"), site, request.args.get("group") or None,
+                ctx,
+                eid,
+                _required(request, "run"),
+                site,
+                request.args.get("group") or None,
                 first_step=_int_arg(request, "first_step", None, 0, _MAX_STEP),
                 last_step=_int_arg(request, "last_step", None, 0, _MAX_STEP),
-                source=request.args.get("source", "rows"))
+                source=request.args.get("source", "rows"),
+            )
+
         return self._json_route(request, impl)
 
     # -- what the routes answer ----------------------------------------------------
@@ -292,63 +323,107 @@ class NanWatchPlugin(base_plugin.TBPlugin):
     def diagnosis_impl(self, ctx, eid, run, group=None):
         """The causes and the early warning of the run, computed once per version of its data."""
         entry = self._entry(ctx, eid, run, group)
-        return entry.memo("diagnosis", lambda: report.jsonable({
-            "diagnosis": diagnosis.diagnose(entry.data),
-            "early_warning": early_warning.as_json(early_warning.from_run(entry.data))}))
+        return entry.memo(
+            "diagnosis",
+            lambda: report.jsonable(
+                {
+                    "diagnosis": diagnosis.diagnose(entry.data),
+                    "early_warning": early_warning.as_json(early_warning.from_run(entry.data)),
+                }
+            ),
+        )
 
     def overview_impl(self, ctx, eid):
         """Every run's state in one list: its first non-finite step and site, or finite (with
         its loss-scale skips).  Cheap on a logdir of many runs: runs already read answer from
         the cache; the others from their small first-non-finite and events records only."""
-        listing = self._provider.list_tensors(ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME)
+        listing = self._provider.list_tensors(
+            ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME
+        )
         out = []
         for run, groups in reader.list_runs(self._provider, ctx, eid).items():
             for group in groups:
-                series = {t: ts for t, ts in listing.get(run, {}).items()
-                          if (metadata.parse_tag(t) or (False,))[0] == group}
-                fingerprint = tuple(sorted((t, ts.max_step, ts.max_wall_time) for t, ts in series.items()))
+                series = {
+                    t: ts
+                    for t, ts in listing.get(run, {}).items()
+                    if (metadata.parse_tag(t) or (False,))[0] == group
+                }
+                fingerprint = tuple(
+                    sorted((t, ts.max_step, ts.max_wall_time) for t, ts in series.items())
+                )
                 entry = self.cache.peek((eid, run, group), fingerprint)
                 try:
-                    data = entry.data if entry is not None else reader.read_run_summary(
-                        self._provider, ctx, eid, run, group, series)
+                    data = (
+                        entry.data
+                        if entry is not None
+                        else reader.read_run_summary(self._provider, ctx, eid, run, group, series)
+                    )
                 except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
                     out.append({"run": run, "group": group, "state": "unreadable", "error": str(e)})
                     continue
                 out.append(run_state(data))
         return out
 
-    def heatmap_impl(self, ctx, eid, run, group=None, stat=stats.DEFAULT_STAT, kind="all",
-                     columns=DEFAULT_COLUMNS, first_step=None, last_step=None, source="rows", rows="tree"):
+    def heatmap_impl(
+        self,
+        ctx,
+        eid,
+        run,
+        group=None,
+        stat=stats.DEFAULT_STAT,
+        kind="all",
+        columns=DEFAULT_COLUMNS,
+        first_step=None,
+        last_step=None,
+        source="rows",
+        rows="tree",
+    ):
         if rows not in heatmap.ROW_MODES:
             raise _BadRequest("unknown rows %r; one of: %s" % (rows, ", ".join(heatmap.ROW_MODES)))
         if not 1 <= columns <= MAX_COLUMNS:
-            raise _BadRequest("parameter 'columns' must be between 1 and %d, got %d" % (MAX_COLUMNS, columns))
+            raise _BadRequest(
+                "parameter 'columns' must be between 1 and %d, got %d" % (MAX_COLUMNS, columns)
+            )
         _check_range(first_step, last_step)
         if stat not in stats.STAT_INDEX:
             raise _BadRequest("unknown stat %r; one of: %s" % (stat, ", ".join(stats.STAT_NAMES)))
         if kind != "all" and kind not in stats.KINDS:
-            raise _BadRequest("unknown kind %r; 'all' or one of: %s" % (kind, ", ".join(stats.KINDS)))
+            raise _BadRequest(
+                "unknown kind %r; 'all' or one of: %s" % (kind, ", ".join(stats.KINDS))
+            )
         _check_source(source)
         entry = self._entry(ctx, eid, run, group)
         # A reload of an unchanged run (the frontend re-asks every 30 s) costs nothing.
         args = (stat, kind, columns, first_step, last_step, source, rows)
         return entry.memo(("heatmap",) + args, lambda: heatmap_body(entry.data, *args))
 
-    def cell_impl(self, ctx, eid, run, site, group=None, first_step=None, last_step=None, source="rows"):
+    def cell_impl(
+        self, ctx, eid, run, site, group=None, first_step=None, last_step=None, source="rows"
+    ):
         _check_source(source)
         _check_range(first_step, last_step)
         data = self._entry(ctx, eid, run, group).data
         if not 0 <= site < len(data.sites):
-            raise _BadRequest("site %d out of range: run %r has %d sites" % (site, run, len(data.sites)))
+            raise _BadRequest(
+                "site %d out of range: run %r has %d sites" % (site, run, len(data.sites))
+            )
         return cell_body(data, site, first_step, last_step, source)
 
 
 def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_mode="tree"):
     """The /heatmap answer over one version of a run's data (see http_api.md)."""
     first = reader.first_nonfinite_json(data)
-    hm = heatmap.build(data, stat=stat, kind=None if kind == "all" else kind, max_columns=columns,
-                       first_step=first_step, last_step=last_step, source=source, rows_mode=rows_mode,
-                       first_step_of_run=None if first is None else int(first["step"]))
+    hm = heatmap.build(
+        data,
+        stat=stat,
+        kind=None if kind == "all" else kind,
+        max_columns=columns,
+        first_step=first_step,
+        last_step=last_step,
+        source=source,
+        rows_mode=rows_mode,
+        first_step_of_run=None if first is None else int(first["step"]),
+    )
     tree_rows = None if hm.tree is None else [n.as_json() for n in hm.tree.nodes]
     return {
         "run": data.run,
@@ -376,7 +451,7 @@ def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_
         "flight_range": _step_range(data.flight_steps, data.flight_rows),
         "events": _events_in_view(data.events, hm),
         "event_counts": _event_counts(data.events),
-        "warnings": data.warnings,   # records the reader's gate dropped, per tag
+        "warnings": data.warnings,  # records the reader's gate dropped, per tag
         # Several writer sessions in the run directory: the words naming them (the data
         # is the latest one's), else null.
         "session_warning": data.session_warning(),
@@ -385,9 +460,12 @@ def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_
 
 def cell_body(data, site, first_step, last_step, source):
     """The /cell answer: every statistic of one site over the rows overlapping the range."""
-    steps, rows = (data.steps, data.rows) if source == "rows" else (data.flight_steps, data.flight_rows)
-    steps, firsts, picked = heatmap.select_rows(steps, rows[:, site:site + 1, :] if len(steps) else rows,
-                                                first_step, last_step)
+    steps, rows = (
+        (data.steps, data.rows) if source == "rows" else (data.flight_steps, data.flight_rows)
+    )
+    steps, firsts, picked = heatmap.select_rows(
+        steps, rows[:, site : site + 1, :] if len(steps) else rows, first_step, last_step
+    )
     picked = picked[:, 0, :] if len(picked) else picked.reshape(0, len(stats.STATS))
     if len(picked):
         combined = stats.aggregate_rows(picked, axis=0) if len(picked) > 1 else picked[0]
@@ -396,8 +474,12 @@ def cell_body(data, site, first_step, last_step, source):
         covered = [int(firsts[0]), int(steps[-1])]
     else:
         status, values, covered = None, None, None
-    flight = [dict({"step": int(s)}, **{name: _num(r[site, k]) for k, name in enumerate(stats.STAT_NAMES)})
-              for s, r in zip(data.flight_steps, data.flight_rows)]
+    flight = [
+        dict(
+            {"step": int(s)}, **{name: _num(r[site, k]) for k, name in enumerate(stats.STAT_NAMES)}
+        )
+        for s, r in zip(data.flight_steps, data.flight_rows)
+    ]
     return {
         "run": data.run,
         "group": data.group,
@@ -419,12 +501,24 @@ def run_state(data):
     totals = [e["skips_total"] for e in skips if _is_step(e.get("skips_total"))]
     n_skips = max([len(skips)] + [int(t) for t in totals]) if skips else 0
     last = int(data.steps.max()) if len(data.steps) else getattr(data, "last_step", None)
-    out = {"run": data.run, "group": data.group, "last_step": last, "loss_scale_skips": n_skips,
-           "session_warning": data.session_warning()}
+    out = {
+        "run": data.run,
+        "group": data.group,
+        "last_step": last,
+        "loss_scale_skips": n_skips,
+        "session_warning": data.session_warning(),
+    }
     if first is not None:
-        out.update(state="nonfinite", step=int(first["step"]), layer=first["layer"], kind=first["kind"],
-                   tensor=first.get("tensor", ""), nan=first.get("nan", 0), posinf=first.get("posinf", 0),
-                   neginf=first.get("neginf", 0))
+        out.update(
+            state="nonfinite",
+            step=int(first["step"]),
+            layer=first["layer"],
+            kind=first["kind"],
+            tensor=first.get("tensor", ""),
+            nan=first.get("nan", 0),
+            posinf=first.get("posinf", 0),
+            neginf=first.get("neginf", 0),
+        )
     else:
         out["state"] = "skips" if n_skips else "healthy"
     return out
@@ -478,8 +572,15 @@ def _num(x):
 
 def _site_json(site):
     from tb_nanwatch.summary import site_label
-    return {"layer": site.get("layer", ""), "kind": site.get("kind", ""), "tensor": site.get("tensor", ""),
-            "dtype": site.get("dtype", ""), "shape": list(site.get("shape", [])), "label": site_label(site)}
+
+    return {
+        "layer": site.get("layer", ""),
+        "kind": site.get("kind", ""),
+        "tensor": site.get("tensor", ""),
+        "dtype": site.get("dtype", ""),
+        "shape": list(site.get("shape", [])),
+        "label": site_label(site),
+    }
 
 
 def _step_range(steps, rows):
@@ -514,7 +615,11 @@ def _first_cell(data, hm, first):
 
 
 def _is_step(x):
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+    return (
+        isinstance(x, (int, float, np.integer, np.floating))
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+    )
 
 
 def _events_in_view(events, hm):
@@ -525,11 +630,22 @@ def _events_in_view(events, hm):
     if not len(hm.first_steps):
         return []
     lo, hi = int(hm.first_steps.min()), int(hm.last_steps.max())
-    placed = [e for e in events if isinstance(e, dict) and _is_step(e.get("step")) and lo <= e["step"] <= hi]
+    placed = [
+        e
+        for e in events
+        if isinstance(e, dict) and _is_step(e.get("step")) and lo <= e["step"] <= hi
+    ]
     placed.sort(key=lambda e: e["step"])
     cols = heatmap.columns_of(hm, [int(e["step"]) for e in placed])
-    out = [dict(e, type=str(e.get("type", "event")), step=int(e["step"]), column=None if c < 0 else int(c))
-           for e, c in zip(placed, cols)]
+    out = [
+        dict(
+            e,
+            type=str(e.get("type", "event")),
+            step=int(e["step"]),
+            column=None if c < 0 else int(c),
+        )
+        for e, c in zip(placed, cols)
+    ]
     if len(out) > MAX_EVENTS:
         last = collections.OrderedDict()
         for e in out:
@@ -546,7 +662,9 @@ def _event_counts(events):
     loss scale after the last skip)."""
     by_type = {}
     for e in events:
-        by_type.setdefault(str(e.get("type", "event")) if isinstance(e, dict) else "event", []).append(e)
+        by_type.setdefault(
+            str(e.get("type", "event")) if isinstance(e, dict) else "event", []
+        ).append(e)
     out = []
     for kind, found in sorted(by_type.items()):
         dicts = [e for e in found if isinstance(e, dict)]
@@ -555,7 +673,14 @@ def _event_counts(events):
         totals = [e["skips_total"] for e in dicts if _is_step(e.get("skips_total"))]
         if kind == "loss_scale_skip" and totals:
             count = max(count, int(max(totals)))
-        out.append({"type": kind, "count": count, "records": len(found),
-                    "first_step": min(steps) if steps else None, "last_step": max(steps) if steps else None,
-                    "last": dicts[-1] if dicts else None})
+        out.append(
+            {
+                "type": kind,
+                "count": count,
+                "records": len(found),
+                "first_step": min(steps) if steps else None,
+                "last_step": max(steps) if steps else None,
+                "last": dicts[-1] if dicts else None,
+            }
+        )
     return out

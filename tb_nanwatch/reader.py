@@ -7,7 +7,6 @@ gate in `validation` first: a bad one is dropped and named in `RunData.warnings`
 (run, tag, step), the rest is read.
 """
 
-import json
 import logging
 
 import numpy as np
@@ -40,8 +39,19 @@ class RunData:
     whose records were dropped by the gate, in words.
     """
 
-    def __init__(self, run, group, sites, steps, rows, flight_steps, flight_rows,
-                 first_nonfinite, events, warnings=()):
+    def __init__(
+        self,
+        run,
+        group,
+        sites,
+        steps,
+        rows,
+        flight_steps,
+        flight_rows,
+        first_nonfinite,
+        events,
+        warnings=(),
+    ):
         self.run = run
         self.group = group
         self.sites = sites
@@ -60,12 +70,16 @@ class RunData:
         """One line naming the writer sessions when there are several, else None."""
         if len(self.sessions) < 2:
             return None
-        return ("%d writer sessions in this run directory (%s); showing the latest only: write each run to its "
-                "own directory" % (len(self.sessions), "; ".join(session_words(x) for x in self.sessions)))
+        return (
+            "%d writer sessions in this run directory (%s); showing the latest only: write each run to its "
+            "own directory"
+            % (len(self.sessions), "; ".join(session_words(x) for x in self.sessions))
+        )
 
     @property
     def labels(self):
         from tb_nanwatch.summary import site_label
+
         return [site_label(s) for s in self.sites]
 
     def site_index(self, layer, kind, tensor=""):
@@ -79,7 +93,9 @@ def list_runs(provider, ctx, experiment_id):
     """{run: sorted list of groups (None for the default site list)} with any nanwatch
     record: rows, a flight recorder, or only a first-non-finite record (a run killed
     before its first row was due)."""
-    listing = provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME)
+    listing = provider.list_tensors(
+        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME
+    )
     out = {}
     for run, tags in listing.items():
         for tag in tags:
@@ -92,10 +108,17 @@ def list_runs(provider, ctx, experiment_id):
 def run_series(provider, ctx, experiment_id, run, group=None):
     """{tag: TensorTimeSeries} of every nanwatch tag of (run, group), row blocks included:
     what `read_run` reads, and what a cache must watch for new data."""
-    listing = provider.list_tensors(ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME,
-                                    run_tag_filter=tb_provider.RunTagFilter(runs=[run]))
-    return {tag: ts for tag, ts in listing.get(run, {}).items()
-            if (metadata.parse_tag(tag) or (False,))[0] == group}
+    listing = provider.list_tensors(
+        ctx,
+        experiment_id=experiment_id,
+        plugin_name=metadata.PLUGIN_NAME,
+        run_tag_filter=tb_provider.RunTagFilter(runs=[run]),
+    )
+    return {
+        tag: ts
+        for tag, ts in listing.get(run, {}).items()
+        if (metadata.parse_tag(tag) or (False,))[0] == group
+    }
 
 
 class _Dropped:
@@ -112,11 +135,20 @@ class _Dropped:
         out = []
         for tag, found in self.by_tag.items():
             step, what = found[0]
-            line = "tag %s: %s dropped (%s)" % (tag, "metadata" if step is None else "record at step %d" % step, what)
+            line = "tag %s: %s dropped (%s)" % (
+                tag,
+                "metadata" if step is None else "record at step %d" % step,
+                what,
+            )
             if len(found) > 1:
                 more = [s for s, _ in found[1:] if s is not None]
-                line += "; and %d more%s" % (len(found) - 1, " (steps %s%s)" % (
-                    ", ".join(str(s) for s in more[:5]), ", ..." if len(more) > 5 else "") if more else "")
+                line += "; and %d more%s" % (
+                    len(found) - 1,
+                    " (steps %s%s)"
+                    % (", ".join(str(s) for s in more[:5]), ", ..." if len(more) > 5 else "")
+                    if more
+                    else "",
+                )
             out.append(line)
         return out
 
@@ -128,10 +160,18 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     tags = {record: metadata.tag(record, group) for record in metadata.RECORDS}
     series = run_series(provider, ctx, experiment_id, run, group)
     if not series:
-        raise RunNotFound("no nanwatch data for run %r%s" % (run, "" if group is None else " group %r" % group))
+        raise RunNotFound(
+            "no nanwatch data for run %r%s" % (run, "" if group is None else " group %r" % group)
+        )
     dropped = _Dropped()
-    row_blocks = [t for _, t in sorted((metadata.parse_block_tag(t)[2], t) for t in series
-                                       if metadata.parse_tag(t)[1] == metadata.ROWS)]
+    row_blocks = [
+        t
+        for _, t in sorted(
+            (metadata.parse_block_tag(t)[2], t)
+            for t in series
+            if metadata.parse_tag(t)[1] == metadata.ROWS
+        )
+    ]
     # Every row block and the flight recorder carry the site list in their metadata; the
     # first that passes the gate serves all (a tag whose first record was lost has none).
     content = None
@@ -160,8 +200,12 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     def read_all(tag_name):
         try:
             got = provider.read_tensors(
-                ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
-                run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag_name])).get(run, {})
+                ctx,
+                experiment_id=experiment_id,
+                plugin_name=metadata.PLUGIN_NAME,
+                downsample=_ALL,
+                run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=[tag_name]),
+            ).get(run, {})
         except (ValueError, TypeError, OverflowError) as e:
             dropped.add(tag_name, None, "its records cannot be decoded: %s" % e)
             return []
@@ -196,21 +240,36 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     # Only records the gate would keep count: one malformed record (or a hostile step) must
     # not pass for a second session and hide the first.
     lines = len(sites) + (1 if metadata.has_header(stat_names) else 0)
-    others = [d for r in (metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS) if tags[r] in series
-              for _, d in read(tags[r]) if validation.is_step(d.step)]
-    session_rows = [d for t in with_content for _, d in read(t)
-                    if validation.is_step(d.step) and validation.matrix_problem(d.numpy, lines, len(stat_names)) is None]
+    others = [
+        d
+        for r in (metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS)
+        if tags[r] in series
+        for _, d in read(tags[r])
+        if validation.is_step(d.step)
+    ]
+    session_rows = [
+        d
+        for t in with_content
+        for _, d in read(t)
+        if validation.is_step(d.step)
+        and validation.matrix_problem(d.numpy, lines, len(stat_names)) is None
+    ]
     sessions = sessions_of(session_rows, others) if content is not None else []
     if len(sessions) > 1:
         since = sessions[-2]["last_wall_time"]
     steps, rows = matrices(with_content)
-    flight_steps, flight_rows = matrices([tags[metadata.FLIGHT]] if tags[metadata.FLIGHT] in series else [])
+    flight_steps, flight_rows = matrices(
+        [tags[metadata.FLIGHT]] if tags[metadata.FLIGHT] in series else []
+    )
     first = None
     if tags[metadata.FIRST_NONFINITE] in series:
         for tag_name, datum in read(tags[metadata.FIRST_NONFINITE]):
             try:
-                record, notes = validation.first_nonfinite(validation.parse_json(datum.numpy, "the record"),
-                                                           datum.step, len(sites) if content else None)
+                record, notes = validation.first_nonfinite(
+                    validation.parse_json(datum.numpy, "the record"),
+                    datum.step,
+                    len(sites) if content else None,
+                )
             except validation.InvalidData as e:
                 dropped.add(tag_name, datum.step, e)
                 continue
@@ -227,16 +286,28 @@ def read_run(provider, ctx, experiment_id, run, group=None):
                 dropped.add(tag_name, datum.step, e)
                 continue
             if n_bad:
-                dropped.add(tag_name, datum.step, "%d event%s without a type or with a bad step"
-                            % (n_bad, "" if n_bad == 1 else "s"))
+                dropped.add(
+                    tag_name,
+                    datum.step,
+                    "%d event%s without a type or with a bad step"
+                    % (n_bad, "" if n_bad == 1 else "s"),
+                )
             events.extend(kept)
     warnings = dropped.words()
     if content is None and first is None and not events:
-        raise InvalidData("no readable nanwatch data in run %r%s: %s" % (
-            run, "" if group is None else " group %r" % group, "; ".join(warnings) or "no site list"))
+        raise InvalidData(
+            "no readable nanwatch data in run %r%s: %s"
+            % (
+                run,
+                "" if group is None else " group %r" % group,
+                "; ".join(warnings) or "no site list",
+            )
+        )
     for line in warnings:
         logger.debug("run %s: %s", run, line)
-    data = RunData(run, group, sites, steps, rows, flight_steps, flight_rows, first, events, warnings)
+    data = RunData(
+        run, group, sites, steps, rows, flight_steps, flight_rows, first, events, warnings
+    )
     data.sessions = sessions
     return data
 
@@ -250,13 +321,23 @@ def read_run_summary(provider, ctx, experiment_id, run, group, series):
     nanwatch tags (run_series).  Unlike read_run it does not tell writer sessions apart."""
     tags = {record: metadata.tag(record, group) for record in metadata.RECORDS}
     wanted = [tags[r] for r in (metadata.FIRST_NONFINITE, metadata.EVENTS) if tags[r] in series]
-    got = provider.read_tensors(
-        ctx, experiment_id=experiment_id, plugin_name=metadata.PLUGIN_NAME, downsample=_ALL,
-        run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=wanted)).get(run, {}) if wanted else {}
+    got = (
+        provider.read_tensors(
+            ctx,
+            experiment_id=experiment_id,
+            plugin_name=metadata.PLUGIN_NAME,
+            downsample=_ALL,
+            run_tag_filter=tb_provider.RunTagFilter(runs=[run], tags=wanted),
+        ).get(run, {})
+        if wanted
+        else {}
+    )
     first, events = None, []
     for datum in got.get(tags[metadata.FIRST_NONFINITE], []):
         try:
-            record, _ = validation.first_nonfinite(validation.parse_json(datum.numpy, "the record"), datum.step)
+            record, _ = validation.first_nonfinite(
+                validation.parse_json(datum.numpy, "the record"), datum.step
+            )
         except validation.InvalidData:
             continue
         if first is None or record["step"] < first["step"]:
@@ -267,8 +348,12 @@ def read_run_summary(provider, ctx, experiment_id, run, group, series):
         except validation.InvalidData:
             continue
     empty = np.zeros((0, 0, len(stats.STATS)))
-    data = RunData(run, group, [], np.zeros(0, np.int64), empty, np.zeros(0, np.int64), empty, first, events)
-    row_steps = [ts.max_step for t, ts in series.items() if metadata.parse_tag(t)[1] == metadata.ROWS]
+    data = RunData(
+        run, group, [], np.zeros(0, np.int64), empty, np.zeros(0, np.int64), empty, first, events
+    )
+    row_steps = [
+        ts.max_step for t, ts in series.items() if metadata.parse_tag(t)[1] == metadata.ROWS
+    ]
     data.last_step = max(row_steps) if row_steps else None
     return data
 
@@ -289,32 +374,60 @@ def sessions_of(row_data, other_data=()):
         last = sessions[-1] if sessions else None
         # The same step again within a second is one writer writing it twice (a row closed
         # at the first non-finite step); a re-run takes longer than that to start.
-        if last is None or d.step < last["last_step"] or (
-                d.step == last["last_step"] and d.wall_time - last["last_wall_time"] > SESSION_GAP_SECONDS):
-            sessions.append(dict(first_step=int(d.step), last_step=int(d.step), rows=0,
-                                 first_wall_time=d.wall_time, last_wall_time=d.wall_time))
+        if (
+            last is None
+            or d.step < last["last_step"]
+            or (
+                d.step == last["last_step"]
+                and d.wall_time - last["last_wall_time"] > SESSION_GAP_SECONDS
+            )
+        ):
+            sessions.append(
+                dict(
+                    first_step=int(d.step),
+                    last_step=int(d.step),
+                    rows=0,
+                    first_wall_time=d.wall_time,
+                    last_wall_time=d.wall_time,
+                )
+            )
         current = sessions[-1]
         current["last_step"] = int(d.step)
         current["rows"] += 1
         current["last_wall_time"] = d.wall_time
     if sessions:
         first = sessions[0]
-        orphans = [d for d in other_data if d.wall_time < first["first_wall_time"] and d.step > first["first_step"]]
+        orphans = [
+            d
+            for d in other_data
+            if d.wall_time < first["first_wall_time"] and d.step > first["first_step"]
+        ]
         if orphans:
-            sessions.insert(0, dict(first_step=int(min(d.step for d in orphans)),
-                                    last_step=int(max(d.step for d in orphans)), rows=0,
-                                    first_wall_time=min(d.wall_time for d in orphans),
-                                    last_wall_time=max(d.wall_time for d in orphans)))
+            sessions.insert(
+                0,
+                dict(
+                    first_step=int(min(d.step for d in orphans)),
+                    last_step=int(max(d.step for d in orphans)),
+                    rows=0,
+                    first_wall_time=min(d.wall_time for d in orphans),
+                    last_wall_time=max(d.wall_time for d in orphans),
+                ),
+            )
     return sessions
 
 
 def session_words(session):
     """`steps 0-999, written 21:03:04-21:05:10 UTC on 2026-12-01`."""
     import time
+
     a, b = (time.gmtime(session[k]) for k in ("first_wall_time", "last_wall_time"))
     return "steps %d-%d, written %s-%s UTC on %s" % (
-        session["first_step"], session["last_step"], time.strftime("%H:%M:%S", a), time.strftime("%H:%M:%S", b),
-        time.strftime("%Y-%m-%d", a))
+        session["first_step"],
+        session["last_step"],
+        time.strftime("%H:%M:%S", a),
+        time.strftime("%H:%M:%S", b),
+        time.strftime("%Y-%m-%d", a),
+    )
 
 
 def producer_index(run_data, first):
@@ -354,10 +467,17 @@ def _first_from_rows(run_data):
     best = None
     # Steps the LossScaleOptimizer skipped hold non-finite gradients by design: without
     # the record, a run with skips can only be judged by its other sites.
-    skipped = any(e.get("type") == "loss_scale_skip" for e in run_data.events if isinstance(e, dict))
-    eligible = np.array([not (skipped and s["kind"] in ("activation_grad", "weight_grad"))
-                         for s in run_data.sites], dtype=bool)
-    for steps, rows in ((run_data.flight_steps, run_data.flight_rows), (run_data.steps, run_data.rows)):
+    skipped = any(
+        e.get("type") == "loss_scale_skip" for e in run_data.events if isinstance(e, dict)
+    )
+    eligible = np.array(
+        [not (skipped and s["kind"] in ("activation_grad", "weight_grad")) for s in run_data.sites],
+        dtype=bool,
+    )
+    for steps, rows in (
+        (run_data.flight_steps, run_data.flight_rows),
+        (run_data.steps, run_data.rows),
+    ):
         if len(steps) == 0:
             continue
         first_col = rows[..., stats.STAT_INDEX["first_nonfinite_step"]]
@@ -371,11 +491,16 @@ def _first_from_rows(run_data):
     step, s, i, rows = best
     site = run_data.sites[s]
     row = rows[i, s]
-    return dict(step=step, layer=site["layer"], kind=site["kind"], tensor=site.get("tensor", ""),
-                nan=int(np.nan_to_num(row[stats.STAT_INDEX["nan"]])),
-                posinf=int(np.nan_to_num(row[stats.STAT_INDEX["posinf"]])),
-                neginf=int(np.nan_to_num(row[stats.STAT_INDEX["neginf"]])),
-                source="rows")
+    return dict(
+        step=step,
+        layer=site["layer"],
+        kind=site["kind"],
+        tensor=site.get("tensor", ""),
+        nan=int(np.nan_to_num(row[stats.STAT_INDEX["nan"]])),
+        posinf=int(np.nan_to_num(row[stats.STAT_INDEX["posinf"]])),
+        neginf=int(np.nan_to_num(row[stats.STAT_INDEX["neginf"]])),
+        source="rows",
+    )
 
 
 def open_logdir(logdir, on_bytes=None):
@@ -389,6 +514,7 @@ def open_logdir(logdir, on_bytes=None):
         # A nanwatch tag whose first record (the one with the metadata) was lost.
         return metadata.PLUGIN_NAME if metadata.parse_tag(tag_name) else None
 
-    provider = eventfile.LogdirProvider(logdir, [metadata.PLUGIN_NAME], orphan_plugin=orphan_plugin,
-                                        on_bytes=on_bytes)
+    provider = eventfile.LogdirProvider(
+        logdir, [metadata.PLUGIN_NAME], orphan_plugin=orphan_plugin, on_bytes=on_bytes
+    )
     return provider, tb_context.RequestContext(), ""

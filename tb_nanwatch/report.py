@@ -70,9 +70,14 @@ class RunReport:
         self.first = reader.first_nonfinite_json(data)
         self.producer = self._producer_index()
         self.steps_watched, self.last_step = _steps_watched(data)
-        self.skips = [e for e in data.events if isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP]
-        self.other_events = [e for e in data.events if not (isinstance(e, dict) and e.get("type") in (
-            LOSS_SCALE_SKIP, "early_warning"))]
+        self.skips = [
+            e for e in data.events if isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP
+        ]
+        self.other_events = [
+            e
+            for e in data.events
+            if not (isinstance(e, dict) and e.get("type") in (LOSS_SCALE_SKIP, "early_warning"))
+        ]
         self.propagators = self._propagators()
         self.precursors = diagnosis.precursors(data)
         self.diagnosis = diagnosis.diagnose(data)
@@ -103,7 +108,11 @@ class RunReport:
             if not len(rows):
                 return []
             row = rows[0]
-            chosen = [s for s in range(len(self.data.sites)) if row[s, col["first_nonfinite_step"]] == step]
+            chosen = [
+                s
+                for s in range(len(self.data.sites))
+                if row[s, col["first_nonfinite_step"]] == step
+            ]
         for s in chosen:
             if s == self.producer:
                 continue
@@ -147,23 +156,36 @@ class RunReport:
             rows = self.data.rows[:end, s, :]
             if not len(steps):
                 return None
-            every = int(np.nanmax(rows[:, col["steps"]])) if not np.all(np.isnan(rows[:, col["steps"]])) else 1
-            title = "logged rows ending at the step shown, up to %d steps each; no flight recorder in this run" % every
+            every = (
+                int(np.nanmax(rows[:, col["steps"]]))
+                if not np.all(np.isnan(rows[:, col["steps"]]))
+                else 1
+            )
+            title = (
+                "logged rows ending at the step shown, up to %d steps each; no flight recorder in this run"
+                % every
+            )
             step_label = "row end"
         if max_steps and len(steps) > max_steps:
             steps, rows = steps[-max_steps:], rows[-max_steps:]
-        names = list(TREND_EVERY_STEP) + [st.name for st in stats.STATS
-                                          if not st.every_step and not np.all(np.isnan(rows[:, col[st.name]]))]
+        names = list(TREND_EVERY_STEP) + [
+            st.name
+            for st in stats.STATS
+            if not st.every_step and not np.all(np.isnan(rows[:, col[st.name]]))
+        ]
         table = []
         for t, r in zip(steps, rows):
-            table.append([str(int(t))] + [fmt(r[col[n]], count=stats.STATS_BY_NAME[n].scale == "count") for n in names])
+            table.append(
+                [str(int(t))]
+                + [fmt(r[col[n]], count=stats.STATS_BY_NAME[n].scale == "count") for n in names]
+            )
         return title, [step_label] + names, table
 
     # -- output -----------------------------------------------------------------
     def as_json(self):
         first = self.first
         if first is not None and "propagators" not in first:
-            first = dict(first, propagators=self.propagators)   # recovered from the rows
+            first = dict(first, propagators=self.propagators)  # recovered from the rows
         out = {
             "run": self.run,
             "first_nonfinite": jsonable(first),
@@ -181,50 +203,86 @@ class RunReport:
 
     def summary_line(self):
         """The run in one line, for the list that comes before the details."""
-        name = clean(self.run) + ("" if self.group is None else " [site list %s]" % clean(self.group))
+        name = clean(self.run) + (
+            "" if self.group is None else " [site list %s]" % clean(self.group)
+        )
         if self.first is None:
             line = "%s: finite, %s" % (name, _steps(self.steps_watched, self.last_step))
             if self.skips:
-                line += "; %d loss-scale skip%s (by design)" % (len(self.skips), "" if len(self.skips) == 1 else "s")
+                line += "; %d loss-scale skip%s (by design)" % (
+                    len(self.skips),
+                    "" if len(self.skips) == 1 else "s",
+                )
             return line
         counts = counts_words(self.first, only_nonzero=True)
         line = "%s: first non-finite at step %d in %s%s" % (
-            name, self.first["step"], site_words(self.first), " (%s)" % counts if counts else "")
+            name,
+            self.first["step"],
+            site_words(self.first),
+            " (%s)" % counts if counts else "",
+        )
         if self.skips:
-            line += "; also %d loss-scale skip%s (by design)" % (len(self.skips), "" if len(self.skips) == 1 else "s")
+            line += "; also %d loss-scale skip%s (by design)" % (
+                len(self.skips),
+                "" if len(self.skips) == 1 else "s",
+            )
         return line
 
     def text(self, max_propagators=10, trend_steps=12):
-        name = clean(self.run) + ("" if self.group is None else " [site list %s]" % clean(self.group))
+        name = clean(self.run) + (
+            "" if self.group is None else " [site list %s]" % clean(self.group)
+        )
         lines = []
         if self.first is None:
-            line = "run %s: finite: no NaN or Inf in the %s watched" % (name, _steps(self.steps_watched, self.last_step))
+            line = "run %s: finite: no NaN or Inf in the %s watched" % (
+                name,
+                _steps(self.steps_watched, self.last_step),
+            )
             if self.skips:
                 line += "; %s" % _skips_words(self.skips)
             # Other events (e.g. a collapsed loss scale) can matter without any NaN.
-            return ([line] + ["  " + _event_words(e) for e in self.other_events[:5]]
-                    + ["  warning sign at step %d: %s" % (p["step"], clean(p["text"])) for p in self.precursors]
-                    + self.why_lines("  why to worry (finite so far, most likely first):"))
+            return (
+                [line]
+                + ["  " + _event_words(e) for e in self.other_events[:5]]
+                + [
+                    "  warning sign at step %d: %s" % (p["step"], clean(p["text"]))
+                    for p in self.precursors
+                ]
+                + self.why_lines("  why to worry (finite so far, most likely first):")
+            )
         f = self.first
         lines.append("run %s: first non-finite value at step %d" % (name, f["step"]))
-        lines.append("  producer:   %s  (%s)" % (site_words(f), stats.KIND_MEANINGS.get(f["kind"], f["kind"])))
+        lines.append(
+            "  producer:   %s  (%s)"
+            % (site_words(f), stats.KIND_MEANINGS.get(f["kind"], f["kind"]))
+        )
         lines.append("              %s" % counts_words(f))
         if f.get("backward_of"):
-            lines.append("              computed in the backward pass of: %s"
-                         % ", ".join(clean(x) for x in f["backward_of"]))
+            lines.append(
+                "              computed in the backward pass of: %s"
+                % ", ".join(clean(x) for x in f["backward_of"])
+            )
         if f.get("source") == "rows":
-            lines.append("              (the first-non-finite record is missing, e.g. the run was killed while"
-                         " writing it; step and site come from the logged rows, counts cover the whole row)")
+            lines.append(
+                "              (the first-non-finite record is missing, e.g. the run was killed while"
+                " writing it; step and site come from the logged rows, counts cover the whole row)"
+            )
         if self.propagators:
-            lines.append("  reached in the same step (%d propagator%s, execution order):"
-                         % (len(self.propagators), "" if len(self.propagators) == 1 else "s"))
+            lines.append(
+                "  reached in the same step (%d propagator%s, execution order):"
+                % (len(self.propagators), "" if len(self.propagators) == 1 else "s")
+            )
             shown = self.propagators if max_propagators <= 0 else self.propagators[:max_propagators]
             width = max(len(site_words(p)) for p in shown)
             for p in shown:
-                lines.append("    %-*s  %s" % (width, site_words(p), counts_words(p, only_nonzero=True)))
+                lines.append(
+                    "    %-*s  %s" % (width, site_words(p), counts_words(p, only_nonzero=True))
+                )
             if len(shown) < len(self.propagators):
-                lines.append("    ... and %d more (--propagators 0 lists all; --json has all)"
-                             % (len(self.propagators) - len(shown)))
+                lines.append(
+                    "    ... and %d more (--propagators 0 lists all; --json has all)"
+                    % (len(self.propagators) - len(shown))
+                )
         else:
             lines.append("  reached no other site in the same step")
         trend = self.trend(trend_steps)
@@ -236,8 +294,10 @@ class RunReport:
             for r in table:
                 lines.append("    " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
             if table and int(table[-1][0]) < f["step"]:
-                lines.append("    (no row for step %d itself: it was lost, e.g. the run was killed while writing it)"
-                             % f["step"])
+                lines.append(
+                    "    (no row for step %d itself: it was lost, e.g. the run was killed while writing it)"
+                    % f["step"]
+                )
         elif self.producer is None:
             lines.append("  (the producer is not in this run's site list; no trend available)")
         if self.precursors:
@@ -253,7 +313,6 @@ class RunReport:
             lines.append("  ... and %d more events (--json has all)" % (len(self.other_events) - 5))
         lines.append("  watched: %s" % _steps(self.steps_watched, self.last_step))
         return lines
-
 
     def why_lines(self, lead):
         """The "Why" section: the ranked causes with evidence and remedy, and the early warning."""
@@ -271,10 +330,20 @@ class RunReport:
 
 def early_warning_words(w):
     """`early warning at step 120: dense, weight kernel on course to pass float32's largest value by step 171 ...`."""
-    text = "early warning at step %d: %s on course to pass %s's largest value by step %d (norm %s, x%.3g a step" % (
-        w["step"], site_words(w), w.get("dtype") or "its dtype", w["predicted_step"], fmt(w.get("norm")),
-        w.get("growth_per_step", float("nan")))
-    return text + ("; written by the writer)" if w.get("source") == "event" else "; from the logged norms)")
+    text = (
+        "early warning at step %d: %s on course to pass %s's largest value by step %d (norm %s, x%.3g a step"
+        % (
+            w["step"],
+            site_words(w),
+            w.get("dtype") or "its dtype",
+            w["predicted_step"],
+            fmt(w.get("norm")),
+            w.get("growth_per_step", float("nan")),
+        )
+    )
+    return text + (
+        "; written by the writer)" if w.get("source") == "event" else "; from the logged norms)"
+    )
 
 
 def _steps(n, last):
@@ -288,9 +357,15 @@ def _event_words(event):
     """`event at step 15: loss_scale_collapse (loss_scale 0.5)`."""
     if not isinstance(event, dict):
         return "event: %s" % clean(event)
-    rest = ", ".join("%s %s" % (clean(k), clean(v)) for k, v in sorted(event.items()) if k not in ("type", "step"))
-    return clean("event at step %s: %s%s" % (event.get("step", "?"), event.get("type", "?"),
-                                             " (%s)" % rest if rest else ""))
+    rest = ", ".join(
+        "%s %s" % (clean(k), clean(v))
+        for k, v in sorted(event.items())
+        if k not in ("type", "step")
+    )
+    return clean(
+        "event at step %s: %s%s"
+        % (event.get("step", "?"), event.get("type", "?"), " (%s)" % rest if rest else "")
+    )
 
 
 def _skips_words(skips):
@@ -298,9 +373,17 @@ def _skips_words(skips):
     shown = ", ".join(str(s) for s in steps[:10]) + (", ..." if len(steps) > 10 else "")
     scale = skips[-1].get("loss_scale")
     scale_text = "" if scale is None else "; loss scale now %g" % scale
-    return ("%d loss-scale skip%s (step%s %s%s): skipped by design by the LossScaleOptimizer"
-            " (gradients overflowed, scale lowered), not the blow-up"
-            % (len(skips), "" if len(skips) == 1 else "s", "" if len(steps) == 1 else "s", shown, scale_text))
+    return (
+        "%d loss-scale skip%s (step%s %s%s): skipped by design by the LossScaleOptimizer"
+        " (gradients overflowed, scale lowered), not the blow-up"
+        % (
+            len(skips),
+            "" if len(skips) == 1 else "s",
+            "" if len(steps) == 1 else "s",
+            shown,
+            scale_text,
+        )
+    )
 
 
 def _steps_watched(data):
@@ -310,7 +393,11 @@ def _steps_watched(data):
     last = None
     if len(data.steps):
         per_row = data.rows[:, :, col]
-        per_row = np.where(np.isnan(per_row), 0, per_row).max(axis=1) if per_row.shape[1] else np.ones(len(data.steps))
+        per_row = (
+            np.where(np.isnan(per_row), 0, per_row).max(axis=1)
+            if per_row.shape[1]
+            else np.ones(len(data.steps))
+        )
         watched = int(per_row.sum())
         last = int(data.steps.max())
     if len(data.flight_steps):
@@ -353,9 +440,13 @@ def merge_groups(reports):
         first = min(firsts, key=lambda e: e["first_nonfinite"]["step"]) if firsts else None
         merged = {
             "run": run,
-            "first_nonfinite": None if first is None else dict(first["first_nonfinite"], group=first.get("group")),
+            "first_nonfinite": None
+            if first is None
+            else dict(first["first_nonfinite"], group=first.get("group")),
             "steps_watched": sum(e["steps_watched"] for e in entries),
-            "last_step": max((e["last_step"] for e in entries if e["last_step"] is not None), default=None),
+            "last_step": max(
+                (e["last_step"] for e in entries if e["last_step"] is not None), default=None
+            ),
             "loss_scale_skips": [s for e in entries for s in e["loss_scale_skips"]],
             "events": [s for e in entries for s in e["events"]],
             "groups": entries,
@@ -367,11 +458,14 @@ def merge_groups(reports):
 # -- PNG ----------------------------------------------------------------------
 # Cell colours, ramp and status words are the statistics table's (the tab draws with the
 # same ones, through /info); the rest are this image's own.
-STATUS_COLOUR = {code: stats.STATUS_COLOURS[name] for code, name in enumerate(stats.STATUS_NAMES)
-                 if name in stats.STATUS_COLOURS}
-MARK = stats.STATUS_COLOURS["nan"]   # the first cell's markers and the producer's label
+STATUS_COLOUR = {
+    code: stats.STATUS_COLOURS[name]
+    for code, name in enumerate(stats.STATUS_NAMES)
+    if name in stats.STATUS_COLOURS
+}
+MARK = stats.STATUS_COLOURS["nan"]  # the first cell's markers and the producer's label
 OUTLINE = (0, 0, 0)
-SKIP = (120, 120, 120)       # tick above a column holding a loss-scale skip
+SKIP = (120, 120, 120)  # tick above a column holding a loss-scale skip
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 MUTED = (110, 110, 110)
@@ -381,9 +475,13 @@ PNG_MAX_SITE_ROWS = 120
 
 def _font(size, bold=False):
     from PIL import ImageFont
-    for name in (("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
-                 "/usr/share/fonts/truetype/dejavu/" + ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
-                 "LiberationSans-Bold.ttf" if bold else "LiberationSans-Regular.ttf", "Arial.ttf"):
+
+    for name in (
+        ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
+        "/usr/share/fonts/truetype/dejavu/" + ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"),
+        "LiberationSans-Bold.ttf" if bold else "LiberationSans-Regular.ttf",
+        "Arial.ttf",
+    ):
         try:
             return ImageFont.truetype(name, size)
         except OSError:
@@ -408,7 +506,7 @@ def _normalise(values, scale):
     lo, hi = float(np.min(v[finite])), float(np.max(v[finite]))
     t = np.zeros_like(values) if hi <= lo else (v - lo) / (hi - lo)
     t = np.where(finite, t, 0.0)
-    back = {"log": lambda x: 10 ** x, "count": lambda x: 10 ** x - 1}.get(scale, lambda x: x)
+    back = {"log": lambda x: 10**x, "count": lambda x: 10**x - 1}.get(scale, lambda x: x)
     return t, back(lo), back(hi)
 
 
@@ -419,7 +517,7 @@ def _fit(draw, text, font, width):
     keep = len(text)
     while keep > 4:
         keep -= 1
-        short = text[:keep // 2] + "…" + text[-(keep - keep // 2):]
+        short = text[: keep // 2] + "…" + text[-(keep - keep // 2) :]
         if draw.textlength(short, font=font) <= width:
             return short
     return text[:4]
@@ -457,12 +555,22 @@ def _png_heatmap(rep, stat, kind, max_columns):
     first_step = None if rep.first is None else int(rep.first["step"])
     n_sites = sum(1 for s in data.sites if kind is None or s["kind"] == kind)
     mode = "tree" if n_sites > PNG_MAX_SITE_ROWS else "sites"
-    hm = heatmap.build(data, stat=stat, kind=kind, max_columns=max_columns, source=source, rows_mode=mode,
-                       first_step_of_run=first_step)
-    if mode == "tree":   # layers only: their rows, labels and the producer's layer
+    hm = heatmap.build(
+        data,
+        stat=stat,
+        kind=kind,
+        max_columns=max_columns,
+        source=source,
+        rows_mode=mode,
+        first_step_of_run=first_step,
+    )
+    if mode == "tree":  # layers only: their rows, labels and the producer's layer
         keep = [r for r, n in enumerate(hm.tree.nodes) if n.level == "layer"]
         hm.row_labels = [hm.tree.nodes[r].name for r in keep]
-        hm.row_members = [set(int(i) for i in hm.tree.order[hm.tree.nodes[r].start:hm.tree.nodes[r].end]) for r in keep]
+        hm.row_members = [
+            set(int(i) for i in hm.tree.order[hm.tree.nodes[r].start : hm.tree.nodes[r].end])
+            for r in keep
+        ]
         hm.values, hm.status, hm.late = hm.values[keep], hm.status[keep], hm.late[keep]
     else:
         hm.row_labels = list(hm.labels)
@@ -477,18 +585,40 @@ def _png_title(rep, hm, stat, kind):
     run_name = clean(rep.run) + ("" if rep.group is None else " [%s]" % clean(rep.group))
     if rep.first is not None:
         title = "%s: first non-finite at step %d: %s (%s)" % (
-            run_name, rep.first["step"], site_words(rep.first), counts_words(rep.first, only_nonzero=True) or "counts lost")
+            run_name,
+            rep.first["step"],
+            site_words(rep.first),
+            counts_words(rep.first, only_nonzero=True) or "counts lost",
+        )
     else:
         title = "%s: no NaN or Inf in %s" % (run_name, _steps(rep.steps_watched, rep.last_step))
     span = ("steps %d-%d" % (hm.first_steps[0], hm.last_steps[-1])) if n_cols else "no rows"
     per_col = ""
     if n_cols:
         widths = hm.last_steps - hm.first_steps + 1
-        per_col = (", 1 step per column" if widths.max() == 1 else ", %s steps per column" % (
-            int(widths.max()) if widths.min() == widths.max() else "%d-%d" % (widths.min(), widths.max())))
-    rows = "every layer (the worst of its sites), layers" if hm.rows_mode == "tree" else "every site, sites"
+        per_col = (
+            ", 1 step per column"
+            if widths.max() == 1
+            else ", %s steps per column"
+            % (
+                int(widths.max())
+                if widths.min() == widths.max()
+                else "%d-%d" % (widths.min(), widths.max())
+            )
+        )
+    rows = (
+        "every layer (the worst of its sites), layers"
+        if hm.rows_mode == "tree"
+        else "every site, sites"
+    )
     subtitle = "%s of %s in execution order (%s), %s%s%s" % (
-        stat, rows, st.meaning, span, per_col, "" if kind is None else ", kind %s" % kind)
+        stat,
+        rows,
+        st.meaning,
+        span,
+        per_col,
+        "" if kind is None else ", kind %s" % kind,
+    )
     return title, subtitle
 
 
@@ -496,6 +626,7 @@ def _draw_cells(img, hm, st, gx, gy, cell_w, cell_h):
     """The cells, and white stripes over the late ones (finite at the first non-finite
     step, non-finite later in its column).  Returns the ramp's (lo, hi)."""
     from PIL import Image, ImageDraw
+
     cells, lo, hi = cell_colours(hm.values, hm.status, st.scale, st.name in stats.DANGER_LOW)
     block = np.repeat(np.repeat(cells, cell_h, axis=0), cell_w, axis=1)
     img.paste(Image.fromarray(block, "RGB"), (gx, gy))
@@ -504,13 +635,18 @@ def _draw_cells(img, hm, st, gx, gy, cell_w, cell_h):
         x0, y0 = gx + c * cell_w, gy + r * cell_h
         for d in range(-cell_h, cell_w, 4):
             a = (x0 + max(d, 0), y0 + cell_h - 1 - max(-d, 0))
-            b = (x0 + min(d + cell_h - 1, cell_w - 1), y0 + cell_h - 1 - (min(d + cell_h - 1, cell_w - 1) - d))
+            b = (
+                x0 + min(d + cell_h - 1, cell_w - 1),
+                y0 + cell_h - 1 - (min(d + cell_h - 1, cell_w - 1) - d),
+            )
             draw.line([a, b], fill=BACKGROUND, width=1)
     return lo, hi
 
 
-def _draw_row_labels(draw, hm, labels, producer_row, gx, gy, cell_h, label_w, grid_w, margin, font, data):
-    label_every = max(1, math.ceil(11 / cell_h))   # no overlapping labels when rows are thin
+def _draw_row_labels(
+    draw, hm, labels, producer_row, gx, gy, cell_h, label_w, grid_w, margin, font, data
+):
+    label_every = max(1, math.ceil(11 / cell_h))  # no overlapping labels when rows are thin
     if hm.rows_mode == "sites":
         # Separators between the phases of a step.  The optimizer updates each weight
         # right after its slots, so optimizer_state and weight are one phase.
@@ -523,8 +659,13 @@ def _draw_row_labels(draw, hm, labels, producer_row, gx, gy, cell_h, label_w, gr
         is_producer = r == producer_row
         near_producer = producer_row is not None and 0 < abs(r - producer_row) * cell_h < 12
         if is_producer or (r % label_every == 0 and not near_producer):
-            draw.text((gx - 6, gy + r * cell_h + cell_h / 2), _fit(draw, label, font, label_w - 16), font=font,
-                      anchor="rm", fill=MARK if is_producer else TEXT)
+            draw.text(
+                (gx - 6, gy + r * cell_h + cell_h / 2),
+                _fit(draw, label, font, label_w - 16),
+                font=font,
+                anchor="rm",
+                fill=MARK if is_producer else TEXT,
+            )
     if producer_row is not None:
         ry = gy + producer_row * cell_h + cell_h / 2
         draw.polygon([(gx - 4, ry), (gx - 1, ry - 3), (gx - 1, ry + 3)], fill=MARK)
@@ -576,20 +717,28 @@ def _draw_first_cell(draw, rep, hm, producer_row, gx, gy, cell_w, cell_h, font):
     mx = x0 + cell_w / 2
     draw.polygon([(mx, gy - 2), (mx - 5, gy - 9), (mx + 5, gy - 9)], fill=MARK)
     words = column_words(hm, c)
-    draw.text((mx + 8, gy - 5), "step %d%s" % (step, "" if words == str(step) else " (column %s)" % words),
-              font=font, fill=MARK, anchor="ls")
+    draw.text(
+        (mx + 8, gy - 5),
+        "step %d%s" % (step, "" if words == str(step) else " (column %s)" % words),
+        font=font,
+        fill=MARK,
+        anchor="ls",
+    )
     return [producer_row, c]
 
 
 def _draw_legend(img, draw, hm, st, lo, hi, lx, ly, fonts, skips):
     from PIL import Image
+
     f_sub, f_small = fonts
     draw.text((lx, ly), st.name, font=f_sub, fill=TEXT)
     ly += 18
     bar_h, bar_w = 120, 14
-    along = np.linspace(1, 0, bar_h)   # top: the ramp's high end
+    along = np.linspace(1, 0, bar_h)  # top: the ramp's high end
     ramp = stats.ramp_colour(1 - along if st.name in stats.DANGER_LOW else along)
-    img.paste(Image.fromarray(ramp[:, None, :].repeat(bar_w, axis=1).astype(np.uint8), "RGB"), (lx, ly))
+    img.paste(
+        Image.fromarray(ramp[:, None, :].repeat(bar_w, axis=1).astype(np.uint8), "RGB"), (lx, ly)
+    )
     draw.rectangle([lx, ly, lx + bar_w - 1, ly + bar_h - 1], outline=MUTED)
     scale_note = {"log": "log scale", "count": "log scale", "linear": "linear scale"}[st.scale]
     if lo is not None:
@@ -597,7 +746,11 @@ def _draw_legend(img, draw, hm, st, lo, hi, lx, ly, fonts, skips):
         draw.text((lx + bar_w + 6, ly + bar_h), "%.3g" % lo, font=f_small, fill=TEXT, anchor="ld")
     draw.text((lx + bar_w + 6, ly + bar_h / 2), scale_note, font=f_small, fill=MUTED, anchor="lm")
     ly += bar_h + 12
-    entries = [(stats.STATUS_COLOURS[n], stats.STATUS_WORDS[n]) for n in stats.STATUS_NAMES if n in stats.STATUS_COLOURS]
+    entries = [
+        (stats.STATUS_COLOURS[n], stats.STATUS_WORDS[n])
+        for n in stats.STATUS_NAMES
+        if n in stats.STATUS_COLOURS
+    ]
     if st.scale == "log":
         entries.append((stats.ZERO_COLOUR, "exactly 0"))
     entries.append((stats.NOT_MEASURED_COLOUR, "not measured"))
@@ -611,13 +764,26 @@ def _draw_legend(img, draw, hm, st, lo, hi, lx, ly, fonts, skips):
         ly += 17
         draw.rectangle([lx, ly, lx + 13, ly + 11], fill=MARK, outline=MUTED)
         for d in range(-11, 13, 4):
-            draw.line([(lx + max(d, 0), ly + 11 - max(-d, 0)), (lx + min(d + 11, 13), ly + 11 - (min(d + 11, 13) - d))],
-                      fill=BACKGROUND)
-        draw.text((lx + 20, ly + 6), "non-finite only later in that column", font=f_small, fill=TEXT, anchor="lm")
+            draw.line(
+                [
+                    (lx + max(d, 0), ly + 11 - max(-d, 0)),
+                    (lx + min(d + 11, 13), ly + 11 - (min(d + 11, 13) - d)),
+                ],
+                fill=BACKGROUND,
+            )
+        draw.text(
+            (lx + 20, ly + 6),
+            "non-finite only later in that column",
+            font=f_small,
+            fill=TEXT,
+            anchor="lm",
+        )
     if skips:
         ly += 17
         draw.line([(lx + 6, ly), (lx + 6, ly + 10)], fill=SKIP, width=3)
-        draw.text((lx + 20, ly + 6), "loss-scale skip (by design)", font=f_small, fill=TEXT, anchor="lm")
+        draw.text(
+            (lx + 20, ly + 6), "loss-scale skip (by design)", font=f_small, fill=TEXT, anchor="lm"
+        )
 
 
 def render_png(rep, path, stat=None, kind=None, max_columns=450):
@@ -639,19 +805,32 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
     margin = 12
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     labels = [clean(l) for l in hm.row_labels]
-    label_w = math.ceil(min(380, max([scratch.textlength(l, font=f_label) for l in labels] + [60]))) + 16
+    label_w = (
+        math.ceil(min(380, max([scratch.textlength(l, font=f_label) for l in labels] + [60]))) + 16
+    )
     grid_w, grid_h = cell_w * max(n_cols, 1), cell_h * max(n_rows, 1)
 
     title, subtitle = _png_title(rep, hm, stat, kind)
     legend_w = 230
     text_w = max(scratch.textlength(title, font=f_title), scratch.textlength(subtitle, font=f_sub))
-    width = max(margin * 2 + label_w + grid_w + 20 + legend_w, min(math.ceil(text_w) + 2 * margin, 1600), 640)
+    width = max(
+        margin * 2 + label_w + grid_w + 20 + legend_w,
+        min(math.ceil(text_w) + 2 * margin, 1600),
+        640,
+    )
     top = margin + 24 + 18 + 22
     height = max(top + grid_h + 40 + margin, top + 350)
     img = Image.new("RGB", (int(width), int(height)), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    draw.text((margin, margin), _fit(draw, title, f_title, width - 2 * margin), font=f_title, fill=TEXT)
-    draw.text((margin, margin + 24), _fit(draw, subtitle, f_sub, width - 2 * margin), font=f_sub, fill=TEXT)
+    draw.text(
+        (margin, margin), _fit(draw, title, f_title, width - 2 * margin), font=f_title, fill=TEXT
+    )
+    draw.text(
+        (margin, margin + 24),
+        _fit(draw, subtitle, f_sub, width - 2 * margin),
+        font=f_sub,
+        fill=TEXT,
+    )
 
     gx, gy = margin + label_w, top
     lo = hi = None
@@ -659,8 +838,12 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
         lo, hi = _draw_cells(img, hm, st, gx, gy, cell_w, cell_h)
     else:
         draw.text((gx + 4, gy + 4), "no rows logged", font=f_sub, fill=MUTED)
-    producer_row = next((r for r, members in enumerate(hm.row_members) if rep.producer in members), None)
-    _draw_row_labels(draw, hm, labels, producer_row, gx, gy, cell_h, label_w, grid_w, margin, f_label, rep.data)
+    producer_row = next(
+        (r for r, members in enumerate(hm.row_members) if rep.producer in members), None
+    )
+    _draw_row_labels(
+        draw, hm, labels, producer_row, gx, gy, cell_h, label_w, grid_w, margin, f_label, rep.data
+    )
     _draw_step_axis(draw, hm, gx, gy, grid_w, grid_h, cell_w, f_small)
     skip_cols = _skip_columns(rep, hm) if n_cols else []
     for c in skip_cols:
@@ -671,12 +854,20 @@ def render_png(rep, path, stat=None, kind=None, max_columns=450):
 
     # Where things are, for scripts and tests reading the image back (PNG tEXt chunk).
     info = PngImagePlugin.PngInfo()
-    layout = dict(run=rep.run, group=rep.group, stat=stat, kind=kind, source=source, rows=hm.rows_mode,
-                  grid=[gx, gy, cell_w, cell_h, n_cols, n_rows],
-                  first_step=None if rep.first is None else rep.first["step"],
-                  first_cell=first_cell, skip_columns=skip_cols,
-                  column_first_steps=[int(x) for x in hm.first_steps],
-                  column_last_steps=[int(x) for x in hm.last_steps])
+    layout = dict(
+        run=rep.run,
+        group=rep.group,
+        stat=stat,
+        kind=kind,
+        source=source,
+        rows=hm.rows_mode,
+        grid=[gx, gy, cell_w, cell_h, n_cols, n_rows],
+        first_step=None if rep.first is None else rep.first["step"],
+        first_cell=first_cell,
+        skip_columns=skip_cols,
+        column_first_steps=[int(x) for x in hm.first_steps],
+        column_last_steps=[int(x) for x in hm.last_steps],
+    )
     info.add_itxt("tb-nanwatch", json.dumps(layout))
     img.save(path, format="PNG", pnginfo=info)
     return img.size, stat

@@ -27,12 +27,12 @@ import numpy as np
 # In the order they happen inside a training step.
 KINDS = (
     "input",
-    "activation",        # a layer's output, forward order
+    "activation",  # a layer's output, forward order
     "loss",
-    "activation_grad",   # gradient w.r.t. a layer's output, backward order
+    "activation_grad",  # gradient w.r.t. a layer's output, backward order
     "weight_grad",
-    "optimizer_state",   # every slot the optimizer keeps, per variable
-    "weight",            # after the update
+    "optimizer_state",  # every slot the optimizer keeps, per variable
+    "weight",  # after the update
 )
 
 KIND_MEANINGS = {
@@ -55,8 +55,15 @@ KIND_WORDS = {
     "optimizer_state": "optimizer state",
     "weight": "weight",
 }
-PHASES = {"input": "forward", "activation": "forward", "loss": "forward", "activation_grad": "backward",
-          "weight_grad": "backward", "optimizer_state": "update", "weight": "update"}
+PHASES = {
+    "input": "forward",
+    "activation": "forward",
+    "loss": "forward",
+    "activation_grad": "backward",
+    "weight_grad": "backward",
+    "optimizer_state": "update",
+    "weight": "update",
+}
 
 
 def kind_words(kind):
@@ -81,22 +88,88 @@ def _stat(name, meaning, aggregate, measured, scale, loss_scaled=False):
 
 STATS = (
     _stat("steps", "training steps this row covers", "sum", "every_step", "linear"),
-    _stat("size", "elements in the tensor (0: the site was not computed, e.g. off the gradient path)", "max", "every_step", "log"),
+    _stat(
+        "size",
+        "elements in the tensor (0: the site was not computed, e.g. off the gradient path)",
+        "max",
+        "every_step",
+        "log",
+    ),
     _stat("nan", "NaN elements, summed over every step of the row", "sum", "every_step", "count"),
-    _stat("posinf", "+Inf elements, summed over every step of the row", "sum", "every_step", "count"),
-    _stat("neginf", "-Inf elements, summed over every step of the row", "sum", "every_step", "count"),
-    _stat("nonfinite_steps", "steps of the row at which the site held a NaN or Inf", "sum", "every_step", "count"),
-    _stat("first_nonfinite_step", "first step of the row at which the site held a NaN or Inf (NaN: none)", "min", "every_step", "linear"),
-    _stat("norm", "L2 norm of the finite elements (row's last step; measured at every step)", "max", "last_step", "log", True),
-    _stat("max_norm", "largest per-step L2 norm of the finite elements over the row's steps", "max", "every_step", "log", True),
+    _stat(
+        "posinf", "+Inf elements, summed over every step of the row", "sum", "every_step", "count"
+    ),
+    _stat(
+        "neginf", "-Inf elements, summed over every step of the row", "sum", "every_step", "count"
+    ),
+    _stat(
+        "nonfinite_steps",
+        "steps of the row at which the site held a NaN or Inf",
+        "sum",
+        "every_step",
+        "count",
+    ),
+    _stat(
+        "first_nonfinite_step",
+        "first step of the row at which the site held a NaN or Inf (NaN: none)",
+        "min",
+        "every_step",
+        "linear",
+    ),
+    _stat(
+        "norm",
+        "L2 norm of the finite elements (row's last step; measured at every step)",
+        "max",
+        "last_step",
+        "log",
+        True,
+    ),
+    _stat(
+        "max_norm",
+        "largest per-step L2 norm of the finite elements over the row's steps",
+        "max",
+        "every_step",
+        "log",
+        True,
+    ),
     _stat("min", "smallest finite element (row's last step)", "min", "sampled", "linear", True),
     _stat("max", "largest finite element (row's last step)", "max", "sampled", "linear", True),
-    _stat("mean", "mean of the finite elements (row's last step)", "mean", "sampled", "linear", True),
-    _stat("std", "standard deviation of the finite elements (row's last step)", "max", "sampled", "log", True),
-    _stat("max_abs", "largest |x| of the finite elements (row's last step)", "max", "sampled", "log", True),
-    _stat("zero_frac", "fraction of elements exactly 0 (row's last step)", "max", "sampled", "linear"),
-    _stat("headroom", "log2(largest finite value of the dtype / max_abs): doublings left before overflow", "min", "sampled", "linear"),
-    _stat("underflow_frac", "float16/bfloat16 only: fraction of elements below the smallest normal, zeros included", "max", "sampled", "linear"),
+    _stat(
+        "mean", "mean of the finite elements (row's last step)", "mean", "sampled", "linear", True
+    ),
+    _stat(
+        "std",
+        "standard deviation of the finite elements (row's last step)",
+        "max",
+        "sampled",
+        "log",
+        True,
+    ),
+    _stat(
+        "max_abs",
+        "largest |x| of the finite elements (row's last step)",
+        "max",
+        "sampled",
+        "log",
+        True,
+    ),
+    _stat(
+        "zero_frac", "fraction of elements exactly 0 (row's last step)", "max", "sampled", "linear"
+    ),
+    _stat(
+        "headroom",
+        "log2(largest finite value of the dtype / max_abs): doublings left before overflow",
+        "min",
+        "sampled",
+        "linear",
+    ),
+    _stat(
+        "underflow_frac",
+        "float16/bfloat16 only: fraction of elements below the smallest normal, zeros included",
+        "max",
+        "sampled",
+        "linear",
+    ),
 )
 
 STAT_NAMES = tuple(s.name for s in STATS)
@@ -134,7 +207,7 @@ def aggregate(rows, starts=(0,), axis=0, stat_indices=None, rules=None):
     if not len(starts) or not len(rows):
         return np.moveaxis(out, 0, axis)
     steps = rows[..., STAT_INDEX["steps"]]
-    for k in (range(len(STATS)) if stat_indices is None else stat_indices):
+    for k in range(len(STATS)) if stat_indices is None else stat_indices:
         rule = (rules or {}).get(STATS[k].name, STATS[k].aggregate)
         col = rows[..., k]
         present = ~np.isnan(col)
@@ -146,10 +219,11 @@ def aggregate(rows, starts=(0,), axis=0, stat_indices=None, rules=None):
                 val = np.minimum.reduceat(np.where(present, col, np.inf), starts, axis=0)
             elif rule == "max":
                 val = np.maximum.reduceat(np.where(present, col, -np.inf), starts, axis=0)
-            elif rule == "mean":   # weighted by the steps each value covers
+            elif rule == "mean":  # weighted by the steps each value covers
                 weight = np.where(present, np.nan_to_num(steps, nan=1.0), 0.0)
-                val = (np.add.reduceat(np.where(present, col, 0.0) * weight, starts, axis=0)
-                       / np.add.reduceat(weight, starts, axis=0))
+                val = np.add.reduceat(
+                    np.where(present, col, 0.0) * weight, starts, axis=0
+                ) / np.add.reduceat(weight, starts, axis=0)
             elif rule == "last":
                 index = np.arange(len(col)).reshape((-1,) + (1,) * (col.ndim - 1))
                 last = np.maximum.reduceat(np.where(present, index, -1), starts, axis=0)
@@ -193,28 +267,47 @@ STATUS_NAMES = ("finite", "nan", "+inf", "-inf", "mixed", "absent")
 # apart (the old magenta/purple NaN fell onto the blue ramp for protans; a teal -Inf
 # would too).
 STATUS_COLOURS = {
-    "nan": (200, 0, 90),        # raspberry magenta
-    "+inf": (235, 95, 15),      # red-orange
-    "-inf": (250, 225, 60),     # yellow
-    "mixed": (40, 25, 25),      # near black: several of NaN, +Inf, -Inf in one cell
+    "nan": (200, 0, 90),  # raspberry magenta
+    "+inf": (235, 95, 15),  # red-orange
+    "-inf": (250, 225, 60),  # yellow
+    "mixed": (40, 25, 25),  # near black: several of NaN, +Inf, -Inf in one cell
     "absent": (185, 185, 185),  # light grey: the site was not computed
 }
 
 
 # How each status reads: short (legend, tooltip, PNG) and in a sentence.
-STATUS_WORDS = {"finite": "all finite", "nan": "NaN", "+inf": "+Inf", "-inf": "-Inf",
-                "mixed": "mixed", "absent": "not computed"}
-STATUS_MEANINGS = {"finite": "every element finite", "nan": "NaN elements", "+inf": "+Inf elements",
-                   "-inf": "-Inf elements", "mixed": "several of NaN, +Inf and -Inf",
-                   "absent": "the site was not computed (e.g. off the gradient path)"}
+STATUS_WORDS = {
+    "finite": "all finite",
+    "nan": "NaN",
+    "+inf": "+Inf",
+    "-inf": "-Inf",
+    "mixed": "mixed",
+    "absent": "not computed",
+}
+STATUS_MEANINGS = {
+    "finite": "every element finite",
+    "nan": "NaN elements",
+    "+inf": "+Inf elements",
+    "-inf": "-Inf elements",
+    "mixed": "several of NaN, +Inf and -Inf",
+    "absent": "the site was not computed (e.g. off the gradient path)",
+}
 COUNT_WORDS = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}
 
 # Finite values: one light-to-dark blue ramp, for the tab and the PNG alike.
-FINITE_RAMP = ((235, 243, 251), (198, 219, 239), (158, 202, 225), (107, 174, 214),
-               (66, 146, 198), (33, 113, 181), (8, 81, 156), (8, 48, 107))
+FINITE_RAMP = (
+    (235, 243, 251),
+    (198, 219, 239),
+    (158, 202, 225),
+    (107, 174, 214),
+    (66, 146, 198),
+    (33, 113, 181),
+    (8, 81, 156),
+    (8, 48, 107),
+)
 # An exact 0 of a magnitude (log scale: no place on the ramp): its own colour, never the
 # ramp's palest blue, which reads as "not measured" (white) -- a dead ReLU layer is data.
-ZERO_COLOUR = (125, 170, 70)        # leaf green: a hue neither the ramp nor a status has
+ZERO_COLOUR = (125, 170, 70)  # leaf green: a hue neither the ramp nor a status has
 NOT_MEASURED_COLOUR = (255, 255, 255)
 # Statistics whose danger is a LOW value: drawn with the ramp reversed, so danger reads dark
 # (12 doublings from overflow is dark, a safe tensor pale).  High zero or underflow
@@ -236,9 +329,13 @@ def ramp_colour(t):
 def table_as_json():
     """The table as the frontend and `report --json` consumers see it."""
     return {
-        "kinds": [{"name": k, "meaning": KIND_MEANINGS[k], "words": KIND_WORDS[k], "phase": PHASES[k]}
-                  for k in KINDS],
-        "stats": [dict(s._asdict(), danger="low" if s.name in DANGER_LOW else "high") for s in STATS],
+        "kinds": [
+            {"name": k, "meaning": KIND_MEANINGS[k], "words": KIND_WORDS[k], "phase": PHASES[k]}
+            for k in KINDS
+        ],
+        "stats": [
+            dict(s._asdict(), danger="low" if s.name in DANGER_LOW else "high") for s in STATS
+        ],
         "status": list(STATUS_NAMES),
         "status_colours": {name: list(rgb) for name, rgb in STATUS_COLOURS.items()},
         "status_words": dict(STATUS_WORDS),

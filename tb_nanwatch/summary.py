@@ -29,9 +29,16 @@ SITE_FIELDS = ("layer", "kind", "tensor", "dtype", "shape")
 def make_site(layer, kind, tensor="", dtype="float32", shape=()):
     """A site as stored in the metadata: where (layer, kind, tensor) and what (dtype, shape)."""
     if kind not in stats.KINDS:
-        raise ValueError("unknown site kind %r; expected one of %s" % (kind, ", ".join(stats.KINDS)))
-    return {"layer": str(layer), "kind": kind, "tensor": str(tensor), "dtype": str(dtype),
-            "shape": [int(d) if d is not None else -1 for d in shape]}
+        raise ValueError(
+            "unknown site kind %r; expected one of %s" % (kind, ", ".join(stats.KINDS))
+        )
+    return {
+        "layer": str(layer),
+        "kind": kind,
+        "tensor": str(tensor),
+        "dtype": str(dtype),
+        "shape": [int(d) if d is not None else -1 for d in shape],
+    }
 
 
 def site_label(site):
@@ -59,18 +66,18 @@ class RecordWriter:
         # Rows go to the tag of their step's block (see metadata.BLOCK_BYTES); by step, not by
         # count, so a resumed run keeps each block bounded.
         self.steps_per_block = metadata.rows_per_block(len(self.sites)) * int(log_every)
-        self._tagged = set()   # tags whose metadata this file already carries
+        self._tagged = set()  # tags whose metadata this file already carries
         self._closed = False
-        self.failed = None     # why writing stopped, in words
-        self.dropped = 0       # records not written since
+        self.failed = None  # why writing stopped, in words
+        self.dropped = 0  # records not written since
         self._guard = None
         self._last_step = None
         try:
             self._writer = EventFileWriter(
-                self.logdir, max_queue_size=1000, flush_secs=flush_secs,
-                filename_suffix=".nanwatch")
+                self.logdir, max_queue_size=1000, flush_secs=flush_secs, filename_suffix=".nanwatch"
+            )
             self._guard = _guard_records(self._writer)
-        except Exception as e:   # an OSError, or TensorFlow's errors when its gfile is in use
+        except Exception as e:  # an OSError, or TensorFlow's errors when its gfile is in use
             self._writer = None
             self._fail(e, "cannot create an event file in")
 
@@ -78,10 +85,17 @@ class RecordWriter:
     def write_row(self, step, row, wall_time=None, record=metadata.ROWS):
         row = np.asarray(row, dtype=np.float64)
         if row.shape != (len(self.sites), self._n_stats):
-            raise ValueError("row shape %s, expected %s" % (row.shape, (len(self.sites), self._n_stats)))
+            raise ValueError(
+                "row shape %s, expected %s" % (row.shape, (len(self.sites), self._n_stats))
+            )
         block = int(step) // self.steps_per_block if record == metadata.ROWS else 0
-        self._write(record, step, tensor_util.make_tensor_proto(metadata.encode_row(int(step), row)),
-                    wall_time, block)
+        self._write(
+            record,
+            step,
+            tensor_util.make_tensor_proto(metadata.encode_row(int(step), row)),
+            wall_time,
+            block,
+        )
 
     def write_flight(self, steps, rows):
         """The flight recorder: one row per step, steps ascending."""
@@ -96,8 +110,12 @@ class RecordWriter:
         self.flush()
         if self.failed:
             # The evidence survives in the training log when the logdir cannot keep it.
-            logger.error("tb_nanwatch: the first non-finite record could not be written to %s; "
-                         "here it is: %s", self.logdir, text)
+            logger.error(
+                "tb_nanwatch: the first non-finite record could not be written to %s; "
+                "here it is: %s",
+                self.logdir,
+                text,
+            )
 
     def write_events(self, step, events):
         """A JSON list of events at `step`, e.g. [{"type": "loss_scale_skip", ...}]."""
@@ -115,14 +133,19 @@ class RecordWriter:
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
         if tag not in self._tagged:
             with_sites = record in (metadata.ROWS, metadata.FLIGHT)
-            value.metadata.CopyFrom(metadata.create_summary_metadata(
-                record,
-                sites=self.sites if with_sites else None,
-                stat_names=metadata.DISK_STATS if with_sites else None))
+            value.metadata.CopyFrom(
+                metadata.create_summary_metadata(
+                    record,
+                    sites=self.sites if with_sites else None,
+                    stat_names=metadata.DISK_STATS if with_sites else None,
+                )
+            )
             self._tagged.add(tag)
         event = event_pb2.Event(
             wall_time=time.time() if wall_time is None else wall_time,
-            step=int(step), summary=summary_pb2.Summary(value=[value]))
+            step=int(step),
+            summary=summary_pb2.Summary(value=[value]),
+        )
         self._io(self._writer.add_event, event, at_step=step)
 
     def flush(self):
@@ -159,10 +182,15 @@ class RecordWriter:
         self.failed = "%s (%s)" % (words, type(error).__name__)
         step = at_step if at_step is not None else self._last_step
         self.dropped += 1 if at_step is not None else 0
-        logger.error("tb_nanwatch: %s %s: %s. Training goes on without nanwatch records%s; the records "
-                     "already on disk are intact and readable (tb-nanwatch report skips a half-written "
-                     "last record).", doing, self.logdir, self.failed,
-                     "" if step is None else " from about step %d on" % int(step))
+        logger.error(
+            "tb_nanwatch: %s %s: %s. Training goes on without nanwatch records%s; the records "
+            "already on disk are intact and readable (tb-nanwatch report skips a half-written "
+            "last record).",
+            doing,
+            self.logdir,
+            self.failed,
+            "" if step is None else " from about step %d on" % int(step),
+        )
 
     def __enter__(self):
         return self
@@ -216,7 +244,7 @@ def _guard_records(writer):
     guard = _GuardedRecords(records)
     async_writer._writer = guard
     worker._record_writer = guard
-    if worker.exception is not None:     # the file_version record already failed
+    if worker.exception is not None:  # the file_version record already failed
         guard.error = worker.exception
     return guard
 

@@ -36,8 +36,13 @@ _COUNT_STATS = ("size", "nan", "posinf", "neginf", "nonfinite_steps")
 
 
 def _is_whole(x, lo=0):
-    return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-            and math.isfinite(x) and float(x).is_integer() and lo <= x < MAX_COUNT)
+    return (
+        isinstance(x, (int, float, np.integer, np.floating))
+        and not isinstance(x, bool)
+        and math.isfinite(x)
+        and float(x).is_integer()
+        and lo <= x < MAX_COUNT
+    )
 
 
 def is_step(step):
@@ -50,7 +55,9 @@ def parse_json(raw, what):
     value = raw
     if isinstance(value, np.ndarray):
         if value.size != 1 or value.dtype.kind not in "OSU":
-            raise InvalidData("%s is not a string (a %s tensor of shape %s)" % (what, value.dtype, value.shape))
+            raise InvalidData(
+                "%s is not a string (a %s tensor of shape %s)" % (what, value.dtype, value.shape)
+            )
         value = value.reshape(()).item()
     if isinstance(value, bytes):
         try:
@@ -75,8 +82,10 @@ def content(raw, record):
         raise InvalidData("the metadata of the %s tag is not a JSON object" % record)
     version = parsed.get("version")
     if not _is_whole(version, lo=1):
-        raise InvalidData("the metadata of the %s tag has version %r, expected a whole number" % (record, version))
-    parsed = metadata.parse_plugin_metadata(bytes(raw))   # newer versions are refused there
+        raise InvalidData(
+            "the metadata of the %s tag has version %r, expected a whole number" % (record, version)
+        )
+    parsed = metadata.parse_plugin_metadata(bytes(raw))  # newer versions are refused there
     if record in (metadata.ROWS, metadata.FLIGHT):
         parsed["sites"] = sites(parsed.get("sites"), record)
         parsed["stats"] = stat_names(parsed.get("stats", list(stats.STAT_NAMES)), record)
@@ -99,30 +108,49 @@ def _json_words(value):
 def sites(value, record="rows"):
     """A clean copy of a site list, or InvalidData naming the first bad site."""
     if not isinstance(value, list):
-        raise InvalidData("the site list of the %s tag is %s, not a list" % (record, _json_words(value)))
+        raise InvalidData(
+            "the site list of the %s tag is %s, not a list" % (record, _json_words(value))
+        )
     out = []
     for i, site in enumerate(value):
         if not isinstance(site, dict):
             raise InvalidData("site %d of the %s tag is not an object" % (i, record))
         layer, kind, tensor = site.get("layer"), site.get("kind"), site.get("tensor", "")
         if not isinstance(layer, str) or not isinstance(tensor, str):
-            raise InvalidData("site %d of the %s tag: layer and tensor must be strings" % (i, record))
+            raise InvalidData(
+                "site %d of the %s tag: layer and tensor must be strings" % (i, record)
+            )
         if kind not in stats.KINDS:
-            raise InvalidData("site %d of the %s tag has kind %r; expected one of %s"
-                              % (i, record, kind, ", ".join(stats.KINDS)))
+            raise InvalidData(
+                "site %d of the %s tag has kind %r; expected one of %s"
+                % (i, record, kind, ", ".join(stats.KINDS))
+            )
         shape = site.get("shape", [])
         if not isinstance(shape, list) or not all(_is_whole(d, lo=-1) for d in shape):
             shape = []
         dtype = site.get("dtype", "")
-        out.append(dict(site, layer=layer, kind=kind, tensor=tensor, shape=[int(d) for d in shape],
-                        dtype=dtype if isinstance(dtype, str) else ""))
+        out.append(
+            dict(
+                site,
+                layer=layer,
+                kind=kind,
+                tensor=tensor,
+                shape=[int(d) for d in shape],
+                dtype=dtype if isinstance(dtype, str) else "",
+            )
+        )
     return out
 
 
 def stat_names(value, record="rows"):
-    if (not isinstance(value, list) or not all(isinstance(n, str) for n in value)
-            or len(set(value)) != len(value)):
-        raise InvalidData("the statistic names of the %s tag are not a list of distinct strings" % record)
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(n, str) for n in value)
+        or len(set(value)) != len(value)
+    ):
+        raise InvalidData(
+            "the statistic names of the %s tag are not a list of distinct strings" % record
+        )
     return value
 
 
@@ -134,7 +162,10 @@ def matrix_problem(value, n_sites, n_stats):
     if value.dtype.kind not in "fiu" or value.dtype.itemsize > 8:
         return "a %s tensor, expected real numbers" % value.dtype
     if value.shape != (n_sites, n_stats):
-        return "shape %s, expected %s (sites x statistics in the metadata)" % (list(value.shape), [n_sites, n_stats])
+        return "shape %s, expected %s (sites x statistics in the metadata)" % (
+            list(value.shape),
+            [n_sites, n_stats],
+        )
     return None
 
 
@@ -160,18 +191,23 @@ def row_problems(steps, rows):
             continue
         values = rows[..., col[name]]
         with np.errstate(invalid="ignore"):
-            bad = ~np.isnan(values) & ~((values >= 0) & (values < MAX_COUNT) & (values == np.floor(values)))
+            bad = ~np.isnan(values) & ~(
+                (values >= 0) & (values < MAX_COUNT) & (values == np.floor(values))
+            )
         check(bad.any(axis=1), "%s is not a whole number >= 0" % name)
     if "steps" in col:
         covered = rows[..., col["steps"]]
         with np.errstate(invalid="ignore"):
-            bad = ~np.isnan(covered) & ~((covered >= 1) & (covered <= steps[:, None] + 1)
-                                         & (covered == np.floor(covered)))
+            bad = ~np.isnan(covered) & ~(
+                (covered >= 1) & (covered <= steps[:, None] + 1) & (covered == np.floor(covered))
+            )
         check(bad.any(axis=1), "steps is not a whole number between 1 and the row's step + 1")
     if "first_nonfinite_step" in col:
         first = rows[..., col["first_nonfinite_step"]]
         with np.errstate(invalid="ignore"):
-            bad = ~np.isnan(first) & ~((first >= 0) & (first <= steps[:, None]) & (first == np.floor(first)))
+            bad = ~np.isnan(first) & ~(
+                (first >= 0) & (first <= steps[:, None]) & (first == np.floor(first))
+            )
         check(bad.any(axis=1), "first_nonfinite_step is not a step up to the row's own")
     return out
 
@@ -189,7 +225,9 @@ def first_nonfinite(value, step, n_sites=None):
     record["step"] = int(record_step)
     layer, kind, tensor = record.get("layer"), record.get("kind"), record.get("tensor", "")
     if not isinstance(layer, str) or not isinstance(tensor, str) or kind not in stats.KINDS:
-        raise InvalidData("does not name a site (layer %r, kind %r, tensor %r)" % (layer, kind, tensor))
+        raise InvalidData(
+            "does not name a site (layer %r, kind %r, tensor %r)" % (layer, kind, tensor)
+        )
     record["tensor"] = tensor
     for name in stats.NONFINITE_STATS:
         count = record.get(name, 0)
@@ -203,8 +241,10 @@ def first_nonfinite(value, step, n_sites=None):
         if _is_whole(site) and (n_sites is None or site < n_sites):
             record["site"] = int(site)
         else:
-            notes.append("site index %r is not one of the run's %s sites: dropped" % (
-                site, "?" if n_sites is None else n_sites))
+            notes.append(
+                "site index %r is not one of the run's %s sites: dropped"
+                % (site, "?" if n_sites is None else n_sites)
+            )
     if "propagators" in record:
         propagators = record["propagators"]
         if not isinstance(propagators, list):
@@ -212,16 +252,30 @@ def first_nonfinite(value, step, n_sites=None):
             propagators = []
         kept = []
         for p in propagators:
-            if (isinstance(p, dict) and isinstance(p.get("layer"), str) and p.get("kind") in stats.KINDS
-                    and isinstance(p.get("tensor", ""), str)
-                    and all(_is_whole(p.get(n, 0)) for n in stats.NONFINITE_STATS)):
-                kept.append(dict(p, tensor=p.get("tensor", ""), **{n: int(p.get(n, 0)) for n in stats.NONFINITE_STATS}))
+            if (
+                isinstance(p, dict)
+                and isinstance(p.get("layer"), str)
+                and p.get("kind") in stats.KINDS
+                and isinstance(p.get("tensor", ""), str)
+                and all(_is_whole(p.get(n, 0)) for n in stats.NONFINITE_STATS)
+            ):
+                kept.append(
+                    dict(
+                        p,
+                        tensor=p.get("tensor", ""),
+                        **{n: int(p.get(n, 0)) for n in stats.NONFINITE_STATS},
+                    )
+                )
         if len(kept) < len(propagators):
-            notes.append("%d propagator%s naming no site dropped" % (
-                len(propagators) - len(kept), "" if len(propagators) - len(kept) == 1 else "s"))
+            notes.append(
+                "%d propagator%s naming no site dropped"
+                % (len(propagators) - len(kept), "" if len(propagators) - len(kept) == 1 else "s")
+            )
         record["propagators"] = kept
     backward_of = record.get("backward_of")
-    if backward_of is not None and not (isinstance(backward_of, list) and all(isinstance(x, str) for x in backward_of)):
+    if backward_of is not None and not (
+        isinstance(backward_of, list) and all(isinstance(x, str) for x in backward_of)
+    ):
         notes.append("backward_of is not a list of names: dropped")
         del record["backward_of"]
     return record, notes

@@ -25,10 +25,13 @@ def frames(data):
         if len(data) - offset < 12:
             return out, True
         length, length_crc = struct.unpack_from("<QI", data, offset)
-        if masked_crc32c(data[offset:offset + 8]) != length_crc or length > len(data) - offset - 16:
+        if (
+            masked_crc32c(data[offset : offset + 8]) != length_crc
+            or length > len(data) - offset - 16
+        ):
             return out, True
         end = offset + 12 + length + 4
-        if masked_crc32c(data[offset + 12:end - 4]) != struct.unpack_from("<I", data, end - 4)[0]:
+        if masked_crc32c(data[offset + 12 : end - 4]) != struct.unpack_from("<I", data, end - 4)[0]:
             return out, True
         out.append((offset, end, bytes(data[offset:end])))
         offset = end
@@ -37,7 +40,12 @@ def frames(data):
 
 def frame(payload):
     header = struct.pack("<Q", len(payload))
-    return header + struct.pack("<I", masked_crc32c(header)) + payload + struct.pack("<I", masked_crc32c(payload))
+    return (
+        header
+        + struct.pack("<I", masked_crc32c(header))
+        + payload
+        + struct.pack("<I", masked_crc32c(payload))
+    )
 
 
 def event_of(frame_bytes):
@@ -54,19 +62,26 @@ def value(tag, tensor, content=None):
     v = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
     if content is not None:
         v.metadata.plugin_data.plugin_name = metadata.PLUGIN_NAME
-        v.metadata.plugin_data.content = content if isinstance(content, bytes) else json.dumps(content).encode()
+        v.metadata.plugin_data.content = (
+            content if isinstance(content, bytes) else json.dumps(content).encode()
+        )
         v.metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
     return v
 
 
 def string_tensor(text):
-    return tensor_util.make_tensor_proto(np.array(text.encode("utf-8") if isinstance(text, str) else text,
-                                                  dtype=object))
+    return tensor_util.make_tensor_proto(
+        np.array(text.encode("utf-8") if isinstance(text, str) else text, dtype=object)
+    )
 
 
 def rows_content(site_list, stat_names=stats.STAT_NAMES, **changes):
-    content = {"version": metadata.PROTOCOL_VERSION, "record": "rows", "sites": list(site_list),
-               "stats": list(stat_names)}
+    content = {
+        "version": metadata.PROTOCOL_VERSION,
+        "record": "rows",
+        "sites": list(site_list),
+        "stats": list(stat_names),
+    }
     content.update(changes)
     return content
 
@@ -75,7 +90,9 @@ def write_events(run_dir, step_values):
     """An event file of [(step, Summary.Value)], written as TensorBoard writes one."""
     writer = EventFileWriter(str(run_dir))
     for step, v in step_values:
-        writer.add_event(event_pb2.Event(step=step, wall_time=1.0, summary=summary_pb2.Summary(value=[v])))
+        writer.add_event(
+            event_pb2.Event(step=step, wall_time=1.0, summary=summary_pb2.Summary(value=[v]))
+        )
     writer.close()
 
 
@@ -88,6 +105,7 @@ def run_cli(*args):
     """`tb-nanwatch report ARGS` in this process: (exit status, stdout, stderr).  With
     TB_NANWATCH_DEBUG set, an internal error raises instead of printing one line."""
     import sys
+
     out, err = _Stream(), _Stream()
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err

@@ -13,9 +13,9 @@ runs a `Probe` callback, at the start of step `inject_step`,
 
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 import tb_nanwatch
 from tb_nanwatch import reader
@@ -34,11 +34,17 @@ def variable_values(model, optimizers):
 def compare_bitwise(plain, watched):
     """Names of the variables that differ (bit for bit), each with its max abs difference."""
     # Auto-generated names differ between two builds (sequential, sequential_1): compare in order.
-    assert [a.shape for _, a in plain] == [b.shape for _, b in watched], "the runs have different variables"
+    assert [a.shape for _, a in plain] == [b.shape for _, b in watched], (
+        "the runs have different variables"
+    )
     differ = []
     for (name, a), (_, b) in zip(plain, watched):
         if a.shape != b.shape or a.tobytes() != b.tobytes():
-            diff = np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))) if a.shape == b.shape else None
+            diff = (
+                np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))
+                if a.shape == b.shape
+                else None
+            )
             differ.append((name, diff))
     return differ
 
@@ -47,8 +53,11 @@ def first_nonfinite_output(layers, call):
     """The name of the first of `layers` whose output (by `call(outputs)`) holds a NaN/Inf."""
     outputs = call()
     for layer, value in zip(layers, outputs):
-        if any(not np.all(np.isfinite(np.asarray(t))) for t in tf.nest.flatten(value)
-               if np.asarray(t).dtype.kind == "f"):
+        if any(
+            not np.all(np.isfinite(np.asarray(t)))
+            for t in tf.nest.flatten(value)
+            if np.asarray(t).dtype.kind == "f"
+        ):
             return layer.name
     return None
 
@@ -56,16 +65,21 @@ def first_nonfinite_output(layers, call):
 def layer_outputs_truth(model, prefix="", upto=None):
     """Ground truth by a feature extractor: every single-node layer's output for the batch, in
     the functional graph's (topological) order; the first non-finite one."""
-    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer) and len(l._inbound_nodes) == 1]
+    layers = [
+        l
+        for l in model.layers
+        if not isinstance(l, keras.layers.InputLayer) and len(l._inbound_nodes) == 1
+    ]
     if upto is not None:
         # Only layers before `upto` in the graph's order can come first: no need to compute the rest.
         names = [l.name for l in layers]
-        layers = layers[:names.index(upto) + 1] if upto in names else layers
+        layers = layers[: names.index(upto) + 1] if upto in names else layers
     extractor = keras.Model(model.inputs, [l.output for l in layers])
 
     def truth(x):
         name = first_nonfinite_output(layers, lambda: extractor(x, training=False))
         return prefix + name if name else None
+
     return truth
 
 
@@ -78,14 +92,14 @@ class Probe(keras.callbacks.Callback):
         self.ground_truth = ground_truth
         self.started = 0
         self.snapshot = None
-        self.truth = None     # (step, layer path) of the first non-finite layer output
+        self.truth = None  # (step, layer path) of the first non-finite layer output
 
     def on_train_batch_end(self, batch, logs=None):
         # With steps_per_execution, Keras calls back once per execution with its last step.
         self.started = batch + 1
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = batch   # one epoch: Keras's own step count (the execution's first step)
+        step = batch  # one epoch: Keras's own step count (the execution's first step)
         if step != self.case.inject_step:
             return
         self.snapshot = variable_values(self.model, self.case.optimizers(self.model))
@@ -96,8 +110,9 @@ class Probe(keras.callbacks.Callback):
         value.reshape(-1)[0] = np.nan
         variable.assign(value)
         if self.ground_truth:
-            batch_x = tf.nest.map_structure(lambda a: a[step * self.case.batch:(step + 1) * self.case.batch],
-                                            self.case.x)
+            batch_x = tf.nest.map_structure(
+                lambda a: a[step * self.case.batch : (step + 1) * self.case.batch], self.case.x
+            )
             self.truth = (step, self.case.truth(self.model)(batch_x))
 
 
@@ -107,8 +122,21 @@ class Case:
     of a nested model); `truth(model)`: a function of the step's batch giving the path of the
     first non-finite layer output (default: a feature extractor over the model's layers)."""
 
-    def __init__(self, name, build, x, y, target=None, steps=4, inject_step=3, batch=BATCH,
-                 truth=None, optimizers=None, fit_kwargs=None, expected_kind="activation"):
+    def __init__(
+        self,
+        name,
+        build,
+        x,
+        y,
+        target=None,
+        steps=4,
+        inject_step=3,
+        batch=BATCH,
+        truth=None,
+        optimizers=None,
+        fit_kwargs=None,
+        expected_kind="activation",
+    ):
         self.name = name
         self.build = build
         self.x, self.y = x, y
@@ -120,7 +148,7 @@ class Case:
         self._optimizers = optimizers
         self.fit_kwargs = dict(fit_kwargs or {})
         self.expected_kind = expected_kind
-        self.cell_in_loop = False   # an RNN layer whose cell runs in a while_loop (unroll=False)
+        self.cell_in_loop = False  # an RNN layer whose cell runs in a while_loop (unroll=False)
 
     def __repr__(self):
         return self.name
@@ -146,7 +174,7 @@ class Case:
 class Result:
     def __init__(self, case, plain, watched, plain_model, watched_model, callback, logdir):
         self.case = case
-        self.plain, self.watched = plain, watched          # Probe callbacks of the two runs
+        self.plain, self.watched = plain, watched  # Probe callbacks of the two runs
         self.plain_model, self.watched_model = plain_model, watched_model
         self.callback = callback
         self.logdir = logdir
@@ -164,8 +192,16 @@ class Result:
 def _fit(case, callbacks):
     keras.utils.set_random_seed(0)
     model = case.build()
-    model.fit(case.x, case.y, batch_size=case.batch, epochs=1, shuffle=False,
-              verbose=0, callbacks=callbacks, **case.fit_kwargs)
+    model.fit(
+        case.x,
+        case.y,
+        batch_size=case.batch,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+        **case.fit_kwargs,
+    )
     return model
 
 

@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-
 import synthetic
+
 from tb_nanwatch import stats, summary
 
 COL = stats.STAT_INDEX
@@ -23,8 +23,8 @@ COL = stats.STAT_INDEX
 # downsampled column holds one non-finite row among ~20 finite ones.
 SPIKES_ROWS = 1000
 SPIKES_EVERY = 10
-SPIKE_NAN = (777, 5)      # (row index, site index): one NaN element
-SPIKE_NEGINF = (333, 3)   # one -Inf element
+SPIKE_NAN = (777, 5)  # (row index, site index): one NaN element
+SPIKE_NEGINF = (333, 3)  # one -Inf element
 
 
 def spikes_rows(n_sites):
@@ -87,14 +87,21 @@ def tensorboard(logdir, *args, ready_timeout=90):
     log = open(log_path, "wb")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(
-        [tensorboard_bin(), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)] + list(args),
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [tensorboard_bin(), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)]
+        + list(args),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     base = "http://127.0.0.1:%d" % port
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("tensorboard exited with %s:\n%s" % (proc.returncode, _tail(log_path)))
+                raise RuntimeError(
+                    "tensorboard exited with %s:\n%s" % (proc.returncode, _tail(log_path))
+                )
             try:
                 with urllib.request.urlopen(base + "/data/plugins_listing", timeout=2) as r:
                     if r.status == 200:
@@ -102,7 +109,9 @@ def tensorboard(logdir, *args, ready_timeout=90):
             except (OSError, urllib.error.URLError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("tensorboard not ready after %ss:\n%s" % (ready_timeout, _tail(log_path)))
+                raise RuntimeError(
+                    "tensorboard not ready after %ss:\n%s" % (ready_timeout, _tail(log_path))
+                )
             time.sleep(0.2)
         yield base
     finally:
@@ -145,8 +154,14 @@ BLOWUP_EVERY = 10
 BLOWUP_ROWS = 450
 BLOWUP_STEP = 4203
 BLOWUP_FLIGHT = 16
-_BASE = {"input": 3.0, "activation": 4.0, "loss": 0.8, "activation_grad": 2e-3,
-         "weight_grad": 1e-2, "weight": 0.4}
+_BASE = {
+    "input": 3.0,
+    "activation": 4.0,
+    "loss": 0.8,
+    "activation_grad": 2e-3,
+    "weight_grad": 1e-2,
+    "weight": 0.4,
+}
 
 
 def _blowup_magnitudes(sites, step, rng):
@@ -158,7 +173,11 @@ def _blowup_magnitudes(sites, step, rng):
             base = 1e-3 if s["tensor"].startswith("momentum") else 1e-6
         if s["kind"] == "activation":
             base *= 1 + BLOWUP_LAYERS.index(s["layer"])
-        if s["layer"] == "dense_2" and s["kind"] in ("weight_grad", "activation_grad", "optimizer_state"):
+        if s["layer"] == "dense_2" and s["kind"] in (
+            "weight_grad",
+            "activation_grad",
+            "optimizer_state",
+        ):
             base *= growth ** (2 if s["tensor"].startswith("velocity") else 1)
         if s["tensor"].endswith("bias"):
             base *= 0.3
@@ -176,8 +195,9 @@ def _blowup_bad(sites, step):
         elif s["layer"] == "dense_2" and s["kind"] == "weight" and step >= BLOWUP_STEP + 1:
             bad[i] = "nan"
         elif step >= BLOWUP_STEP + 2 and (
-                s["kind"] in ("loss", "activation_grad", "weight_grad", "optimizer_state", "weight")
-                or (s["kind"] == "activation" and s["layer"] in ("dense_2", "dense_3"))):
+            s["kind"] in ("loss", "activation_grad", "weight_grad", "optimizer_state", "weight")
+            or (s["kind"] == "activation" and s["layer"] in ("dense_2", "dense_3"))
+        ):
             bad[i] = "nan"
     return bad
 
@@ -228,9 +248,20 @@ def write_blowup_run(logdir):
                 bad = _blowup_bad(sites, BLOWUP_STEP)
                 order = sorted(bad)
                 size = {i: int(np.prod(sites[i]["shape"])) for i in order}
-                entries = [dict(layer=sites[i]["layer"], kind=sites[i]["kind"], tensor=sites[i]["tensor"],
-                                nan=0, posinf=size[i], neginf=0) for i in order]
-                writer.write_first_nonfinite(BLOWUP_STEP, dict(entries[0], site=order[0], propagators=entries[1:]))
+                entries = [
+                    dict(
+                        layer=sites[i]["layer"],
+                        kind=sites[i]["kind"],
+                        tensor=sites[i]["tensor"],
+                        nan=0,
+                        posinf=size[i],
+                        neginf=0,
+                    )
+                    for i in order
+                ]
+                writer.write_first_nonfinite(
+                    BLOWUP_STEP, dict(entries[0], site=order[0], propagators=entries[1:])
+                )
     return sites
 
 
@@ -244,7 +275,7 @@ def write_blowup_run(logdir):
 # docs/screenshot_mixed_precision.png.
 MP_LAYERS = ("dense", "dense_1", "dense_2", "dense_3")
 MP_EVERY = 10
-MP_ROWS = 245                 # rows end at step 0 and at steps 9, 19, ..., 2439
+MP_ROWS = 245  # rows end at step 0 and at steps 9, 19, ..., 2439
 MP_SKIPS = (0, 1, 2, 3, 4, 2005)
 MP_BLOWUP_STEP = 2417
 MP_INITIAL_SCALE = 32768.0
@@ -270,18 +301,29 @@ def _mp_magnitudes(sites, step, rng, blowup):
         if s["kind"] == "optimizer_state":
             # Adam's float16 velocity (g^2 of ~1e-3 gradients) sits below float16's smallest
             # normal in the first two layers, whose gradients are the smallest.
-            base = 1e-3 if s["tensor"].startswith("momentum") else 2e-7 if s["layer"] in _MP_UNDERFLOW else 3e-4
+            base = (
+                1e-3
+                if s["tensor"].startswith("momentum")
+                else 2e-7
+                if s["layer"] in _MP_UNDERFLOW
+                else 3e-4
+            )
         if s["kind"] == "activation":
             base *= 1 + MP_LAYERS.index(s["layer"])
         if blowup and s["layer"] == "dense_3" and s["kind"] == "activation":
             # Grows towards float16's largest value, and past it at MP_BLOWUP_STEP.
-            base = min(16.0 * np.exp(max(0, step - 1200) / (MP_BLOWUP_STEP - 1200) * np.log(FLOAT16_MAX / 16.0)),
-                       0.98 * FLOAT16_MAX)
+            base = min(
+                16.0
+                * np.exp(
+                    max(0, step - 1200) / (MP_BLOWUP_STEP - 1200) * np.log(FLOAT16_MAX / 16.0)
+                ),
+                0.98 * FLOAT16_MAX,
+            )
         if s["tensor"].endswith("bias"):
             base *= 0.3
         m[i] = base * np.exp(rng.normal(0, 0.1))
         if s["dtype"] == "float16":
-            m[i] = min(m[i], 0.999 * FLOAT16_MAX)   # a finite float16 value
+            m[i] = min(m[i], 0.999 * FLOAT16_MAX)  # a finite float16 value
     return m
 
 
@@ -290,8 +332,11 @@ def _mp_bad(sites, step, blowup):
     bad = {}
     skipped = step in MP_SKIPS or (blowup and step >= MP_BLOWUP_STEP)
     for i, s in enumerate(sites):
-        if blowup and step >= MP_BLOWUP_STEP and ((s["layer"], s["kind"]) == ("dense_3", "activation")
-                                                  or s["kind"] == "loss"):
+        if (
+            blowup
+            and step >= MP_BLOWUP_STEP
+            and ((s["layer"], s["kind"]) == ("dense_3", "activation") or s["kind"] == "loss")
+        ):
             bad[i] = "posinf"
         elif skipped and s["kind"] in _MP_GRAD_KINDS:
             bad[i] = "nan" if blowup and step >= MP_BLOWUP_STEP else "posinf"
@@ -300,12 +345,21 @@ def _mp_bad(sites, step, blowup):
 
 def _mp_row(sites, first, last, rng, blowup):
     half = np.array([s["dtype"] == "float16" for s in sites])
-    row, size = _magnitude_row(sites, first, last, _mp_magnitudes(sites, last, rng, blowup),
-                               np.where(half, FLOAT16_MAX, 3.4e38))
-    velocity = np.array([s["tensor"].startswith("velocity") and s["layer"] in _MP_UNDERFLOW for s in sites])
+    row, size = _magnitude_row(
+        sites,
+        first,
+        last,
+        _mp_magnitudes(sites, last, rng, blowup),
+        np.where(half, FLOAT16_MAX, 3.4e38),
+    )
+    velocity = np.array(
+        [s["tensor"].startswith("velocity") and s["layer"] in _MP_UNDERFLOW for s in sites]
+    )
     row[:, COL["underflow_frac"]] = np.where(half, np.where(velocity, 1.0, 0.01), np.nan)
-    skipped = [s for s in range(first, last + 1) if s in MP_SKIPS or (blowup and s >= MP_BLOWUP_STEP)]
-    for step in skipped:   # every non-finite value is at a skipped step
+    skipped = [
+        s for s in range(first, last + 1) if s in MP_SKIPS or (blowup and s >= MP_BLOWUP_STEP)
+    ]
+    for step in skipped:  # every non-finite value is at a skipped step
         for i, what in _mp_bad(sites, step, blowup).items():
             row[i, COL[what]] += size[i]
             row[i, COL["nonfinite_steps"]] += 1
@@ -321,8 +375,9 @@ def write_mixed_precision_run(logdir, blowup=True):
         s["dtype"] = "float32" if s["kind"] in ("input", "loss") else "float16"
     sites[0]["shape"] = [32, 64]
     rng = np.random.RandomState(1)
-    skipped = [s for s in range(MP_ROWS * MP_EVERY)
-               if s in MP_SKIPS or (blowup and s >= MP_BLOWUP_STEP)]
+    skipped = [
+        s for s in range(MP_ROWS * MP_EVERY) if s in MP_SKIPS or (blowup and s >= MP_BLOWUP_STEP)
+    ]
     last_step = _mp_row_steps()[-1][1]
     skipped = [s for s in skipped if s <= last_step]
     scale = MP_INITIAL_SCALE
@@ -332,15 +387,27 @@ def write_mixed_precision_run(logdir, blowup=True):
         for first, last in _mp_row_steps():
             for step in range(first, last + 1):
                 if step == 2004:
-                    scale *= 2   # 2,000 steps without a skip: the optimizer tries a larger scale
+                    scale *= 2  # 2,000 steps without a skip: the optimizer tries a larger scale
                 if step in skipped:
                     scale /= 2
                     total += 1
-                    writer.write_events(step, [{"type": "loss_scale_skip", "step": step, "skips_total": total,
-                                                "new_skips": 1, "loss_scale": scale}])
+                    writer.write_events(
+                        step,
+                        [
+                            {
+                                "type": "loss_scale_skip",
+                                "step": step,
+                                "skips_total": total,
+                                "new_skips": 1,
+                                "loss_scale": scale,
+                            }
+                        ],
+                    )
             if scale < 1 and not collapsed:
                 collapsed = True
-                writer.write_events(last, [{"type": "loss_scale_collapse", "step": last, "loss_scale": scale}])
+                writer.write_events(
+                    last, [{"type": "loss_scale_collapse", "step": last, "loss_scale": scale}]
+                )
             writer.write_row(last, _mp_row(sites, first, last, rng, blowup))
             if blowup and first <= MP_BLOWUP_STEP <= last:
                 fsteps = list(range(MP_BLOWUP_STEP - MP_FLIGHT + 1, MP_BLOWUP_STEP + 1))
@@ -348,10 +415,27 @@ def write_mixed_precision_run(logdir, blowup=True):
                 bad = _mp_bad(sites, MP_BLOWUP_STEP, blowup)
                 order = sorted(bad)
                 size = {i: int(np.prod(sites[i]["shape"])) or 1 for i in order}
-                entries = [dict(layer=sites[i]["layer"], kind=sites[i]["kind"], tensor=sites[i]["tensor"],
-                                nan=size[i] if bad[i] == "nan" else 0, posinf=size[i] if bad[i] == "posinf" else 0,
-                                neginf=0) for i in order]
-                writer.write_first_nonfinite(MP_BLOWUP_STEP, dict(
-                    entries[0], site=order[0], propagators=entries[1:], worker="worker_1", replica=3,
-                    replicas=[3], loss_scale_skips_before=len(MP_SKIPS)))
+                entries = [
+                    dict(
+                        layer=sites[i]["layer"],
+                        kind=sites[i]["kind"],
+                        tensor=sites[i]["tensor"],
+                        nan=size[i] if bad[i] == "nan" else 0,
+                        posinf=size[i] if bad[i] == "posinf" else 0,
+                        neginf=0,
+                    )
+                    for i in order
+                ]
+                writer.write_first_nonfinite(
+                    MP_BLOWUP_STEP,
+                    dict(
+                        entries[0],
+                        site=order[0],
+                        propagators=entries[1:],
+                        worker="worker_1",
+                        replica=3,
+                        replicas=[3],
+                        loss_scale_skips_before=len(MP_SKIPS),
+                    ),
+                )
     return sites, skipped

@@ -14,13 +14,19 @@ def sites_for(layers=LAYERS):
     sites = [summary.make_site("input_layer", "input", "", "float32", (32, 8))]
     sites += [summary.make_site(l, "activation", "", "float32", (32, 16)) for l in layers]
     sites += [summary.make_site("", "loss", "", "float32", ())]
-    sites += [summary.make_site(l, "activation_grad", "", "float32", (32, 16)) for l in reversed(layers)]
+    sites += [
+        summary.make_site(l, "activation_grad", "", "float32", (32, 16)) for l in reversed(layers)
+    ]
     for l in reversed(layers):
-        sites += [summary.make_site(l, "weight_grad", t, "float32", (8, 16)) for t in ("kernel", "bias")]
+        sites += [
+            summary.make_site(l, "weight_grad", t, "float32", (8, 16)) for t in ("kernel", "bias")
+        ]
     for l in layers:
         for t in ("kernel", "bias"):
-            sites += [summary.make_site(l, "optimizer_state", "%s/%s" % (slot, t), "float32", (8, 16))
-                      for slot in ("momentum", "velocity")]
+            sites += [
+                summary.make_site(l, "optimizer_state", "%s/%s" % (slot, t), "float32", (8, 16))
+                for slot in ("momentum", "velocity")
+            ]
             sites.append(summary.make_site(l, "weight", t, "float32", (8, 16)))
     return sites
 
@@ -62,7 +68,9 @@ def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8)
                 for s in bad:
                     row[s, col[f_kind]] = 3 * (step - start + 1)
                     row[s, col["nonfinite_steps"]] = step - start + 1
-                    row[s, col["first_nonfinite_step"]] = start if s == f_site or start > f_step else f_step
+                    row[s, col["first_nonfinite_step"]] = (
+                        start if s == f_site or start > f_step else f_step
+                    )
             writer.write_row(step, row)
             if first is not None and step - log_every < first[0] <= step:
                 f_step, f_site, f_kind = first
@@ -79,11 +87,25 @@ def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8)
                 writer.write_flight(fsteps, frows)
                 site = sites[f_site]
                 counts = {k: (3 if k == f_kind else 0) for k in stats.NONFINITE_STATS}
-                writer.write_first_nonfinite(f_step, dict(
-                    layer=site["layer"], kind=site["kind"], tensor=site["tensor"], site=f_site,
-                    propagators=[dict(layer=sites[s]["layer"], kind=sites[s]["kind"], tensor=sites[s]["tensor"],
-                                      **counts) for s in range(f_site + 1, n)],
-                    **counts))
+                writer.write_first_nonfinite(
+                    f_step,
+                    dict(
+                        layer=site["layer"],
+                        kind=site["kind"],
+                        tensor=site["tensor"],
+                        site=f_site,
+                        propagators=[
+                            dict(
+                                layer=sites[s]["layer"],
+                                kind=sites[s]["kind"],
+                                tensor=sites[s]["tensor"],
+                                **counts,
+                            )
+                            for s in range(f_site + 1, n)
+                        ],
+                        **counts,
+                    ),
+                )
     return sites
 
 
@@ -95,23 +117,43 @@ MOBILENET_MODEL = "mobilenetv2_1.00_224"
 
 def mobilenet_layers():
     """[(layer, trainable variables)] in forward order."""
-    layers = [("input_layer", ()), ("Conv1", ("kernel",)), ("bn_Conv1", ("gamma", "beta")), ("Conv1_relu", ())]
+    layers = [
+        ("input_layer", ()),
+        ("Conv1", ("kernel",)),
+        ("bn_Conv1", ("gamma", "beta")),
+        ("Conv1_relu", ()),
+    ]
     for part in ("depthwise", "project"):
-        layers += [("expanded_conv_%s" % part, ("kernel",)), ("expanded_conv_%s_BN" % part, ("gamma", "beta"))]
+        layers += [
+            ("expanded_conv_%s" % part, ("kernel",)),
+            ("expanded_conv_%s_BN" % part, ("gamma", "beta")),
+        ]
         if part == "depthwise":
             layers.append(("expanded_conv_depthwise_relu", ()))
     for b in range(1, 17):
-        layers += [("block_%d_expand" % b, ("kernel",)), ("block_%d_expand_BN" % b, ("gamma", "beta")),
-                   ("block_%d_expand_relu" % b, ())]
+        layers += [
+            ("block_%d_expand" % b, ("kernel",)),
+            ("block_%d_expand_BN" % b, ("gamma", "beta")),
+            ("block_%d_expand_relu" % b, ()),
+        ]
         if b in _PADDED:
             layers.append(("block_%d_pad" % b, ()))
-        layers += [("block_%d_depthwise" % b, ("kernel",)), ("block_%d_depthwise_BN" % b, ("gamma", "beta")),
-                   ("block_%d_depthwise_relu" % b, ()), ("block_%d_project" % b, ("kernel",)),
-                   ("block_%d_project_BN" % b, ("gamma", "beta"))]
+        layers += [
+            ("block_%d_depthwise" % b, ("kernel",)),
+            ("block_%d_depthwise_BN" % b, ("gamma", "beta")),
+            ("block_%d_depthwise_relu" % b, ()),
+            ("block_%d_project" % b, ("kernel",)),
+            ("block_%d_project_BN" % b, ("gamma", "beta")),
+        ]
         if b in _ADDED:
             layers.append(("block_%d_add" % b, ()))
-    layers += [("Conv_1", ("kernel",)), ("Conv_1_bn", ("gamma", "beta")), ("out_relu", ()),
-               ("global_average_pooling2d", ()), ("predictions", ("kernel", "bias"))]
+    layers += [
+        ("Conv_1", ("kernel",)),
+        ("Conv_1_bn", ("gamma", "beta")),
+        ("out_relu", ()),
+        ("global_average_pooling2d", ()),
+        ("predictions", ("kernel", "bias")),
+    ]
     return layers
 
 
@@ -119,13 +161,23 @@ def mobilenet_sites():
     """The 944 sites of MobileNetV2 (64x64 inputs, Adam) in execution order."""
     layers = mobilenet_layers()
     sites = [summary.make_site("input_layer", "input", "", "float32", (32, 64, 64, 3))]
-    sites += [summary.make_site(l, "activation", "", "float32", (32, 8, 8, 32)) for l, _ in layers[1:]]
+    sites += [
+        summary.make_site(l, "activation", "", "float32", (32, 8, 8, 32)) for l, _ in layers[1:]
+    ]
     sites.append(summary.make_site(MOBILENET_MODEL, "loss", "", "float32", ()))
-    sites += [summary.make_site(l, "activation_grad", "", "float32", (32, 8, 8, 32)) for l, _ in reversed(layers[1:])]
+    sites += [
+        summary.make_site(l, "activation_grad", "", "float32", (32, 8, 8, 32))
+        for l, _ in reversed(layers[1:])
+    ]
     variables = [(l, v) for l, vs in layers for v in vs]
-    sites += [summary.make_site(l, "weight_grad", v, "float32", (3, 3, 32)) for l, v in reversed(variables)]
+    sites += [
+        summary.make_site(l, "weight_grad", v, "float32", (3, 3, 32))
+        for l, v in reversed(variables)
+    ]
     for l, v in variables:
-        sites += [summary.make_site(l, "optimizer_state", "%s/%s" % (slot, v), "float32", (3, 3, 32))
-                  for slot in ("momentum", "velocity")]
+        sites += [
+            summary.make_site(l, "optimizer_state", "%s/%s" % (slot, v), "float32", (3, 3, 32))
+            for slot in ("momentum", "velocity")
+        ]
         sites.append(summary.make_site(l, "weight", v, "float32", (3, 3, 32)))
     return sites

@@ -7,16 +7,14 @@ TensorBoard's own WSGI app and its multiplexer provider (`plugin_helpers`-style)
 import json
 import os
 import struct
-import subprocess
-import sys
 import time
 
+import damage_helpers as dh
 import numpy as np
 import pytest
+import synthetic
 from tensorboard.util import tensor_util
 
-import damage_helpers as dh
-import synthetic
 from tb_nanwatch import eventfile, metadata, reader, stats, summary, validation
 
 PRODUCER = 5
@@ -55,7 +53,7 @@ def test_bytes_appended_after_the_first_record_lose_nothing(tmp_path, tail):
     assert rc == 1, err
     entry, first = _first_of(out)
     assert (first["step"], first["layer"], first["kind"]) == (33, "dense_2", "activation_grad")
-    assert "source" not in first              # the record itself, not the fallback from rows
+    assert "source" not in first  # the record itself, not the fallback from rows
     (warning,) = [w for w in entry["warnings"] if os.path.basename(path) in w]
     assert "at byte %d" % size in warning
 
@@ -65,10 +63,10 @@ def test_a_bad_payload_checksum_skips_one_record_and_reads_on(tmp_path):
     path = _run_with_first(tmp_path / "r")
     frames = _frames_of(path)
     rows = [f for f in frames if _tag_of(f[2]) == "nanwatch/rows"]
-    victim = rows[3]                           # the row ending at step 19
+    victim = rows[3]  # the row ending at step 19
     assert dh.event_of(victim[2]).step == 19
     data = bytearray(open(path, "rb").read())
-    data[victim[1] - 1] ^= 0x01                # its data checksum
+    data[victim[1] - 1] ^= 0x01  # its data checksum
     open(path, "wb").write(bytes(data))
     provider, ctx, eid = reader.open_logdir(tmp_path)
     run = reader.read_run(provider, ctx, eid, "r")
@@ -86,13 +84,17 @@ def test_a_huge_length_field_is_damage_not_an_allocation(tmp_path, length):
     data = bytearray(open(path, "rb").read())
     at = frames[5][0]
     header = struct.pack("<Q", length)
-    data[at:at + 12] = header + struct.pack("<I", eventfile.masked_crc32c(header))  # a checksummed lie
+    data[at : at + 12] = header + struct.pack(
+        "<I", eventfile.masked_crc32c(header)
+    )  # a checksummed lie
     open(path, "wb").write(bytes(data))
     rc, out, err = dh.run_cli(tmp_path, "--json")
     assert rc == 1 and "Traceback" not in err
     entry, first = _first_of(out)
-    assert first["step"] == 33 and "source" not in first    # frames after the lie were found again
-    assert any("claims %d bytes" % length in w and "at byte %d" % at in w for w in entry["warnings"])
+    assert first["step"] == 33 and "source" not in first  # frames after the lie were found again
+    assert any(
+        "claims %d bytes" % length in w and "at byte %d" % at in w for w in entry["warnings"]
+    )
 
 
 def test_a_truncated_file_reads_every_whole_record(tmp_path):
@@ -111,7 +113,7 @@ def test_an_incomplete_last_record_of_a_live_file_says_its_writer_may_be_writing
     os.truncate(path, frames[-1][0] + 7)
     (live,) = reader.open_logdir(tmp_path)[0].damage["r"]
     assert "its writer may still be writing it" in live
-    os.utime(path, (time.time() - 3600, time.time() - 3600))   # an hour old: a killed run
+    os.utime(path, (time.time() - 3600, time.time() - 3600))  # an hour old: a killed run
     (old,) = reader.open_logdir(tmp_path)[0].damage["r"]
     assert old.startswith(os.path.basename(path) + ": truncated") and "writing" not in old
 
@@ -162,8 +164,18 @@ def test_a_run_reached_only_through_a_link_is_listed(tmp_path):
 # -- nothing lost ---------------------------------------------------------------------
 def _only_first_record(run_dir):
     writer = summary.RecordWriter(str(run_dir), SITES, log_every=100)
-    writer.write_first_nonfinite(3, dict(layer="dense", kind="weight_grad", tensor="kernel", nan=2, posinf=0,
-                                         neginf=0, propagators=[]))
+    writer.write_first_nonfinite(
+        3,
+        dict(
+            layer="dense",
+            kind="weight_grad",
+            tensor="kernel",
+            nan=2,
+            posinf=0,
+            neginf=0,
+            propagators=[],
+        ),
+    )
     writer.close()
 
 
@@ -174,9 +186,18 @@ def test_a_run_with_only_its_first_record_is_listed_and_reported(tmp_path):
     rc, out, err = dh.run_cli(tmp_path, "--json")
     assert rc == 1, err
     _, first = _first_of(out)
-    assert (first["step"], first["layer"], first["kind"], first["nan"]) == (3, "dense", "weight_grad", 2)
+    assert (first["step"], first["layer"], first["kind"], first["nan"]) == (
+        3,
+        "dense",
+        "weight_grad",
+        2,
+    )
     rc, out, err = dh.run_cli(tmp_path)
-    assert rc == 1 and "first non-finite value at step 3" in out and "dense, weight gradient kernel" in out
+    assert (
+        rc == 1
+        and "first non-finite value at step 3" in out
+        and "dense, weight gradient kernel" in out
+    )
     rc, _, err = dh.run_cli(tmp_path, "--png", tmp_path / "k.png")
     assert rc == 1 and "Traceback" not in err
 
@@ -205,8 +226,11 @@ def _row(step=0):
 def _hostile_run(run_dir, extra, rows_content=None):
     """Three good rows (steps 0-2) under `rows_content`, then the `extra` values."""
     content = rows_content if rows_content is not None else dh.rows_content(SITES)
-    values = [(0, dh.value(ROWS_TAG, _row(0), content)), (1, dh.value(ROWS_TAG, _row(1))),
-              (2, dh.value(ROWS_TAG, _row(2)))]
+    values = [
+        (0, dh.value(ROWS_TAG, _row(0), content)),
+        (1, dh.value(ROWS_TAG, _row(1))),
+        (2, dh.value(ROWS_TAG, _row(2))),
+    ]
     dh.write_events(run_dir, values + list(extra))
 
 
@@ -221,8 +245,19 @@ BAD_FIRST_RECORDS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_FIRST_RECORDS))
 def test_a_bad_first_record_is_dropped_and_named_and_text_and_json_agree(tmp_path, case):
-    _hostile_run(tmp_path / "r", [(7, dh.value(FIRST_TAG, dh.string_tensor(BAD_FIRST_RECORDS[case]),
-                                               {"version": 1, "record": "first_nonfinite"}))])
+    _hostile_run(
+        tmp_path / "r",
+        [
+            (
+                7,
+                dh.value(
+                    FIRST_TAG,
+                    dh.string_tensor(BAD_FIRST_RECORDS[case]),
+                    {"version": 1, "record": "first_nonfinite"},
+                ),
+            )
+        ],
+    )
     rc_json, out, err = dh.run_cli(tmp_path, "--json")
     rc_text, text, err_text = dh.run_cli(tmp_path)
     assert rc_json == rc_text == 0
@@ -235,13 +270,33 @@ def test_a_bad_first_record_is_dropped_and_named_and_text_and_json_agree(tmp_pat
 
 
 def test_a_good_first_record_keeps_its_producer_when_a_propagator_is_bad(tmp_path):
-    record = {"layer": "dense", "kind": "activation", "step": 3, "nan": 1,
-              "propagators": [{"layer": 5, "kind": "loss"}, {"layer": "", "kind": "loss", "nan": 1}]}
-    _hostile_run(tmp_path / "r", [(3, dh.value(FIRST_TAG, dh.string_tensor(json.dumps(record)),
-                                               {"version": 1, "record": "first_nonfinite"}))])
+    record = {
+        "layer": "dense",
+        "kind": "activation",
+        "step": 3,
+        "nan": 1,
+        "propagators": [{"layer": 5, "kind": "loss"}, {"layer": "", "kind": "loss", "nan": 1}],
+    }
+    _hostile_run(
+        tmp_path / "r",
+        [
+            (
+                3,
+                dh.value(
+                    FIRST_TAG,
+                    dh.string_tensor(json.dumps(record)),
+                    {"version": 1, "record": "first_nonfinite"},
+                ),
+            )
+        ],
+    )
     rc, out, _ = dh.run_cli(tmp_path, "--json")
     _, first = _first_of(out)
-    assert rc == 1 and first["layer"] == "dense" and [p["kind"] for p in first["propagators"]] == ["loss"]
+    assert (
+        rc == 1
+        and first["layer"] == "dense"
+        and [p["kind"] for p in first["propagators"]] == ["loss"]
+    )
 
 
 def _matrix(values):
@@ -251,16 +306,25 @@ def _matrix(values):
 BAD_ROWS = {
     "16 instead of 17 columns": lambda: _matrix(synthetic.finite_row(len(SITES), 5)[:, :-1]),
     "all +Inf": lambda: _matrix(np.full((len(SITES), len(stats.STATS)), np.inf)),
-    "strings": lambda: dh.string_tensor(np.array([["x"] * len(stats.STATS)] * len(SITES), dtype=object)),
-    "a negative NaN count": lambda: _matrix(np.where(np.arange(len(stats.STATS)) == stats.STAT_INDEX["nan"], -3.0,
-                                                     synthetic.finite_row(len(SITES), 5))),
+    "strings": lambda: dh.string_tensor(
+        np.array([["x"] * len(stats.STATS)] * len(SITES), dtype=object)
+    ),
+    "a negative NaN count": lambda: _matrix(
+        np.where(
+            np.arange(len(stats.STATS)) == stats.STAT_INDEX["nan"],
+            -3.0,
+            synthetic.finite_row(len(SITES), 5),
+        )
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
 def test_a_bad_row_is_dropped_and_named(tmp_path, case):
-    _hostile_run(tmp_path / "r", [(5, dh.value(ROWS_TAG, BAD_ROWS[case]())),
-                                  (6, dh.value(ROWS_TAG, _row(6)))])
+    _hostile_run(
+        tmp_path / "r",
+        [(5, dh.value(ROWS_TAG, BAD_ROWS[case]())), (6, dh.value(ROWS_TAG, _row(6)))],
+    )
     run = reader.read_run(*reader.open_logdir(tmp_path), "r")
     assert list(run.steps) == [0, 1, 2, 6]
     (warning,) = run.warnings
@@ -269,7 +333,9 @@ def test_a_bad_row_is_dropped_and_named(tmp_path, case):
 
 def test_a_tensor_buffer_that_does_not_fit_its_dtype_is_dropped(tmp_path):
     proto = _row(5)
-    proto.tensor_content = proto.tensor_content[:-3]      # "buffer size must be a multiple of element size"
+    proto.tensor_content = proto.tensor_content[
+        :-3
+    ]  # "buffer size must be a multiple of element size"
     _hostile_run(tmp_path / "r", [(5, dh.value(ROWS_TAG, proto))])
     provider, ctx, eid = reader.open_logdir(tmp_path)
     assert list(reader.read_run(provider, ctx, eid, "r").steps) == [0, 1, 2]
@@ -315,15 +381,33 @@ def test_bad_metadata_is_named_by_cli_and_answered_422_by_the_plugin(tmp_path, c
 
 
 def test_bad_events_are_dropped_one_by_one(tmp_path):
-    events = [{"type": "loss_scale_skip", "step": 4, "loss_scale": 2.0}, {"type": "x", "step": float("nan")},
-              None, {"step": 5}]
-    _hostile_run(tmp_path / "r", [(4, dh.value(EVENTS_TAG, dh.string_tensor(json.dumps(events)),
-                                               {"version": 1, "record": "events"})),
-                                  (5, dh.value(EVENTS_TAG, dh.string_tensor("null")))])
+    events = [
+        {"type": "loss_scale_skip", "step": 4, "loss_scale": 2.0},
+        {"type": "x", "step": float("nan")},
+        None,
+        {"step": 5},
+    ]
+    _hostile_run(
+        tmp_path / "r",
+        [
+            (
+                4,
+                dh.value(
+                    EVENTS_TAG,
+                    dh.string_tensor(json.dumps(events)),
+                    {"version": 1, "record": "events"},
+                ),
+            ),
+            (5, dh.value(EVENTS_TAG, dh.string_tensor("null"))),
+        ],
+    )
     run = reader.read_run(*reader.open_logdir(tmp_path), "r")
     assert run.events == [events[0]]
     (warning,) = run.warnings
-    assert "step 4 dropped (3 events without a type or with a bad step); and 1 more (steps 5)" in warning
+    assert (
+        "step 4 dropped (3 events without a type or with a bad step); and 1 more (steps 5)"
+        in warning
+    )
 
 
 def test_a_failing_data_provider_is_still_503(tmp_path):
@@ -337,18 +421,23 @@ def test_a_failing_data_provider_is_still_503(tmp_path):
 
     app.plugin._provider.list_tensors = broken
     r = app.get("/heatmap", run="r")
-    assert r.status_code == 503 and "connection to the data server lost" in json.loads(r.get_data())["error"]
+    assert (
+        r.status_code == 503
+        and "connection to the data server lost" in json.loads(r.get_data())["error"]
+    )
 
 
 # -- the gate's pieces, as plain functions -----------------------------------------------
 def test_row_problems_name_the_column():
     rows = np.stack([synthetic.finite_row(3, s) for s in (10, 11, 12, 13)])
     rows[1, 2, stats.STAT_INDEX["posinf"]] = 0.5
-    rows[2, 0, stats.STAT_INDEX["steps"]] = 14          # more steps than there were up to step 12
+    rows[2, 0, stats.STAT_INDEX["steps"]] = 14  # more steps than there were up to step 12
     rows[3, 1, stats.STAT_INDEX["first_nonfinite_step"]] = 99
     problems = validation.row_problems(np.array([10, 11, 12, 13]), rows)
     assert problems[0] is None
-    assert "posinf" in problems[1] and "steps" in problems[2] and "first_nonfinite_step" in problems[3]
+    assert (
+        "posinf" in problems[1] and "steps" in problems[2] and "first_nonfinite_step" in problems[3]
+    )
 
 
 def test_matrix_problem():
@@ -358,15 +447,25 @@ def test_matrix_problem():
     assert "complex" in validation.matrix_problem(np.zeros((3, 4), dtype=complex), 3, 4)
 
 
-@pytest.mark.parametrize("bad", ["malformed row at a later step", "valid row at step 2**62", "step -2**63"])
+@pytest.mark.parametrize(
+    "bad", ["malformed row at a later step", "valid row at step 2**62", "step -2**63"]
+)
 def test_one_hostile_record_does_not_pass_for_a_second_writer_session(tmp_path, bad):
     """Rows whose steps go back start a new writer session (a re-run), and the reader shows the
     latest only; one record the gate drops must not split the run and hide what came before."""
-    row, step = {"malformed row at a later step": (BAD_ROWS["16 instead of 17 columns"](), 50),
-                 "valid row at step 2**62": (_row(5), 2**62),
-                 "step -2**63": (_row(5), -2**63)}[bad]
-    _hostile_run(tmp_path / "r", [(step, dh.value(ROWS_TAG, row)), (3, dh.value(ROWS_TAG, _row(3))),
-                                  (4, dh.value(ROWS_TAG, _row(4)))])
+    row, step = {
+        "malformed row at a later step": (BAD_ROWS["16 instead of 17 columns"](), 50),
+        "valid row at step 2**62": (_row(5), 2**62),
+        "step -2**63": (_row(5), -(2**63)),
+    }[bad]
+    _hostile_run(
+        tmp_path / "r",
+        [
+            (step, dh.value(ROWS_TAG, row)),
+            (3, dh.value(ROWS_TAG, _row(3))),
+            (4, dh.value(ROWS_TAG, _row(4))),
+        ],
+    )
     run = reader.read_run(*reader.open_logdir(tmp_path), "r")
     assert list(run.steps) == [0, 1, 2, 3, 4]
     assert run.session_warning() is None

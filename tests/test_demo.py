@@ -22,11 +22,20 @@ README = os.path.join(ROOT, "demo", "README.md")
 RUNS = ["f_huge_data", "a_unscaled_inputs", "e_log_abs_diff"]
 
 EXPECTED = {
-    "f_huge_data": dict(step=3, layer="dense", kind="optimizer_state", tensor="velocity/kernel",
-                        nan=0, posinf=1, neginf=0, loss_step=5),
+    "f_huge_data": dict(
+        step=3,
+        layer="dense",
+        kind="optimizer_state",
+        tensor="velocity/kernel",
+        nan=0,
+        posinf=1,
+        neginf=0,
+        loss_step=5,
+    ),
     "a_unscaled_inputs": None,
-    "e_log_abs_diff": dict(step=11, layer="log", kind="activation", tensor="",
-                           nan=0, posinf=0, neginf=1, loss_step=11),
+    "e_log_abs_diff": dict(
+        step=11, layer="log", kind="activation", tensor="", nan=0, posinf=0, neginf=1, loss_step=11
+    ),
 }
 
 
@@ -36,8 +45,14 @@ def _env():
 
 
 def _run_all(*args, timeout=240):
-    proc = subprocess.run([sys.executable, RUN_ALL] + list(args), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, RUN_ALL] + list(args),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc
 
 
@@ -73,7 +88,7 @@ def test_first_nonfinite_is_where_the_readme_says(demo, name):
     row = _readme_row(name)
     if expected is None:
         assert first is None, "expected a finite run, got %r" % first
-        assert run["rows"] == run["steps"] > 0      # log_every=1: a row per step
+        assert run["rows"] == run["steps"] > 0  # log_every=1: a row per step
         assert "| none |" in row
         return
     assert first is not None, "no non-finite value recorded for %s" % name
@@ -90,6 +105,7 @@ def test_first_nonfinite_is_where_the_readme_says(demo, name):
 def test_f_huge_data_propagation_in_the_rows(demo):
     """The heatmap story of F: velocity +Inf at 3, kernel NaN at 4, activation and loss NaN at 5."""
     from tb_nanwatch import reader, stats
+
     logdir, _ = demo
     provider, ctx, eid = reader.open_logdir(os.path.join(logdir, "f_huge_data"))
     runs = reader.list_runs(provider, ctx, eid)
@@ -98,7 +114,7 @@ def test_f_huge_data_propagation_in_the_rows(demo):
     first_step = {}
     for s, label in enumerate(data.labels):
         steps = data.rows[:, s, col]
-        steps = steps[~(steps != steps)]   # drop NaN
+        steps = steps[~(steps != steps)]  # drop NaN
         if len(steps):
             first_step[label] = int(steps.min())
     assert first_step["dense/optimizer_state/velocity/kernel"] == 3
@@ -114,6 +130,7 @@ def test_diagnosis_names_the_cause_first(demo):
     """F: its inputs in +-1e10 first, then its targets, then Adam's velocity; E: a log of 0 inside
     a layer; A as written: nothing (finite, no warning sign)."""
     from tb_nanwatch import diagnosis, early_warning, reader
+
     logdir, _ = demo
     got = {}
     for name in RUNS:
@@ -121,14 +138,20 @@ def test_diagnosis_names_the_cause_first(demo):
         runs = reader.list_runs(provider, ctx, eid)
         data = reader.read_run(provider, ctx, eid, sorted(runs)[0])
         got[name] = ([d["cause"] for d in diagnosis.diagnose(data)], early_warning.from_run(data))
-    assert got["f_huge_data"][0] == ["unscaled_inputs", "unscaled_targets", "optimizer_state_overflow"]
+    assert got["f_huge_data"][0] == [
+        "unscaled_inputs",
+        "unscaled_targets",
+        "optimizer_state_overflow",
+    ]
     assert got["e_log_abs_diff"][0] == ["domain_error"]
     assert got["a_unscaled_inputs"] == ([], None)
 
 
 def test_rerun_reuses_the_logs_and_prints_the_summary_line(demo):
     logdir, runs = demo
-    proc = _run_all("--only", "f_huge_data", "--only", "a_unscaled_inputs", "--logdir", logdir, timeout=120)
+    proc = _run_all(
+        "--only", "f_huge_data", "--only", "a_unscaled_inputs", "--logdir", logdir, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {l.split()[0]: l for l in proc.stdout.splitlines() if l.strip()}
     assert "reused" in lines["f_huge_data"]
@@ -142,13 +165,25 @@ def test_report_cli_on_the_demo_logs(demo):
     """`tb-nanwatch report` (what demo/README.md tells people to run) agrees and gates."""
     logdir, _ = demo
     cli = [sys.executable, "-m", "tb_nanwatch.cli", "report"]
-    proc = subprocess.run(cli + [os.path.join(logdir, "f_huge_data"), "--json"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cli + [os.path.join(logdir, "f_huge_data"), "--json"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = proc.stdout
     assert "velocity/kernel" in text and '"optimizer_state"' in text
-    proc = subprocess.run(cli + [os.path.join(logdir, "a_unscaled_inputs")], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cli + [os.path.join(logdir, "a_unscaled_inputs")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 

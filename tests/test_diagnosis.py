@@ -11,7 +11,6 @@ import math
 import os
 
 import numpy as np
-import pytest
 
 from tb_nanwatch import causes, diagnosis, reader, report, stats, summary
 
@@ -22,8 +21,10 @@ COL = stats.STAT_INDEX
 def mlp_sites(layers=("dense", "dense_1", "dense_2"), dtype="float32", width=16, features=8):
     """Sites of a Dense stack trained with Adam, in execution order, with real shapes."""
     sites = [summary.make_site("input_layer", "input", "", dtype, (32, features))]
-    sites += [summary.make_site(l, "activation", "", dtype, (32, width if i < len(layers) - 1 else 1))
-              for i, l in enumerate(layers)]
+    sites += [
+        summary.make_site(l, "activation", "", dtype, (32, width if i < len(layers) - 1 else 1))
+        for i, l in enumerate(layers)
+    ]
     sites.append(summary.make_site("", "loss", "", "float32", ()))
     fan_in = {l: (features if i == 0 else width) for i, l in enumerate(layers)}
     fan_out = {l: (width if i < len(layers) - 1 else 1) for i, l in enumerate(layers)}
@@ -35,7 +36,9 @@ def mlp_sites(layers=("dense", "dense_1", "dense_2"), dtype="float32", width=16,
         for t in ("kernel", "bias"):
             shape = (fan_in[l], fan_out[l]) if t == "kernel" else (fan_out[l],)
             for slot in ("momentum", "velocity"):
-                sites.append(summary.make_site(l, "optimizer_state", "%s/%s" % (slot, t), dtype, shape))
+                sites.append(
+                    summary.make_site(l, "optimizer_state", "%s/%s" % (slot, t), dtype, shape)
+                )
             sites.append(summary.make_site(l, "weight", t, dtype, shape))
     return sites
 
@@ -53,22 +56,41 @@ class Run:
         self.events = []
         for s, site in enumerate(self.sites):
             size = int(np.prod(site["shape"])) if site["shape"] else 1
-            scale = {"input": 1.0, "activation": 0.8, "loss": 0.7, "weight": 0.3}.get(site["kind"], 0.01)
+            scale = {"input": 1.0, "activation": 0.8, "loss": 0.7, "weight": 0.3}.get(
+                site["kind"], 0.01
+            )
             if site["kind"] == "weight" and site["tensor"] == "kernel":
-                scale = math.sqrt(1.0 / site["shape"][0])   # Glorot-like RMS
+                scale = math.sqrt(1.0 / site["shape"][0])  # Glorot-like RMS
             rms = scale * (1 + 0.05 * self.rng.standard_normal(steps))
             if site["kind"] == "loss":
-                rms = 0.7 * np.exp(-self.steps / 30.0)      # a loss that decreases
-            self.set(s, size=size, norm=rms * math.sqrt(size), max_abs=3 * rms, std=rms, mean=0.1 * rms,
-                     min=-3 * rms, max=3 * rms, zero_frac=0.0, steps=1, nan=0, posinf=0, neginf=0,
-                     nonfinite_steps=0)
+                rms = 0.7 * np.exp(-self.steps / 30.0)  # a loss that decreases
+            self.set(
+                s,
+                size=size,
+                norm=rms * math.sqrt(size),
+                max_abs=3 * rms,
+                std=rms,
+                mean=0.1 * rms,
+                min=-3 * rms,
+                max=3 * rms,
+                zero_frac=0.0,
+                steps=1,
+                nan=0,
+                posinf=0,
+                neginf=0,
+                nonfinite_steps=0,
+            )
             limit = diagnosis.dtype_limits(site["dtype"])[0]
             self.set(s, headroom=np.log2(limit / (3 * rms)))
             if site["dtype"] in ("float16", "bfloat16"):
                 self.set(s, underflow_frac=0.0)
 
     def index(self, layer, kind, tensor=""):
-        return next(i for i, s in enumerate(self.sites) if (s["layer"], s["kind"], s["tensor"]) == (layer, kind, tensor))
+        return next(
+            i
+            for i, s in enumerate(self.sites)
+            if (s["layer"], s["kind"], s["tensor"]) == (layer, kind, tensor)
+        )
 
     def set(self, site, at=slice(None), **values):
         for name, value in values.items():
@@ -76,24 +98,42 @@ class Run:
 
     def blow_up(self, step, site, kind="posinf", count=1, **record):
         """The first non-finite value: `site` at `step`, spreading to every later site; rows end there."""
-        self.steps, self.rows = self.steps[:step + 3], self.rows[:step + 3]
+        self.steps, self.rows = self.steps[: step + 3], self.rows[: step + 3]
         for s in range(site, len(self.sites)):
             for t in range(step, len(self.steps)):
                 self.rows[t, s, COL[kind]] = count
                 self.rows[t, s, COL["nonfinite_steps"]] = 1
                 self.rows[t, s, COL["first_nonfinite_step"]] = step
         sampled = [st.name for st in stats.STATS if not st.every_step]
-        self.rows[step, site:, [COL[n] for n in sampled]] = np.nan     # nothing finite left to sample
-        self.rows[step + 1:, :, [COL[n] for n in sampled]] = np.nan
+        self.rows[step, site:, [COL[n] for n in sampled]] = np.nan  # nothing finite left to sample
+        self.rows[step + 1 :, :, [COL[n] for n in sampled]] = np.nan
         s = self.sites[site]
-        self.first = dict(step=step, site=site, layer=s["layer"], kind=s["kind"], tensor=s["tensor"],
-                          nan=0, posinf=0, neginf=0, **record)
+        self.first = dict(
+            step=step,
+            site=site,
+            layer=s["layer"],
+            kind=s["kind"],
+            tensor=s["tensor"],
+            nan=0,
+            posinf=0,
+            neginf=0,
+            **record,
+        )
         self.first[kind] = count
         return self
 
     def data(self):
-        return reader.RunData("run", None, self.sites, self.steps, self.rows, np.zeros(0, np.int64),
-                              np.zeros((0, len(self.sites), len(stats.STATS))), self.first, self.events)
+        return reader.RunData(
+            "run",
+            None,
+            self.sites,
+            self.steps,
+            self.rows,
+            np.zeros(0, np.int64),
+            np.zeros((0, len(self.sites), len(stats.STATS))),
+            self.first,
+            self.events,
+        )
 
     def causes(self):
         return [d["cause"] for d in diagnosis.diagnose(self.data())]
@@ -113,16 +153,28 @@ def test_every_cause_has_exactly_one_rule():
 
 def test_the_contract_ids_are_in_the_table():
     assert set(causes.CAUSE_IDS) >= {
-        "nonfinite_input", "unscaled_inputs", "unscaled_targets", "large_initial_weights",
-        "learning_rate_too_high", "exploding_gradients", "optimizer_state_overflow", "unstable_loss",
-        "domain_error", "reduced_precision_overflow", "reduced_precision_underflow", "loss_scale_collapse",
-        "vanishing_gradients"}
+        "nonfinite_input",
+        "unscaled_inputs",
+        "unscaled_targets",
+        "large_initial_weights",
+        "learning_rate_too_high",
+        "exploding_gradients",
+        "optimizer_state_overflow",
+        "unstable_loss",
+        "domain_error",
+        "reduced_precision_overflow",
+        "reduced_precision_underflow",
+        "loss_scale_collapse",
+        "vanishing_gradients",
+    }
 
 
 def test_docs_page_is_generated_from_the_table():
     with open(os.path.join(ROOT, "docs", "causes.md")) as f:
         page = f.read()
-    assert page == causes.as_markdown(), "docs/causes.md is stale: python -m tb_nanwatch.causes > docs/causes.md"
+    assert page == causes.as_markdown(), (
+        "docs/causes.md is stale: python -m tb_nanwatch.causes > docs/causes.md"
+    )
     for c in causes.CAUSES:
         assert "## %s" % c.id in page and c.remedy in page and c.rule in page
 
@@ -149,7 +201,9 @@ def test_nonfinite_input():
     f = first_finding(run)
     assert f["cause"] == "nonfinite_input"
     assert "3 NaN at step 12" in f["evidence"]
-    assert f["sites"] == [{"layer": "input_layer", "kind": "input", "tensor": ""}] and f["steps"] == [12]
+    assert f["sites"] == [{"layer": "input_layer", "kind": "input", "tensor": ""}] and f[
+        "steps"
+    ] == [12]
     assert f["remedy"] == causes.CAUSES_BY_ID["nonfinite_input"].remedy
 
 
@@ -163,20 +217,24 @@ def test_unscaled_inputs_ranked_by_how_far():
     mild.set(0, max_abs=100.0, std=29.0)
     mild.blow_up(0, mild.index("", "loss"), kind="nan")
     found = mild.causes()
-    assert found[0] == "unstable_loss" and "unscaled_inputs" in found   # a contributing condition only
+    assert (
+        found[0] == "unstable_loss" and "unscaled_inputs" in found
+    )  # a contributing condition only
     scaled = Run().blow_up(0, mild.index("", "loss"), kind="nan")
     assert "unscaled_inputs" not in scaled.causes()
 
 
 def test_unscaled_targets_huge_loss_small_output():
     run = Run()
-    loss, out = run.index("", "loss"), run.index("dense_2", "activation")
+    loss = run.index("", "loss")
     run.set(loss, max_abs=2.5e10)
     run.set(run.index("dense_2", "activation_grad"), max_abs=6e3)
     run.blow_up(6, run.index("dense_1", "activation"))
     f = first_finding(run)
     assert f["cause"] == "unscaled_targets"
-    assert "2.5e+10" in f["evidence"] and "1.58e+05" in f["evidence"]    # sqrt(loss): the targets' size
+    assert (
+        "2.5e+10" in f["evidence"] and "1.58e+05" in f["evidence"]
+    )  # sqrt(loss): the targets' size
     assert {"layer": "", "kind": "loss", "tensor": ""} in f["sites"]
 
 
@@ -190,13 +248,16 @@ def test_a_sum_over_many_terms_is_not_a_target_problem():
 
 def test_large_initial_weights_from_the_first_steps_gain():
     run = Run()
-    run.set(run.index("dense_1", "weight", "kernel"), norm=1e29)    # after a wild first update
+    run.set(run.index("dense_1", "weight", "kernel"), norm=1e29)  # after a wild first update
     run.set(run.index("dense", "activation"), at=0, norm=0.8 * math.sqrt(32 * 16))
     run.set(run.index("dense_1", "activation"), at=0, norm=262 * 0.8 * math.sqrt(32 * 16))
     run.blow_up(1, run.index("dense_2", "activation"))
     f = first_finding(run)
     assert f["cause"] == "large_initial_weights"
-    assert "dense_1's output at step 0" in f["evidence"] and "262x the RMS of its input" in f["evidence"]
+    assert (
+        "dense_1's output at step 0" in f["evidence"]
+        and "262x the RMS of its input" in f["evidence"]
+    )
     assert f["sites"] == [{"layer": "dense_1", "kind": "weight", "tensor": "kernel"}]
 
 
@@ -204,10 +265,16 @@ def test_large_initial_weights_from_the_kernel_alone():
     """No activation sites (a lean Watch): the kernel's RMS against the He scale."""
     sites = [s for s in mlp_sites() if s["kind"] != "activation"]
     run = Run(sites)
-    run.set(run.index("dense_1", "weight", "kernel"), norm=15.3 * 16)     # U(10, 20): RMS 15.3 over 256
+    run.set(
+        run.index("dense_1", "weight", "kernel"), norm=15.3 * 16
+    )  # U(10, 20): RMS 15.3 over 256
     run.blow_up(1, run.index("", "loss"))
     f = first_finding(run)
-    assert f["cause"] == "large_initial_weights" and "RMS 15.3" in f["evidence"] and "He scale" in f["evidence"]
+    assert (
+        f["cause"] == "large_initial_weights"
+        and "RMS 15.3" in f["evidence"]
+        and "He scale" in f["evidence"]
+    )
 
 
 def test_a_wild_first_update_is_not_a_large_initialisation():
@@ -221,10 +288,18 @@ def test_a_wild_first_update_is_not_a_large_initialisation():
 
 def test_reduced_precision_underflow_before_the_blow_up():
     run = Run(mlp_sites(dtype="float16"))
-    run.set(run.index("dense", "optimizer_state", "velocity/kernel"), at=0, underflow_frac=1.0, zero_frac=0.2)
+    run.set(
+        run.index("dense", "optimizer_state", "velocity/kernel"),
+        at=0,
+        underflow_frac=1.0,
+        zero_frac=0.2,
+    )
     run.blow_up(1, run.index("dense_2", "activation"))
     found = diagnosis.diagnose(run.data())
-    assert [f["cause"] for f in found][:2] == ["reduced_precision_underflow", "reduced_precision_overflow"]
+    assert [f["cause"] for f in found][:2] == [
+        "reduced_precision_underflow",
+        "reduced_precision_overflow",
+    ]
     assert "velocity/kernel" in found[0]["evidence"] and found[0]["steps"] == [0]
 
 
@@ -240,7 +315,9 @@ def test_reduced_precision_overflow():
     run.blow_up(0, run.index("dense", "activation"), count=512)
     f = first_finding(run)
     assert f["cause"] == "reduced_precision_overflow"
-    assert "float16" in f["evidence"] and "6.55e+04" in f["evidence"] and "512 +Inf" in f["evidence"]
+    assert (
+        "float16" in f["evidence"] and "6.55e+04" in f["evidence"] and "512 +Inf" in f["evidence"]
+    )
 
 
 def test_unstable_loss():
@@ -250,7 +327,11 @@ def test_unstable_loss():
     run.blow_up(0, run.index("", "loss"), kind="neginf")
     f = first_finding(run)
     assert f["cause"] == "unstable_loss"
-    assert "-Inf at step 0" in f["evidence"] and "[0, 0.675]" in f["evidence"] and "78%" in f["evidence"]
+    assert (
+        "-Inf at step 0" in f["evidence"]
+        and "[0, 0.675]" in f["evidence"]
+        and "78%" in f["evidence"]
+    )
 
 
 def test_a_loss_that_grew_into_inf_is_not_an_unstable_formula():
@@ -266,12 +347,16 @@ def test_domain_error_in_a_layer():
     run.blow_up(11, run.index("dense_1", "activation"), kind="neginf")
     f = first_finding(run)
     assert f["cause"] == "domain_error"
-    assert "dense_1, activation went 1 -Inf at step 11" in f["evidence"] and "[0, 1]" in f["evidence"]
+    assert (
+        "dense_1, activation went 1 -Inf at step 11" in f["evidence"] and "[0, 1]" in f["evidence"]
+    )
 
 
 def test_domain_error_in_a_gradient_names_the_backward_pass():
     run = Run()
-    run.blow_up(8, run.index("dense_2", "activation_grad"), kind="nan", count=16, backward_of=["dense_2"])
+    run.blow_up(
+        8, run.index("dense_2", "activation_grad"), kind="nan", count=16, backward_of=["dense_2"]
+    )
     f = first_finding(run)
     assert f["cause"] == "domain_error" and "(dense_2)" in f["evidence"]
 
@@ -296,8 +381,8 @@ def test_learning_rate_too_high():
 
 def test_exploding_gradients_layer_over_layer():
     run = Run()
-    for i, layer in enumerate(("dense_2", "dense_1", "dense")):     # backward order
-        run.set(run.index(layer, "activation_grad"), norm=0.01 * 1e2 ** i)
+    for i, layer in enumerate(("dense_2", "dense_1", "dense")):  # backward order
+        run.set(run.index(layer, "activation_grad"), norm=0.01 * 1e2**i)
     run.blow_up(5, run.index("dense", "weight_grad", "kernel"))
     f = first_finding(run)
     assert f["cause"] == "exploding_gradients" and "1e+04x" in f["evidence"]
@@ -305,7 +390,11 @@ def test_exploding_gradients_layer_over_layer():
 
 def test_exploding_gradients_step_over_step_while_the_weights_do_not_grow():
     run = Run()
-    run.set(run.index("dense_1", "weight_grad", "kernel"), at=slice(0, 20), norm=0.01 * 1.5 ** np.arange(20))
+    run.set(
+        run.index("dense_1", "weight_grad", "kernel"),
+        at=slice(0, 20),
+        norm=0.01 * 1.5 ** np.arange(20),
+    )
     run.blow_up(20, run.index("dense_1", "weight_grad", "kernel"))
     f = first_finding(run)
     assert f["cause"] == "exploding_gradients" and "while the weights did not" in f["evidence"]
@@ -325,10 +414,19 @@ def test_loss_scale_collapse_names_the_gradient_closest_to_overflow():
     run.events = [{"type": "loss_scale_collapse", "step": 15, "loss_scale": 0.5}]
     grad = run.index("dense_1", "activation_grad")
     run.set(grad, at=11, headroom=0.8)
-    run.set(run.index("dense", "activation_grad"), at=21, headroom=0.1)    # after the collapse: not its cause
+    run.set(
+        run.index("dense", "activation_grad"), at=21, headroom=0.1
+    )  # after the collapse: not its cause
     f = first_finding(run)
-    assert f["cause"] == "loss_scale_collapse" and "0.5 at step 15" in f["evidence"] and f["steps"] == [11, 15]
-    assert "dense_1, activation gradient, 0.8 doublings below float16's largest value at step 11" in f["evidence"]
+    assert (
+        f["cause"] == "loss_scale_collapse"
+        and "0.5 at step 15" in f["evidence"]
+        and f["steps"] == [11, 15]
+    )
+    assert (
+        "dense_1, activation gradient, 0.8 doublings below float16's largest value at step 11"
+        in f["evidence"]
+    )
     assert f["sites"] == [{"layer": "dense_1", "kind": "activation_grad", "tensor": ""}]
 
 
@@ -345,7 +443,7 @@ def test_vanishing_gradients_in_a_finite_run():
 
 def test_blow_up_causes_are_not_named_for_a_finite_run():
     run = Run()
-    run.set(0, max_abs=1e10)                                      # unscaled, but nothing went wrong
+    run.set(0, max_abs=1e10)  # unscaled, but nothing went wrong
     run.set(run.index("dense", "weight", "kernel"), norm=1.3 * 1.25 ** np.arange(40))
     assert run.causes() == []
 
@@ -373,5 +471,9 @@ def test_finite_run_with_a_warning_says_why_to_worry():
     run = Run()
     run.set(run.index("dense", "weight_grad", "kernel"), at=slice(5, None), zero_frac=1.0)
     text = "\n".join(report.RunReport(run.data()).text())
-    assert "finite: no NaN or Inf" in text and "why to worry" in text and "1. vanishing_gradients" in text
+    assert (
+        "finite: no NaN or Inf" in text
+        and "why to worry" in text
+        and "1. vanishing_gradients" in text
+    )
     assert "why" not in "\n".join(report.RunReport(Run().data()).text())

@@ -14,12 +14,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "demo"))
 import scenarios  # noqa: E402
+
 from tb_nanwatch import causes  # noqa: E402
 
 # The cheapest pairs (a few seconds of training each) of the causes no other test trains;
 # tests/test_demo.py checks F, A and E, `demo/run_all.py` every pair of CAUSE_DEMOS.
-CAUSES = ("nonfinite_input", "learning_rate_too_high", "optimizer_state_overflow", "loss_scale_collapse",
-          "vanishing_gradients")
+CAUSES = (
+    "nonfinite_input",
+    "learning_rate_too_high",
+    "optimizer_state_overflow",
+    "loss_scale_collapse",
+    "vanishing_gradients",
+)
 HEALTHY = ("lr_gradual_fixed", "nan_in_data_fixed")
 RUNS = sorted({n for c in CAUSES for n in scenarios.CAUSE_DEMOS[c]} | set(HEALTHY))
 
@@ -28,12 +34,31 @@ RUNS = sorted({n for c in CAUSES for n in scenarios.CAUSE_DEMOS[c]} | set(HEALTH
 def reports(tmp_path_factory):
     logdir = str(tmp_path_factory.mktemp("cause_demos"))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "demo", "run_all.py"), "--only", ",".join(RUNS),
-                           "--logdir", logdir, "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "demo", "run_all.py"),
+            "--only",
+            ",".join(RUNS),
+            "--logdir",
+            logdir,
+            "--json",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "tb_nanwatch.cli", "report", logdir, "--json"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tb_nanwatch.cli", "report", logdir, "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     return {r["run"]: r for r in json.loads(proc.stdout)["runs"]}
 
@@ -46,7 +71,9 @@ def test_cause_named_first_and_the_fix_stays_finite(reports, cause):
     assert got["diagnosis"], "%s: no cause named" % broken
     assert got["diagnosis"][0]["cause"] == cause, [d["cause"] for d in got["diagnosis"]]
     assert got["diagnosis"][0]["evidence"] and got["diagnosis"][0]["steps"]
-    assert got["diagnosis"][0]["sites"] or cause == "loss_scale_collapse"   # an event, of no one site
+    assert (
+        got["diagnosis"][0]["sites"] or cause == "loss_scale_collapse"
+    )  # an event, of no one site
     assert reports[fixed]["first_nonfinite"] is None
     assert reports[fixed]["diagnosis"] == [] and reports[fixed]["early_warning"] is None
 

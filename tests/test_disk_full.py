@@ -13,9 +13,8 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 import damage_helpers as dh
+import pytest
 import synthetic
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.path.dirname(__file__))
@@ -50,8 +49,13 @@ print("trained", step + 1, "steps; failed:", writer.failed, "dropped:", writer.d
 
 
 def _train(logdir, limit=0, mode="tf", prefix=()):
-    proc = subprocess.run(list(prefix) + [sys.executable, "-c", TRAINING, str(logdir), str(limit), mode],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, timeout=180)
+    proc = subprocess.run(
+        list(prefix) + [sys.executable, "-c", TRAINING, str(logdir), str(limit), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        timeout=180,
+    )
     return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
 
 
@@ -60,7 +64,7 @@ def _check_survived(rc, out, err):
     assert "trained %d steps" % STEPS in out
     assert "Traceback" not in err and "Exception in thread" not in err, err
     errors = [l for l in err.splitlines() if "tb_nanwatch: cannot write to" in l]
-    assert len(errors) == 1, err                     # one clear error, not one per record
+    assert len(errors) == 1, err  # one clear error, not one per record
     assert "Training goes on without nanwatch records from about step" in errors[0]
     # The first non-finite record could not be written: it is in the training log instead.
     assert "the first non-finite record could not be written" in err and '"layer": "dense"' in err
@@ -71,8 +75,12 @@ def _check_intact(logdir):
     """Every row whose frame reached the disk whole is read; the report runs."""
     path = dh.only_event_file(logdir / "run")
     frames, _ = dh.frames(open(path, "rb").read())
-    written = [dh.event_of(f[2]).step for f in frames
-               if dh.event_of(f[2]).summary.value and dh.event_of(f[2]).summary.value[0].tag == "nanwatch/rows"]
+    written = [
+        dh.event_of(f[2]).step
+        for f in frames
+        if dh.event_of(f[2]).summary.value
+        and dh.event_of(f[2]).summary.value[0].tag == "nanwatch/rows"
+    ]
     assert len(written) > 3
     rc, out, err = dh.run_cli(logdir, "--json")
     assert rc == 0, err
@@ -93,12 +101,17 @@ def test_file_size_limit(tmp_path, mode):
 def _can_unshare():
     if not shutil.which("unshare") or os.geteuid() != 0:
         return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return probe.returncode == 0
 
 
-needs_mounts = pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -m to mount a tmpfs")
+needs_mounts = pytest.mark.skipif(
+    not _can_unshare(), reason="needs root and unshare -m to mount a tmpfs"
+)
 
 
 @needs_mounts
@@ -108,11 +121,28 @@ def test_a_full_tmpfs(tmp_path):
     (tmp_path / "copy").mkdir()
     # In a private mount namespace: the tmpfs vanishes with the process.  The logdir's
     # content is copied out before it does.
-    script = ('mount -t tmpfs -o size=64k tmpfs "$1" && "$2" -c "$3" "$1/run" 0 notf; rc=$?; '
-              'cp -r "$1/run" "$4/run"; exit $rc')
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(mnt), sys.executable, TRAINING,
-                           str(tmp_path / "copy")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
-                          timeout=180)
+    script = (
+        'mount -t tmpfs -o size=64k tmpfs "$1" && "$2" -c "$3" "$1/run" 0 notf; rc=$?; '
+        'cp -r "$1/run" "$4/run"; exit $rc'
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(mnt),
+            sys.executable,
+            TRAINING,
+            str(tmp_path / "copy"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        timeout=180,
+    )
     error = _check_survived(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
     assert "No space left on device" in error, error
     _check_intact(tmp_path / "copy")
@@ -124,14 +154,32 @@ def test_read_only_logdir(tmp_path):
     synthetic.write_run(str(tmp_path / "logs" / "r"), n_rows=10, log_every=5, first=(23, 3, "nan"))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = ('mount -t tmpfs tmpfs "$1" && cp -r "$2" "$1/logs" && mount -o remount,ro "$1" && '
-              '"$3" -m tb_nanwatch.cli report "$1/logs" --json > "$4/report.json"; echo "cli $?" ; '
-              '"$3" -c "$5" "$1/logs/new_run" 0 notf')
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(mnt), str(tmp_path / "logs"),
-                           sys.executable, str(tmp_path), TRAINING], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=ENV, timeout=180)
+    script = (
+        'mount -t tmpfs tmpfs "$1" && cp -r "$2" "$1/logs" && mount -o remount,ro "$1" && '
+        '"$3" -m tb_nanwatch.cli report "$1/logs" --json > "$4/report.json"; echo "cli $?" ; '
+        '"$3" -c "$5" "$1/logs/new_run" 0 notf'
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(mnt),
+            str(tmp_path / "logs"),
+            sys.executable,
+            str(tmp_path),
+            TRAINING,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+        timeout=180,
+    )
     out, err = proc.stdout.decode(), proc.stderr.decode()
-    assert "cli 1" in out, err                      # a non-finite run was found and reported
+    assert "cli 1" in out, err  # a non-finite run was found and reported
     (entry,) = json.loads((tmp_path / "report.json").read_text())["runs"]
     assert entry["first_nonfinite"]["step"] == 23
     assert proc.returncode == 0 and "trained %d steps" % STEPS in out, err

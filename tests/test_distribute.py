@@ -17,15 +17,24 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def report_json(logdir):
-    proc = subprocess.run([sys.executable, "-m", "tb_nanwatch.cli", "report", str(logdir), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tb_nanwatch.cli", "report", str(logdir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode in (0, 1), proc.stderr
     return {r["run"]: r for r in json.loads(proc.stdout)["runs"]}
 
 
 def test_mirrored_strategy_fit_and_custom_loop(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "distributed", "mirrored.py"), str(tmp_path)],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "distributed", "mirrored.py"), str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     truth = json.loads(proc.stdout.split("RESULT ")[1])
     runs = report_json(tmp_path)
@@ -39,8 +48,10 @@ def test_mirrored_strategy_fit_and_custom_loop(tmp_path):
     i = rd.site_index(rd.sites[0]["layer"], "input")
     col = stats.STAT_INDEX
     assert rd.steps[0] == 0 and rd.rows[0, i, col["size"]] == 16 * 8
-    np.testing.assert_allclose(rd.rows[0, i, col["max_abs"]], truth["fit_input_max_abs_step0"], rtol=1e-6)
-    assert rd.rows[:, i, col["nan"]].sum() == 1      # counted once, not once per replica
+    np.testing.assert_allclose(
+        rd.rows[0, i, col["max_abs"]], truth["fit_input_max_abs_step0"], rtol=1e-6
+    )
+    assert rd.rows[:, i, col["nan"]].sum() == 1  # counted once, not once per replica
 
 
 def free_port():
@@ -54,10 +65,25 @@ def test_multi_worker_mirrored_strategy_names_the_worker(tmp_path):
     cluster = {"worker": ["127.0.0.1:%d" % p for p in ports]}
     procs = []
     for index in range(2):
-        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "distributed", "multi_worker.py"), str(tmp_path), "1", "3"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            ENV,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    os.path.join(HERE, "distributed", "multi_worker.py"),
+                    str(tmp_path),
+                    "1",
+                    "3",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         outputs = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -66,7 +92,7 @@ def test_multi_worker_mirrored_strategy_names_the_worker(tmp_path):
     for out, err in outputs:
         assert "RESULT" in out, err[-3000:]
     runs = report_json(tmp_path)
-    assert set(runs) == {"worker_0", "worker_1"}        # one run per worker, nothing clobbered
+    assert set(runs) == {"worker_0", "worker_1"}  # one run per worker, nothing clobbered
     for name, run in runs.items():
         first = run["first_nonfinite"]
         assert (first["step"], first["kind"], first["posinf"]) == (3, "input", 1), name

@@ -14,19 +14,25 @@ import os
 import pathlib
 import re
 
-import pytest
-
 import plugin_helpers
+import pytest
 import synthetic
+
 from tb_nanwatch import stats, summary
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 XSS = "<img src=x onerror=alert(1)>"
-XSS_FIRST_SITE = 10          # sites_for(("dense", XSS, "dense_2")): weight_grad of XSS's kernel
+XSS_FIRST_SITE = 10  # sites_for(("dense", XSS, "dense_2")): weight_grad of XSS's kernel
 SCREENSHOT = pathlib.Path(__file__).resolve().parent.parent / "docs" / "screenshot.png"
 SCREENSHOT_MP = SCREENSHOT.with_name("screenshot_mixed_precision.png")
 
@@ -34,7 +40,7 @@ SCREENSHOT_MP = SCREENSHOT.with_name("screenshot_mixed_precision.png")
 NAN_RGB = tuple(stats.STATUS_COLOURS["nan"])
 POSINF_RGB = tuple(stats.STATUS_COLOURS["+inf"])
 MIXED_RGB = tuple(stats.STATUS_COLOURS["mixed"])
-SKIP_RGB = (120, 120, 120)   # the tick above a loss-scale skip's column
+SKIP_RGB = (120, 120, 120)  # the tick above a loss-scale skip's column
 BIG_FIRST_STEP, BIG_FIRST_LAYER = 4502, "block_13_expand_BN"
 SIZES = ((1400, 900), (1024, 700))
 
@@ -45,22 +51,44 @@ def logdir(tmp_path_factory):
     plugin_helpers.write_blowup_run(str(d / "adam_blowup"))
     xss_sites = synthetic.sites_for(("dense", XSS, "dense_2"))
     assert xss_sites[XSS_FIRST_SITE]["layer"] == XSS
-    synthetic.write_run(str(d / "xss"), n_rows=60, log_every=10, first=(303, XSS_FIRST_SITE, "nan"),
-                        sites=xss_sites)
+    synthetic.write_run(
+        str(d / "xss"), n_rows=60, log_every=10, first=(303, XSS_FIRST_SITE, "nan"), sites=xss_sites
+    )
     synthetic.write_run(str(d / "zz_live"), n_rows=20, log_every=10)
     plugin_helpers.write_mixed_precision_run(str(d / "mp_blowup"))
     plugin_helpers.write_mixed_precision_run(str(d / "mp_healthy"), blowup=False)
     # MobileNetV2's 944 sites (156 layers): +Inf first in block_13_expand_BN's output at step 4502.
     big = synthetic.mobilenet_sites()
-    synthetic.write_run(str(d / "mobilenetv2"), n_rows=100, log_every=100, sites=big,
-                        first=(BIG_FIRST_STEP, big.index(next(s for s in big if s["layer"] == BIG_FIRST_LAYER)), "posinf"))
+    synthetic.write_run(
+        str(d / "mobilenetv2"),
+        n_rows=100,
+        log_every=100,
+        sites=big,
+        first=(
+            BIG_FIRST_STEP,
+            big.index(next(s for s in big if s["layer"] == BIG_FIRST_LAYER)),
+            "posinf",
+        ),
+    )
     # The first non-finite value is a gradient w.r.t. an output, computed in sqrt's backward pass.
     sites = synthetic.sites_for()
     with summary.RecordWriter(str(d / "sqrt_grad"), sites) as writer:
         for step in (9, 19, 29):
             writer.write_row(step, synthetic.finite_row(len(sites), step, steps=10))
-        writer.write_first_nonfinite(25, dict(layer="dense_2", kind="activation_grad", tensor="", site=5,
-                                              nan=16, posinf=0, neginf=0, propagators=[], backward_of=["sqrt"]))
+        writer.write_first_nonfinite(
+            25,
+            dict(
+                layer="dense_2",
+                kind="activation_grad",
+                tensor="",
+                site=5,
+                nan=16,
+                posinf=0,
+                neginf=0,
+                propagators=[],
+                backward_of=["sqrt"],
+            ),
+        )
     return d
 
 
@@ -107,22 +135,28 @@ class Tab:
     def cell_xy(self, row, col):
         """Page coordinates of the centre of heatmap cell (row, col); `row` counts the rows
         shown (layers, or sites of an opened layer), scrolled into sight first."""
-        x, y = self.eval("""([r, c]) => {const app = window.__nanwatch; app.scrollToShownRow(r); app.drawGrid();
+        x, y = self.eval(
+            """([r, c]) => {const app = window.__nanwatch; app.scrollToShownRow(r); app.drawGrid();
             const L = app.layout; return [L.gridX + (c + 0.5) * L.colW, L.gridY + (r - L.offset + 0.5) * L.rowH];}""",
-                         [row, col])
+            [row, col],
+        )
         box = self.canvas_box()
         return box["x"] + x, box["y"] + y
 
     def first_cell_xy(self):
         """The first non-finite cell, after the banner's button opened its layer."""
         self.fl.locator(".nw-banner button.nw-jump").click()
-        self.wait("() => { const a = window.__nanwatch; return a.shown[a.firstShownRow()] === a.heat.first_nonfinite_cell.row; }")
+        self.wait(
+            "() => { const a = window.__nanwatch; return a.shown[a.firstShownRow()] === a.heat.first_nonfinite_cell.row; }"
+        )
         c = self.eval("() => window.__nanwatch.heat.first_nonfinite_cell")
         return self.cell_xy(self.eval("() => window.__nanwatch.firstShownRow()"), c["column"])
 
     def colours(self):
         """Distinct canvas colours (RGB) and how often each appears."""
-        return {tuple(k): v for k, v in self.eval("""() => {
+        return {
+            tuple(k): v
+            for k, v in self.eval("""() => {
             const c = document.querySelector('canvas.nw-heatmap');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             const counts = new Map();
@@ -132,11 +166,14 @@ class Tab:
               counts.set(k, (counts.get(k) || 0) + 1);
             }
             return Array.from(counts, ([k, v]) => [k.split(',').map(Number), v]);
-        }""")}
+        }""")
+        }
 
     def select_run(self, run):
         # Options read "run \u2014 its state"; their values are [run, group] in JSON.
-        self.fl.locator("select.nw-run").select_option(value=json.dumps([run, None], separators=(",", ":")))
+        self.fl.locator("select.nw-run").select_option(
+            value=json.dumps([run, None], separators=(",", ":"))
+        )
         self.wait("(run) => window.__nanwatch.heat && window.__nanwatch.heat.run === run", run)
 
     def heat(self, field):
@@ -157,7 +194,11 @@ def tab(server, browser):
 def test_heatmap_drawn_with_banner(tab):
     assert tab.heat("run") == "adam_blowup"
     banner = tab.fl.locator(".nw-banner .nw-headline").inner_text()
-    assert banner == "First +Inf at step %d: dense_2, optimizer state velocity/kernel" % plugin_helpers.BLOWUP_STEP
+    assert (
+        banner
+        == "First +Inf at step %d: dense_2, optimizer state velocity/kernel"
+        % plugin_helpers.BLOWUP_STEP
+    )
     assert "dense_2/optimizer_state/velocity/bias" in tab.fl.locator(".nw-banner").inner_text()
     colours = tab.colours()
     # The blue ramp, white, grey text, the outline... and the non-finite colours.
@@ -167,7 +208,7 @@ def test_heatmap_drawn_with_banner(tab):
     legend = tab.fl.locator(".nw-legend").inner_text()
     for word in ("max_abs", "log scale", "first non-finite value", "exactly 0"):
         assert word in legend, word
-    for name in stats.STATUS_NAMES[1:]:     # every status's words, from the table
+    for name in stats.STATUS_NAMES[1:]:  # every status's words, from the table
         assert stats.STATUS_WORDS[name] in legend, name
 
 
@@ -189,7 +230,10 @@ def test_hover_shows_every_statistic_and_click_pins(tab):
     tab.page.mouse.move(x, y)
     tip = tab.fl.locator(".nw-tooltip")
     tip.wait_for(state="visible")
-    tab.wait("(n) => document.querySelectorAll('.nw-tooltip .nw-tip-stats tr').length === n", len(stats.STATS))
+    tab.wait(
+        "(n) => document.querySelectorAll('.nw-tooltip .nw-tip-stats tr').length === n",
+        len(stats.STATS),
+    )
     text = tip.inner_text()
     assert "dense_2/optimizer_state/velocity/kernel" in text
     for name in stats.STAT_NAMES:
@@ -219,20 +263,29 @@ def test_drag_zooms_and_zoom_out_returns(tab):
     assert tab.heat("last_steps")[-1] == 1499 and tab.heat("n_columns") == 50
     assert "steps 1000\u20131499" in tab.fl.locator(".nw-zoom-text").inner_text()
     tab.fl.locator("button.nw-zoom-out").click()
-    tab.wait("() => window.__nanwatch.heat.first_steps[0] === 0 && window.__nanwatch.heat.n_columns === %d"
-             % plugin_helpers.BLOWUP_ROWS)
+    tab.wait(
+        "() => window.__nanwatch.heat.first_steps[0] === 0 && window.__nanwatch.heat.n_columns === %d"
+        % plugin_helpers.BLOWUP_ROWS
+    )
 
 
 def test_flight_recorder_at_step_resolution(tab):
     tab.fl.locator(".nw-banner button.nw-flight").click()
     tab.wait("() => window.__nanwatch.heat.source === 'flight'")
-    steps = list(range(plugin_helpers.BLOWUP_STEP - plugin_helpers.BLOWUP_FLIGHT + 1, plugin_helpers.BLOWUP_STEP + 1))
+    steps = list(
+        range(
+            plugin_helpers.BLOWUP_STEP - plugin_helpers.BLOWUP_FLIGHT + 1,
+            plugin_helpers.BLOWUP_STEP + 1,
+        )
+    )
     assert tab.heat("first_steps") == steps == tab.heat("last_steps")
     # At step resolution the first cell is +Inf itself (red), not a mixed bin.
     assert tab.colours().get(POSINF_RGB, 0) > 100
     x, y = tab.first_cell_xy()
     tab.page.mouse.move(x, y)
-    tab.wait("() => /\\+Inf/.test(document.querySelector('.nw-tooltip .nw-tip-status').textContent)")
+    tab.wait(
+        "() => /\\+Inf/.test(document.querySelector('.nw-tooltip .nw-tip-status').textContent)"
+    )
 
 
 def test_layer_names_are_text_never_html(tab):
@@ -254,7 +307,9 @@ def test_layer_names_are_text_never_html(tab):
 
 def test_follows_tensorboard_reload(tab, logdir):
     tab.select_run("zz_live")
-    assert tab.heat("n_columns") == 20 and "No NaN or Inf" in tab.fl.locator(".nw-banner").inner_text()
+    assert (
+        tab.heat("n_columns") == 20 and "No NaN or Inf" in tab.fl.locator(".nw-banner").inner_text()
+    )
     sites = synthetic.sites_for()
     with summary.RecordWriter(str(logdir / "zz_live"), sites) as writer:
         for i in range(20, 30):
@@ -273,20 +328,25 @@ def test_follows_tensorboard_reload(tab, logdir):
         if tab.heat("n_columns") == 30:
             break
     assert tab.heat("n_columns") == 30
-    assert re.match(r"First \+Inf at step 275: ", tab.fl.locator(".nw-banner .nw-headline").inner_text())
+    assert re.match(
+        r"First \+Inf at step 275: ", tab.fl.locator(".nw-banner .nw-headline").inner_text()
+    )
 
 
 def test_mixed_precision_skips_warning_signs_and_worker(tab):
     tab.select_run("mp_blowup")
     headline = tab.fl.locator(".nw-banner .nw-headline").inner_text()
     assert headline == "First +Inf at step %d: dense_3, activation on worker_1, replica 3" % (
-        plugin_helpers.MP_BLOWUP_STEP)
+        plugin_helpers.MP_BLOWUP_STEP
+    )
     # Warning signs arrive on their own, under the headline.
     tab.fl.locator(".nw-banner .nw-precursor").first.wait_for()
     signs = tab.fl.locator(".nw-banner .nw-precursors").inner_text()
     assert signs.startswith("Warning signs before it:")
-    assert ("step 0: 100% of dense/optimizer_state/velocity/kernel below float16's smallest normal value"
-            " (underflow)") in signs
+    assert (
+        "step 0: 100% of dense/optimizer_state/velocity/kernel below float16's smallest normal value"
+        " (underflow)"
+    ) in signs
     assert "dense_3/activation within 1.0 doublings of float16's largest finite value" in signs
     banner = tab.fl.locator(".nw-banner").inner_text()
     assert "29 loss-scale skips (by design" in banner and "not the blow-up" in banner
@@ -296,12 +356,15 @@ def test_mixed_precision_skips_warning_signs_and_worker(tab):
     # A grey tick above the column of the skip at step 2005, none above its neighbour.
     events = tab.heat("events")
     (skip,) = [e for e in events if e["step"] == 2005]
-    tick = tab.eval("""([col]) => {
+    tick = tab.eval(
+        """([col]) => {
         const L = window.__nanwatch.layout;
         const ctx = document.querySelector('canvas.nw-heatmap').getContext('2d');
         const px = (c) => Array.from(ctx.getImageData(Math.floor(L.gridX + (c + 0.5) * L.colW), L.gridY - 4, 1, 1).data);
         return [px(col), px(col - 3)];
-    }""", [skip["column"]])
+    }""",
+        [skip["column"]],
+    )
     assert tuple(tick[0][:3]) == SKIP_RGB and tuple(tick[1][:3]) != SKIP_RGB, tick
     # Its tooltip says what that column's non-finite gradients are.
     # (the row of the layer of the first weight gradient: a layer shows the worst of its sites)
@@ -320,7 +383,8 @@ def test_mixed_precision_skips_warning_signs_and_worker(tab):
     # No first non-finite value, but skips: the banner says so, and shows the warning signs.
     tab.select_run("mp_healthy")
     assert tab.fl.locator(".nw-banner .nw-headline").inner_text() == (
-        "No NaN or Inf in the model: 6 loss-scale skips (by design; loss scale now 1024)")
+        "No NaN or Inf in the model: 6 loss-scale skips (by design; loss scale now 1024)"
+    )
     tab.fl.locator(".nw-banner .nw-precursor").first.wait_for()
     assert "nw-banner-warn" in tab.fl.locator(".nw-banner").get_attribute("class")
     assert tab.fl.locator(".nw-banner .nw-precursor-lead").inner_text() == "Warning signs:"
@@ -328,8 +392,12 @@ def test_mixed_precision_skips_warning_signs_and_worker(tab):
 
     tab.select_run("sqrt_grad")
     assert tab.fl.locator(".nw-banner .nw-headline").inner_text() == (
-        "First NaN at step 25: dense_2, activation gradient")
-    assert tab.fl.locator(".nw-banner .nw-first-detail").inner_text() == "Computed in the backward pass of sqrt."
+        "First NaN at step 25: dense_2, activation gradient"
+    )
+    assert (
+        tab.fl.locator(".nw-banner .nw-first-detail").inner_text()
+        == "Computed in the backward pass of sqrt."
+    )
     assert "loss-scale skip" not in tab.fl.locator(".nw-legend").inner_text()
 
 
@@ -357,7 +425,9 @@ def test_944_sites_fit_one_screen_with_the_first_layer_in_sight(server, browser,
     """A MobileNetV2-sized run: one row per layer or block, no canvas taller than the
     window, the first non-finite row in sight without scrolling, then opened by the
     banner's button down to its site."""
-    context = browser.new_context(viewport={"width": width, "height": height}, device_scale_factor=1)
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, device_scale_factor=1
+    )
     tab = Tab(context.new_page(), server)
     try:
         tab.select_run("mobilenetv2")
@@ -366,20 +436,29 @@ def test_944_sites_fit_one_screen_with_the_first_layer_in_sight(server, browser,
                     canvas: a.canvas.getBoundingClientRect().bottom, inner: innerHeight,
                     label: a.heat.rows[a.shown[a.firstShownRow()]].label}; }""")
         assert tab.heat("n_sites") == 944
-        assert tab.eval("() => document.querySelector('.nw-toolbar').offsetHeight") < 40   # one line
-        assert view["canvas"] <= height, view           # the iframe's own window is smaller still
-        assert view["shown"] <= 40, view                # layers and blocks, not 944 sites
+        assert tab.eval("() => document.querySelector('.nw-toolbar').offsetHeight") < 40  # one line
+        assert view["canvas"] <= height, view  # the iframe's own window is smaller still
+        assert view["shown"] <= 40, view  # layers and blocks, not 944 sites
         assert view["offset"] <= view["first"] < view["offset"] + view["drawn"], view
-        assert view["label"] == "block_13", view        # the block holding the producer, closed
+        assert view["label"] == "block_13", view  # the block holding the producer, closed
         tab.page.mouse.move(5, 5)
         tab.page.wait_for_timeout(200)
-        tab.page.screenshot(path=str(SCREENSHOT.with_name("screenshot_944_sites_%dx%d.png" % (width, height))))
+        tab.page.screenshot(
+            path=str(SCREENSHOT.with_name("screenshot_944_sites_%dx%d.png" % (width, height)))
+        )
         # The banner's button opens block_13 and its layer, and scrolls to the producer's row.
         tab.fl.locator(".nw-banner button.nw-jump").click()
-        tab.wait("() => { const a = window.__nanwatch; return a.shown[a.firstShownRow()] === a.heat.first_nonfinite_cell.row; }")
-        row = tab.eval("() => { const a = window.__nanwatch, L = a.layout, k = a.firstShownRow();"
-                       " return {k, offset: L.offset, drawn: L.nShown, label: a.heat.rows[a.shown[k]].label}; }")
-        assert row["label"] == "activation" and row["offset"] <= row["k"] < row["offset"] + row["drawn"], row
+        tab.wait(
+            "() => { const a = window.__nanwatch; return a.shown[a.firstShownRow()] === a.heat.first_nonfinite_cell.row; }"
+        )
+        row = tab.eval(
+            "() => { const a = window.__nanwatch, L = a.layout, k = a.firstShownRow();"
+            " return {k, offset: L.offset, drawn: L.nShown, label: a.heat.rows[a.shown[k]].label}; }"
+        )
+        assert (
+            row["label"] == "activation"
+            and row["offset"] <= row["k"] < row["offset"] + row["drawn"]
+        ), row
         assert tab.eval("() => window.__nanwatch.canvas.height") <= height
         assert tab.errors == []
     finally:
@@ -392,7 +471,9 @@ def test_the_frontend_defines_no_stat_kind_or_status_of_its_own():
     names = set(stats.STAT_NAMES) | set(stats.KINDS) | set(stats.STATUS_NAMES)
     literal = re.compile(r"""(["'`])((?:\\.|(?!\1).)*)\1""")
     found = []
-    for path in sorted(pathlib.Path(__file__).resolve().parent.parent.joinpath("frontend").glob("*.js")):
+    for path in sorted(
+        pathlib.Path(__file__).resolve().parent.parent.joinpath("frontend").glob("*.js")
+    ):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("//")[0] if not line.strip().startswith("//") else ""
             for m in literal.finditer(code):
@@ -413,17 +494,27 @@ def test_the_view_lives_in_the_url_and_a_reload_opens_it_again(server, browser):
         frame_locator = page.frame_locator("iframe")
         frame_locator.locator("canvas.nw-heatmap[data-columns]").wait_for()
         frame = next(f for f in page.frames if "plugin_entry.html?name=nanwatch" in f.url)
-        frame.wait_for_function("() => window.__nanwatch.heat && window.__nanwatch.heat.run === 'xss'")
-        assert frame.evaluate("() => [window.__nanwatch.heat.stat, window.__nanwatch.heat.kind]") == ["nan", "weight_grad"]
+        frame.wait_for_function(
+            "() => window.__nanwatch.heat && window.__nanwatch.heat.run === 'xss'"
+        )
+        assert frame.evaluate(
+            "() => [window.__nanwatch.heat.stat, window.__nanwatch.heat.kind]"
+        ) == ["nan", "weight_grad"]
         frame_locator.locator("select.nw-stat").select_option("norm")
         frame.wait_for_function("() => window.__nanwatch.heat.stat === 'norm'")
         page.wait_for_function("() => location.hash.includes('nw_stat=norm')")
-        assert page.evaluate("() => location.hash").startswith("#nanwatch&")   # TensorBoard's own key kept
+        assert page.evaluate("() => location.hash").startswith(
+            "#nanwatch&"
+        )  # TensorBoard's own key kept
         page.reload()
         page.frame_locator("iframe").locator("canvas.nw-heatmap[data-columns]").wait_for()
         frame = next(f for f in page.frames if "plugin_entry.html?name=nanwatch" in f.url)
-        frame.wait_for_function("() => window.__nanwatch.heat && window.__nanwatch.heat.run === 'xss'")
-        assert frame.evaluate("() => [window.__nanwatch.heat.stat, window.__nanwatch.heat.kind]") == ["norm", "weight_grad"]
+        frame.wait_for_function(
+            "() => window.__nanwatch.heat && window.__nanwatch.heat.run === 'xss'"
+        )
+        assert frame.evaluate(
+            "() => [window.__nanwatch.heat.stat, window.__nanwatch.heat.kind]"
+        ) == ["norm", "weight_grad"]
     finally:
         context.close()
 
@@ -436,7 +527,12 @@ def test_dark_mode_follows_tensorboard(tab):
     dark = tab.eval("() => getComputedStyle(document.body).backgroundColor")
     assert light == "rgb(255, 255, 255)" and dark != light
     # The canvas's own text takes the theme's colour too.
-    assert tab.eval("() => window.__nanwatch && getComputedStyle(document.body).getPropertyValue('--nw-text').trim()") == "#e0e0e0"
+    assert (
+        tab.eval(
+            "() => window.__nanwatch && getComputedStyle(document.body).getPropertyValue('--nw-text').trim()"
+        )
+        == "#e0e0e0"
+    )
     tab.page.mouse.move(5, 5)
     tab.page.wait_for_timeout(300)
     tab.page.screenshot(path=str(SCREENSHOT.with_name("screenshot_dark.png")))
@@ -448,7 +544,9 @@ def test_empty_logdir_is_a_clean_state(tmp_path, browser):
     logdir = tmp_path / "empty"
     logdir.mkdir()
     with plugin_helpers.tensorboard(logdir, "--reload_interval=1") as base:
-        context = browser.new_context(viewport={"width": 1024, "height": 700}, device_scale_factor=1)
+        context = browser.new_context(
+            viewport={"width": 1024, "height": 700}, device_scale_factor=1
+        )
         page = context.new_page()
         try:
             # The plugin's own page (TensorBoard's iframe) opened alone: TensorBoard's frontend
@@ -467,10 +565,14 @@ def test_empty_logdir_is_a_clean_state(tmp_path, browser):
 def test_runs_overview_lists_every_runs_state(tab):
     options = tab.fl.locator("select.nw-run option").all_inner_texts()
     assert "adam_blowup \u2014 +Inf at step %d in dense_2" % plugin_helpers.BLOWUP_STEP in options
-    assert any(o.startswith("mp_healthy \u2014 healthy but 6 loss-scale skips") for o in options), options
+    assert any(o.startswith("mp_healthy \u2014 healthy but 6 loss-scale skips") for o in options), (
+        options
+    )
     summary = tab.fl.locator(".nw-overview-summary")
-    assert re.match(r"\d+ runs: \d+ runs with a non-finite value, 1 with loss-scale skips only, \d+ healthy",
-                    summary.inner_text()), summary.inner_text()
+    assert re.match(
+        r"\d+ runs: \d+ runs with a non-finite value, 1 with loss-scale skips only, \d+ healthy",
+        summary.inner_text(),
+    ), summary.inner_text()
     summary.click()
     tab.fl.locator(".nw-overview-list tr", has_text="mp_healthy").click()
     tab.wait("() => window.__nanwatch.heat.run === 'mp_healthy'")

@@ -33,14 +33,14 @@ import time
 import traceback
 import urllib.parse
 
+import damage_helpers as dh
 import numpy as np
 import pytest
+import synthetic
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.util import tensor_util
 
-import damage_helpers as dh
-import synthetic
-from tb_nanwatch import metadata, reader, stats, summary
+from tb_nanwatch import metadata, reader, stats
 
 SEED = 20261201
 N_FRAMING = 200
@@ -52,18 +52,28 @@ META_RECORD = {ROWS: "rows", FLIGHT: "flight", FIRST: "first_nonfinite", EVENTS:
 
 
 def _event_frame(step, value, wall_time):
-    event = event_pb2.Event(step=step, wall_time=wall_time, summary=summary_pb2.Summary(value=[value]))
+    event = event_pb2.Event(
+        step=step, wall_time=wall_time, summary=summary_pb2.Summary(value=[value])
+    )
     return dh.frame(event.SerializeToString())
 
 
 def _write_base(run_dir, blowup):
     """8 rows every 5 steps and an events record; with `blowup`, site 3 goes NaN at step 23
     (flight recorder, first-non-finite record).  One event file; its bytes."""
-    synthetic.write_run(str(run_dir), n_rows=8, log_every=5, sites=SITES, flight=4,
-                        first=(23, 3, "nan") if blowup else None)
+    synthetic.write_run(
+        str(run_dir),
+        n_rows=8,
+        log_every=5,
+        sites=SITES,
+        flight=4,
+        first=(23, 3, "nan") if blowup else None,
+    )
     path = dh.only_event_file(run_dir)
     skips = [{"type": "loss_scale_skip", "step": 12, "loss_scale": 2.0, "skips_total": 1}]
-    events = dh.value(EVENTS, dh.string_tensor(json.dumps(skips)), {"version": 1, "record": "events"})
+    events = dh.value(
+        EVENTS, dh.string_tensor(json.dumps(skips)), {"version": 1, "record": "events"}
+    )
     last_wall_time = dh.event_of(dh.frames(open(path, "rb").read())[0][-1][2]).wall_time
     with open(path, "ab") as f:
         f.write(_event_frame(12, events, last_wall_time))
@@ -75,7 +85,10 @@ def _write_base(run_dir, blowup):
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz_bases")
-    return {"blowup": _write_base(root / "blowup", True), "finite": _write_base(root / "finite", False)}
+    return {
+        "blowup": _write_base(root / "blowup", True),
+        "finite": _write_base(root / "finite", False),
+    }
 
 
 # -- framing mutations -------------------------------------------------------------------
@@ -84,7 +97,7 @@ def _random_frame(rng, frames):
 
 
 def m_truncate(rng, data, frames):
-    return data[:rng.randrange(len(data))]
+    return data[: rng.randrange(len(data))]
 
 
 def m_bitflip(rng, data, frames):
@@ -99,18 +112,26 @@ def m_huge_length(rng, data, frames):
     offset = _random_frame(rng, frames)[0]
     length = rng.choice([2**62, 2**64 - 1, 2**63, 2**32 + 7, len(data) * 2, len(data) - offset])
     header = struct.pack("<Q", length)
-    crc = struct.pack("<I", dh.masked_crc32c(header)) if rng.random() < 0.7 else data[offset + 8:offset + 12]
-    return data[:offset] + header + crc + data[offset + 12:]
+    crc = (
+        struct.pack("<I", dh.masked_crc32c(header))
+        if rng.random() < 0.7
+        else data[offset + 8 : offset + 12]
+    )
+    return data[:offset] + header + crc + data[offset + 12 :]
 
 
 def m_bad_data_crc(rng, data, frames):
     end = _random_frame(rng, frames)[1]
-    return data[:end - 4] + bytes(b ^ 0x5A for b in data[end - 4:end]) + data[end:]
+    return data[: end - 4] + bytes(b ^ 0x5A for b in data[end - 4 : end]) + data[end:]
 
 
 def m_bad_length_crc(rng, data, frames):
     offset = _random_frame(rng, frames)[0]
-    return data[:offset + 8] + bytes(b ^ 0xA5 for b in data[offset + 8:offset + 12]) + data[offset + 12:]
+    return (
+        data[: offset + 8]
+        + bytes(b ^ 0xA5 for b in data[offset + 8 : offset + 12])
+        + data[offset + 12 :]
+    )
 
 
 def m_append_garbage(rng, data, frames):
@@ -133,13 +154,19 @@ def m_other_plugins(rng, data, frames):
     """Well-framed records of other plugins (not damage): a scalar, an image-like tensor,
     and a record of another plugin under a nanwatch-looking tag."""
     scalar = summary_pb2.Summary.Value(tag="loss", simple_value=0.5)
-    other = summary_pb2.Summary.Value(tag="images/x", tensor=tensor_util.make_tensor_proto(np.zeros((2, 2))))
+    other = summary_pb2.Summary.Value(
+        tag="images/x", tensor=tensor_util.make_tensor_proto(np.zeros((2, 2)))
+    )
     other.metadata.plugin_data.plugin_name = "images"
-    hijack = summary_pb2.Summary.Value(tag="nanwatch/d9/rows", tensor=tensor_util.make_tensor_proto(np.ones(3)))
+    hijack = summary_pb2.Summary.Value(
+        tag="nanwatch/d9/rows", tensor=tensor_util.make_tensor_proto(np.ones(3))
+    )
     hijack.metadata.plugin_data.plugin_name = "scalars"
     at_frame = _random_frame(rng, frames)
     wall_time = dh.event_of(at_frame[2]).wall_time
-    extra = b"".join(_event_frame(rng.randint(0, 50), v, wall_time) for v in (scalar, other, hijack))
+    extra = b"".join(
+        _event_frame(rng.randint(0, 50), v, wall_time) for v in (scalar, other, hijack)
+    )
     at = at_frame[1]
     return data[:at] + extra + data[at:]
 
@@ -154,8 +181,19 @@ def m_drop(rng, data, frames):
     return data[:offset] + data[end:]
 
 
-FRAMING = [m_truncate, m_bitflip, m_huge_length, m_bad_data_crc, m_bad_length_crc, m_append_garbage,
-           m_insert_garbage, m_zero_region, m_other_plugins, m_duplicate, m_drop]
+FRAMING = [
+    m_truncate,
+    m_bitflip,
+    m_huge_length,
+    m_bad_data_crc,
+    m_bad_length_crc,
+    m_append_garbage,
+    m_insert_garbage,
+    m_zero_region,
+    m_other_plugins,
+    m_duplicate,
+    m_drop,
+]
 
 
 # -- content mutations: (tag to hit, value maker) ------------------------------------------
@@ -193,8 +231,8 @@ def _deep(n=100000):
 
 
 ROW_TENSORS = [
-    lambda: _row_tensor(_good_row()[:, :-1]),                   # 16 instead of 17 columns
-    lambda: _row_tensor(_good_row()[:-1]),                      # one site short
+    lambda: _row_tensor(_good_row()[:, :-1]),  # 16 instead of 17 columns
+    lambda: _row_tensor(_good_row()[:-1]),  # one site short
     lambda: _row_tensor(np.full((N, len(stats.STATS)), np.inf)),
     lambda: _row_tensor(np.full((N, len(stats.STATS)), np.nan)),
     lambda: dh.string_tensor(np.array([["1"] * len(stats.STATS)] * N, dtype=object)),
@@ -205,7 +243,7 @@ ROW_TENSORS = [
     lambda: _with_col("steps", 1e30),
     lambda: _with_col("first_nonfinite_step", 1e300),
     lambda: _with_col("size", np.inf),
-    lambda: _row_tensor(_good_row().astype(np.float16)),        # a valid other dtype
+    lambda: _row_tensor(_good_row().astype(np.float16)),  # a valid other dtype
     lambda: _row_tensor(np.zeros((N, len(stats.STATS)), dtype=np.int64)),
     lambda: _row_tensor(np.zeros((N, len(stats.STATS)), dtype=np.complex64)),
     _bad_buffer,
@@ -213,7 +251,11 @@ ROW_TENSORS = [
 ]
 
 BAD_CONTENT = [
-    b"not json", b"null", b"[]", b"\xff\xfe", json.dumps({"version": "1", "record": "rows"}).encode(),
+    b"not json",
+    b"null",
+    b"[]",
+    b"\xff\xfe",
+    json.dumps({"version": "1", "record": "rows"}).encode(),
     json.dumps({"version": None, "record": "rows"}).encode(),
     json.dumps({"version": 99, "record": "rows"}).encode(),
     json.dumps(dh.rows_content(SITES, sites=None)).encode(),
@@ -221,28 +263,45 @@ BAD_CONTENT = [
     json.dumps(dh.rows_content([{"kind": "activation"}] * N)).encode(),
     json.dumps(dh.rows_content(SITES, stats=None)).encode(),
     json.dumps(dh.rows_content(SITES, stats=["nan", "nan"])).encode(),
-    json.dumps(dh.rows_content(SITES, stats=list(stats.STAT_NAMES[:-1]))).encode(),  # fewer columns than rows
+    json.dumps(
+        dh.rows_content(SITES, stats=list(stats.STAT_NAMES[:-1]))
+    ).encode(),  # fewer columns than rows
     _deep().encode(),
 ]
 
 FIRST_RECORDS = [
-    "{}", "null", "[]", "3", '"x"', _deep(), json.dumps({"layer": 0, "kind": "loss"}),
+    "{}",
+    "null",
+    "[]",
+    "3",
+    '"x"',
+    _deep(),
+    json.dumps({"layer": 0, "kind": "loss"}),
     json.dumps({"layer": "d0", "kind": "nope", "step": 3}),
     json.dumps({"layer": "d0", "kind": "activation", "step": -1}),
     json.dumps({"layer": "d0", "kind": "activation", "step": "x"}),
     json.dumps({"layer": "d0", "kind": "activation", "step": float("nan")}),
     json.dumps({"layer": "d0", "kind": "activation", "step": 5, "nan": float("inf")}),
     json.dumps({"layer": "d0", "kind": "activation", "step": 5, "propagators": "x"}),
-    json.dumps({"layer": "d0", "kind": "activation", "step": 5, "propagators": [None, {"kind": 3}]}),
+    json.dumps(
+        {"layer": "d0", "kind": "activation", "step": 5, "propagators": [None, {"kind": 3}]}
+    ),
     json.dumps({"layer": "d0", "kind": "activation", "step": 5, "site": 10**9}),
     json.dumps({"layer": "d0", "kind": "activation", "step": 2**70}),
     json.dumps({"layer": "d0", "kind": "activation", "step": 50, "backward_of": 3}),
 ]
 
 EVENT_RECORDS = [
-    "null", "{}", "[1]", '[{"type": 1}]', '[{"type": "x", "step": NaN}]', '[{"type": "x", "step": -4}]',
-    '[{"type": "loss_scale_skip", "step": 3, "skips_total": "many", "loss_scale": Infinity}]', _deep(),
-    '[{"type": "x", "step": 1e300}]', '[{"type": "loss_scale_skip", "step": 3, "loss_scale": "big"}]',
+    "null",
+    "{}",
+    "[1]",
+    '[{"type": 1}]',
+    '[{"type": "x", "step": NaN}]',
+    '[{"type": "x", "step": -4}]',
+    '[{"type": "loss_scale_skip", "step": 3, "skips_total": "many", "loss_scale": Infinity}]',
+    _deep(),
+    '[{"type": "x", "step": 1e300}]',
+    '[{"type": "loss_scale_skip", "step": 3, "loss_scale": "big"}]',
 ]
 
 
@@ -259,7 +318,11 @@ def c_metadata(rng, step):
 
 
 def c_first(rng, step):
-    return FIRST, dh.string_tensor(rng.choice(FIRST_RECORDS)), b'{"version": 1, "record": "first_nonfinite"}'
+    return (
+        FIRST,
+        dh.string_tensor(rng.choice(FIRST_RECORDS)),
+        b'{"version": 1, "record": "first_nonfinite"}',
+    )
 
 
 def c_first_not_a_string(rng, step):
@@ -285,13 +348,18 @@ def content_mutation(rng, data, frames):
     after = rng.choice(frames)
     step = dh.event_of((victim or after)[2]).step
     if rng.random() < 0.1:
-        step = rng.choice([-5, 2**62, -2**63])
+        step = rng.choice([-5, 2**62, -(2**63)])
     value = summary_pb2.Summary.Value(tag=target_tag, tensor=tensor)
-    carries_metadata = victim is not None and dh.event_of(victim[2]).summary.value[0].HasField("metadata")
+    carries_metadata = victim is not None and dh.event_of(victim[2]).summary.value[0].HasField(
+        "metadata"
+    )
     if content is not None or carries_metadata:
         value.metadata.plugin_data.plugin_name = metadata.PLUGIN_NAME
-        value.metadata.plugin_data.content = content if content is not None else (
-            dh.event_of(victim[2]).summary.value[0].metadata.plugin_data.content)
+        value.metadata.plugin_data.content = (
+            content
+            if content is not None
+            else (dh.event_of(victim[2]).summary.value[0].metadata.plugin_data.content)
+        )
         value.metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
     # The wall time of the record replaced or followed: a writer's own clock, so that only
     # the content is hostile (a record from 1970 would stand for another writer session).
@@ -300,8 +368,11 @@ def content_mutation(rng, data, frames):
         at = after[1]
         return data[:at] + new + data[at:], None, "%s added at step %d" % (kind.__name__, step)
     new = _event_frame(step, value, dh.event_of(victim[2]).wall_time)
-    return (data[:victim[0]] + new + data[victim[1]:], victim,
-            "%s replacing step %d with step %d" % (kind.__name__, dh.event_of(victim[2]).step, step))
+    return (
+        data[: victim[0]] + new + data[victim[1] :],
+        victim,
+        "%s replacing step %d with step %d" % (kind.__name__, dh.event_of(victim[2]).step, step),
+    )
 
 
 def _tag(f):
@@ -317,14 +388,24 @@ def _expected(base_frames, mutated):
     for f in intact:
         by_tag[_tag(f)].append(dh.event_of(f[2]).step)
     # Rows can be interpreted only while some record carrying the site list is intact.
-    carriers = [f for f in base_frames if _tag(f) in (ROWS, FLIGHT)
-                and dh.event_of(f[2]).summary.value[0].HasField("metadata")]
+    carriers = [
+        f
+        for f in base_frames
+        if _tag(f) in (ROWS, FLIGHT) and dh.event_of(f[2]).summary.value[0].HasField("metadata")
+    ]
     return by_tag, any(f in intact for f in carriers)
 
 
-ROUTES = ["/runs", "/groups", "/heatmap?run={run}", "/heatmap?run={run}&source=flight&stat=nan",
-          "/first_nonfinite?run={run}", "/precursors?run={run}", "/cell?run={run}&site=0",
-          "/cell?run={run}&site=0&source=flight"]
+ROUTES = [
+    "/runs",
+    "/groups",
+    "/heatmap?run={run}",
+    "/heatmap?run={run}&source=flight&stat=nan",
+    "/first_nonfinite?run={run}",
+    "/precursors?run={run}",
+    "/cell?run={run}&site=0",
+    "/cell?run={run}&site=0&source=flight",
+]
 
 
 def test_fuzz(bases, tmp_path, monkeypatch):
@@ -345,7 +426,9 @@ def test_fuzz(bases, tmp_path, monkeypatch):
             mutated = data
             for mutation in mutations:
                 frames_now, broken = dh.frames(mutated)
-                mutated = mutation(rng, mutated, frames_now if frames_now and not broken else base_frames)
+                mutated = mutation(
+                    rng, mutated, frames_now if frames_now and not broken else base_frames
+                )
             what = "+".join(m.__name__ for m in mutations)
         else:
             mutated, replaced, what = content_mutation(rng, data, base_frames)
@@ -399,7 +482,9 @@ def test_fuzz(bases, tmp_path, monkeypatch):
             # (A hostile but valid record of an earlier step may come first.)
             if not first or first.get("source") == "rows" or first["step"] > 23:
                 lost.append("first-non-finite record")
-        if by_tag.get(EVENTS) and (run is None or not any(e.get("loss_scale") == 2.0 for e in run.events)):
+        if by_tag.get(EVENTS) and (
+            run is None or not any(e.get("loss_scale") == 2.0 for e in run.events)
+        ):
             lost.append("events")
         if lost:
             figures["lost records"] += len(lost)
@@ -431,17 +516,34 @@ def test_fuzz(bases, tmp_path, monkeypatch):
                     json.loads(body)
                     if r.status_code >= 500:
                         figures["5xx"] += 1
-                        examples["5xx"].append("%s %s: %d %s" % (label, route, r.status_code, body[:200]))
+                        examples["5xx"].append(
+                            "%s %s: %d %s" % (label, route, r.status_code, body[:200])
+                        )
             except Exception:
                 figures["internal errors"] += 1
-                examples["internal errors"].append("%s plugin: %s" % (label, traceback.format_exc()[-600:]))
+                examples["internal errors"].append(
+                    "%s plugin: %s" % (label, traceback.format_exc()[-600:])
+                )
 
-    print("\nfuzz (seed %d): %s" % (SEED, ", ".join("%s %d" % kv for kv in sorted(figures.items()))))
+    print(
+        "\nfuzz (seed %d): %s" % (SEED, ", ".join("%s %d" % kv for kv in sorted(figures.items())))
+    )
     for key, found in examples.items():
         print("  %s (%d), e.g.:\n    %s" % (key, len(found), "\n    ".join(found[:5])))
     assert figures["cases"] == N_FRAMING + N_CONTENT
-    bad = {k: figures[k] for k in ("internal errors", "lost records", "silent damage", "silent bad content", "5xx",
-                                   "healthy run harmed", "exit status disagrees") if figures[k]}
+    bad = {
+        k: figures[k]
+        for k in (
+            "internal errors",
+            "lost records",
+            "silent damage",
+            "silent bad content",
+            "5xx",
+            "healthy run harmed",
+            "exit status disagrees",
+        )
+        if figures[k]
+    }
     assert not bad, (bad, dict(examples))
 
 
@@ -460,8 +562,12 @@ def _content_was_harmless(run, replaced, mutated):
             written = json.loads(dh.event_of(now[0][2]).summary.value[0].tensor.string_val[0])
         except (ValueError, RecursionError):
             return False
-        return isinstance(written, list) and 0 < len(written) == len([e for e in run.events if e in written])
-    return (tag == ROWS and step in set(run.steps)) or (tag == FLIGHT and step in set(run.flight_steps))
+        return isinstance(written, list) and 0 < len(written) == len(
+            [e for e in run.events if e in written]
+        )
+    return (tag == ROWS and step in set(run.steps)) or (
+        tag == FLIGHT and step in set(run.flight_steps)
+    )
 
 
 N_RUSTBOARD = 30
@@ -489,10 +595,12 @@ def test_fuzz_plugin_under_rustboard(bases, tmp_path):
             status, body = plugin_helpers.get(prefix + "/runs")
             runs = json.loads(body) if status == 200 else []
             time.sleep(0.5)
-        assert len(runs) == N_RUSTBOARD, runs       # every run has nanwatch records left
+        assert len(runs) == N_RUSTBOARD, runs  # every run has nanwatch records left
         for run in runs:
             for route in ROUTES:
-                status, body = plugin_helpers.get(prefix + route.format(run=urllib.parse.quote(run)))
+                status, body = plugin_helpers.get(
+                    prefix + route.format(run=urllib.parse.quote(run))
+                )
                 figures["requests"] += 1
                 figures[status] += 1
                 answer = json.loads(body)
@@ -502,4 +610,6 @@ def test_fuzz_plugin_under_rustboard(bases, tmp_path):
                     bad.append((run, route, status, body[:200]))
     print("\nrustboard fuzz (seed %d): %s" % (SEED + 1, dict(figures)))
     assert not bad, bad
-    assert figures["heatmaps naming dropped records"] > 10    # the gate saw the damage through RustBoard
+    assert (
+        figures["heatmaps naming dropped records"] > 10
+    )  # the gate saw the damage through RustBoard

@@ -15,15 +15,15 @@ import subprocess
 import sys
 import textwrap
 
+import keras
+import model_matrix as mm
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 from tensorflow.python.framework import config as tf_config
 
 import tb_nanwatch
 from tb_nanwatch import reader, summary
-import model_matrix as mm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -55,29 +55,57 @@ def floats(*shape):
 # ---------------------------------------------------------------------------------- the cases
 def mlp(optimizer="adam", regularized=False, **compile_kwargs):
     def build():
-        reg = dict(kernel_regularizer=keras.regularizers.L2(1e-3), bias_regularizer=keras.regularizers.L1(1e-4),
-                   activity_regularizer=keras.regularizers.L2(1e-5)) if regularized else {}
-        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="hidden", **reg),
-                                  keras.layers.Dense(8, name="hidden2", **reg), keras.layers.ReLU(name="relu"),
-                                  keras.layers.Dense(1, name="head")])
+        reg = (
+            dict(
+                kernel_regularizer=keras.regularizers.L2(1e-3),
+                bias_regularizer=keras.regularizers.L1(1e-4),
+                activity_regularizer=keras.regularizers.L2(1e-5),
+            )
+            if regularized
+            else {}
+        )
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, activation="tanh", name="hidden", **reg),
+                keras.layers.Dense(8, name="hidden2", **reg),
+                keras.layers.ReLU(name="relu"),
+                keras.layers.Dense(1, name="head"),
+            ]
+        )
         opt = optimizer() if callable(optimizer) else optimizer
         model.compile(optimizer=opt, loss="mse", **compile_kwargs)
         return model
+
     return build
 
 
 def mlp_case(name, optimizer="adam", steps=4, inject_step=3, **kwargs):
     x = floats(steps * B, 6)
-    return mm.Case(name, mlp(optimizer, **kwargs), x, x[:, :1] * 2.0, target="hidden2", steps=steps,
-                   inject_step=inject_step)
+    return mm.Case(
+        name,
+        mlp(optimizer, **kwargs),
+        x,
+        x[:, :1] * 2.0,
+        target="hidden2",
+        steps=steps,
+        inject_step=inject_step,
+    )
 
 
 def recurrent(layer_fn):
     def build():
-        model = keras.Sequential([keras.Input((5, 3)), keras.layers.Dense(4, name="pre"), layer_fn(),
-                                  keras.layers.Dense(1, name="head")])
+        model = keras.Sequential(
+            [
+                keras.Input((5, 3)),
+                keras.layers.Dense(4, name="pre"),
+                layer_fn(),
+                keras.layers.Dense(1, name="head"),
+            ]
+        )
         model.compile(optimizer="adam", loss="mse")
         return model
+
     return build
 
 
@@ -89,16 +117,28 @@ def rnn_case(name, layer_fn, cell_in_loop):
 
 
 def time_distributed():
-    model = keras.Sequential([keras.Input((5, 3)), keras.layers.TimeDistributed(keras.layers.Dense(4), name="td"),
-                              keras.layers.GRU(4, name="rnn"), keras.layers.Dense(1, name="head")])
+    model = keras.Sequential(
+        [
+            keras.Input((5, 3)),
+            keras.layers.TimeDistributed(keras.layers.Dense(4), name="td"),
+            keras.layers.GRU(4, name="rnn"),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse")
     return model
 
 
 def conv_lstm():
-    model = keras.Sequential([keras.Input((3, 6, 6, 1)), keras.layers.Conv3D(2, 1, name="pre"),
-                              keras.layers.ConvLSTM2D(2, 3, name="rnn"), keras.layers.Flatten(name="flat"),
-                              keras.layers.Dense(1, name="head")])
+    model = keras.Sequential(
+        [
+            keras.Input((3, 6, 6, 1)),
+            keras.layers.Conv3D(2, 1, name="pre"),
+            keras.layers.ConvLSTM2D(2, 3, name="rnn"),
+            keras.layers.Flatten(name="flat"),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse")
     return model
 
@@ -108,10 +148,14 @@ def transformer():
     x = keras.layers.Embedding(50, 8, name="embed")(tokens)
     attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")(x, x)
     x = keras.layers.LayerNormalization(name="ln1")(keras.layers.Add(name="add1")([x, attended]))
-    ffn = keras.layers.Dense(8, name="ffn2")(keras.layers.Dense(16, activation="relu", name="ffn1")(x))
+    ffn = keras.layers.Dense(8, name="ffn2")(
+        keras.layers.Dense(16, activation="relu", name="ffn1")(x)
+    )
     x = keras.layers.LayerNormalization(name="ln2")(keras.layers.Add(name="add2")([x, ffn]))
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
-    out = keras.layers.Dense(2, activation="softmax", name="head")(keras.layers.Dropout(0.1, name="drop")(x))
+    out = keras.layers.Dense(2, activation="softmax", name="head")(
+        keras.layers.Dropout(0.1, name="drop")(x)
+    )
     model = keras.Model(tokens, out, name="transformer")
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     return model
@@ -119,32 +163,55 @@ def transformer():
 
 def conv_bn(jit_compile=False):
     def build():
-        model = keras.Sequential([
-            keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv1"), keras.layers.BatchNormalization(name="bn1"),
-            keras.layers.ReLU(name="relu1"), keras.layers.Dropout(0.3, name="drop"),
-            keras.layers.Conv2D(4, 3, name="conv2"), keras.layers.BatchNormalization(name="bn2"),
-            keras.layers.GlobalAveragePooling2D(name="pool"), keras.layers.Dense(3, activation="softmax", name="head")])
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=jit_compile)
+        model = keras.Sequential(
+            [
+                keras.Input((8, 8, 3)),
+                keras.layers.Conv2D(4, 3, name="conv1"),
+                keras.layers.BatchNormalization(name="bn1"),
+                keras.layers.ReLU(name="relu1"),
+                keras.layers.Dropout(0.3, name="drop"),
+                keras.layers.Conv2D(4, 3, name="conv2"),
+                keras.layers.BatchNormalization(name="bn2"),
+                keras.layers.GlobalAveragePooling2D(name="pool"),
+                keras.layers.Dense(3, activation="softmax", name="head"),
+            ]
+        )
+        model.compile(
+            optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=jit_compile
+        )
         return model
+
     return build
 
 
 def multi_io():
     a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
-    joined = keras.layers.Concatenate(name="join")([keras.layers.Dense(4, name="da")(a),
-                                                    keras.layers.Dense(4, name="db")(b)])
+    joined = keras.layers.Concatenate(name="join")(
+        [keras.layers.Dense(4, name="da")(a), keras.layers.Dense(4, name="db")(b)]
+    )
     shared = keras.layers.ReLU(name="relu")(keras.layers.Dense(8, name="shared")(joined))
-    outputs = {"out1": keras.layers.Dense(1, name="out1")(shared),
-               "out2": keras.layers.Dense(3, activation="softmax", name="out2")(shared)}
+    outputs = {
+        "out1": keras.layers.Dense(1, name="out1")(shared),
+        "out2": keras.layers.Dense(3, activation="softmax", name="out2")(shared),
+    }
     model = keras.Model({"a": a, "b": b}, outputs, name="multi_io")
-    model.compile(optimizer="adam", loss={"out1": "mse", "out2": "sparse_categorical_crossentropy"},
-                  loss_weights={"out1": 1.0, "out2": 0.5})
+    model.compile(
+        optimizer="adam",
+        loss={"out1": "mse", "out2": "sparse_categorical_crossentropy"},
+        loss_weights={"out1": 1.0, "out2": 0.5},
+    )
     return model
 
 
 def siamese():
-    encoder = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="enc_dense"),
-                                keras.layers.Dense(4, name="enc_out")], name="encoder")
+    encoder = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu", name="enc_dense"),
+            keras.layers.Dense(4, name="enc_out"),
+        ],
+        name="encoder",
+    )
     a, b = keras.Input((4,), name="a"), keras.Input((4,), name="b")
     distance = keras.layers.Subtract(name="diff")([encoder(a), encoder(b)])
     out = keras.layers.Dense(1, activation="sigmoid", name="head")(distance)
@@ -167,12 +234,24 @@ class GAN(keras.Model):
 
     def __init__(self):
         super().__init__()
-        self.discriminator = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="d_hidden"),
-                                               keras.layers.LeakyReLU(0.2, name="d_leaky"),
-                                               keras.layers.Dense(1, name="d_out")], name="discriminator")
-        self.generator = keras.Sequential([keras.Input((LATENT,)), keras.layers.Dense(8, name="g_hidden"),
-                                           keras.layers.LeakyReLU(0.2, name="g_leaky"),
-                                           keras.layers.Dense(6, name="g_out")], name="generator")
+        self.discriminator = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, name="d_hidden"),
+                keras.layers.LeakyReLU(0.2, name="d_leaky"),
+                keras.layers.Dense(1, name="d_out"),
+            ],
+            name="discriminator",
+        )
+        self.generator = keras.Sequential(
+            [
+                keras.Input((LATENT,)),
+                keras.layers.Dense(8, name="g_hidden"),
+                keras.layers.LeakyReLU(0.2, name="g_leaky"),
+                keras.layers.Dense(6, name="g_out"),
+            ],
+            name="generator",
+        )
         self.seed_generator = keras.random.SeedGenerator(1337)
 
     def compile(self, d_optimizer, g_optimizer, loss_fn):
@@ -199,8 +278,11 @@ class GAN(keras.Model):
 
 def gan():
     model = GAN()
-    model.compile(keras.optimizers.Adam(1e-3), keras.optimizers.SGD(1e-2, momentum=0.5),
-                  keras.losses.BinaryCrossentropy(from_logits=True))
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.optimizers.SGD(1e-2, momentum=0.5),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -214,12 +296,15 @@ def app(constructor, **kwargs):
         model = constructor(input_shape=(32, 32, 3), weights=None, classes=10, **kwargs)
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         return model
+
     return build
 
 
 def images(n, shape, classes):
     r = rng()
-    return r.uniform(0, 1, size=(n,) + shape).astype("float32"), r.integers(0, classes, size=(n,)).astype("int32")
+    return r.uniform(0, 1, size=(n,) + shape).astype("float32"), r.integers(
+        0, classes, size=(n,)
+    ).astype("int32")
 
 
 def cases():
@@ -227,17 +312,34 @@ def cases():
     for kind in ("LSTM", "GRU", "SimpleRNN"):
         for unroll in (False, True):
             layer = getattr(keras.layers, kind)
-            out.append(rnn_case("%s_unroll_%s" % (kind.lower(), unroll),
-                                lambda layer=layer, unroll=unroll: layer(6, unroll=unroll, name="rnn"),
-                                cell_in_loop=not unroll))
-    out.append(rnn_case("bidirectional_gru", lambda: keras.layers.Bidirectional(keras.layers.GRU(4), name="rnn"),
-                        cell_in_loop=False))
+            out.append(
+                rnn_case(
+                    "%s_unroll_%s" % (kind.lower(), unroll),
+                    lambda layer=layer, unroll=unroll: layer(6, unroll=unroll, name="rnn"),
+                    cell_in_loop=not unroll,
+                )
+            )
+    out.append(
+        rnn_case(
+            "bidirectional_gru",
+            lambda: keras.layers.Bidirectional(keras.layers.GRU(4), name="rnn"),
+            cell_in_loop=False,
+        )
+    )
     x = floats(4 * B, 5, 3)
     out.append(mm.Case("time_distributed_dense", time_distributed, x, x[:, -1, :1], target="td"))
     x = floats(4 * B, 3, 6, 6, 1)
     out.append(mm.Case("conv_lstm2d", conv_lstm, x, x[:, -1, 0, 0, :1], target="rnn"))
     tokens = rng().integers(0, 50, size=(4 * B, 6)).astype("int32")
-    out.append(mm.Case("transformer_block", transformer, tokens, (tokens[:, 0] % 2).astype("int32"), target="mha"))
+    out.append(
+        mm.Case(
+            "transformer_block",
+            transformer,
+            tokens,
+            (tokens[:, 0] % 2).astype("int32"),
+            target="mha",
+        )
+    )
     x, y = images(4 * B, (8, 8, 3), 3)
     out.append(mm.Case("conv_batchnorm_dropout", conv_bn(), x, y, target="conv2"))
     out.append(mm.Case("jit_compile", conv_bn(jit_compile=True), x, y, target="conv2"))
@@ -245,17 +347,51 @@ def cases():
     y = {"out1": x["a"][:, :1], "out2": (x["b"][:, 0] > 0).astype("int32")}
     out.append(mm.Case("multi_io_dict_losses", multi_io, x, y, target="shared"))
     x = {"a": floats(4 * B, 4), "b": floats(4 * B, 4)[::-1].copy()}
-    out.append(mm.Case("siamese_shared_encoder", siamese, x, (x["a"][:, :1] > 0).astype("float32"),
-                       target="encoder/enc_out", truth=siamese_truth))
-    out.append(mm.Case("gan_two_optimizers", gan, floats(4 * B, 6), None, target="generator/g_hidden",
-                       truth=gan_truth, optimizers=lambda m: [m.d_optimizer, m.g_optimizer]))
+    out.append(
+        mm.Case(
+            "siamese_shared_encoder",
+            siamese,
+            x,
+            (x["a"][:, :1] > 0).astype("float32"),
+            target="encoder/enc_out",
+            truth=siamese_truth,
+        )
+    )
+    out.append(
+        mm.Case(
+            "gan_two_optimizers",
+            gan,
+            floats(4 * B, 6),
+            None,
+            target="generator/g_hidden",
+            truth=gan_truth,
+            optimizers=lambda m: [m.d_optimizer, m.g_optimizer],
+        )
+    )
     out.append(mlp_case("steps_per_execution_4", steps=8, inject_step=4, steps_per_execution=4))
     # Optimizer options, two to a case to keep the file's time down.
-    out.append(mlp_case("adamw_lr_schedule_kernel_regularizers", lambda: keras.optimizers.AdamW(
-        keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5), weight_decay=0.01),
-        regularized=True))
-    out.append(mlp_case("sgd_nesterov_global_clipnorm_accumulation_2", lambda: keras.optimizers.SGD(
-        0.01, momentum=0.9, nesterov=True, global_clipnorm=0.1, gradient_accumulation_steps=2)))
+    out.append(
+        mlp_case(
+            "adamw_lr_schedule_kernel_regularizers",
+            lambda: keras.optimizers.AdamW(
+                keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5),
+                weight_decay=0.01,
+            ),
+            regularized=True,
+        )
+    )
+    out.append(
+        mlp_case(
+            "sgd_nesterov_global_clipnorm_accumulation_2",
+            lambda: keras.optimizers.SGD(
+                0.01,
+                momentum=0.9,
+                nesterov=True,
+                global_clipnorm=0.1,
+                gradient_accumulation_steps=2,
+            ),
+        )
+    )
     return {c.name: c for c in out}
 
 
@@ -266,9 +402,9 @@ CASES = cases()
 # these XPASS, which fails (strict): then delete the entry.
 KNOWN_DIFFERENT = {
     "resnet50": "2 of 322 variables (conv1_conv kernel and bias) differ after 1 SGD step at 64x64: Grappler's "
-                "memory optimizer turns the 3-term gradient AddN at conv1's output into accumulating assigns "
-                "when its whole-graph peak-memory estimate passes 80% of the CPU device's limit, and the "
-                "statistics' memory moves the estimate (at 32x32 Adam it differs in some runs, not in others)",
+    "memory optimizer turns the 3-term gradient AddN at conv1's output into accumulating assigns "
+    "when its whole-graph peak-memory estimate passes 80% of the CPU device's limit, and the "
+    "statistics' memory moves the estimate (at 32x32 Adam it differs in some runs, not in others)",
 }
 
 
@@ -287,8 +423,13 @@ def check_case(case, tmp_path):
     weight_grads = [s for s in result.sites if s["kind"] == "weight_grad"]
     assert len(weight_grads) == len(model.trainable_variables)
     for optimizer in case.optimizers(model):
-        slot_variables = [v for v in optimizer.variables if v.path.split("/")[-1].startswith(
-            tuple(n for n in ("momentum", "velocity", "accumulated", "average")))]
+        slot_variables = [
+            v
+            for v in optimizer.variables
+            if v.path.split("/")[-1].startswith(
+                tuple(n for n in ("momentum", "velocity", "accumulated", "average"))
+            )
+        ]
         slot_sites = [s for s in result.sites if s["kind"] == "optimizer_state"]
         assert len(slot_sites) >= len(slot_variables)
     # Weights are named by the layer that holds them (an RNN's cell, a wrapper's inner layer).
@@ -300,7 +441,9 @@ def check_case(case, tmp_path):
         assert "%s/activation" % cell not in labels, labels
     # (c) The blow-up, named as the ground truth found it.
     step, layer = result.plain.truth
-    assert (step, layer) == (case.inject_step, case.target), "the ground truth does not see the injection"
+    assert (step, layer) == (case.inject_step, case.target), (
+        "the ground truth does not see the injection"
+    )
     first = result.first_nonfinite()
     assert first is not None, "nothing non-finite recorded"
     assert (first["step"], first["kind"]) == (step, case.expected_kind), first
@@ -314,9 +457,11 @@ def check_case(case, tmp_path):
     differ = mm.compare_bitwise(result.plain.snapshot, result.watched.snapshot)
     if differ:
         name, largest = max(differ, key=lambda d: -1 if d[1] is None else d[1])
-        raise TrainingChanged("after %d step(s), %d of %d variables differ; largest |difference| %.3g in %s; "
-                              "first: %s" % (case.inject_step, len(differ), len(result.plain.snapshot), largest,
-                                             name, differ[0]))
+        raise TrainingChanged(
+            "after %d step(s), %d of %d variables differ; largest |difference| %.3g in %s; "
+            "first: %s"
+            % (case.inject_step, len(differ), len(result.plain.snapshot), largest, name, differ[0])
+        )
     return result
 
 
@@ -326,7 +471,9 @@ def params(names):
         known = KNOWN_DIFFERENT.get(name)
         # Not strict: whether the memory optimizer's threshold is crossed varies from run to run
         # (the same code passed and failed at 32x32); a naming failure still fails the test.
-        marks = [pytest.mark.xfail(strict=False, raises=TrainingChanged, reason=known)] if known else []
+        marks = (
+            [pytest.mark.xfail(strict=False, raises=TrainingChanged, reason=known)] if known else []
+        )
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
@@ -349,7 +496,9 @@ APPS = {
 def test_application(name, tmp_path):
     build, target = APPS[name]
     x, y = images(2 * 2, (32, 32, 3), 10)
-    check_case(mm.Case(name, build(), x, y, target=target, steps=2, inject_step=1, batch=2), tmp_path)
+    check_case(
+        mm.Case(name, build(), x, y, target=target, steps=2, inject_step=1, batch=2), tmp_path
+    )
 
 
 # ---------------------------------------------------------------------------------- misuse
@@ -375,11 +524,18 @@ def messages(records, text):
 
 def small_model():
     keras.utils.set_random_seed(0)
-    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="tanh", name="hidden"),
-                             keras.layers.Dense(1, name="head")])
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
 
 
-def test_watch_created_after_the_step_was_traced_warns_at_first_step_and_at_close(tmp_path, watch_log):
+def test_watch_created_after_the_step_was_traced_warns_at_first_step_and_at_close(
+    tmp_path, watch_log
+):
     model, optimizer = small_model(), keras.optimizers.SGD(0.01)
 
     @tf.function
@@ -390,7 +546,7 @@ def test_watch_created_after_the_step_was_traced_warns_at_first_step_and_at_clos
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
     x, y = tf.constant(floats(8, 6)), tf.zeros((8, 1))
-    train_step(x, y)                      # traced before the Watch exists
+    train_step(x, y)  # traced before the Watch exists
     watch = tb_nanwatch.Watch(str(tmp_path / "run"), model, optimizer, log_every=1)
     text = "no training step was traced with the Watch in place"
     for step in range(3):
@@ -399,7 +555,9 @@ def test_watch_created_after_the_step_was_traced_warns_at_first_step_and_at_clos
         assert len(messages(watch_log, text)) == 1, "warned once, at the first after_step()"
     watch.close()
     at_close = messages(watch_log, text)
-    assert len(at_close) == 2 and "closing" in at_close[1] and "after 3 step(s)" in at_close[1], at_close
+    assert len(at_close) == 2 and "closing" in at_close[1] and "after 3 step(s)" in at_close[1], (
+        at_close
+    )
     assert watch.sites == []
 
 
@@ -456,11 +614,19 @@ def trace_counter():
 def fit_evaluate_fit(watched, tmp_path):
     keras.utils.set_random_seed(0)
     counted = trace_counter()
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="tanh", name="hidden"), counted,
-                              keras.layers.Dense(1, name="head")])
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4, activation="tanh", name="hidden"),
+            counted,
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse")
     x = floats(4 * B, 6)
-    callbacks = [tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=2)] if watched else []
+    callbacks = (
+        [tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=2)] if watched else []
+    )
     model.fit(x, x[:, :1], batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
     first_fit = type(counted).traces
     evaluated = model.evaluate(x, x[:, :1], batch_size=B, verbose=0)
@@ -505,21 +671,34 @@ def test_after_fit_evaluate_predict_save_and_load_elsewhere_give_plain_fits_numb
     def trained(watched):
         keras.utils.set_random_seed(0)
         model = conv_bn()()
-        callbacks = [tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=2)] if watched else []
+        callbacks = (
+            [tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=2)] if watched else []
+        )
         model.fit(x, y, batch_size=B, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
         return model
 
     plain, watched = trained(False), trained(True)
-    assert watched.evaluate(x, y, batch_size=B, verbose=0) == plain.evaluate(x, y, batch_size=B, verbose=0)
-    np.testing.assert_array_equal(watched.predict(x, batch_size=B, verbose=0), plain.predict(x, batch_size=B, verbose=0))
+    assert watched.evaluate(x, y, batch_size=B, verbose=0) == plain.evaluate(
+        x, y, batch_size=B, verbose=0
+    )
+    np.testing.assert_array_equal(
+        watched.predict(x, batch_size=B, verbose=0), plain.predict(x, batch_size=B, verbose=0)
+    )
     path = str(tmp_path / "m.keras")
     watched.save(path)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
-    proc = subprocess.run([sys.executable, "-c", CHILD, path, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, path, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
+
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_array_equal(np.array(got["predict"], "float32"), plain.predict(x, batch_size=B, verbose=0))
+    np.testing.assert_array_equal(
+        np.array(got["predict"], "float32"), plain.predict(x, batch_size=B, verbose=0)
+    )
     assert got["evaluate"] == pytest.approx(plain.evaluate(x, y, batch_size=B, verbose=0), rel=1e-6)

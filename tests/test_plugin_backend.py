@@ -6,24 +6,21 @@ over logdirs written through the real record format.
 """
 
 import base64
-import collections
 import json
 import time
 
 import numpy as np
+import plugin_helpers
 import pytest
-from werkzeug import test as werkzeug_test
-
+import synthetic
 from tensorboard import program
 from tensorboard.backend import application
-from tensorboard.backend.event_processing import data_ingester
+from tensorboard.backend.event_processing import data_ingester, plugin_event_multiplexer
 from tensorboard.backend.event_processing import data_provider as tb_data_provider
-from tensorboard.backend.event_processing import plugin_event_multiplexer
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.core import core_plugin
+from werkzeug import test as werkzeug_test
 
-import plugin_helpers
-import synthetic
 from tb_nanwatch import cache, diagnosis, heatmap, plugin, reader, stats, summary
 
 COL = stats.STAT_INDEX
@@ -45,14 +42,18 @@ class App:
         guidance = dict(data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE)
         guidance.update(flags.samples_per_plugin)
         self.multiplexer = plugin_event_multiplexer.EventMultiplexer(
-            size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE, tensor_size_guidance=guidance,
-            max_reload_threads=1)
+            size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE,
+            tensor_size_guidance=guidance,
+            max_reload_threads=1,
+        )
         self.multiplexer.AddRunsFromDirectory(str(logdir))
         self.multiplexer.Reload()
         provider = tb_data_provider.MultiplexerDataProvider(self.multiplexer, str(logdir))
         context = base_plugin.TBContext(data_provider=provider, logdir=str(logdir), flags=flags)
         self.plugin = plugin.NanWatchLoader().load(context)
-        self.client = werkzeug_test.Client(application.TensorBoardWSGI([self.plugin], data_provider=provider))
+        self.client = werkzeug_test.Client(
+            application.TensorBoardWSGI([self.plugin], data_provider=provider)
+        )
 
     def get(self, path, **params):
         query = "&".join("%s=%s" % kv for kv in params.items())
@@ -103,13 +104,17 @@ def test_fix_flags_explicit_value_wins(tmp_path):
 
 def test_fix_flags_string_and_missing_forms(tmp_path):
     # configure(**kwargs) sets the raw string, bypassing argparse's parser.
-    assert configure(logdir=str(tmp_path), samples_per_plugin="nanwatch=7,images=2").samples_per_plugin == {
-        "nanwatch": 7, "images": 2}
+    assert configure(
+        logdir=str(tmp_path), samples_per_plugin="nanwatch=7,images=2"
+    ).samples_per_plugin == {"nanwatch": 7, "images": 2}
     assert configure(logdir=str(tmp_path), samples_per_plugin="images=2").samples_per_plugin == {
-        "nanwatch": 0, "images": 2}
+        "nanwatch": 0,
+        "images": 2,
+    }
 
     class Flags:
         samples_per_plugin = None
+
     flags = Flags()
     plugin.NanWatchLoader().fix_flags(flags)
     assert flags.samples_per_plugin == {"nanwatch": 0}
@@ -127,7 +132,10 @@ def test_plugins_listing(app):
     listing = json.loads(r.get_data())["nanwatch"]
     assert listing["enabled"] is True
     assert listing["tab_name"] == "NanWatch"
-    assert listing["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/nanwatch/index.js"}
+    assert listing["loading_mechanism"] == {
+        "type": "IFRAME",
+        "module_path": "/data/plugin/nanwatch/index.js",
+    }
 
 
 @pytest.mark.parametrize("name,content_type", sorted(plugin.STATIC_FILES.items()))
@@ -142,9 +150,19 @@ def test_index_exports_render(app):
     assert "export async function render" in app.get("/index.js").get_data(as_text=True)
 
 
-@pytest.mark.parametrize("path", [
-    "/plugin.py", "/../plugin.py", "/%2e%2e/setup.py", "/frontend/index.js", "/index.js/../../setup.py",
-    "/..%2f..%2fsetup.py", "/index.html", "/"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/plugin.py",
+        "/../plugin.py",
+        "/%2e%2e/setup.py",
+        "/frontend/index.js",
+        "/index.js/../../setup.py",
+        "/..%2f..%2fsetup.py",
+        "/index.html",
+        "/",
+    ],
+)
 def test_static_allow_list(app, path):
     r = app.client.get(PREFIX + path)
     assert r.status_code == 404, path
@@ -165,11 +183,24 @@ def test_info_is_the_stats_table(app):
 
 def test_runs_and_groups(app):
     assert app.json("/runs") == ["clean", "mlp", "spikes", "two_towers"]
-    assert app.json("/groups") == {"clean": [None], "mlp": [None], "spikes": [None], "two_towers": [None, "tower_b"]}
+    assert app.json("/groups") == {
+        "clean": [None],
+        "mlp": [None],
+        "spikes": [None],
+        "two_towers": [None, "tower_b"],
+    }
     default = app.json("/heatmap", rows="sites", run="two_towers")
     tower = app.json("/heatmap", rows="sites", run="two_towers", group="tower_b")
-    assert (default["group"], default["n_columns"], default["n_sites"]) == (None, 10, len(synthetic.sites_for()))
-    assert (tower["group"], tower["n_columns"], tower["n_sites"]) == ("tower_b", 7, len(synthetic.sites_for(("x",))))
+    assert (default["group"], default["n_columns"], default["n_sites"]) == (
+        None,
+        10,
+        len(synthetic.sites_for()),
+    )
+    assert (tower["group"], tower["n_columns"], tower["n_sites"]) == (
+        "tower_b",
+        7,
+        len(synthetic.sites_for(("x",))),
+    )
     assert tower["sites"][1]["layer"] == "tower_b_dense"
     assert app.json("/cell", run="two_towers", group="tower_b", site=1)["rows"] == 7
 
@@ -179,6 +210,7 @@ def test_newer_record_version_is_refused_in_words(tmp_path):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     from tensorboard.util import tensor_util
+
     from tb_nanwatch import metadata
 
     sites = synthetic.sites_for()
@@ -187,9 +219,14 @@ def test_newer_record_version_is_refused_in_words(tmp_path):
     content["version"] = metadata.PROTOCOL_VERSION + 1
     meta.plugin_data.content = json.dumps(content).encode()
     writer = EventFileWriter(str(tmp_path / "future"))
-    value = summary_pb2.Summary.Value(tag="nanwatch/rows", metadata=meta,
-                                      tensor=tensor_util.make_tensor_proto(synthetic.finite_row(len(sites), 0)))
-    writer.add_event(event_pb2.Event(step=0, wall_time=1.0, summary=summary_pb2.Summary(value=[value])))
+    value = summary_pb2.Summary.Value(
+        tag="nanwatch/rows",
+        metadata=meta,
+        tensor=tensor_util.make_tensor_proto(synthetic.finite_row(len(sites), 0)),
+    )
+    writer.add_event(
+        event_pb2.Event(step=0, wall_time=1.0, summary=summary_pb2.Summary(value=[value]))
+    )
     writer.close()
     future = App(tmp_path)
     assert future.json("/runs") == ["future"]
@@ -205,7 +242,11 @@ def test_first_nonfinite_is_the_reader_contract(app, logdir):
     assert got == reader.first_nonfinite_json(reader.read_run(provider, ctx, eid, "mlp"))
     sites = synthetic.sites_for()
     assert (got["step"], got["layer"], got["kind"], got["tensor"]) == (
-        5003, sites[12]["layer"], sites[12]["kind"], sites[12]["tensor"])
+        5003,
+        sites[12]["layer"],
+        sites[12]["kind"],
+        sites[12]["tensor"],
+    )
     assert (got["nan"], got["posinf"], got["neginf"]) == (0, 3, 0)
     assert len(got["propagators"]) == len(sites) - 13
 
@@ -228,7 +269,9 @@ def test_heatmap_full_resolution_matches_written_rows(app, logdir):
     values, status = decode(hm)
     provider, ctx, eid = reader.open_logdir(str(logdir))
     data = reader.read_run(provider, ctx, eid, "mlp")
-    np.testing.assert_allclose(values, data.rows[:, :, COL["max_abs"]].T.astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(
+        values, data.rows[:, :, COL["max_abs"]].T.astype(np.float32), rtol=1e-6
+    )
     np.testing.assert_array_equal(status, stats.nonfinite_status(data.rows).T)
     assert hm["last_steps"] == [int(s) for s in data.steps]
     assert hm["first_steps"] == [int(s) - 9 for s in data.steps]
@@ -257,8 +300,12 @@ def test_heatmap_downsampling_never_averages_a_spike_away(app):
     expected[neg_site, column(neg_row)] = 3
     np.testing.assert_array_equal(status, expected)
     # max_abs aggregates by max, not by mean.
-    binned_max = np.stack([rows[a:b, :, COL["max_abs"]].max(axis=0) for a, b in zip(edges, edges[1:])], 1)
-    binned_mean = np.stack([rows[a:b, :, COL["max_abs"]].mean(axis=0) for a, b in zip(edges, edges[1:])], 1)
+    binned_max = np.stack(
+        [rows[a:b, :, COL["max_abs"]].max(axis=0) for a, b in zip(edges, edges[1:])], 1
+    )
+    binned_mean = np.stack(
+        [rows[a:b, :, COL["max_abs"]].mean(axis=0) for a, b in zip(edges, edges[1:])], 1
+    )
     np.testing.assert_allclose(values, binned_max.astype(np.float32), rtol=1e-6)
     assert not np.allclose(values, binned_mean, rtol=1e-3)
     # Counts are summed over the bin.
@@ -272,7 +319,12 @@ def test_heatmap_kind_filter_keeps_model_order(app):
     want = [i for i, s in enumerate(sites) if s["kind"] == "weight_grad"]
     assert [s["index"] for s in hm["sites"]] == want
     assert hm["first_nonfinite_cell"]["row"] == want.index(12)
-    assert app.json("/heatmap", rows="sites", run="mlp", kind="activation", columns=10)["first_nonfinite_cell"] is None
+    assert (
+        app.json("/heatmap", rows="sites", run="mlp", kind="activation", columns=10)[
+            "first_nonfinite_cell"
+        ]
+        is None
+    )
 
 
 def test_heatmap_zoom_to_a_step_range(app):
@@ -295,7 +347,9 @@ def test_heatmap_every_stat_and_kind_answers(app):
     for stat in stats.STAT_NAMES:
         assert app.json("/heatmap", rows="sites", run="mlp", stat=stat, columns=20)["stat"] == stat
     for kind in stats.KINDS + ("all",):
-        assert app.json("/heatmap", rows="sites", run="clean", kind=kind, columns=20)["kind"] == kind
+        assert (
+            app.json("/heatmap", rows="sites", run="clean", kind=kind, columns=20)["kind"] == kind
+        )
 
 
 def test_heatmap_latency(app):
@@ -303,12 +357,15 @@ def test_heatmap_latency(app):
         t0 = time.perf_counter()
         app.json("/heatmap", rows="sites", run="mlp", columns=500, **params)
         return time.perf_counter() - t0
+
     app.plugin.cache = cache.RunCache()
-    cold = timed()                                                  # reads the run
-    built = min(timed(stat=s) for s in ("norm", "std", "mean"))     # run cached, heatmap built
-    cached = min(timed() for _ in range(3))                         # the same view again
-    print("\nheatmap route, 1,000 rows x 32 sites -> 500 columns: cold %.1f ms, built %.1f ms, cached %.1f ms"
-          % (cold * 1e3, built * 1e3, cached * 1e3))
+    cold = timed()  # reads the run
+    built = min(timed(stat=s) for s in ("norm", "std", "mean"))  # run cached, heatmap built
+    cached = min(timed() for _ in range(3))  # the same view again
+    print(
+        "\nheatmap route, 1,000 rows x 32 sites -> 500 columns: cold %.1f ms, built %.1f ms, cached %.1f ms"
+        % (cold * 1e3, built * 1e3, cached * 1e3)
+    )
     assert cached < built < cold < 5
 
 
@@ -316,7 +373,10 @@ def test_heatmap_cache_follows_new_data(app):
     # The cached answer belongs to one version of the run: a different run answers its own.
     a = app.json("/heatmap", rows="sites", run="clean", columns=500)
     b = app.json("/heatmap", rows="sites", run="spikes", columns=500)
-    assert (a["run"], a["n_columns"]) == ("clean", 30) and (b["run"], b["n_columns"]) == ("spikes", 500)
+    assert (a["run"], a["n_columns"]) == ("clean", 30) and (b["run"], b["n_columns"]) == (
+        "spikes",
+        500,
+    )
 
 
 # -- cell ---------------------------------------------------------------------------
@@ -332,7 +392,9 @@ def test_cell_aggregates_every_statistic(app, logdir):
             assert cell["stats"][name] is None, name
         else:
             assert cell["stats"][name] == pytest.approx(expected[k]), name
-    assert cell["stats"]["posinf"] == 3 * 7 + 3 * 10  # steps 5003-5009 and 5010-5019: summed, never averaged
+    assert (
+        cell["stats"]["posinf"] == 3 * 7 + 3 * 10
+    )  # steps 5003-5009 and 5010-5019: summed, never averaged
     assert cell["site"]["label"] == summary.site_label(synthetic.sites_for()[12])
     assert [r["step"] for r in cell["flight"]] == list(range(4996, 5004))
     assert cell["flight"][-1]["posinf"] == 3 and cell["flight"][0]["posinf"] == 0
@@ -349,33 +411,36 @@ def test_cell_outside_data(app):
 
 
 # -- errors: 400 with a message, 404 for unknown runs, never 500 --------------------------
-@pytest.mark.parametrize("path,params,code", [
-    ("/heatmap", {}, 400),
-    ("/heatmap", {"run": "mlp", "columns": "abc"}, 400),
-    ("/heatmap", {"run": "mlp", "columns": "1.5"}, 400),
-    ("/heatmap", {"run": "mlp", "columns": "-3"}, 400),
-    ("/heatmap", {"run": "mlp", "columns": "0"}, 400),
-    ("/heatmap", {"run": "mlp", "columns": "10000000000000000000000"}, 400),
-    ("/heatmap", {"run": "mlp", "stat": "bogus"}, 400),
-    ("/heatmap", {"run": "mlp", "kind": "bogus"}, 400),
-    ("/heatmap", {"run": "mlp", "source": "bogus"}, 400),
-    ("/heatmap", {"run": "mlp", "first_step": "x"}, 400),
-    ("/heatmap", {"run": "mlp", "first_step": "-1"}, 400),
-    ("/heatmap", {"run": "mlp", "first_step": "20", "last_step": "10"}, 400),
-    ("/heatmap", {"run": "nope"}, 404),
-    ("/heatmap", {"run": "mlp", "group": "nope"}, 404),
-    ("/first_nonfinite", {}, 400),
-    ("/first_nonfinite", {"run": "nope"}, 404),
-    ("/cell", {"run": "mlp"}, 400),
-    ("/cell", {"run": "mlp", "site": "x"}, 400),
-    ("/cell", {"run": "mlp", "site": "-1"}, 400),
-    ("/cell", {"run": "mlp", "site": "999"}, 400),
-    ("/cell", {"run": "mlp", "site": "1", "last_step": "zz"}, 400),
-    ("/cell", {"run": "mlp", "site": "1", "source": "bogus"}, 400),
-    ("/cell", {"run": "nope", "site": "1"}, 404),
-    ("/precursors", {}, 400),
-    ("/precursors", {"run": "nope"}, 404),
-])
+@pytest.mark.parametrize(
+    "path,params,code",
+    [
+        ("/heatmap", {}, 400),
+        ("/heatmap", {"run": "mlp", "columns": "abc"}, 400),
+        ("/heatmap", {"run": "mlp", "columns": "1.5"}, 400),
+        ("/heatmap", {"run": "mlp", "columns": "-3"}, 400),
+        ("/heatmap", {"run": "mlp", "columns": "0"}, 400),
+        ("/heatmap", {"run": "mlp", "columns": "10000000000000000000000"}, 400),
+        ("/heatmap", {"run": "mlp", "stat": "bogus"}, 400),
+        ("/heatmap", {"run": "mlp", "kind": "bogus"}, 400),
+        ("/heatmap", {"run": "mlp", "source": "bogus"}, 400),
+        ("/heatmap", {"run": "mlp", "first_step": "x"}, 400),
+        ("/heatmap", {"run": "mlp", "first_step": "-1"}, 400),
+        ("/heatmap", {"run": "mlp", "first_step": "20", "last_step": "10"}, 400),
+        ("/heatmap", {"run": "nope"}, 404),
+        ("/heatmap", {"run": "mlp", "group": "nope"}, 404),
+        ("/first_nonfinite", {}, 400),
+        ("/first_nonfinite", {"run": "nope"}, 404),
+        ("/cell", {"run": "mlp"}, 400),
+        ("/cell", {"run": "mlp", "site": "x"}, 400),
+        ("/cell", {"run": "mlp", "site": "-1"}, 400),
+        ("/cell", {"run": "mlp", "site": "999"}, 400),
+        ("/cell", {"run": "mlp", "site": "1", "last_step": "zz"}, 400),
+        ("/cell", {"run": "mlp", "site": "1", "source": "bogus"}, 400),
+        ("/cell", {"run": "nope", "site": "1"}, 404),
+        ("/precursors", {}, 400),
+        ("/precursors", {"run": "nope"}, 404),
+    ],
+)
 def test_bad_requests(app, path, params, code):
     r = app.get(path, **params)
     assert r.status_code == code, r.get_data(as_text=True)
@@ -392,7 +457,7 @@ def test_empty_range_is_not_an_error(app):
 # Steps the LossScaleOptimizer skipped (gradients overflowed) -> loss scale after the skip.
 MP_SKIPS = {0: 16384.0, 1: 8192.0, 2: 4096.0, 153: 2048.0, 281: 1024.0}
 MP_COLLAPSE = 299
-MP_FIRST = 205   # the "worker" run: dense_2's float16 output overflows at this step
+MP_FIRST = 205  # the "worker" run: dense_2's float16 output overflows at this step
 
 
 def write_mixed_precision(logdir, first=False):
@@ -401,8 +466,12 @@ def write_mixed_precision(logdir, first=False):
     skipped steps.  With `first`: dense_2's float16 output comes within half a doubling of
     float16's largest value from step 150 and overflows at MP_FIRST on worker_1's replica 3."""
     sites = synthetic.sites_for()
-    vel = next(i for i, s in enumerate(sites) if (s["layer"], s["tensor"]) == ("dense", "velocity/kernel"))
-    act = next(i for i, s in enumerate(sites) if (s["layer"], s["kind"]) == ("dense_2", "activation"))
+    vel = next(
+        i for i, s in enumerate(sites) if (s["layer"], s["tensor"]) == ("dense", "velocity/kernel")
+    )
+    act = next(
+        i for i, s in enumerate(sites) if (s["layer"], s["kind"]) == ("dense_2", "activation")
+    )
     sites[vel]["dtype"] = sites[act]["dtype"] = "float16"
     grads = [i for i, s in enumerate(sites) if s["kind"] in ("activation_grad", "weight_grad")]
     total = 0
@@ -414,8 +483,18 @@ def write_mixed_precision(logdir, first=False):
             skipped = sorted(s for s in MP_SKIPS if start <= s <= step)
             for s in skipped:
                 total += 1
-                writer.write_events(s, [{"type": "loss_scale_skip", "step": s, "skips_total": total,
-                                         "new_skips": 1, "loss_scale": MP_SKIPS[s]}])
+                writer.write_events(
+                    s,
+                    [
+                        {
+                            "type": "loss_scale_skip",
+                            "step": s,
+                            "skips_total": total,
+                            "new_skips": 1,
+                            "loss_scale": MP_SKIPS[s],
+                        }
+                    ],
+                )
             if skipped:
                 row[grads, COL["posinf"]] = 5 * len(skipped)
                 row[grads, COL["nonfinite_steps"]] = len(skipped)
@@ -427,12 +506,28 @@ def write_mixed_precision(logdir, first=False):
                 row[act:, COL["nonfinite_steps"]] = 1
                 row[act:, COL["first_nonfinite_step"]] = max(start, MP_FIRST)
             if step == MP_COLLAPSE:
-                writer.write_events(step, [{"type": "loss_scale_collapse", "step": step, "loss_scale": 0.5}])
+                writer.write_events(
+                    step, [{"type": "loss_scale_collapse", "step": step, "loss_scale": 0.5}]
+                )
             writer.write_row(step, row)
             if first and start <= MP_FIRST <= step:
-                writer.write_first_nonfinite(MP_FIRST, dict(
-                    layer="dense_2", kind="activation", tensor="", site=act, nan=0, posinf=2, neginf=0,
-                    propagators=[], replica=3, replicas=[3], worker="worker_1", loss_scale_skips_before=4))
+                writer.write_first_nonfinite(
+                    MP_FIRST,
+                    dict(
+                        layer="dense_2",
+                        kind="activation",
+                        tensor="",
+                        site=act,
+                        nan=0,
+                        posinf=2,
+                        neginf=0,
+                        propagators=[],
+                        replica=3,
+                        replicas=[3],
+                        worker="worker_1",
+                        loss_scale_skips_before=4,
+                    ),
+                )
     return sites, vel, act, grads
 
 
@@ -460,35 +555,65 @@ def test_heatmap_events_are_the_skips_in_view(mixed):
     # run has no first non-finite value.
     _, status = decode(hm)
     assert app.json("/first_nonfinite", run="mp") is None
-    grad_rows = [i for i, s in enumerate(hm["sites"]) if s["kind"] in ("activation_grad", "weight_grad")]
+    grad_rows = [
+        i for i, s in enumerate(hm["sites"]) if s["kind"] in ("activation_grad", "weight_grad")
+    ]
     assert (status[grad_rows][:, [0, 15, 28]] == 2).all() and status[:, 1].max() == 0
     # Whole-run totals for the banner, whatever the view.
     counts = {c["type"]: c for c in hm["event_counts"]}
-    assert counts["loss_scale_skip"]["count"] == 5 and counts["loss_scale_skip"]["last"]["loss_scale"] == 1024.0
-    assert (counts["loss_scale_skip"]["first_step"], counts["loss_scale_skip"]["last_step"]) == (0, 281)
+    assert (
+        counts["loss_scale_skip"]["count"] == 5
+        and counts["loss_scale_skip"]["last"]["loss_scale"] == 1024.0
+    )
+    assert (counts["loss_scale_skip"]["first_step"], counts["loss_scale_skip"]["last_step"]) == (
+        0,
+        281,
+    )
     assert counts["loss_scale_collapse"]["count"] == 1
 
 
 def test_heatmap_events_follow_the_step_range_and_binning(mixed):
     app, _ = mixed
     zoom = app.json("/heatmap", rows="sites", run="mp", first_step=100, last_step=199, columns=500)
-    assert [(e["type"], e["step"], e["column"]) for e in zoom["events"]] == [("loss_scale_skip", 153, 5)]
+    assert [(e["type"], e["step"], e["column"]) for e in zoom["events"]] == [
+        ("loss_scale_skip", 153, 5)
+    ]
     assert {c["type"]: c["count"] for c in zoom["event_counts"]}["loss_scale_skip"] == 5
-    binned = app.json("/heatmap", rows="sites", run="mp", columns=4)    # 10 rows, 100 steps per column
+    binned = app.json(
+        "/heatmap", rows="sites", run="mp", columns=4
+    )  # 10 rows, 100 steps per column
     assert [(e["step"], e["column"]) for e in binned["events"]] == [
-        (0, 0), (1, 0), (2, 0), (153, 1), (281, 2), (MP_COLLAPSE, 2)]
-    assert app.json("/heatmap", rows="sites", run="mp", first_step=300, last_step=399)["events"] == []
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (153, 1),
+        (281, 2),
+        (MP_COLLAPSE, 2),
+    ]
+    assert (
+        app.json("/heatmap", rows="sites", run="mp", first_step=300, last_step=399)["events"] == []
+    )
     assert app.json("/heatmap", rows="sites", run="mp", source="flight")["events"] == []
 
 
 def test_events_past_the_limit_are_merged_per_column(monkeypatch):
     monkeypatch.setattr(plugin, "MAX_EVENTS", 3)
-    hm = heatmap.Heatmap([0], ["x"], np.array([0, 10]), np.array([9, 19]), np.zeros((1, 2)),
-                         np.zeros((1, 2), np.uint8))
+    hm = heatmap.Heatmap(
+        [0],
+        ["x"],
+        np.array([0, 10]),
+        np.array([9, 19]),
+        np.zeros((1, 2)),
+        np.zeros((1, 2), np.uint8),
+    )
     events = [{"type": "loss_scale_skip", "step": s} for s in (3, 1, 2, 12, 25)] + ["not a dict"]
     got = plugin._events_in_view(events, hm)
     assert [(e["step"], e["column"], e.get("merged")) for e in got] == [(3, 0, 3), (12, 1, 1)]
-    assert [e["step"] for e in plugin._events_in_view(events[:3], hm)] == [1, 2, 3]   # at the limit: all
+    assert [e["step"] for e in plugin._events_in_view(events[:3], hm)] == [
+        1,
+        2,
+        3,
+    ]  # at the limit: all
 
 
 def test_precursors_route(mixed):
@@ -496,22 +621,35 @@ def test_precursors_route(mixed):
     got = app.json("/precursors", run="mp")
     provider, ctx, eid = reader.open_logdir(str(d))
     assert got == diagnosis.precursors(reader.read_run(provider, ctx, eid, "mp"))
-    assert got == [{"step": 9, "layer": "dense", "kind": "optimizer_state", "tensor": "velocity/kernel",
-                    "sign": "underflow", "value": 1.0,
-                    "text": "100% of dense/optimizer_state/velocity/kernel below float16's smallest normal"
-                            " value (underflow)"}]
+    assert got == [
+        {
+            "step": 9,
+            "layer": "dense",
+            "kind": "optimizer_state",
+            "tensor": "velocity/kernel",
+            "sign": "underflow",
+            "value": 1.0,
+            "text": "100% of dense/optimizer_state/velocity/kernel below float16's smallest normal"
+            " value (underflow)",
+        }
+    ]
     # Up to the first non-finite step only; the overflow risk of dense_2's float16 output too.
     worker = app.json("/precursors", run="mp_worker")
     assert worker == diagnosis.precursors(reader.read_run(provider, ctx, eid, "mp_worker"))
     assert [(p["step"], p["layer"], p["sign"]) for p in worker] == [
-        (9, "dense", "underflow"), (159, "dense_2", "overflow_risk")]
-    assert worker[1]["text"] == "dense_2/activation within 0.5 doublings of float16's largest finite value"
+        (9, "dense", "underflow"),
+        (159, "dense_2", "overflow_risk"),
+    ]
+    assert (
+        worker[1]["text"]
+        == "dense_2/activation within 0.5 doublings of float16's largest finite value"
+    )
 
 
 def test_precursors_of_a_big_run_cost_what_their_signs_cost(app):
     # 1,000 rows x 32 sites without a sign: diagnosis.precursors alone takes ~1 s here.
     app.plugin.cache = cache.RunCache()
-    app.json("/heatmap", rows="sites", run="spikes", columns=10)      # reads the run
+    app.json("/heatmap", rows="sites", run="spikes", columns=10)  # reads the run
     t0 = time.perf_counter()
     assert app.json("/precursors", run="spikes") == []
     assert time.perf_counter() - t0 < 0.3
@@ -561,31 +699,54 @@ def test_real_callback_logdir(tmp_path):
     y = np.random.RandomState(1).normal(size=(64, 1)).astype("float32")
     bad_batch = 5
     x[bad_batch * 8 + 3, 2] = np.nan
-    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(3, name="hidden"),
-                                 tf.keras.layers.Dense(1, name="out")])
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((4,)),
+            tf.keras.layers.Dense(3, name="hidden"),
+            tf.keras.layers.Dense(1, name="out"),
+        ]
+    )
     model.compile(optimizer="sgd", loss="mse")
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-              callbacks=[tb_nanwatch.NanWatchCallback(str(tmp_path / "fit"), log_every=2)])
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[tb_nanwatch.NanWatchCallback(str(tmp_path / "fit"), log_every=2)],
+    )
     real = App(tmp_path)
     first = real.json("/first_nonfinite", run=real.json("/runs")[0])
     assert first["step"] == bad_batch, first
     assert first["kind"] == "input" and first["nan"] == 1, first
-    assert {"hidden", "out"} <= {p["layer"] for p in first["propagators"] if p["kind"] == "activation"}, first
+    assert {"hidden", "out"} <= {
+        p["layer"] for p in first["propagators"] if p["kind"] == "activation"
+    }, first
     hm = real.json("/heatmap", rows="sites", run=real.json("/runs")[0], columns=500)
-    assert hm["first_nonfinite_cell"] is not None and hm["first_nonfinite_cell"]["step"] == bad_batch
+    assert (
+        hm["first_nonfinite_cell"] is not None and hm["first_nonfinite_cell"]["step"] == bad_batch
+    )
 
 
 def test_rows_spread_over_step_blocks_are_all_read(tmp_path, monkeypatch):
     """Rows go to one tag per step block so that no data-provider answer nears gRPC's 256 MiB
     limit (RustBoard); the reader and the plugin see every block, and a new block is new data."""
     from tb_nanwatch import metadata as md
-    row_bytes = (len(synthetic.sites_for()) + 1) * len(md.DISK_STATS) * np.dtype(md.DISK_DTYPE).itemsize
+
+    row_bytes = (
+        (len(synthetic.sites_for()) + 1) * len(md.DISK_STATS) * np.dtype(md.DISK_DTYPE).itemsize
+    )
     monkeypatch.setattr(md, "BLOCK_BYTES", 40 * row_bytes)  # 40 rows
     synthetic.write_run(str(tmp_path / "big"), n_rows=130, log_every=10, first=(1003, 4, "nan"))
     provider, ctx, eid = reader.open_logdir(str(tmp_path))
     tags = reader.run_series(provider, ctx, eid, "big")
     assert sorted(t for t in tags if t.startswith("nanwatch/rows")) == [
-        "nanwatch/rows", "nanwatch/rows.0001", "nanwatch/rows.0002", "nanwatch/rows.0003"]
+        "nanwatch/rows",
+        "nanwatch/rows.0001",
+        "nanwatch/rows.0002",
+        "nanwatch/rows.0003",
+    ]
     rd = reader.read_run(provider, ctx, eid, "big")
     assert rd.steps.tolist() == [10 * (i + 1) - 1 for i in range(130)]
     assert reader.first_nonfinite_json(rd)["step"] == 1003
@@ -611,7 +772,7 @@ def test_two_writer_sessions_show_the_latest_one_with_a_warning(tmp_path):
     run = str(tmp_path / "run1")
     synthetic.write_run(run, n_rows=50, log_every=10, first=(33, 20, "posinf"))
     time.sleep(1.2)
-    synthetic.write_run(run, n_rows=20, log_every=10)      # the re-run stayed finite
+    synthetic.write_run(run, n_rows=20, log_every=10)  # the re-run stayed finite
     app = App(tmp_path)
     assert app.json("/first_nonfinite", run="run1") is None
     hm = app.json("/heatmap", run="run1", columns=500)
@@ -625,19 +786,24 @@ def test_two_writer_sessions_show_the_latest_one_with_a_warning(tmp_path):
 # -- the routes' *_impl methods, called directly --------------------------------------
 def test_impl_methods_answer_plain_values_without_a_request(app):
     from tensorboard import context
+
     ctx, p = context.RequestContext(), app.plugin
     assert p.runs_impl(ctx, "") == app.json("/runs")
     assert p.info_impl() == app.json("/info")
     hm = p.heatmap_impl(ctx, "", "mlp", rows="sites", columns=10)
     assert (hm["run"], hm["n_columns"], hm["rows"]) == ("mlp", 10, None)
-    assert p.heatmap_impl(ctx, "", "mlp", rows="sites", columns=10) is hm      # memoised per data version
+    assert (
+        p.heatmap_impl(ctx, "", "mlp", rows="sites", columns=10) is hm
+    )  # memoised per data version
     cell = p.cell_impl(ctx, "", "mlp", MLP_FIRST[1], first_step=5000, last_step=5009)
     assert cell["status"] == "+inf" and cell["steps"] == [5000, 5009]
     assert p.first_nonfinite_impl(ctx, "", "mlp")["step"] == MLP_FIRST[0]
-    for call, error in ((lambda: p.heatmap_impl(ctx, "", "mlp", stat="bogus"), plugin._BadRequest),
-                        (lambda: p.heatmap_impl(ctx, "", "mlp", first_step=9, last_step=3), plugin._BadRequest),
-                        (lambda: p.cell_impl(ctx, "", "mlp", 10**6), plugin._BadRequest),
-                        (lambda: p.first_nonfinite_impl(ctx, "", "nope"), reader.RunNotFound)):
+    for call, error in (
+        (lambda: p.heatmap_impl(ctx, "", "mlp", stat="bogus"), plugin._BadRequest),
+        (lambda: p.heatmap_impl(ctx, "", "mlp", first_step=9, last_step=3), plugin._BadRequest),
+        (lambda: p.cell_impl(ctx, "", "mlp", 10**6), plugin._BadRequest),
+        (lambda: p.first_nonfinite_impl(ctx, "", "nope"), reader.RunNotFound),
+    ):
         with pytest.raises(error):
             call()
 
@@ -653,8 +819,15 @@ def test_overview_lists_every_runs_state(app, mixed):
     assert set(states) == {(run, g) for run, gs in app.json("/groups").items() for g in gs}
     mlp = states[("mlp", None)]
     assert (mlp["state"], mlp["step"], mlp["layer"], mlp["kind"]) == (
-        "nonfinite", MLP_FIRST[0], synthetic.sites_for()[MLP_FIRST[1]]["layer"], synthetic.sites_for()[MLP_FIRST[1]]["kind"])
-    assert states[("clean", None)]["state"] == "healthy" and states[("clean", None)]["last_step"] == 149
+        "nonfinite",
+        MLP_FIRST[0],
+        synthetic.sites_for()[MLP_FIRST[1]]["layer"],
+        synthetic.sites_for()[MLP_FIRST[1]]["kind"],
+    )
+    assert (
+        states[("clean", None)]["state"] == "healthy"
+        and states[("clean", None)]["last_step"] == 149
+    )
     mixed_app, _ = mixed
     mp = {r["run"]: r for r in mixed_app.json("/overview")}
     assert mp["mp"]["state"] == "skips" and mp["mp"]["loss_scale_skips"] == 5

@@ -5,16 +5,16 @@ run's new rows show after TensorBoard reloads."""
 
 import shutil
 
-import pytest
-
 import plugin_helpers
+import pytest
 import synthetic
 from plugin_helpers import get, get_json
+
 from tb_nanwatch import summary
 
 N_ROWS = 1200
 LOG_EVERY = 5
-FIRST = (3001, 9, "nan")   # step, site index, kind
+FIRST = (3001, 9, "nan")  # step, site index, kind
 P = "/data/plugin/nanwatch"
 
 
@@ -39,7 +39,9 @@ def served_rows(base, run="big"):
 
 @pytest.mark.parametrize("load_fast", ["true", "false"])
 def test_every_row_served_and_live_reload(logdir, load_fast):
-    with plugin_helpers.tensorboard(logdir, "--load_fast=%s" % load_fast, "--reload_interval=1") as base:
+    with plugin_helpers.tensorboard(
+        logdir, "--load_fast=%s" % load_fast, "--reload_interval=1"
+    ) as base:
         listing = get_json(base + "/data/plugins_listing")["nanwatch"]
         assert listing["enabled"] and listing["tab_name"] == "NanWatch"
         assert listing["loading_mechanism"]["module_path"] == P + "/index.js"
@@ -48,14 +50,21 @@ def test_every_row_served_and_live_reload(logdir, load_fast):
 
         # RustBoard may still be loading the file when it first answers.
         rows, hm = plugin_helpers.wait_for(
-            lambda: (lambda r: r if r[0] == N_ROWS else None)(served_rows(base)), 60, what="all rows")
+            lambda: (lambda r: r if r[0] == N_ROWS else None)(served_rows(base)),
+            60,
+            what="all rows",
+        )
         assert hm["first_steps"][0] == 0 and hm["last_steps"][-1] == N_ROWS * LOG_EVERY - 1
         assert get_json(base + P + "/runs") == ["big"]
 
         first = get_json(base + P + "/first_nonfinite?run=big")
         site = synthetic.sites_for()[FIRST[1]]
         assert (first["step"], first["layer"], first["kind"], first["tensor"]) == (
-            FIRST[0], site["layer"], site["kind"], site["tensor"])
+            FIRST[0],
+            site["layer"],
+            site["kind"],
+            site["tensor"],
+        )
         assert first["nan"] == 3 and first["posinf"] == 0
         assert hm["first_nonfinite_cell"]["site"] == FIRST[1]
 
@@ -69,12 +78,16 @@ def test_every_row_served_and_live_reload(logdir, load_fast):
             for i in range(N_ROWS, N_ROWS + 40):
                 step = (i + 1) * LOG_EVERY - 1
                 writer.write_row(step, synthetic.finite_row(len(sites), step, steps=LOG_EVERY))
-        plugin_helpers.wait_for(lambda: served_rows(base)[0] == N_ROWS + 40, 60, what="the new rows")
+        plugin_helpers.wait_for(
+            lambda: served_rows(base)[0] == N_ROWS + 40, 60, what="the new rows"
+        )
 
 
 @pytest.mark.parametrize("load_fast", ["true", "false"])
 def test_explicit_samples_per_plugin_wins(logdir, load_fast):
-    with plugin_helpers.tensorboard(logdir, "--load_fast=%s" % load_fast, "--samples_per_plugin", "nanwatch=10") as base:
+    with plugin_helpers.tensorboard(
+        logdir, "--load_fast=%s" % load_fast, "--samples_per_plugin", "nanwatch=10"
+    ) as base:
         last = N_ROWS * LOG_EVERY - 1
 
         def loaded():  # both loaders' reservoirs always keep the last record read
@@ -82,6 +95,7 @@ def test_explicit_samples_per_plugin_wins(logdir, load_fast):
                 return None
             rows, hm = served_rows(base)
             return (rows, hm) if hm["last_steps"] and hm["last_steps"][-1] == last else None
+
         rows, hm = plugin_helpers.wait_for(loaded, 60, what="the whole run")
         assert rows == 10
         assert get_json(base + P + "/first_nonfinite?run=big")["step"] == FIRST[0]

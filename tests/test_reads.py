@@ -1,9 +1,9 @@
 """Reading a tensor must not change how Grappler rewrites the step (watch/reads.py)."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 
 import tb_nanwatch
 from tb_nanwatch.watch import reads
@@ -29,7 +29,10 @@ def _block():
 def _trained(watched, tmp_path):
     keras.utils.set_random_seed(0)
     model = _block()
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 16)
     callbacks = [tb_nanwatch.NanWatchCallback(str(tmp_path / "run"))] if watched else []

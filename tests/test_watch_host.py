@@ -12,8 +12,10 @@ COL = stats.STAT_INDEX
 
 
 def _sites(*kinds):
-    return [summary.make_site("layer_%d" % i, kind, "kernel" if kind.startswith("weight") else "")
-            for i, kind in enumerate(kinds)]
+    return [
+        summary.make_site("layer_%d" % i, kind, "kernel" if kind.startswith("weight") else "")
+        for i, kind in enumerate(kinds)
+    ]
 
 
 def _contribution(n, step, counts=None, size=4.0, norm=2.0):
@@ -60,8 +62,12 @@ def test_a_row_keeps_the_first_nonfinite_step_and_sums_counts():
     n = 3
     acc = host.initial_accumulators(n)
     acc = _accumulate(acc, _contribution(n, 10, norm=1.0), sampled=False)
-    acc = _accumulate(acc, _contribution(n, 11, counts=[[0, 0, 0], [2, 0, 0], [0, 0, 0]], norm=5.0), sampled=True)
-    acc = _accumulate(acc, _contribution(n, 12, counts=[[0, 0, 0], [1, 1, 0], [0, 0, 0]], norm=3.0), sampled=False)
+    acc = _accumulate(
+        acc, _contribution(n, 11, counts=[[0, 0, 0], [2, 0, 0], [0, 0, 0]], norm=5.0), sampled=True
+    )
+    acc = _accumulate(
+        acc, _contribution(n, 12, counts=[[0, 0, 0], [1, 1, 0], [0, 0, 0]], norm=3.0), sampled=False
+    )
     row = host.row_from_accumulators(acc)
     assert row[1, COL["nan"]] == 3 and row[1, COL["posinf"]] == 1
     assert row[1, COL["nonfinite_steps"]] == 2 and row[1, COL["first_nonfinite_step"]] == 11
@@ -72,19 +78,31 @@ def test_a_row_keeps_the_first_nonfinite_step_and_sums_counts():
 
 
 def test_a_site_not_computed_has_no_values():
-    acc = _accumulate(host.initial_accumulators(2), _contribution(2, 0, size=np.array([4.0, 0.0]), norm=0.0),
-                      sampled=True)
+    acc = _accumulate(
+        host.initial_accumulators(2),
+        _contribution(2, 0, size=np.array([4.0, 0.0]), norm=0.0),
+        sampled=True,
+    )
     row = host.row_from_accumulators(acc)
     assert row[1, COL["size"]] == 0
-    assert np.all(np.isnan(row[1, [COL[name] for name in ("nan", "norm", "max_norm", "nonfinite_steps")]]))
+    assert np.all(
+        np.isnan(row[1, [COL[name] for name in ("nan", "norm", "max_norm", "nonfinite_steps")]])
+    )
     assert row[0, COL["nan"]] == 0 and row[0, COL["norm"]] == 0
 
 
 def test_producer_is_the_first_site_in_execution_order():
     sites = _sites("activation", "activation_grad", "weight_grad", "optimizer_state")
-    first = host.row_from_accumulators(_contribution(4, 7, counts=[[0, 0, 0], [0, 2, 0], [1, 0, 0], [0, 0, 0]]))
+    first = host.row_from_accumulators(
+        _contribution(4, 7, counts=[[0, 0, 0], [0, 2, 0], [1, 0, 0], [0, 0, 0]])
+    )
     record = host.first_record(sites, first, consumers={"layer_1": ["layer_2"]})
-    assert (record["site"], record["layer"], record["kind"], record["posinf"]) == (1, "layer_1", "activation_grad", 2)
+    assert (record["site"], record["layer"], record["kind"], record["posinf"]) == (
+        1,
+        "layer_1",
+        "activation_grad",
+        2,
+    )
     assert record["backward_of"] == ["layer_2"]
     assert [p["layer"] for p in record["propagators"]] == ["layer_2"]
     assert host.first_record(sites, host.row_from_accumulators(_contribution(4, 7))) is None
@@ -100,7 +118,7 @@ def test_replicas_and_worker_of_the_producer():
 
 def test_flight_rows_are_ascending_and_end_at_the_first_step():
     n, ring_size = 2, 4
-    ring_steps = np.array([4, 5, 2, 3])       # a ring that wrapped: slot = step % 4
+    ring_steps = np.array([4, 5, 2, 3])  # a ring that wrapped: slot = step % 4
     ring = np.zeros((ring_size, n, len(host.RING_STATS)))
     ring[:, :, host.RING_STATS.index("norm")] = ring_steps[:, None] * 10.0
     first_row = host.row_from_accumulators(_contribution(n, 5, counts=[[0, 1, 0], [0, 0, 0]]))
@@ -115,20 +133,26 @@ def test_loss_scale_is_divided_out_of_gradients_only():
     sites = _sites("activation", "weight_grad")
     row = host.row_from_accumulators(_contribution(2, 0, norm=8.0))
     out = host.unscale_gradients(row, sites, 4.0)
-    assert out[0, COL["norm"]] == 8.0 and out[1, COL["norm"]] == 2.0 and out[1, COL["max_norm"]] == 2.0
+    assert (
+        out[0, COL["norm"]] == 8.0 and out[1, COL["norm"]] == 2.0 and out[1, COL["max_norm"]] == 2.0
+    )
     assert out[1, COL["nan"]] == row[1, COL["nan"]]
     assert host.unscale_gradients(row, sites, None) is row
 
 
-@pytest.mark.parametrize("steps_run,last_row,due", [(1, -1, True), (2, 0, False), (10, 0, True), (11, 9, False),
-                                                    (20, 9, True), (0, -1, False)])
+@pytest.mark.parametrize(
+    "steps_run,last_row,due",
+    [(1, -1, True), (2, 0, False), (10, 0, True), (11, 9, False), (20, 9, True), (0, -1, False)],
+)
 def test_rows_end_at_step_zero_and_every_log_every(steps_run, last_row, due):
     assert host.row_due(steps_run, last_row, 10) is due
 
 
 def test_rows_on_disk_take_64_bytes_per_site_and_read_back_exactly():
     n = 5
-    row = host.row_from_accumulators(_contribution(n, 123456789, counts=[[0, 0, 0]] * 4 + [[3, 0, 0]], norm=1.5))
+    row = host.row_from_accumulators(
+        _contribution(n, 123456789, counts=[[0, 0, 0]] * 4 + [[3, 0, 0]], norm=1.5)
+    )
     row[:, COL["steps"]] = 100
     encoded = metadata.encode_row(123456789, row)
     assert encoded.dtype == np.float32 and encoded.shape == (n + 1, 16)
@@ -138,7 +162,9 @@ def test_rows_on_disk_take_64_bytes_per_site_and_read_back_exactly():
     assert decoded[4, COL["first_nonfinite_step"]] == 123456789
     assert float(np.float32(123456789)) != 123456789
     np.testing.assert_array_equal(decoded[:, COL["steps"]], 100)
-    np.testing.assert_allclose(np.nan_to_num(decoded, nan=-7), np.nan_to_num(row, nan=-7), rtol=1e-7)
+    np.testing.assert_allclose(
+        np.nan_to_num(decoded, nan=-7), np.nan_to_num(row, nan=-7), rtol=1e-7
+    )
 
 
 def _write_v1_run(logdir, sites, rows_by_step):
@@ -147,27 +173,65 @@ def _write_v1_run(logdir, sites, rows_by_step):
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     from tensorboard.util import tensor_util
 
-    v1_stats = ("steps", "size", "nan", "posinf", "neginf", "nonfinite_steps", "first_nonfinite_step",
-                "mean_every_step", "min", "max", "mean", "std", "max_abs", "norm", "zero_frac", "headroom",
-                "underflow_frac")
+    v1_stats = (
+        "steps",
+        "size",
+        "nan",
+        "posinf",
+        "neginf",
+        "nonfinite_steps",
+        "first_nonfinite_step",
+        "mean_every_step",
+        "min",
+        "max",
+        "mean",
+        "std",
+        "max_abs",
+        "norm",
+        "zero_frac",
+        "headroom",
+        "underflow_frac",
+    )
     content = {"version": 1, "record": "rows", "sites": sites, "stats": list(v1_stats)}
     writer = EventFileWriter(str(logdir))
     for i, (step, row) in enumerate(sorted(rows_by_step.items())):
-        value = summary_pb2.Summary.Value(tag="nanwatch/rows", tensor=tensor_util.make_tensor_proto(row))
+        value = summary_pb2.Summary.Value(
+            tag="nanwatch/rows", tensor=tensor_util.make_tensor_proto(row)
+        )
         if i == 0:
             value.metadata.plugin_data.plugin_name = metadata.PLUGIN_NAME
             value.metadata.plugin_data.content = json.dumps(content).encode()
             value.metadata.data_class = summary_pb2.DATA_CLASS_TENSOR
-        writer.add_event(event_pb2.Event(step=step, wall_time=1.0 + i, summary=summary_pb2.Summary(value=[value])))
+        writer.add_event(
+            event_pb2.Event(
+                step=step, wall_time=1.0 + i, summary=summary_pb2.Summary(value=[value])
+            )
+        )
     writer.close()
     return v1_stats
 
 
 def test_protocol_1_runs_still_read(tmp_path):
     sites = _sites("activation", "weight")
-    v1 = ("steps", "size", "nan", "posinf", "neginf", "nonfinite_steps", "first_nonfinite_step",
-          "mean_every_step", "min", "max", "mean", "std", "max_abs", "norm", "zero_frac", "headroom",
-          "underflow_frac")
+    v1 = (
+        "steps",
+        "size",
+        "nan",
+        "posinf",
+        "neginf",
+        "nonfinite_steps",
+        "first_nonfinite_step",
+        "mean_every_step",
+        "min",
+        "max",
+        "mean",
+        "std",
+        "max_abs",
+        "norm",
+        "zero_frac",
+        "headroom",
+        "underflow_frac",
+    )
     rows = {}
     for step in (0, 9, 19):
         row = np.zeros((2, len(v1)))
@@ -186,7 +250,7 @@ def test_protocol_1_runs_still_read(tmp_path):
     assert list(data.rows[:, 0, COL["steps"]]) == [1, 10, 10]
     assert list(data.rows[:, 0, COL["norm"]]) == [1.0, 10.0, 20.0]
     assert data.rows[2, 1, COL["first_nonfinite_step"]] == 15 and data.rows[2, 1, COL["nan"]] == 2
-    assert np.all(np.isnan(data.rows[:, :, COL["max_norm"]]))     # not measured by protocol 1
+    assert np.all(np.isnan(data.rows[:, :, COL["max_norm"]]))  # not measured by protocol 1
     assert reader.first_nonfinite_json(data)["step"] == 15
 
 
@@ -194,8 +258,10 @@ def test_values_past_float32_saturate_and_infinities_stay():
     row = np.full((2, len(stats.STATS)), np.nan)
     row[:, COL["steps"]] = 1
     row[:, COL["norm"]] = [1e300, 2.0]
-    row[:, COL["headroom"]] = [np.inf, 3.0]    # all zeros: infinite headroom, on purpose
+    row[:, COL["headroom"]] = [np.inf, 3.0]  # all zeros: infinite headroom, on purpose
     with np.errstate(over="raise"):
-        decoded = metadata.decode_rows(metadata.encode_row(5, row)[None], metadata.DISK_STATS, [5])[0]
+        decoded = metadata.decode_rows(metadata.encode_row(5, row)[None], metadata.DISK_STATS, [5])[
+            0
+        ]
     assert decoded[0, COL["norm"]] == np.finfo(np.float32).max and decoded[1, COL["norm"]] == 2.0
     assert decoded[0, COL["headroom"]] == np.inf

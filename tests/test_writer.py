@@ -8,14 +8,14 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
+import writer_scenarios as sc
 
 import tb_nanwatch
 from tb_nanwatch import reader, stats, summary
-import writer_scenarios as sc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -28,15 +28,26 @@ def fit_watched(tmp_path, scenario, name="run", epochs=1, jit_compile=False, **o
     counter = sc.BatchCounter()
     observer = sc.HostObserver()
     callback = tb_nanwatch.NanWatchCallback(str(tmp_path / name), **options)
-    model.fit(x, y, batch_size=sc.BATCH, epochs=epochs, shuffle=False, verbose=0,
-              callbacks=[callback, counter, observer])
+    model.fit(
+        x,
+        y,
+        batch_size=sc.BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback, counter, observer],
+    )
     return model, callback, counter, observer
 
 
 def report_json(logdir):
     """`tb-nanwatch report LOGDIR --json`, the CLI users script against."""
-    proc = subprocess.run([sys.executable, "-m", "tb_nanwatch.cli", "report", str(logdir), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tb_nanwatch.cli", "report", str(logdir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode in (0, 1), proc.stderr
     return {r["run"]: r["first_nonfinite"] for r in json.loads(proc.stdout)["runs"]}
 
@@ -70,30 +81,42 @@ def test_backward_only_op(tmp_path):
     col = stats.STAT_INDEX
     for i, site in enumerate(rd.sites):
         if site["kind"] in ("input", "activation", "loss"):
-            assert rd.flight_rows[-1][i, col["nan"]] + rd.flight_rows[-1][i, col["posinf"]] == 0, site
+            assert rd.flight_rows[-1][i, col["nan"]] + rd.flight_rows[-1][i, col["posinf"]] == 0, (
+                site
+            )
 
 
 def test_loss(tmp_path):
     truth = sc.check_numerics_ground_truth(*sc.loss_log()[:4], sc.loss_log()[4])
-    assert truth[0] == 0 and truth[1] is None and truth[2] == "Log", truth  # an op of the loss, no layer
+    assert truth[0] == 0 and truth[1] is None and truth[2] == "Log", (
+        truth
+    )  # an op of the loss, no layer
     fit_watched(tmp_path, sc.loss_log, log_every=4)
     first = report_json(tmp_path)["run"]
     assert (first["step"], first["kind"]) == (truth[0], "loss")
-    assert first["layer"].startswith("sequential")   # the model's name: the loss belongs to no layer
+    assert first["layer"].startswith("sequential")  # the model's name: the loss belongs to no layer
 
 
 def test_optimizer_update_scenario_f(tmp_path):
     model, callback, counter, observer = fit_watched(tmp_path, sc.adam_velocity, log_every=5)
     # The host observer saw Adam's velocity of the kernel go non-finite first.
-    assert observer.first is not None and observer.first[1].endswith("kernel_velocity"), observer.first
+    assert observer.first is not None and observer.first[1].endswith("kernel_velocity"), (
+        observer.first
+    )
     first = report_json(tmp_path)["run"]
     assert (first["step"], first["layer"], first["kind"], first["tensor"]) == (
-        observer.first[0], "dense", "optimizer_state", "velocity/kernel")
+        observer.first[0],
+        "dense",
+        "optimizer_state",
+        "velocity/kernel",
+    )
     assert (first["nan"], first["posinf"], first["neginf"]) == (0, 1, 0)
     # Weights and loss turn non-finite only later: the row data shows the order.
     rd = read(tmp_path)
-    first_steps = {summary.site_label(s): rd.rows[:, i, stats.STAT_INDEX["first_nonfinite_step"]]
-                   for i, s in enumerate(rd.sites)}
+    first_steps = {
+        summary.site_label(s): rd.rows[:, i, stats.STAT_INDEX["first_nonfinite_step"]]
+        for i, s in enumerate(rd.sites)
+    }
     weight_first = np.nanmin(first_steps["dense/weight/kernel"])
     loss_first = np.nanmin(first_steps["%s/loss" % model.name])
     assert weight_first > first["step"] and loss_first > first["step"]
@@ -130,7 +153,9 @@ def test_healthy_run_reports_null_and_true_statistics(tmp_path):
     np.testing.assert_allclose(last[col["mean"]], kernel.mean(), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(last[col["norm"]], np.linalg.norm(kernel), rtol=1e-5)
     assert last[col["size"]] == kernel.size
-    assert np.log2(float(np.finfo(np.float32).max) / float(np.abs(kernel).max())) == pytest.approx(last[col["headroom"]], rel=1e-5)
+    assert np.log2(float(np.finfo(np.float32).max) / float(np.abs(kernel).max())) == pytest.approx(
+        last[col["headroom"]], rel=1e-5
+    )
     # Every kind is present, in execution order.
     kinds = [s["kind"] for s in rd.sites]
     assert [k for k in stats.KINDS if k in kinds] == list(stats.KINDS)
@@ -143,8 +168,8 @@ def test_healthy_run_reports_null_and_true_statistics(tmp_path):
 
 def test_rows_aggregate_without_losing_the_nonfinite_step(tmp_path):
     build, x, y, loss, _ = sc.healthy()
-    x, y = np.concatenate([x, x[:32]]), np.concatenate([y, y[:32]])   # 16 batches an epoch
-    x[13 * sc.BATCH + 2, 3] = np.nan           # one NaN in the batch of step 13
+    x, y = np.concatenate([x, x[:32]]), np.concatenate([y, y[:32]])  # 16 batches an epoch
+    x[13 * sc.BATCH + 2, 3] = np.nan  # one NaN in the batch of step 13
     model = build()
     model.compile(optimizer="sgd", loss=loss)
     cb = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=10, flight_steps=4)
@@ -155,7 +180,7 @@ def test_rows_aggregate_without_losing_the_nonfinite_step(tmp_path):
     row = list(rd.steps).index(19)
     assert rd.rows[row, i, col["first_nonfinite_step"]] == 13
     assert rd.rows[row, i, col["nan"]] == 1 and rd.rows[row, i, col["nonfinite_steps"]] == 1
-    assert rd.rows[0, i, col["nan"]] == 0          # steps 0-9: clean
+    assert rd.rows[0, i, col["nan"]] == 0  # steps 0-9: clean
     # Second epoch: the same batch at step 29 is counted too (counts are summed, never sampled).
     assert rd.rows[list(rd.steps).index(29), i, col["nan"]] == 1
     first = reader.first_nonfinite_json(rd)
@@ -177,8 +202,13 @@ def test_jit_compile_gives_the_same_answer(tmp_path):
 
 def test_custom_loop_with_tf_function(tmp_path):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
-                              keras.layers.Dense(1, name="head")])
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
     optimizer = keras.optimizers.SGD(0.01)
     loss_fn = keras.losses.MeanSquaredError()
     watch = tb_nanwatch.Watch(str(tmp_path / "run"), model, optimizer, log_every=3)
@@ -246,11 +276,23 @@ def test_lean_setting_and_stop_on_nonfinite(tmp_path):
     model = build()
     model.compile(optimizer="adam", loss=loss)
     counter = sc.BatchCounter()
-    cb = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=4, stop_on_nonfinite=True,
-                                      kinds=("input", "activation", "loss", "activation_grad", "weight_grad"))
-    model.fit(x, y, batch_size=sc.BATCH, epochs=3, shuffle=False, verbose=0, callbacks=[cb, counter])
-    assert counter.started == 6          # stopped right after step 5, the first non-finite
-    assert {s["kind"] for s in cb.watch.sites} == {"input", "activation", "loss", "activation_grad", "weight_grad"}
+    cb = tb_nanwatch.NanWatchCallback(
+        str(tmp_path / "run"),
+        log_every=4,
+        stop_on_nonfinite=True,
+        kinds=("input", "activation", "loss", "activation_grad", "weight_grad"),
+    )
+    model.fit(
+        x, y, batch_size=sc.BATCH, epochs=3, shuffle=False, verbose=0, callbacks=[cb, counter]
+    )
+    assert counter.started == 6  # stopped right after step 5, the first non-finite
+    assert {s["kind"] for s in cb.watch.sites} == {
+        "input",
+        "activation",
+        "loss",
+        "activation_grad",
+        "weight_grad",
+    }
     assert report_json(tmp_path)["run"]["step"] == 5
 
 
@@ -285,8 +327,13 @@ CHILD = textwrap.dedent("""
 
 def test_sigkill_right_after_the_first_nonfinite_step_leaves_the_evidence(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "killed")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path / "killed")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     first = report_json(tmp_path)["killed"]
     assert (first["step"], first["kind"], first["nan"]) == (7, "input", 1)
@@ -294,8 +341,14 @@ def test_sigkill_right_after_the_first_nonfinite_step_leaves_the_evidence(tmp_pa
 
 def test_embedding_gradients_are_read_sparse(tmp_path):
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(1000, 4, name="embed"),
-                              keras.layers.GlobalAveragePooling1D(name="pool"), keras.layers.Dense(1, name="head")])
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(1000, 4, name="embed"),
+            keras.layers.GlobalAveragePooling1D(name="pool"),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse")
     tokens = np.random.default_rng(0).integers(0, 1000, size=(64, 5)).astype("int32")
     cb = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=4)
@@ -323,8 +376,13 @@ def test_nonfinite_elements_are_not_counted_as_underflow(tmp_path):
     try:
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
         model.layers[0].kernel.assign(np.array([[np.nan, 1.0]] * 4, "float16"))
-        row = _one_step_row(tmp_path, model, ("d", "weight", "kernel"), np.ones((8, 4), "float32"),
-                            np.ones((8, 2), "float32"))
+        row = _one_step_row(
+            tmp_path,
+            model,
+            ("d", "weight", "kernel"),
+            np.ones((8, 4), "float32"),
+            np.ones((8, 2), "float32"),
+        )
     finally:
         keras.config.set_dtype_policy("float32")
     col = stats.STAT_INDEX
@@ -333,14 +391,19 @@ def test_nonfinite_elements_are_not_counted_as_underflow(tmp_path):
 
 def test_norm_and_std_of_huge_finite_float32_values_stay_finite(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
-    model.layers[0].kernel.assign(np.full((4, 2), 1e20, "float32"))   # squares overflow float32
-    row = _one_step_row(tmp_path, model, ("d", "weight", "kernel"), np.zeros((8, 4), "float32"),
-                        np.zeros((8, 2), "float32"))
+    model.layers[0].kernel.assign(np.full((4, 2), 1e20, "float32"))  # squares overflow float32
+    row = _one_step_row(
+        tmp_path,
+        model,
+        ("d", "weight", "kernel"),
+        np.zeros((8, 4), "float32"),
+        np.zeros((8, 2), "float32"),
+    )
     col = stats.STAT_INDEX
     assert row[col["posinf"]] == 0
     np.testing.assert_allclose(row[col["norm"]], np.sqrt(8) * 1e20, rtol=1e-6)
     np.testing.assert_allclose(row[col["mean"]], 1e20, rtol=1e-6)
-    assert row[col["std"]] < 1e15    # all equal: no spread (float64 cancellation aside)
+    assert row[col["std"]] < 1e15  # all equal: no spread (float64 cancellation aside)
 
 
 def test_model_called_twice_in_one_step_keeps_both_calls(tmp_path):
@@ -351,13 +414,15 @@ def test_model_called_twice_in_one_step_keeps_both_calls(tmp_path):
 
     @tf.function
     def train_step(a, b):
-        with tf.GradientTape() as tape:   # e.g. a siamese pair
-            loss = watch.record_loss(tf.reduce_mean(tf.square(model(a, training=True) - model(b, training=True))))
+        with tf.GradientTape() as tape:  # e.g. a siamese pair
+            loss = watch.record_loss(
+                tf.reduce_mean(tf.square(model(a, training=True) - model(b, training=True)))
+            )
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
     a = np.ones((4, 3), "float32")
-    a[0, 0] = np.nan                  # only in the first call's input
+    a[0, 0] = np.nan  # only in the first call's input
     train_step(tf.constant(a), tf.ones((4, 3)))
     watch.after_step()
     watch.close()
@@ -378,7 +443,9 @@ def _regression(tmp_path, name, learning_rate, epochs):
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate), loss="mse")
     callback = tb_nanwatch.NanWatchCallback(str(tmp_path / name), log_every=50)
     losses = keras.callbacks.History()
-    model.fit(x, y, epochs=epochs, batch_size=32, shuffle=False, verbose=0, callbacks=[callback, losses])
+    model.fit(
+        x, y, epochs=epochs, batch_size=32, shuffle=False, verbose=0, callbacks=[callback, losses]
+    )
     return callback.watch, losses.history["loss"]
 
 
@@ -397,6 +464,6 @@ def test_early_warning_comes_well_before_a_gradual_overflow(tmp_path):
 
 
 def test_no_early_warning_when_training_converges(tmp_path):
-    watch, history = _regression(tmp_path, "converging", 0.9, 14)   # |1 - 2 lr| < 1
+    watch, history = _regression(tmp_path, "converging", 0.9, 14)  # |1 - 2 lr| < 1
     assert watch.first_nonfinite is None and watch.early_warning is None
     assert history[-1] < history[0]

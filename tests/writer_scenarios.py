@@ -3,9 +3,9 @@ and independent ground truths for them (check_numerics, host-side observers)."""
 
 import re
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 BATCH = 8
 
@@ -47,14 +47,19 @@ def check_numerics_ground_truth(build, x, y, loss, layer_names, epochs=1):
     counter = BatchCounter()
     tf.debugging.enable_check_numerics()
     try:
-        model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=[counter])
+        model.fit(
+            x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=[counter]
+        )
     except tf.errors.InvalidArgumentError as e:
         node = re.search(r"Detected at node (\S+)", str(e)).group(1)
         op = re.search(r'graph op "(\w+)"', str(e)).group(1)
         # Keras name scopes add "_1"-style suffixes: match a component to a layer name.
         components = node.split("/")
-        names = [n for n in layer_names
-                 if any(c == n or re.fullmatch(re.escape(n) + r"_\d+", c) for c in components)]
+        names = [
+            n
+            for n in layer_names
+            if any(c == n or re.fullmatch(re.escape(n) + r"_\d+", c) for c in components)
+        ]
         return counter.started - 1, (names[-1] if names else None), op, node
     finally:
         tf.debugging.disable_check_numerics()
@@ -70,8 +75,15 @@ def forward_exp():
 
     def build():
         keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="dense_in"),
-                                 keras.layers.Lambda(tf.exp, name="exp_layer"), keras.layers.Dense(1, name="out")])
+        return keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, name="dense_in"),
+                keras.layers.Lambda(tf.exp, name="exp_layer"),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
+
     return build, x, y, "mse", ["dense_in", "exp_layer", "out"]
 
 
@@ -83,8 +95,15 @@ def backward_sqrt():
 
     def build():
         keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="hidden"),
-                                 keras.layers.Lambda(tf.sqrt, name="sqrt"), keras.layers.Dense(1, name="out")])
+        return keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="relu", name="hidden"),
+                keras.layers.Lambda(tf.sqrt, name="sqrt"),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
+
     return build, x, y, "mse", ["hidden", "sqrt", "out"]
 
 
@@ -100,8 +119,14 @@ def loss_log():
 
     def build():
         keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((20,)), keras.layers.Dense(16, activation="relu", name="hidden"),
-                                 keras.layers.Dense(1, activation="sigmoid", name="head")])
+        return keras.Sequential(
+            [
+                keras.Input((20,)),
+                keras.layers.Dense(16, activation="relu", name="hidden"),
+                keras.layers.Dense(1, activation="sigmoid", name="head"),
+            ]
+        )
+
     return build, x, y, handwritten_bce, ["hidden", "head"]
 
 
@@ -114,6 +139,7 @@ def adam_velocity():
     def build():
         keras.utils.set_random_seed(0)
         return keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, name="dense")])
+
     return build, x, y, "mse", ["dense"]
 
 
@@ -125,11 +151,20 @@ def float16_overflow():
 
     def build():
         keras.utils.set_random_seed(0)
-        return keras.Sequential([
-            keras.Input((20,)),
-            keras.layers.Dense(16, activation="relu", name="big_init", dtype="float16",
-                               kernel_initializer=keras.initializers.RandomUniform(10, 20)),
-            keras.layers.Dense(1, activation="sigmoid", name="head", dtype="float16")])
+        return keras.Sequential(
+            [
+                keras.Input((20,)),
+                keras.layers.Dense(
+                    16,
+                    activation="relu",
+                    name="big_init",
+                    dtype="float16",
+                    kernel_initializer=keras.initializers.RandomUniform(10, 20),
+                ),
+                keras.layers.Dense(1, activation="sigmoid", name="head", dtype="float16"),
+            ]
+        )
+
     return build, x, y, "binary_crossentropy", ["big_init", "head"]
 
 
@@ -140,6 +175,12 @@ def healthy():
 
     def build():
         keras.utils.set_random_seed(0)
-        return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="hidden"),
-                                 keras.layers.Dense(1, activation="sigmoid", name="head")])
+        return keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, activation="relu", name="hidden"),
+                keras.layers.Dense(1, activation="sigmoid", name="head"),
+            ]
+        )
+
     return build, x, y, "binary_crossentropy", ["hidden", "head"]

@@ -41,24 +41,36 @@ class NanWatchCallback(keras.callbacks.Callback):
 
     watch_class = Watch
 
-    def __init__(self, logdir, log_every=DEFAULT_LOG_EVERY, flight_steps=DEFAULT_FLIGHT_STEPS,
-                 kinds=None, stop_on_nonfinite=False, check_every=1, optimizers=None):
+    def __init__(
+        self,
+        logdir,
+        log_every=DEFAULT_LOG_EVERY,
+        flight_steps=DEFAULT_FLIGHT_STEPS,
+        kinds=None,
+        stop_on_nonfinite=False,
+        check_every=1,
+        optimizers=None,
+    ):
         super().__init__()
         self.logdir = str(logdir)
-        self._options = dict(log_every=log_every, flight_steps=flight_steps, kinds=kinds,
-                             check_every=check_every)
+        self._options = dict(
+            log_every=log_every, flight_steps=flight_steps, kinds=kinds, check_every=check_every
+        )
         self._extra_optimizers = list(optimizers or [])
         self.stop_on_nonfinite = stop_on_nonfinite
         self.watch = None
-        self._train_function = None   # our traced train function, kept for the next fit()
+        self._train_function = None  # our traced train function, kept for the next fit()
         self._train_function_key = None
 
     def on_train_begin(self, logs=None):
         self._build_optimizers()
         if self.watch is None:
-            self.watch = self.watch_class(self.logdir, self.model,
-                               optimizers=instrument.find_optimizers(self.model, self._extra_optimizers),
-                               **self._options)
+            self.watch = self.watch_class(
+                self.logdir,
+                self.model,
+                optimizers=instrument.find_optimizers(self.model, self._extra_optimizers),
+                **self._options,
+            )
         else:
             self.watch.reopen()
         if self._train_function is not None and self._train_function_key == self._compiled_key():
@@ -96,5 +108,10 @@ class NanWatchCallback(keras.callbacks.Callback):
 
     def _compiled_key(self):
         model = self.model
-        return (id(model.optimizer), id(getattr(model, "_compile_loss", None)), getattr(model, "jit_compile", None),
-                getattr(model, "steps_per_execution", None), id(model.distribute_strategy))
+        return (
+            id(model.optimizer),
+            id(getattr(model, "_compile_loss", None)),
+            getattr(model, "jit_compile", None),
+            getattr(model, "steps_per_execution", None),
+            id(model.distribute_strategy),
+        )

@@ -61,11 +61,17 @@ class DeviceState:
 
     def __init__(self, capacity, flight_steps, replicas=1):
         def var(value):
-            return tf.Variable(value, trainable=False, synchronization=tf.VariableSynchronization.ON_WRITE,
-                               aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            return tf.Variable(
+                value,
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_WRITE,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
 
         self.capacity = capacity
-        self.poll = var(tf.constant(np.concatenate([[0, -1, 0, -1], np.full(capacity, np.nan)]), tf.float64))
+        self.poll = var(
+            tf.constant(np.concatenate([[0, -1, 0, -1], np.full(capacity, np.nan)]), tf.float64)
+        )
         # The last step of a fit() when Keras knows it: its partial row gets full statistics too.
         self.last_step = var(tf.constant(-1, tf.int64))
         self.acc = var(tf.constant(host.initial_accumulators(capacity)))
@@ -116,12 +122,17 @@ def _sizes(pieces):
     dynamic = [(i, tf.size(p)) for i, (p, k) in enumerate(zip(pieces, known)) if k is None]
     if not dynamic:
         return static
-    return static + tf.scatter_nd([[i] for i, _ in dynamic], tf.cast(tf.stack([d for _, d in dynamic]), tf.float64),
-                                  [len(pieces)])
+    return static + tf.scatter_nd(
+        [[i] for i, _ in dynamic],
+        tf.cast(tf.stack([d for _, d in dynamic]), tf.float64),
+        [len(pieces)],
+    )
 
 
 def _planned_size(tensor):
-    return int(np.prod([d if d is not None else _UNKNOWN_DIM for d in tensor.shape.as_list()] or [1]))
+    return int(
+        np.prod([d if d is not None else _UNKNOWN_DIM for d in tensor.shape.as_list()] or [1])
+    )
 
 
 def plan_chunks(pieces):
@@ -148,9 +159,17 @@ def _padding(piece):
     known = piece.shape.num_elements()
     if known is not None:
         pad = -known % BLOCK
-        return pad, (known + pad) // BLOCK, (_shared_constant(np.full(pad, np.nan), piece.dtype) if pad else None)
+        return (
+            pad,
+            (known + pad) // BLOCK,
+            (_shared_constant(np.full(pad, np.nan), piece.dtype) if pad else None),
+        )
     pad = tf.math.floormod(-tf.size(piece), BLOCK)
-    return pad, (tf.size(piece) + pad) // BLOCK, tf.fill(tf.reshape(pad, [1]), tf.constant(np.nan, piece.dtype))
+    return (
+        pad,
+        (tf.size(piece) + pad) // BLOCK,
+        tf.fill(tf.reshape(pad, [1]), tf.constant(np.nan, piece.dtype)),
+    )
 
 
 def _chunk_moments(pieces, tiny):
@@ -175,7 +194,7 @@ def _chunk_moments(pieces, tiny):
         block_piece = tf.repeat(tf.range(n), tf.stack([tf.cast(b, tf.int32) for b in blocks]))
     finite = tf.math.is_finite(x)
 
-    def count(mask):   # exact: a block's count is at most BLOCK
+    def count(mask):  # exact: a block's count is at most BLOCK
         return tf.cast(tf.reduce_sum(tf.cast(mask, tf.float32), 1), tf.float64)
 
     wide = tf.cast(tf.where(finite, x, tf.zeros_like(x)), tf.float64)
@@ -187,8 +206,14 @@ def _chunk_moments(pieces, tiny):
         "nan": count(tf.math.is_nan(x)),
         "posinf": count(tf.equal(x, np.inf)),
         "neginf": count(tf.equal(x, -np.inf)),
-        "min": tf.cast(tf.reduce_min(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(np.inf, x.dtype))), 1), tf.float64),
-        "max": tf.cast(tf.reduce_max(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(-np.inf, x.dtype))), 1), tf.float64),
+        "min": tf.cast(
+            tf.reduce_min(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(np.inf, x.dtype))), 1),
+            tf.float64,
+        ),
+        "max": tf.cast(
+            tf.reduce_max(tf.where(finite, x, tf.fill(tf.shape(x), tf.cast(-np.inf, x.dtype))), 1),
+            tf.float64,
+        ),
     }
     if any(t > 0 for t in tiny):
         # NaN and Inf compare False: only finite elements count as underflow.
@@ -200,18 +225,26 @@ def _chunk_moments(pieces, tiny):
     moments = _combine(per_block, block_piece, n)
     # The padding was counted as NaN.
     padded = tf.cast(tf.stack([tf.cast(p, tf.int32) for p in pads]), tf.float64)
-    return moments - tf.one_hot(MOMENT["nan"], len(MOMENTS), dtype=tf.float64)[None] * padded[:, None]
+    return (
+        moments - tf.one_hot(MOMENT["nan"], len(MOMENTS), dtype=tf.float64)[None] * padded[:, None]
+    )
 
 
 def _combine(moments, segment_ids, n):
     """Rows of MOMENTS combined per segment (blocks -> pieces -> sites, or replicas -> one);
     a segment with no rows gets no extremes (+inf min, -inf max)."""
     added = tf.math.unsorted_segment_sum(moments[:, :_ADDED], segment_ids, n)
-    low = tf.math.unsorted_segment_min(moments[:, _ADDED:_ADDED + 1], segment_ids, n)
-    high = tf.math.unsorted_segment_max(moments[:, _ADDED + 1:], segment_ids, n)
+    low = tf.math.unsorted_segment_min(moments[:, _ADDED : _ADDED + 1], segment_ids, n)
+    high = tf.math.unsorted_segment_max(moments[:, _ADDED + 1 :], segment_ids, n)
     rows = tf.math.unsorted_segment_sum(tf.ones_like(moments[:, :1]), segment_ids, n) > 0
-    return tf.concat([added, tf.where(rows, low, tf.fill(tf.shape(low), np.float64(np.inf))),
-                      tf.where(rows, high, tf.fill(tf.shape(high), np.float64(-np.inf)))], 1)
+    return tf.concat(
+        [
+            added,
+            tf.where(rows, low, tf.fill(tf.shape(low), np.float64(np.inf))),
+            tf.where(rows, high, tf.fill(tf.shape(high), np.float64(-np.inf))),
+        ],
+        1,
+    )
 
 
 def site_moments(pieces, piece_site, tiny, n_sites):
@@ -243,14 +276,24 @@ def finish(moments, sizes, largest, half):
     mean = tf.math.divide_no_nan(m("sum"), n)
     std = tf.sqrt(tf.maximum(tf.math.divide_no_nan(m("sumsq"), n) - mean * mean, 0.0))
     max_abs = tf.maximum(tf.abs(m("min")), tf.abs(m("max")))
-    headroom = tf.where(max_abs > 0, tf.math.log(tf.constant(largest, tf.float64) / max_abs) / np.log(2.0),
-                        tf.fill(tf.shape(n), np.float64(np.inf)))
+    headroom = tf.where(
+        max_abs > 0,
+        tf.math.log(tf.constant(largest, tf.float64) / max_abs) / np.log(2.0),
+        tf.fill(tf.shape(n), np.float64(np.inf)),
+    )
     values = {
-        "min": m("min"), "max": m("max"), "mean": mean, "std": std, "max_abs": max_abs, "headroom": headroom,
+        "min": m("min"),
+        "max": m("max"),
+        "mean": mean,
+        "std": std,
+        "max_abs": max_abs,
+        "headroom": headroom,
     }
     values = {name: tf.where(has, value, nan) for name, value in values.items()}
     values["zero_frac"] = tf.where(sizes > 0, m("zeros") / safe_size, nan)
-    values["underflow_frac"] = tf.where(tf.logical_and(tf.constant(half), sizes > 0), m("under") / safe_size, nan)
+    values["underflow_frac"] = tf.where(
+        tf.logical_and(tf.constant(half), sizes > 0), m("under") / safe_size, nan
+    )
     sampled = tf.stack([values[name] for name in stats.SAMPLED_STATS], 1)
     counts = tf.stack([m(name) for name in stats.NONFINITE_STATS], 1)
     return counts, sampled, tf.sqrt(m("sumsq"))
@@ -297,12 +340,17 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     if pieces:
         # The once-per-step read: an L2 norm per tensor, in float64 from there on.
         norms = [l2_norm(p) for p in pieces]
-        if len({n.dtype for n in norms}) > 1:   # a float64 site among float32 ones
+        if len({n.dtype for n in norms}) > 1:  # a float64 site among float32 ones
             norms = [tf.cast(n, tf.float64) for n in norms]
         norms = tf.cast(tf.stack(norms), tf.float64)
         sizes = _sizes(pieces)
-        local = tf.stack([tf.math.unsorted_segment_sum(tf.square(norms), segments, n),
-                          tf.math.unsorted_segment_sum(sizes, segments, n)], 1)
+        local = tf.stack(
+            [
+                tf.math.unsorted_segment_sum(tf.square(norms), segments, n),
+                tf.math.unsorted_segment_sum(sizes, segments, n),
+            ],
+            1,
+        )
     else:
         local = tf.zeros([n, 2], tf.float64)
     # Collective 1: every replica learns the global norms, so all take the same branches below.
@@ -310,21 +358,37 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     step_norm, site_sizes = tf.sqrt(global_[:, 0]), global_[:, 1]
     hint = tf.logical_not(tf.math.is_finite(step_norm))
     step = tf.cast(state.poll[host.POLL["steps_run"]], tf.int64)
-    ends_row = tf.reduce_any(tf.stack([tf.equal(tf.math.floormod(step + 1, log_every), 0),
-                                       tf.equal(step, state.last_step), tf.equal(step, 0)]))
+    ends_row = tf.reduce_any(
+        tf.stack(
+            [
+                tf.equal(tf.math.floormod(step + 1, log_every), 0),
+                tf.equal(step, state.last_step),
+                tf.equal(step, 0),
+            ]
+        )
+    )
     ran_full = tf.logical_or(ends_row, tf.reduce_any(hint))
 
-    tiny = [dtype_limits(dtypes[s])[1] if tf.as_dtype(dtypes[s]) in HALF else 0.0 for s in piece_site]
-    local_moments = functional_cond(ran_full, lambda: site_moments(pieces, piece_site, tiny, n),
-                                    lambda: tf.zeros([n, len(MOMENTS)], tf.float64))
+    tiny = [
+        dtype_limits(dtypes[s])[1] if tf.as_dtype(dtypes[s]) in HALF else 0.0 for s in piece_site
+    ]
+    local_moments = functional_cond(
+        ran_full,
+        lambda: site_moments(pieces, piece_site, tiny, n),
+        lambda: tf.zeros([n, len(MOMENTS)], tf.float64),
+    )
     # Collective 2: moments combined over replicas; per replica, who saw a non-finite value.
     gathered = gather_replicas(ctx, local_moments)
     nonfinite_columns = [MOMENT[name] for name in stats.NONFINITE_STATS]
-    per_replica_nonfinite = tf.cast(tf.reduce_sum(tf.gather(gathered, nonfinite_columns, axis=2), -1) > 0,
-                                    tf.int64)
+    per_replica_nonfinite = tf.cast(
+        tf.reduce_sum(tf.gather(gathered, nonfinite_columns, axis=2), -1) > 0, tf.int64
+    )
     replicas = tf.shape(gathered)[0]
-    moments = _combine(tf.reshape(gathered, [-1, len(MOMENTS)]),
-                       tf.tile(tf.range(n), [replicas]), n) if ctx is not None else gathered[0]
+    moments = (
+        _combine(tf.reshape(gathered, [-1, len(MOMENTS)]), tf.tile(tf.range(n), [replicas]), n)
+        if ctx is not None
+        else gathered[0]
+    )
     largest = [dtype_limits(d)[0] for d in dtypes]
     half = [tf.as_dtype(d) in HALF for d in dtypes]
     counts, sampled, finite_norm = finish(moments, site_sizes, largest, half)
@@ -347,7 +411,9 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
         "steps": tf.ones([n], tf.float64),
         "size": site_sizes,
         "nonfinite_steps": tf.cast(nonfinite, tf.float64),
-        "first_nonfinite_step": tf.where(nonfinite, tf.fill([n], step64), tf.fill([n], np.float64(np.inf))),
+        "first_nonfinite_step": tf.where(
+            nonfinite, tf.fill([n], step64), tf.fill([n], np.float64(np.inf))
+        ),
         "norm": norm,
         "max_norm": norm,
     }
@@ -359,18 +425,33 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     contribution = tf.pad(contribution, [[0, cap - n], [0, 0]], constant_values=np.nan)
     old = state.acc.read_value()
     rule = lambda name: tf.constant(_ACCUMULATE == name)
-    state.acc.assign(tf.where(
-        tf.logical_or(rule("replace"), tf.logical_and(rule("replace_sampled"), ran_full)), contribution,
-        tf.where(rule("sum"), old + tf.where(tf.math.is_nan(contribution), tf.zeros_like(old), contribution),
-                 tf.where(rule("max"), tf.maximum(old, contribution),
-                          tf.where(rule("min"), tf.minimum(old, contribution), old)))))
+    state.acc.assign(
+        tf.where(
+            tf.logical_or(rule("replace"), tf.logical_and(rule("replace_sampled"), ran_full)),
+            contribution,
+            tf.where(
+                rule("sum"),
+                old + tf.where(tf.math.is_nan(contribution), tf.zeros_like(old), contribution),
+                tf.where(
+                    rule("max"),
+                    tf.maximum(old, contribution),
+                    tf.where(rule("min"), tf.minimum(old, contribution), old),
+                ),
+            ),
+        )
+    )
 
     # First non-finite of the run (not a loss-scale skip), and the flight recorder frozen with it.
     recording = state.poll[host.POLL["first_step"]] < 0
-    is_first = tf.logical_and(recording, tf.logical_and(tf.reduce_any(nonfinite), tf.logical_not(is_skip)))
+    is_first = tf.logical_and(
+        recording, tf.logical_and(tf.reduce_any(nonfinite), tf.logical_not(is_skip))
+    )
     state.first.assign(tf.where(is_first, contribution, state.first))
-    state.first_replicas.assign(tf.where(
-        is_first, tf.pad(per_replica_nonfinite, [[0, 0], [0, cap - n]]), state.first_replicas))
+    state.first_replicas.assign(
+        tf.where(
+            is_first, tf.pad(per_replica_nonfinite, [[0, 0], [0, cap - n]]), state.first_replicas
+        )
+    )
     ring_size = state.ring_step.shape[0]
     slot = tf.one_hot(tf.math.floormod(step, ring_size), ring_size, on_value=True, off_value=False)
     write = tf.logical_and(slot, recording)
@@ -378,9 +459,19 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     now = tf.gather(contribution, [stats.STAT_INDEX[name] for name in host.RING_STATS], axis=1)
     state.ring.assign(tf.where(write[:, None, None], now[None], state.ring))
     poll = state.poll
-    state.poll.assign(tf.concat([tf.stack([
-        step64 + 1,
-        tf.where(is_first, step64, poll[host.POLL["first_step"]]),
-        poll[host.POLL["skips"]] + tf.cast(is_skip, tf.float64),
-        tf.where(is_skip, step64, poll[host.POLL["last_skip_step"]]),
-    ]), contribution[:, stats.STAT_INDEX["norm"]]], 0))
+    state.poll.assign(
+        tf.concat(
+            [
+                tf.stack(
+                    [
+                        step64 + 1,
+                        tf.where(is_first, step64, poll[host.POLL["first_step"]]),
+                        poll[host.POLL["skips"]] + tf.cast(is_skip, tf.float64),
+                        tf.where(is_skip, step64, poll[host.POLL["last_skip_step"]]),
+                    ]
+                ),
+                contribution[:, stats.STAT_INDEX["norm"]],
+            ],
+            0,
+        )
+    )

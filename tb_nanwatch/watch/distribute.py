@@ -7,7 +7,9 @@ def worker_names(strategy):
     if resolver is None or getattr(resolver, "task_type", None) is None:
         return []
     spec = resolver.cluster_spec().as_dict()
-    return ["%s_%d" % (job, i) for job in ("chief", "worker") for i in range(len(spec.get(job, [])))]
+    return [
+        "%s_%d" % (job, i) for job in ("chief", "worker") for i in range(len(spec.get(job, [])))
+    ]
 
 
 def this_worker(strategy):

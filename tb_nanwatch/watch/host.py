@@ -18,12 +18,28 @@ COLUMN = stats.STAT_INDEX
 # How each step's value joins the accumulators, from the table: statistics measured at every
 # step accumulate by their aggregation rule; last-step ones (the norm) are replaced at every
 # step; sampled ones are replaced when the full statistics ran.
-ACCUMULATE = tuple("replace" if s.measured == "last_step" else
-                   "replace_sampled" if s.measured == "sampled" else s.aggregate for s in stats.STATS)
+ACCUMULATE = tuple(
+    "replace"
+    if s.measured == "last_step"
+    else "replace_sampled"
+    if s.measured == "sampled"
+    else s.aggregate
+    for s in stats.STATS
+)
 # What an accumulator starts a row with: nothing seen.  first_nonfinite_step starts at +inf so
 # that min() keeps the earliest; max_norm at -1 (norms are >= 0).
-INITIAL = np.array([np.inf if s.name == "first_nonfinite_step" else -1.0 if s.name == "max_norm"
-                    else np.nan if s.measured != "every_step" else 0.0 for s in stats.STATS])
+INITIAL = np.array(
+    [
+        np.inf
+        if s.name == "first_nonfinite_step"
+        else -1.0
+        if s.name == "max_norm"
+        else np.nan
+        if s.measured != "every_step"
+        else 0.0
+        for s in stats.STATS
+    ]
+)
 
 # What the flight recorder keeps per step and site, on the device (see device.DeviceState).
 RING_STATS = ("nan", "posinf", "neginf", "norm")
@@ -42,8 +58,12 @@ def row_from_accumulators(acc):
     row = np.array(acc, dtype=np.float64, copy=True)
     present = row[:, COLUMN["size"]] > 0
     first = row[:, COLUMN["first_nonfinite_step"]]
-    row[:, COLUMN["first_nonfinite_step"]] = np.where(np.isfinite(first) & (first >= 0), first, np.nan)
-    row[:, COLUMN["max_norm"]] = np.where(row[:, COLUMN["max_norm"]] >= 0, row[:, COLUMN["max_norm"]], np.nan)
+    row[:, COLUMN["first_nonfinite_step"]] = np.where(
+        np.isfinite(first) & (first >= 0), first, np.nan
+    )
+    row[:, COLUMN["max_norm"]] = np.where(
+        row[:, COLUMN["max_norm"]] >= 0, row[:, COLUMN["max_norm"]], np.nan
+    )
     row[:, COLUMN["steps"]] = np.nanmax(row[:, COLUMN["steps"]]) if len(row) else 0
     return _mask_absent(row, present)
 
@@ -83,15 +103,21 @@ def first_record(sites, first_row, consumers=None):
 
     `first_row` is [n_sites, n_stats] in the table's columns; `consumers` maps a layer path to
     the layers whose backward pass computed the gradient w.r.t. its output."""
-    counts = np.nan_to_num(first_row[:, [COLUMN[name] for name in stats.NONFINITE_STATS]]).astype(np.int64)
+    counts = np.nan_to_num(first_row[:, [COLUMN[name] for name in stats.NONFINITE_STATS]]).astype(
+        np.int64
+    )
     bad = nonfinite_sites(counts)
     if not bad:
         return None
 
     def describe(i):
         site = sites[i]
-        out = dict(layer=site["layer"], kind=site["kind"], tensor=site["tensor"],
-                   **{name: int(counts[i, j]) for j, name in enumerate(stats.NONFINITE_STATS)})
+        out = dict(
+            layer=site["layer"],
+            kind=site["kind"],
+            tensor=site["tensor"],
+            **{name: int(counts[i, j]) for j, name in enumerate(stats.NONFINITE_STATS)},
+        )
         if site["kind"] == "activation_grad":
             out["backward_of"] = list((consumers or {}).get(site["layer"], []))
         return out
@@ -121,7 +147,9 @@ def flight_rows(ring_steps, ring, sizes, first_step, first_row):
     ring_steps [R] (-1: slot unused), ring [R, n_sites, len(RING_STATS)]; each row covers one
     step; the first non-finite step's row is the full one recorded at that step."""
     ring_steps = np.asarray(ring_steps)
-    order = [int(i) for i in np.argsort(ring_steps, kind="stable") if 0 <= ring_steps[i] <= first_step]
+    order = [
+        int(i) for i in np.argsort(ring_steps, kind="stable") if 0 <= ring_steps[i] <= first_step
+    ]
     sizes = np.asarray(sizes, dtype=np.float64)
     steps, rows = [], []
     for i in order:

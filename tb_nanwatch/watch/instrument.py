@@ -25,16 +25,16 @@ class StepTrace:
     """Tensors of one traced training step, gathered as the step's Python code runs."""
 
     def __init__(self, graph, in_train_step=False):
-        self.graph = graph                # the (function) graph the step is traced in
+        self.graph = graph  # the (function) graph the step is traced in
         self.in_train_step = in_train_step  # ends when the wrapped train_step returns
         self.inputs = []
-        self.activations = {}        # layer path -> [tensor], forward completion order
-        self.activation_grads = {}   # layer path -> [tensor], backward order
+        self.activations = {}  # layer path -> [tensor], forward completion order
+        self.activation_grads = {}  # layer path -> [tensor], backward order
         self.losses = []
-        self.applies = []            # (optimizer, grads, variables) per optimizer.apply
-        self.produced_by = {}        # id(output tensor) -> layer path
-        self.consumers = {}          # layer path -> [paths of layers that took its output]
-        self.nested = set()          # layers called only inside a nested graph
+        self.applies = []  # (optimizer, grads, variables) per optimizer.apply
+        self.produced_by = {}  # id(output tensor) -> layer path
+        self.consumers = {}  # layer path -> [paths of layers that took its output]
+        self.nested = set()  # layers called only inside a nested graph
 
 
 def _current_graph():
@@ -167,7 +167,8 @@ class Instrumentation:
                 trace.consumers[producer].append(path)
         outputs = original(*args, **kwargs)
         if self.trace is not trace or not any(
-                k in self.kinds for k in ("activation", "activation_grad")):
+            k in self.kinds for k in ("activation", "activation_grad")
+        ):
             return outputs
         flat = tf.nest.flatten(outputs)
         floats = site_catalogue.float_tensors(outputs)
@@ -178,8 +179,10 @@ class Instrumentation:
             trace.activations[path].extend(floats)
         if "activation_grad" not in self.kinds:
             return outputs
-        probed = [grad_probe(trace, path, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
-                  for t in flat]
+        probed = [
+            grad_probe(trace, path, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
+            for t in flat
+        ]
         for t in probed:
             trace.produced_by[id(t)] = path
         return tf.nest.pack_sequence_as(outputs, probed)
@@ -199,8 +202,13 @@ class Instrumentation:
     def _apply(self, optimizer, original, grads, trainable_variables=None, *args, **kwargs):
         trace = self._step_trace(begin=False)
         grads = list(grads)
-        variables = list(trainable_variables) if trainable_variables is not None else list(
-            getattr(site_catalogue.inner_optimizer(optimizer), "_trainable_variables", []))
+        variables = (
+            list(trainable_variables)
+            if trainable_variables is not None
+            else list(
+                getattr(site_catalogue.inner_optimizer(optimizer), "_trainable_variables", [])
+            )
+        )
         # Layers called inside the optimizer's own code are not part of the model's step.
         self._local.suppressed = self._suppressed + 1
         try:
@@ -224,8 +232,12 @@ class Instrumentation:
 
 
 def _is_symbolic(values):
-    return any(v is not None and not isinstance(v, (tf.Tensor, tf.IndexedSlices, tf.Variable))
-               and not hasattr(v, "numpy") for v in values)
+    return any(
+        v is not None
+        and not isinstance(v, (tf.Tensor, tf.IndexedSlices, tf.Variable))
+        and not hasattr(v, "numpy")
+        for v in values
+    )
 
 
 def grad_probe(trace, path, tensor):
@@ -238,6 +250,7 @@ def grad_probe(trace, path, tensor):
                 upstream = tf.convert_to_tensor(upstream)
             trace.activation_grads.setdefault(path, []).append(upstream)
             return upstream
+
         return tf.identity(x), grad
 
     out = probe(tensor)
@@ -258,7 +271,11 @@ def find_optimizers(model, extra=()):
     found = []
 
     def add(candidate):
-        if candidate is None or not hasattr(candidate, "apply") or not hasattr(candidate, "apply_gradients"):
+        if (
+            candidate is None
+            or not hasattr(candidate, "apply")
+            or not hasattr(candidate, "apply_gradients")
+        ):
             return
         if any(candidate is o or candidate is getattr(o, "inner_optimizer", None) for o in found):
             return
@@ -276,6 +293,7 @@ def find_optimizers(model, extra=()):
 def _is_optimizer(value):
     try:
         import keras
+
         return isinstance(value, keras.optimizers.Optimizer)
     except Exception:  # pragma: no cover - Keras missing or exotic
         return False

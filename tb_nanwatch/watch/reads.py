@@ -39,8 +39,11 @@ def _feeds_family(tensor, family, depth=4):
     for consumer in tensor.consumers():
         if consumer.type in family:
             return True
-        if depth and consumer.type in _FORWARDERS and any(
-                _feeds_family(out, family, depth - 1) for out in consumer.outputs):
+        if (
+            depth
+            and consumer.type in _FORWARDERS
+            and any(_feeds_family(out, family, depth - 1) for out in consumer.outputs)
+        ):
             return True
     return False
 
@@ -58,7 +61,7 @@ def for_reading(tensor, copies, family=None):
     if op.type not in _FAMILY or (family is not None and op.type not in family):
         return tensor
     if op.graph is not tf.compat.v1.get_default_graph():
-        return tensor   # the step's own graph only
+        return tensor  # the step's own graph only
     if family is None and not _feeds_family(source, _FAMILY[op.type]):
         # The root of a tree (a swish's Mul feeding a conv) loses no rewrite when read, while
         # copying it would give its inputs a consumer more (and stop the swish fusion).

@@ -51,16 +51,23 @@ def optimizer_slots(optimizer):
     if not n:
         return slots
     for attr, value in sorted(vars(inner).items()):
-        if attr in ("_trainable_variables", "_variables") or not isinstance(value, list) or len(value) != n:
+        if (
+            attr in ("_trainable_variables", "_variables")
+            or not isinstance(value, list)
+            or len(value) != n
+        ):
             continue
-        if all(v is None or hasattr(v, "assign") for v in value) and any(v is not None for v in value):
+        if all(v is None or hasattr(v, "assign") for v in value) and any(
+            v is not None for v in value
+        ):
             slots.append((slot_name(attr), value))
     return slots
 
 
 def float_tensors(structure):
-    return [t for t in tf.nest.flatten(structure)
-            if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+    return [
+        t for t in tf.nest.flatten(structure) if isinstance(t, tf.Tensor) and t.dtype.is_floating
+    ]
 
 
 def gradient_values(grad):
@@ -108,12 +115,21 @@ def build(trace, model_name, layer_order, kinds):
     # the output shape, then in the loop) is watched through the layer around it.
     forward = [path for path in trace.activations if path not in trace.nested]
     for path in forward:
-        add(path, "activation", "", lambda tr, p=path: tr.activations.get(p, []),
-            *_describe(trace.activations[path]))
+        add(
+            path,
+            "activation",
+            "",
+            lambda tr, p=path: tr.activations.get(p, []),
+            *_describe(trace.activations[path]),
+        )
     if trace.losses or "loss" in kinds:
         add(model_name, "loss", "", lambda tr: tr.losses, *_describe(trace.losses))
 
-    applied = [(i, j, v) for i, (_, _, variables) in enumerate(trace.applies) for j, v in enumerate(variables)]
+    applied = [
+        (i, j, v)
+        for i, (_, _, variables) in enumerate(trace.applies)
+        for j, v in enumerate(variables)
+    ]
     recorded = set(forward)
     owner = {}
     for path, layer in layer_order:
@@ -132,14 +148,25 @@ def build(trace, model_name, layer_order, kinds):
         for i, j, v in applied:
             if _order_owner(owner.get(id(v), model_name), recorded) == path and id(v) not in placed:
                 placed.add(id(v))
-                add(owner.get(id(v), model_name), "weight_grad", v.name,
-                    lambda tr, i=i, j=j: gradient_values(tr.applies[i][1][j]), v.dtype, tuple(v.shape))
+                add(
+                    owner.get(id(v), model_name),
+                    "weight_grad",
+                    v.name,
+                    lambda tr, i=i, j=j: gradient_values(tr.applies[i][1][j]),
+                    v.dtype,
+                    tuple(v.shape),
+                )
 
     for path in backward:
-        add(path, "activation_grad", "", lambda tr, p=path: tr.activation_grads.get(p, []),
-            *_describe(trace.activations.get(path, [])))
+        add(
+            path,
+            "activation_grad",
+            "",
+            lambda tr, p=path: tr.activation_grads.get(p, []),
+            *_describe(trace.activations.get(path, [])),
+        )
         weight_grads_of(path)
-    for _, _, v in applied:   # weights no watched layer owns (e.g. the model's own), last
+    for _, _, v in applied:  # weights no watched layer owns (e.g. the model's own), last
         weight_grads_of(_order_owner(owner.get(id(v), model_name), recorded))
     # Per optimizer, per variable as it updates them: its slots, then the new value.
     for optimizer, _, variables in trace.applies:
@@ -154,13 +181,24 @@ def build(trace, model_name, layer_order, kinds):
             for name, slot_variables in slots:
                 slot = slot_variables[index] if index is not None else None
                 if slot is not None:
-                    add(path, "optimizer_state", "%s/%s" % (name, v.name),
-                        lambda tr, s=slot: [variable_value(s)], slot.dtype, tuple(slot.shape))
-            add(path, "weight", v.name, lambda tr, v=v: [variable_value(v)], v.dtype, tuple(v.shape))
+                    add(
+                        path,
+                        "optimizer_state",
+                        "%s/%s" % (name, v.name),
+                        lambda tr, s=slot: [variable_value(s)],
+                        slot.dtype,
+                        tuple(slot.shape),
+                    )
+            add(
+                path, "weight", v.name, lambda tr, v=v: [variable_value(v)], v.dtype, tuple(v.shape)
+            )
     return sites, getters
 
 
 def capacity(layer_order, variables, optimizers):
     """An upper bound on the number of sites, known before the step is traced."""
-    slots = sum(len(optimizer_slots(o)) if getattr(inner_optimizer(o), "built", False) else 4 for o in optimizers)
+    slots = sum(
+        len(optimizer_slots(o)) if getattr(inner_optimizer(o), "built", False) else 4
+        for o in optimizers
+    )
     return 2 + 2 * len(layer_order) + len(variables) * (2 + max(slots, 1))

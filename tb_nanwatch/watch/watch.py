@@ -21,7 +21,7 @@ from tb_nanwatch.watch import sites as site_catalogue
 
 logger = logging.getLogger("tb_nanwatch.watch")
 
-DEFAULT_LOG_EVERY = 100     # 1,000,000 steps -> 10,000 rows per run
+DEFAULT_LOG_EVERY = 100  # 1,000,000 steps -> 10,000 rows per run
 DEFAULT_FLIGHT_STEPS = 32
 
 
@@ -67,14 +67,26 @@ class Watch:
       group: write under `nanwatch/<group>/...` tags (a second model in one run).
     """
 
-    def __init__(self, logdir, model, optimizer=None, optimizers=None, log_every=DEFAULT_LOG_EVERY,
-                 flight_steps=DEFAULT_FLIGHT_STEPS, kinds=None, check_every=1, group=None):
+    def __init__(
+        self,
+        logdir,
+        model,
+        optimizer=None,
+        optimizers=None,
+        log_every=DEFAULT_LOG_EVERY,
+        flight_steps=DEFAULT_FLIGHT_STEPS,
+        kinds=None,
+        check_every=1,
+        group=None,
+    ):
         if log_every < 1 or flight_steps < 1 or check_every < 1:
             raise ValueError("log_every, flight_steps and check_every must be >= 1")
         kinds = tuple(stats.KINDS if kinds is None else kinds)
         unknown = [k for k in kinds if k not in stats.KINDS]
         if unknown:
-            raise ValueError("unknown kinds %s; expected some of %s" % (unknown, ", ".join(stats.KINDS)))
+            raise ValueError(
+                "unknown kinds %s; expected some of %s" % (unknown, ", ".join(stats.KINDS))
+            )
         self.model = model
         strategy = getattr(model, "distribute_strategy", None)
         # Multi-worker training: each worker writes a run of its own under logdir.
@@ -95,11 +107,13 @@ class Watch:
         self.check_every = int(check_every)
         self.group = group
         self._lock = threading.Lock()
-        self._instrumentation = instrument.Instrumentation(model, self.optimizers, kinds, self._end_step)
-        self._sites = None          # fixed at the first traced step
+        self._instrumentation = instrument.Instrumentation(
+            model, self.optimizers, kinds, self._end_step
+        )
+        self._sites = None  # fixed at the first traced step
         self._getters = None
         self._consumers = {}
-        self._state = None          # device variables
+        self._state = None  # device variables
         self._writer = None
         self._first_written = False
         self._skips_seen = 0
@@ -110,7 +124,7 @@ class Watch:
         self._traced_without_apply = False
         self._misuse_warned = False
         self._forecast = None
-        self.early_warning = None    # the early-warning event, once written
+        self.early_warning = None  # the early-warning event, once written
         self.first_nonfinite = None  # the record, once written
         self._closed = False
         self.instrument()
@@ -120,10 +134,19 @@ class Watch:
     def instrument(self):
         """Wraps layers, `compute_loss`, `train_step` and the optimizers (idempotent)."""
         self._instrumentation.install()
-        if self._state is None and getattr(self.model, "built", False) and self.model.trainable_variables:
+        if (
+            self._state is None
+            and getattr(self.model, "built", False)
+            and self.model.trainable_variables
+        ):
             # Before tracing, under the model's strategy: mirrored, one write per step.
-            self._state = self._create_state(site_catalogue.capacity(
-                self._instrumentation.layer_order, self.model.trainable_variables, self.optimizers))
+            self._state = self._create_state(
+                site_catalogue.capacity(
+                    self._instrumentation.layer_order,
+                    self.model.trainable_variables,
+                    self.optimizers,
+                )
+            )
 
     def uninstrument(self):
         """Restores every wrapped method."""
@@ -156,26 +179,35 @@ class Watch:
         if not trace.applies:
             self._traced_without_apply = True
             return
-        with self._lock:   # replicas trace the step in threads of their own
+        with self._lock:  # replicas trace the step in threads of their own
             if self._sites is None:
                 self._define_sites(trace)
         loss_scaled = any(hasattr(o, "inner_optimizer") for o in self.optimizers)
         grad_sites = np.array([s["kind"] in stats.GRADIENT_KINDS for s in self._sites])
         copies = {}
-        tensors = [[reads.for_reading(t, copies) for t in getter(trace)] for getter in self._getters]
+        tensors = [
+            [reads.for_reading(t, copies) for t in getter(trace)] for getter in self._getters
+        ]
         dtypes = [tf.as_dtype(site["dtype"]) for site in self._sites]
-        device.device_step(self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None)
+        device.device_step(
+            self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None
+        )
 
     def _define_sites(self, trace):
-        sites, getters = site_catalogue.build(trace, self.model.name, self._instrumentation.layer_order,
-                                              self.kinds)
+        sites, getters = site_catalogue.build(
+            trace, self.model.name, self._instrumentation.layer_order, self.kinds
+        )
         if self._state is None:
             with tf.init_scope():
                 self._state = self._create_state(len(sites))
         if len(sites) > self._state.capacity:
-            logger.warning("tb_nanwatch: %d sites, more than the %d planned: watching the first %d",
-                           len(sites), self._state.capacity, self._state.capacity)
-            sites, getters = sites[:self._state.capacity], getters[:self._state.capacity]
+            logger.warning(
+                "tb_nanwatch: %d sites, more than the %d planned: watching the first %d",
+                len(sites),
+                self._state.capacity,
+                self._state.capacity,
+            )
+            sites, getters = sites[: self._state.capacity], getters[: self._state.capacity]
         self._sites, self._getters = sites, getters
         self._consumers = {k: list(v) for k, v in trace.consumers.items()}
         nested = sorted(trace.nested)
@@ -183,13 +215,18 @@ class Watch:
             logger.warning(
                 "tb_nanwatch: %d layer(s) run inside a nested graph of the step (an RNN cell in its "
                 "layer's loop, a tf.cond branch, map_fn) and are watched through the layer around them: %s",
-                len(nested), ", ".join(nested[:8]) + (" ..." if len(nested) > 8 else ""))
+                len(nested),
+                ", ".join(nested[:8]) + (" ..." if len(nested) > 8 else ""),
+            )
         updated = {id(v) for _, _, variables in trace.applies for v in variables}
         missed = [v.name for v in self.model.trainable_variables if id(v) not in updated]
         if missed:
             logger.warning(
                 "tb_nanwatch: %d trainable variable(s) were updated by no watched optimizer (%s): pass the "
-                "optimizer that updates them with optimizers=[...]", len(missed), ", ".join(missed[:5]))
+                "optimizer that updates them with optimizers=[...]",
+                len(missed),
+                ", ".join(missed[:5]),
+            )
         self._forecast = early_warning.OverflowForecast(sites)
 
     # ------------------------------------------------------------------ host side
@@ -216,13 +253,19 @@ class Watch:
         skips = int(poll[host.POLL["skips"]])
         if skips > self._skips_seen:
             self._write_skips(skips, int(poll[host.POLL["last_skip_step"]]))
-        if self._forecast is not None and self.early_warning is None and steps_run > 0 and first_step < 0:
-            norms = poll[len(host.POLL_FIELDS):len(host.POLL_FIELDS) + len(self._sites)]
+        if (
+            self._forecast is not None
+            and self.early_warning is None
+            and steps_run > 0
+            and first_step < 0
+        ):
+            norms = poll[len(host.POLL_FIELDS) : len(host.POLL_FIELDS) + len(self._sites)]
             warning = self._forecast.update(steps_run - 1, norms)
             if warning:
                 self._write_early_warning(warning)
-        if (final and steps_run - 1 > self._last_row_step) or host.row_due(steps_run, self._last_row_step,
-                                                                             self.log_every):
+        if (final and steps_run - 1 > self._last_row_step) or host.row_due(
+            steps_run, self._last_row_step, self.log_every
+        ):
             self._write_row(steps_run - 1)
 
     def _warn_nothing_traced(self, closing=False):
@@ -230,16 +273,26 @@ class Watch:
         if self._misuse_warned and not closing:
             return
         self._misuse_warned = True
-        when = "closing %s after %d step(s) with nothing recorded: " % (self.logdir, self._host_calls) \
-            if closing else ""
+        when = (
+            "closing %s after %d step(s) with nothing recorded: " % (self.logdir, self._host_calls)
+            if closing
+            else ""
+        )
         if self._traced_without_apply:
-            logger.warning("tb_nanwatch: %sthe train step ran the model but never called apply() of a watched "
-                           "optimizer (%s): nothing is recorded; pass the optimizer that updates the model with "
-                           "optimizers=[...]", when, ", ".join(type(o).__name__ for o in self.optimizers))
+            logger.warning(
+                "tb_nanwatch: %sthe train step ran the model but never called apply() of a watched "
+                "optimizer (%s): nothing is recorded; pass the optimizer that updates the model with "
+                "optimizers=[...]",
+                when,
+                ", ".join(type(o).__name__ for o in self.optimizers),
+            )
         else:
-            logger.warning("tb_nanwatch: %sno training step was traced with the Watch in place, so nothing is "
-                           "recorded: create the Watch before the train step's first call (a tf.function "
-                           "traced earlier keeps running uninstrumented)", when)
+            logger.warning(
+                "tb_nanwatch: %sno training step was traced with the Watch in place, so nothing is "
+                "recorded: create the Watch before the train step's first call (a tf.function "
+                "traced earlier keeps running uninstrumented)",
+                when,
+            )
 
     def expect_last_step(self, steps_from_now):
         """Tells the device that training ends after `steps_from_now` more steps, so the
@@ -251,33 +304,42 @@ class Watch:
 
     def _ensure_writer(self):
         if self._writer is None:
-            self._writer = summary.RecordWriter(self.logdir, self._sites, group=self.group,
-                                                 log_every=self.log_every)
+            self._writer = summary.RecordWriter(
+                self.logdir, self._sites, group=self.group, log_every=self.log_every
+            )
         return self._writer
 
     def _write_row(self, last_step):
-        acc = self._state.acc.numpy()[:len(self._sites)]
+        acc = self._state.acc.numpy()[: len(self._sites)]
         self._state.reset_accumulators()
         scale = self._loss_scale()
         row = host.unscale_gradients(host.row_from_accumulators(acc), self._sites, scale)
         if scale is not None and scale < 1 and not self._collapse_reported:
             self._collapse_reported = True
-            self._ensure_writer().write_events(last_step, [{
-                "type": "loss_scale_collapse", "step": last_step, "loss_scale": scale}])
-            logger.warning("tb_nanwatch: the loss scale has collapsed to %g at step %d: gradients are "
-                           "scaled down and training may have stalled silently", scale, last_step)
+            self._ensure_writer().write_events(
+                last_step, [{"type": "loss_scale_collapse", "step": last_step, "loss_scale": scale}]
+            )
+            logger.warning(
+                "tb_nanwatch: the loss scale has collapsed to %g at step %d: gradients are "
+                "scaled down and training may have stalled silently",
+                scale,
+                last_step,
+            )
         self._ensure_writer().write_row(last_step, row)
         self._last_row_step = last_step
 
     def _write_first(self, step):
         n = len(self._sites)
         scale = self._loss_scale()
-        first_row = host.unscale_gradients(host.row_from_accumulators(self._state.first.numpy()[:n]),
-                                           self._sites, scale)
+        first_row = host.unscale_gradients(
+            host.row_from_accumulators(self._state.first.numpy()[:n]), self._sites, scale
+        )
         record = host.first_record(self._sites, first_row, self._consumers)
         if record is None:
             return
-        record = host.replicas_of(record, self._state.first_replicas.numpy()[:, :n], self._worker_names)
+        record = host.replicas_of(
+            record, self._state.first_replicas.numpy()[:, :n], self._worker_names
+        )
         skips = int(self._state.poll.numpy()[host.POLL["skips"]])
         if skips:
             record["loss_scale_skips_before"] = skips
@@ -285,16 +347,27 @@ class Watch:
         # Flight recorder first, so the record that readers look for lands last, complete.
         sizes = self._state.acc.numpy()[:n, stats.STAT_INDEX["size"]]
         sizes = np.where(sizes > 0, sizes, first_row[:, stats.STAT_INDEX["size"]])
-        steps, rows = host.flight_rows(self._state.ring_step.numpy(), self._state.ring.numpy()[:, :n], sizes,
-                                       step, first_row)
-        writer.write_flight(steps, [host.unscale_gradients(r, self._sites, scale) if s != step else r
-                                    for s, r in zip(steps, rows)])
+        steps, rows = host.flight_rows(
+            self._state.ring_step.numpy(), self._state.ring.numpy()[:, :n], sizes, step, first_row
+        )
+        writer.write_flight(
+            steps,
+            [
+                host.unscale_gradients(r, self._sites, scale) if s != step else r
+                for s, r in zip(steps, rows)
+            ],
+        )
         writer.write_first_nonfinite(step, record)
         self._first_written = True
         self.first_nonfinite = dict(record, step=step)
-        logger.warning("tb_nanwatch: first non-finite value at step %d: %s (%d NaN, %d +Inf, %d -Inf)",
-                       step, summary.site_label(self._sites[record["site"]]), record["nan"], record["posinf"],
-                       record["neginf"])
+        logger.warning(
+            "tb_nanwatch: first non-finite value at step %d: %s (%d NaN, %d +Inf, %d -Inf)",
+            step,
+            summary.site_label(self._sites[record["site"]]),
+            record["nan"],
+            record["posinf"],
+            record["neginf"],
+        )
 
     def _write_early_warning(self, warning):
         event = dict(warning, type="early_warning")
@@ -302,9 +375,12 @@ class Watch:
         self._ensure_writer().flush()
         self.early_warning = event
         site = self._sites[int(event["site"])] if "site" in event else None
-        logger.warning("tb_nanwatch: early warning at step %s: %s is on course to overflow %s",
-                       event["step"], summary.site_label(site) if site else "a site",
-                       "by step %s" % event["predicted_step"] if "predicted_step" in event else "soon")
+        logger.warning(
+            "tb_nanwatch: early warning at step %s: %s is on course to overflow %s",
+            event["step"],
+            summary.site_label(site) if site else "a site",
+            "by step %s" % event["predicted_step"] if "predicted_step" in event else "soon",
+        )
 
     def _loss_scale(self):
         for optimizer in self.optimizers:
@@ -314,8 +390,12 @@ class Watch:
         return None
 
     def _write_skips(self, total, last_step):
-        event = {"type": "loss_scale_skip", "step": last_step, "skips_total": total,
-                 "new_skips": total - self._skips_seen}
+        event = {
+            "type": "loss_scale_skip",
+            "step": last_step,
+            "skips_total": total,
+            "new_skips": total - self._skips_seen,
+        }
         scale = self._loss_scale()
         if scale is not None:
             event["loss_scale"] = scale
