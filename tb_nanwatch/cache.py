@@ -21,7 +21,9 @@ class Entry:
 
     @property
     def nbytes(self):
-        return self.data.rows.nbytes + self.data.flight_rows.nbytes
+        data = self.data
+        extra = getattr(data, "timeline_rows", None)
+        return data.rows.nbytes + data.flight_rows.nbytes + (0 if extra is None else extra.nbytes)
 
     def memo(self, key, compute):
         """compute() once per key for this version of the run (the last `memo_size` kept)."""
@@ -75,3 +77,28 @@ class RunCache:
 
     def __len__(self):
         return len(self._entries)
+
+
+class Sources:
+    """The last `max_entries` run directories read (a `runview.RunSource` each, which
+    remembers how far it read every file: a reload reads only what was appended)."""
+
+    def __init__(self, max_entries=16):
+        self.max_entries = max_entries
+        self._sources = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, make):
+        with self._lock:
+            source = self._sources.get(key)
+            if source is None:
+                source = self._sources[key] = make()
+            self._sources.move_to_end(key)
+            while len(self._sources) > self.max_entries:
+                self._sources.popitem(last=False)
+        return source
+
+    def peek(self, key):
+        """The source of `key` if one is kept, else None (nothing is made)."""
+        with self._lock:
+            return self._sources.get(key)

@@ -1,8 +1,8 @@
 """Why a run went NaN/Inf: causes with evidence and remedies, and the warning signs before it.
 
-Read off the logged evidence only (`reader.RunData`: sites with dtype and shape, rows,
-flight rows, the first non-finite record, events), TensorFlow-free, shared by the CLI
-and the plugin.  `diagnose` evaluates one rule per cause of `causes.CAUSES` (RULES,
+Read off a run's `runview.RunView` only (sites with dtype and shape, its one timeline of
+logged and flight rows, the first non-finite record, events), TensorFlow-free, shared by
+the CLI and the plugin.  `diagnose` evaluates one rule per cause of `causes.CAUSES` (RULES,
 keyed by cause ID) and ranks what fires; `precursors` lists finite warning signs: a
 float16 tensor that underflowed to zero (Adam's velocity under the float16 policy makes
 m / (sqrt(v) + eps) explode a step later), a tensor within a doubling of its dtype's
@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from tb_nanwatch import causes, reader, stats, summary
+from tb_nanwatch import causes, runview, stats, summary, words
 
 UNDERFLOW_FRACTION = 0.9  # nearly all of a half-precision tensor below the smallest normal
 # Where underflow is damage rather than ReLU's honest zeros: slots and weight gradients.
@@ -27,18 +27,17 @@ def precursors(run_data, limit=8):
     """[{step, layer, kind, tensor, sign, value, text}] up to the first non-finite step
     (or the whole run when there is none), earliest first, one per site and sign;
     the first `limit` (all with limit 0 or None)."""
-    first = run_data.first_nonfinite
-    until = first["step"] if first else None
+    view = runview.as_view(run_data)
+    # The first non-finite step under the view's one rule: the record, or the rows of a
+    # killed run that lost it (signs after the blow-up tell nothing about its cause).
+    until = view.until
     col = stats.STAT_INDEX
-    sites = run_data.sites
+    sites = view.sites
     underflow_sites = np.array(
         [s.get("dtype") in _HALF and s["kind"] in UNDERFLOW_KINDS for s in sites], bool
     )
     found = {}
-    for steps, rows in (
-        (run_data.steps, run_data.rows),
-        (run_data.flight_steps, run_data.flight_rows),
-    ):
+    for steps, rows in ((view.timeline_steps, view.timeline_rows),):
         if not len(steps):
             continue
         with np.errstate(invalid="ignore"):
@@ -139,85 +138,30 @@ def _g(value):
 
 
 class Evidence:
-    """What the rules read: one timeline of the logged and flight rows, merged by step
-    (a flight row fills what the logged row of its step did not measure), and the first
-    non-finite record.  Columns are built per statistic, on demand, so a big run is not
-    copied whole."""
+    """What the rules read: the run's view (its one timeline of logged and flight rows,
+    columns built per statistic on demand, and its first non-finite record), with the
+    lookups the rules share."""
 
     def __init__(self, run_data):
-        self.data = run_data
-        self.sites = run_data.sites
-        self.first = reader.first_nonfinite_json(run_data)
-        self.until = self.first["step"] if self.first else None
-        self.producer = self._producer()
-        flight = np.asarray(run_data.flight_steps, dtype=np.int64)
-        logged = np.asarray(run_data.steps, dtype=np.int64)
-        self._extra = ~np.isin(flight, logged)
-        self._shared_rows = np.nonzero(np.isin(logged, flight))[0]
-        self._shared_flight = np.array(
-            [np.nonzero(flight == logged[i])[0][-1] for i in self._shared_rows], dtype=int
-        )
-        steps = np.concatenate([logged, flight[self._extra]])
-        self._order = np.argsort(steps, kind="stable")
-        self.steps = steps[self._order]
-        self._columns = {}
-        # [n_steps, n_sites]: the state that led up to the first non-finite value: rows that end
-        # before its step, and in its step the sites that ran before the producer.
-        n = len(self.sites)
-        if self.until is None:
-            self.before = np.ones((len(self.steps), n), bool)
-        else:
-            self.before = np.repeat((self.steps < self.until)[:, None], n, axis=1)
-            if self.producer is not None:
-                self.before[self.steps == self.until, : self.producer] = True
-        self.events = [e for e in run_data.events if isinstance(e, dict)]
-
-    def _producer(self):
-        if self.first is None:
-            return None
-        index = self.first.get("site")
-        if isinstance(index, int) and 0 <= index < len(self.sites):
-            s = self.sites[index]
-            if (s["layer"], s["kind"], s.get("tensor", "")) == (
-                self.first["layer"],
-                self.first["kind"],
-                self.first.get("tensor", ""),
-            ):
-                return index
-        return self.data.site_index(
-            self.first["layer"], self.first["kind"], self.first.get("tensor", "")
-        )
+        self.data = view = runview.as_view(run_data)
+        self.sites = view.sites
+        self.first = view.first
+        self.until = view.until
+        self.producer = view.producer
+        self.steps = view.timeline_steps
+        self.before = view.before
+        self.events = view.events
 
     def col(self, name):
         """[n_steps, n_sites] of one statistic over the timeline."""
-        if name not in self._columns:
-            c = stats.STAT_INDEX[name]
-            rows = (
-                self.data.rows[..., c] if len(self.data.steps) else np.zeros((0, len(self.sites)))
-            )
-            flight = (
-                self.data.flight_rows[..., c]
-                if len(self.data.flight_steps)
-                else np.zeros((0, len(self.sites)))
-            )
-            merged = np.concatenate([rows, flight[self._extra]])
-            for i, j in zip(self._shared_rows, self._shared_flight):
-                merged[i] = np.where(np.isnan(merged[i]), flight[j], merged[i])
-            self._columns[name] = merged[self._order]
-        return self._columns[name]
+        return self.data.col(name)
 
     def nonfinite(self):
-        if "_nonfinite" not in self._columns:
-            counts = sum(np.nan_to_num(self.col(k)) for k in stats.NONFINITE_STATS)
-            self._columns["_nonfinite"] = counts > 0
-        return self._columns["_nonfinite"]
+        return self.data.nonfinite()
 
     def finite_before(self, name):
         """The statistic where it is measured on a finite cell before the first non-finite step, else NaN."""
-        values = self.col(name).copy()
-        values[~self.before] = np.nan
-        values[self.nonfinite()] = np.nan
-        return values
+        return self.data.finite_before(name)
 
     def at(self, step, name, site):
         """The statistic of `site` at `step` (NaN if not logged)."""
@@ -242,9 +186,7 @@ class Evidence:
         return acts[-1] if acts else None
 
     def label(self, index):
-        from tb_nanwatch.report import site_words
-
-        return site_words(self.sites[index])
+        return words.site_words(self.sites[index])
 
     def counts_words(self, obj):
         parts = [

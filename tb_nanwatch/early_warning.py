@@ -150,13 +150,14 @@ def warning_dict(site, index, step, norm, slope, left):
 def norm_series(run_data):
     """(steps, norms [n_steps, n_sites]) before the first non-finite step: the logged rows'
     and flight rows' `norm`, merged by step (a flight row where the logged row has none)."""
-    from tb_nanwatch import diagnosis
+    from tb_nanwatch import runview
 
-    ev = diagnosis.Evidence(run_data)
-    norms = ev.col("norm").copy()
-    norms[ev.nonfinite()] = np.nan
-    keep = ev.steps < ev.until if ev.until is not None else np.ones(len(ev.steps), bool)
-    return ev.steps[keep], norms[keep]
+    view = runview.as_view(run_data)
+    norms = view.col("norm").copy()
+    norms[view.nonfinite()] = np.nan
+    steps = view.timeline_steps
+    keep = steps < view.until if view.until is not None else np.ones(len(steps), bool)
+    return steps[keep], norms[keep]
 
 
 def from_run(run_data, **kwargs):

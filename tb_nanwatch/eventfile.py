@@ -303,8 +303,14 @@ class LogdirProvider(tb_provider.DataProvider):
         self.damage = {}
         self.bytes_read = 0
         self._runs = {}  # run -> {tag: _Series}
+        from tb_nanwatch import runfiles
+
         for run, paths in find_runs(self._logdir).items():
-            for path in paths:
+            # Protocol 3 keeps rows in the run's row files, beside its event files.
+            rows = [
+                p for p in runfiles.run_files(os.path.join(self._logdir, run)) if p not in paths
+            ]
+            for path in paths + rows:
                 self._load(run, path)
                 if on_bytes is not None:
                     on_bytes(self.bytes_read)

@@ -10,7 +10,8 @@ import re
 
 import numpy as np
 
-from tb_nanwatch import stats
+from tb_nanwatch import runview, stats
+from tb_nanwatch.timeline import row_first_steps, select_rows  # noqa: F401 (their home)
 
 SOURCES = ("rows", "flight")
 
@@ -30,16 +31,6 @@ class Heatmap:
         self.rows_per_column = np.ones(
             len(first_steps), dtype=np.int64
         )  # logged rows in each column
-
-
-def row_first_steps(steps, rows):
-    """First step each row covers: its last step minus its `steps` count, plus one."""
-    if not rows.shape[1]:
-        return steps.copy()
-    with np.errstate(invalid="ignore"):
-        count = np.fmax.reduce(rows[:, :, stats.STAT_INDEX["steps"]], axis=1)  # NaN-skipping max
-    count = np.where(np.isnan(count), 1, count)
-    return steps - count.astype(np.int64) + 1
 
 
 def aggregate_bins(rows, edges, stat_indices=None, sites=None):
@@ -242,21 +233,6 @@ def bin_edges(n, max_columns, own_columns=()):
     return np.array(edges, dtype=int)
 
 
-def select_rows(steps, rows, first_step=None, last_step=None):
-    """(steps, first steps, rows) of the rows overlapping [first_step, last_step]: the one
-    step-window filter of the heatmap, the cell route and the report."""
-    firsts = row_first_steps(steps, rows) if len(steps) else steps
-    keep = np.ones(len(steps), dtype=bool)
-    if first_step is not None:
-        keep &= steps >= first_step
-    if last_step is not None:
-        keep &= firsts <= last_step
-    where = np.nonzero(keep)[0]
-    if len(where) and where[-1] - where[0] + 1 == len(where):
-        where = slice(where[0], where[-1] + 1)  # the usual case: a view, not a copy
-    return steps[where], firsts[where], rows[where]
-
-
 def build(
     run_data,
     stat="max_abs",
@@ -281,11 +257,15 @@ def build(
         raise HeatmapError("unknown rows %r; one of: %s" % (rows_mode, ", ".join(ROW_MODES)))
     if max_columns < 1:
         raise HeatmapError("max_columns must be at least 1")
+    view = runview.as_view(run_data)
+    # "rows": the one timeline (logged rows, flight rows at step resolution around the
+    # blow-up), read again from the run's files where a zoomed window needs finer rows.
     steps, rows = (
-        (run_data.steps, run_data.rows)
+        view.rows_in(first_step, last_step, max_columns)
         if source == "rows"
-        else (run_data.flight_steps, run_data.flight_rows)
+        else (view.flight_steps, view.flight_rows)
     )
+    run_data = view
     site_indices = [i for i, s in enumerate(run_data.sites) if kind is None or s["kind"] == kind]
     steps, firsts, rows = select_rows(steps, rows, first_step, last_step)
     n = len(steps)

@@ -15,14 +15,18 @@ PLUGIN_NAME = "nanwatch"
 #    the row covers (what is the same for every site), then a line per site without the
 #    `steps` column, the first non-finite step stored as an offset back from the row's step
 #    (exact in float32 for rows shorter than 2**24 steps, whatever the run's length).
-PROTOCOL_VERSION = 2
+# 3: rows and flight rows as in 2, but in the run's row file (`plugins/nanwatch/*.rows`, see
+#    `runfiles`), which TensorBoard's loaders never read: what TensorBoard holds stays small
+#    whatever the run's length.  The event file holds a `run` record naming that file.
+PROTOCOL_VERSION = 3
 
 # Record kinds; each is one tag per site list ("group").
 ROWS = "rows"  # float32 [1 + n_sites, len(DISK_STATS)], step = last step of the row
 FLIGHT = "flight"  # same, one per step before the first non-finite
 FIRST_NONFINITE = "first_nonfinite"  # scalar string: JSON object, step = that step
 EVENTS = "events"  # scalar string: JSON list of events at that step (loss-scale skips, ...)
-RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS)
+RUN = "run"  # scalar string: JSON {"rows_file": path relative to the run, "sites": n}
+RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS, RUN)
 
 TAG_PREFIX = "nanwatch"
 

@@ -1,8 +1,12 @@
-"""The NanWatch TensorBoard plugin: routes over `tb_nanwatch.reader` and `tb_nanwatch.heatmap`.
+"""The NanWatch TensorBoard plugin: routes over a run's `runview.RunView` and `heatmap`.
 
-Reads only through `context.data_provider`, so it works with RustBoard (the default
-`--load_fast=true`) and with the Python multiplexer (`--load_fast=false`).  Every route
-is documented in `http_api.md` beside this file.  The frontend (`frontend/` in the
+Runs are listed through `context.data_provider`, so it works with RustBoard (the default
+`--load_fast=true`) and with the Python multiplexer (`--load_fast=false`).  A run's rows
+are read from its own files in the logdir (`runfiles`), incrementally, into a view of
+bounded size, the way TensorBoard's profile plugin reads its own files: TensorBoard never
+holds them.  A logdir that is not a local directory is read through the data provider
+(all rows, as the provider keeps them).  Every route is documented in `http_api.md`
+beside this file.  The frontend (`frontend/` in the
 repository, package `tb_nanwatch.frontend`) is served by the plugin itself from an
 allow-list of files.
 """
@@ -21,7 +25,18 @@ from tensorboard.backend import http_util, json_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from tb_nanwatch import cache, diagnosis, early_warning, heatmap, metadata, reader, report, stats
+from tb_nanwatch import (
+    cache,
+    diagnosis,
+    early_warning,
+    heatmap,
+    metadata,
+    reader,
+    report,
+    runfiles,
+    runview,
+    stats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +135,7 @@ class _BadRequest(ValueError):
 ERROR_STATUS = (
     (_BadRequest, 400),  # a bad or missing parameter
     (heatmap.HeatmapError, 400),  # a request the data cannot answer
-    (reader.RunNotFound, 404),
+    (runview.RunNotFound, 404),
     (metadata.MetadataError, 422),  # written by a newer tb_nanwatch
     (reader.InvalidData, 422),  # damaged past the reader's gate
 )
@@ -135,7 +150,11 @@ class NanWatchPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context):
         self._provider = context.data_provider
+        logdir = getattr(context, "logdir", None)
+        # Runs are directories below a local logdir: their files are read directly.
+        self._logdir = logdir if runview.is_local_dir(logdir) else None
         self.cache = cache.RunCache(CACHE_SIZE, CACHE_BYTES, HEATMAP_CACHE_SIZE)
+        self._sources = cache.Sources(CACHE_SIZE)
         self._frontend_dir = frontend_dir()
 
     # -- TBPlugin ----------------------------------------------------------------
@@ -168,15 +187,21 @@ class NanWatchPlugin(base_plugin.TBPlugin):
     # -- plumbing ----------------------------------------------------------------
     def _entry(self, ctx, eid, run, group=None):
         """The cache entry of (run, group), the group defaulting to the run's first site
-        list; read again when the provider reports something new for its tags."""
+        list, holding the run's view at its current version: a run that grew is read from
+        where the last read stopped."""
         if group is None:
             groups = reader.list_runs(self._provider, ctx, eid).get(run)
             if groups is None:
-                raise reader.RunNotFound("no nanwatch data for run %r" % run)
+                raise runview.RunNotFound("no nanwatch data for run %r" % run)
             group = groups[0]
+        run_dir = self._run_dir(run)
+        if run_dir is not None:
+            source = self._sources.get(run_dir, lambda: runview.RunSource(run, run_dir))
+            view = source.view(group)
+            return self.cache.get((eid, run, group), id(view), lambda: view)
         series = reader.run_series(self._provider, ctx, eid, run, group)
         if not series:  # a run killed before its first row still has its first-non-finite record
-            raise reader.RunNotFound(
+            raise runview.RunNotFound(
                 "no nanwatch data for run %r%s"
                 % (run, "" if group is None else " group %r" % group)
             )
@@ -186,8 +211,19 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         return self.cache.get(
             (eid, run, group),
             fingerprint,
-            lambda: reader.read_run(self._provider, ctx, eid, run, group),
+            lambda: runview.from_run_data(reader.read_run(self._provider, ctx, eid, run, group)),
         )
+
+    def _run_dir(self, run):
+        """The directory of `run` below the local logdir, or None (not local, or a run name
+        that does not name a directory inside it)."""
+        if self._logdir is None or not isinstance(run, str):
+            return None
+        root = os.path.realpath(self._logdir)
+        path = os.path.realpath(os.path.join(root, run))
+        if path != root and not path.startswith(root + os.sep):
+            return None
+        return path if os.path.isdir(path) else None
 
     def _json_route(self, request, impl):
         """impl(ctx, experiment_id) as a JSON answer; its errors by ERROR_STATUS, never an
@@ -313,7 +349,7 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         return reader.list_runs(self._provider, ctx, eid)
 
     def first_nonfinite_impl(self, ctx, eid, run, group=None):
-        return reader.first_nonfinite_json(self._entry(ctx, eid, run, group).data)
+        return self._entry(ctx, eid, run, group).data.first
 
     def precursors_impl(self, ctx, eid, run, group=None):
         """`diagnosis.precursors` of the run, computed once per version of its data."""
@@ -336,7 +372,8 @@ class NanWatchPlugin(base_plugin.TBPlugin):
     def overview_impl(self, ctx, eid):
         """Every run's state in one list: its first non-finite step and site, or finite (with
         its loss-scale skips).  Cheap on a logdir of many runs: runs already read answer from
-        the cache; the others from their small first-non-finite and events records only."""
+        their view; the others from their small first-non-finite and events records and the
+        last record of their row file."""
         listing = self._provider.list_tensors(
             ctx, experiment_id=eid, plugin_name=metadata.PLUGIN_NAME
         )
@@ -348,17 +385,18 @@ class NanWatchPlugin(base_plugin.TBPlugin):
                     for t, ts in listing.get(run, {}).items()
                     if (metadata.parse_tag(t) or (False,))[0] == group
                 }
-                fingerprint = tuple(
-                    sorted((t, ts.max_step, ts.max_wall_time) for t, ts in series.items())
-                )
-                entry = self.cache.peek((eid, run, group), fingerprint)
+                run_dir = self._run_dir(run)
+                source = self._sources.peek(run_dir) if run_dir is not None else None
                 try:
-                    data = (
-                        entry.data
-                        if entry is not None
-                        else reader.read_run_summary(self._provider, ctx, eid, run, group, series)
-                    )
-                except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
+                    if source is not None:  # read already: brought up to date, cheaply
+                        data = source.view(group)
+                    else:
+                        data = reader.read_run_summary(self._provider, ctx, eid, run, group, series)
+                        if run_dir is not None:  # rows in the run's row file: its last one
+                            last = runfiles.last_row_step(run_dir, group)
+                            if last is not None:
+                                data.last_step = max(last, data.last_step or 0)
+                except (runview.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
                     out.append({"run": run, "group": group, "state": "unreadable", "error": str(e)})
                     continue
                 out.append(run_state(data))
@@ -411,8 +449,8 @@ class NanWatchPlugin(base_plugin.TBPlugin):
 
 
 def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_mode="tree"):
-    """The /heatmap answer over one version of a run's data (see http_api.md)."""
-    first = reader.first_nonfinite_json(data)
+    """The /heatmap answer over one version of a run's view (see http_api.md)."""
+    first = data.first
     hm = heatmap.build(
         data,
         stat=stat,
@@ -447,11 +485,11 @@ def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_
         # 1 where a non-finite cell of the first non-finite step's column went bad later.
         "late": _b64(hm.late.astype(np.uint8)),
         "first_nonfinite_cell": _first_cell(data, hm, first),
-        "step_range": _step_range(data.steps, data.rows),
+        "step_range": _step_range(data.timeline_steps, data.timeline_rows, data.n_logged_rows),
         "flight_range": _step_range(data.flight_steps, data.flight_rows),
         "events": _events_in_view(data.events, hm),
         "event_counts": _event_counts(data.events),
-        "warnings": data.warnings,  # records the reader's gate dropped, per tag
+        "warnings": data.warnings + data.damage,  # records dropped by the gate; damaged files
         # Several writer sessions in the run directory: the words naming them (the data
         # is the latest one's), else null.
         "session_warning": data.session_warning(),
@@ -461,7 +499,9 @@ def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_
 def cell_body(data, site, first_step, last_step, source):
     """The /cell answer: every statistic of one site over the rows overlapping the range."""
     steps, rows = (
-        (data.steps, data.rows) if source == "rows" else (data.flight_steps, data.flight_rows)
+        data.rows_in(first_step, last_step)
+        if source == "rows"
+        else (data.flight_steps, data.flight_rows)
     )
     steps, firsts, picked = heatmap.select_rows(
         steps, rows[:, site : site + 1, :] if len(steps) else rows, first_step, last_step
@@ -496,17 +536,17 @@ def cell_body(data, site, first_step, last_step, source):
 def run_state(data):
     """A run's line of the runs overview: "nonfinite" (its first step and site), "skips"
     (finite but for loss-scale skips, by design) or "healthy"."""
-    first = reader.first_nonfinite_json(data)
-    skips = [e for e in data.events if isinstance(e, dict) and e.get("type") == "loss_scale_skip"]
-    totals = [e["skips_total"] for e in skips if _is_step(e.get("skips_total"))]
-    n_skips = max([len(skips)] + [int(t) for t in totals]) if skips else 0
-    last = int(data.steps.max()) if len(data.steps) else getattr(data, "last_step", None)
+    view = runview.as_view(data)
+    first = view.first
+    last = view.last_step
+    if last is None:
+        last = getattr(data, "last_step", None)
     out = {
-        "run": data.run,
-        "group": data.group,
+        "run": view.run,
+        "group": view.group,
         "last_step": last,
-        "loss_scale_skips": n_skips,
-        "session_warning": data.session_warning(),
+        "loss_scale_skips": view.skipped_steps,
+        "session_warning": view.session_warning(),
     }
     if first is not None:
         out.update(
@@ -520,7 +560,7 @@ def run_state(data):
             neginf=first.get("neginf", 0),
         )
     else:
-        out["state"] = "skips" if n_skips else "healthy"
+        out["state"] = "skips" if view.skipped_steps else "healthy"
     return out
 
 
@@ -583,11 +623,14 @@ def _site_json(site):
     }
 
 
-def _step_range(steps, rows):
+def _step_range(steps, rows, n_rows=None):
+    """First and last step of `steps`, and the rows they came from (`n_rows`, the logged
+    rows a view folded, else len(steps))."""
     if not len(steps):
         return None
     firsts = heatmap.row_first_steps(steps, rows)
-    return {"first": int(firsts.min()), "last": int(steps.max()), "rows": int(len(steps))}
+    count = len(steps) if n_rows is None else n_rows
+    return {"first": int(firsts.min()), "last": int(steps.max()), "rows": int(count)}
 
 
 def _first_cell(data, hm, first):
@@ -596,7 +639,7 @@ def _first_cell(data, hm, first):
     the tree, `row` is the producer's site row and `path` its ancestors, outermost first."""
     if not first:
         return None
-    site = reader.producer_index(data, first)
+    site = data.producer
     if site is None or site not in hm.site_indices:
         return None
     step = int(first["step"])

@@ -13,7 +13,7 @@ import numpy as np
 from tensorboard import context as tb_context
 from tensorboard.data import provider as tb_provider
 
-from tb_nanwatch import metadata, stats, validation
+from tb_nanwatch import metadata, runview, stats, validation
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +21,7 @@ logger = logging.getLogger(__name__)
 _ALL = 2**31 - 1
 
 
-class RunNotFound(KeyError):
-    """No nanwatch data for this run (or group)."""
-
-    def __str__(self):
-        return self.args[0] if self.args else "run not found"
-
+RunNotFound = runview.RunNotFound
 
 InvalidData = validation.InvalidData
 

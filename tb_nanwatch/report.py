@@ -1,127 +1,45 @@
 """The postmortem report of a logdir: analysis, plain text, JSON and PNG.
 
-`cli.py` handles arguments, loading and exit codes; this module turns the
-reader's `RunData` into what `tb-nanwatch report` shows.  TensorFlow-free.
+`cli.py` handles arguments, loading and exit codes; this module turns a run's
+`runview.RunView` into what `tb-nanwatch report` shows.  TensorFlow-free.
 
-Names and meanings of statistics and kinds come from `stats`; the first
-non-finite object is the reader's contract (`reader.first_nonfinite_json`).
+Names and meanings of statistics and kinds come from `stats`; every fact about the run
+(first non-finite record, producer, propagators, steps watched, skips) is the view's, so
+the report and the tab say the same.
 """
 
 import json
 import math
-import re
 
 import numpy as np
 
-from tb_nanwatch import diagnosis, early_warning, heatmap, reader, stats
+from tb_nanwatch import diagnosis, early_warning, heatmap, runview, stats
+from tb_nanwatch.words import COUNT_LABELS, clean, counts_words, fmt, kind_words, site_words  # noqa: F401
 
-LOSS_SCALE_SKIP = "loss_scale_skip"
+LOSS_SCALE_SKIP = runview.LOSS_SCALE_SKIP
 # Every-step statistics shown in the trend table, in this order; the sampled
 # statistics present in the window follow in table order.
 TREND_EVERY_STEP = ("norm", "nan", "posinf", "neginf")
-COUNT_LABELS = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def clean(text):
-    """A name as the user wrote it (unicode, `<script>` and all), except control
-    characters, which are escaped so that a name cannot break a line or drive the terminal."""
-    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
-
-
-kind_words = stats.kind_words
-
-
-def site_words(site):
-    """`dense_1, optimizer state velocity/kernel`; `loss` for the unnamed loss site."""
-    what = " ".join(p for p in (kind_words(site.get("kind", "")), site.get("tensor", "")) if p)
-    layer = site.get("layer", "")
-    return clean("%s, %s" % (layer, what) if layer else what)
-
-
-def counts_words(obj, only_nonzero=False):
-    parts = []
-    for k in stats.NONFINITE_STATS:
-        n = int(obj.get(k, 0) or 0)
-        if n or not only_nonzero:
-            parts.append("%s %d" % (COUNT_LABELS[k], n))
-    return ", ".join(parts)
-
-
-def fmt(value, count=False):
-    """A statistic for a table cell: '-' when not measured."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if count:
-        return "%d" % value
-    if value == 0:
-        return "0"
-    return "%.4g" % value
 
 
 class RunReport:
-    """What the report says about one (run, group)."""
+    """What the report says about one (run, group): its view's facts, the diagnosis, the
+    warning signs and the early warning."""
 
     def __init__(self, data):
-        self.data = data
-        self.run = data.run
-        self.group = data.group
-        self.first = reader.first_nonfinite_json(data)
-        self.producer = self._producer_index()
-        self.steps_watched, self.last_step = _steps_watched(data)
-        self.skips = [
-            e for e in data.events if isinstance(e, dict) and e.get("type") == LOSS_SCALE_SKIP
-        ]
-        self.other_events = [
-            e
-            for e in data.events
-            if not (isinstance(e, dict) and e.get("type") in (LOSS_SCALE_SKIP, "early_warning"))
-        ]
-        self.propagators = self._propagators()
-        self.precursors = diagnosis.precursors(data)
-        self.diagnosis = diagnosis.diagnose(data)
-        self.early_warning = early_warning.from_run(data)
-
-    # -- analysis ---------------------------------------------------------------
-    def _producer_index(self):
-        return reader.producer_index(self.data, self.first)
-
-    def _propagators(self):
-        """The sites the first non-finite value reached in the same step, execution order."""
-        if self.first is None:
-            return []
-        if isinstance(self.first.get("propagators"), list):
-            return self.first["propagators"]
-        # The record was lost (killed run): the rows still say which sites went
-        # non-finite at that step -- exactly in the flight row of that step.
-        step = self.first["step"]
-        col = stats.STAT_INDEX
-        out = []
-        hit = np.nonzero(self.data.flight_steps == step)[0]
-        if len(hit):
-            row = self.data.flight_rows[hit[-1]]
-            bad = stats.nonfinite_status(row)
-            chosen = [s for s in range(len(self.data.sites)) if bad[s] in (1, 2, 3, 4)]
-        else:
-            rows = self.data.rows[self.data.steps >= step]
-            if not len(rows):
-                return []
-            row = rows[0]
-            chosen = [
-                s
-                for s in range(len(self.data.sites))
-                if row[s, col["first_nonfinite_step"]] == step
-            ]
-        for s in chosen:
-            if s == self.producer:
-                continue
-            site = self.data.sites[s]
-            entry = dict(layer=site["layer"], kind=site["kind"], tensor=site.get("tensor", ""))
-            for k in stats.NONFINITE_STATS:
-                entry[k] = int(np.nan_to_num(row[s, col[k]]))
-            out.append(entry)
-        return out
+        self.data = view = runview.as_view(data)
+        self.run = view.run
+        self.group = view.group
+        self.first = view.first
+        self.producer = view.producer
+        self.steps_watched, self.last_step = view.steps_watched, view.last_step
+        self.skips = view.skips
+        self.skipped_steps = view.skipped_steps
+        self.other_events = view.other_events
+        self.propagators = view.propagators
+        self.precursors = diagnosis.precursors(view)
+        self.diagnosis = diagnosis.diagnose(view)
+        self.early_warning = early_warning.from_run(view)
 
     def trend(self, max_steps=12):
         """(title, header, rows) of the producer's statistics up to the first non-finite step.
@@ -192,6 +110,7 @@ class RunReport:
             "steps_watched": int(self.steps_watched),
             "last_step": None if self.last_step is None else int(self.last_step),
             "loss_scale_skips": jsonable(self.skips),
+            "skipped_steps": int(self.skipped_steps),
             "events": jsonable(self.other_events),
             "precursors": jsonable(self.precursors),
             "diagnosis": jsonable(self.diagnosis),
@@ -210,8 +129,8 @@ class RunReport:
             line = "%s: finite, %s" % (name, _steps(self.steps_watched, self.last_step))
             if self.skips:
                 line += "; %d loss-scale skip%s (by design)" % (
-                    len(self.skips),
-                    "" if len(self.skips) == 1 else "s",
+                    self.skipped_steps,
+                    "" if self.skipped_steps == 1 else "s",
                 )
             return line
         counts = counts_words(self.first, only_nonzero=True)
@@ -223,8 +142,8 @@ class RunReport:
         )
         if self.skips:
             line += "; also %d loss-scale skip%s (by design)" % (
-                len(self.skips),
-                "" if len(self.skips) == 1 else "s",
+                self.skipped_steps,
+                "" if self.skipped_steps == 1 else "s",
             )
         return line
 
@@ -239,7 +158,7 @@ class RunReport:
                 _steps(self.steps_watched, self.last_step),
             )
             if self.skips:
-                line += "; %s" % _skips_words(self.skips)
+                line += "; %s" % _skips_words(self.skips, self.skipped_steps)
             # Other events (e.g. a collapsed loss scale) can matter without any NaN.
             return (
                 [line]
@@ -306,7 +225,7 @@ class RunReport:
                 lines.append("    step %d: %s" % (p["step"], clean(p["text"])))
         lines += self.why_lines("  why (most likely first):")
         if self.skips:
-            lines.append("  " + _skips_words(self.skips))
+            lines.append("  " + _skips_words(self.skips, self.skipped_steps))
         for e in self.other_events[:5]:
             lines.append("  " + _event_words(e))
         if len(self.other_events) > 5:
@@ -368,7 +287,7 @@ def _event_words(event):
     )
 
 
-def _skips_words(skips):
+def _skips_words(skips, n_skipped):
     steps = sorted({int(e.get("step", -1)) for e in skips})
     shown = ", ".join(str(s) for s in steps[:10]) + (", ..." if len(steps) > 10 else "")
     scale = skips[-1].get("loss_scale")
@@ -377,36 +296,13 @@ def _skips_words(skips):
         "%d loss-scale skip%s (step%s %s%s): skipped by design by the LossScaleOptimizer"
         " (gradients overflowed, scale lowered), not the blow-up"
         % (
-            len(skips),
-            "" if len(skips) == 1 else "s",
+            n_skipped,
+            "" if n_skipped == 1 else "s",
             "" if len(steps) == 1 else "s",
             shown,
             scale_text,
         )
     )
-
-
-def _steps_watched(data):
-    """(steps watched, last step): the steps the logged rows cover, plus flight steps after them."""
-    col = stats.STAT_INDEX["steps"]
-    watched = 0
-    last = None
-    if len(data.steps):
-        per_row = data.rows[:, :, col]
-        per_row = (
-            np.where(np.isnan(per_row), 0, per_row).max(axis=1)
-            if per_row.shape[1]
-            else np.ones(len(data.steps))
-        )
-        watched = int(per_row.sum())
-        last = int(data.steps.max())
-    if len(data.flight_steps):
-        after = data.flight_steps[data.flight_steps > (last if last is not None else -1)]
-        watched += len(np.unique(after))
-        last = max(last if last is not None else -1, int(data.flight_steps.max()))
-    if data.first_nonfinite is not None and isinstance(data.first_nonfinite.get("step"), int):
-        last = max(last if last is not None else -1, data.first_nonfinite["step"])
-    return watched, last
 
 
 def jsonable(value):

@@ -6,12 +6,20 @@ The device-side writer (`tb_nanwatch.writer`) hands numpy arrays to a
 Record layout (see `metadata`): rows and flight rows are handed over as float64
 matrices [n_sites, n_stats] in `stats.STAT_NAMES` order and stored compactly
 (`metadata.encode_row`); the first non-finite record and events are JSON strings.
+
+Where (protocol 3): the small records go to an event file in `logdir`, which TensorBoard
+reads and lists; rows and flight rows go to the run's row file
+(`logdir/plugins/nanwatch/<event file name>.rows`, see `runfiles`), which only tb_nanwatch
+reads, a zoomed window at a time: TensorBoard's memory does not grow with the run.  A
+logdir that is not a local path (`gs://...`) gets the rows in the event file (protocol 2's
+layout), read through TensorBoard's data provider.
 """
 
 import json
 import logging
 import os
 import socket
+import struct
 import time
 
 import numpy as np
@@ -19,7 +27,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
-from tb_nanwatch import metadata, stats
+from tb_nanwatch import eventfile, metadata, runfiles, stats
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +80,7 @@ class RecordWriter:
         self.dropped = 0  # records not written since
         self._guard = None
         self._last_step = None
+        self._rows = None  # the row file (protocol 3), when the logdir is a local path
         try:
             self._writer = EventFileWriter(
                 self.logdir, max_queue_size=1000, flush_secs=flush_secs, filename_suffix=".nanwatch"
@@ -80,6 +89,26 @@ class RecordWriter:
         except Exception as e:  # an OSError, or TensorFlow's errors when its gfile is in use
             self._writer = None
             self._fail(e, "cannot create an event file in")
+        else:
+            self._open_rows()
+
+    def _open_rows(self):
+        if "://" in self.logdir:
+            return
+        # Named after the event file, but without `tfevents`: TensorBoard's loaders take any
+        # directory holding a file so named for a run, and would read it.
+        event_name = os.path.basename(getattr(self._writer, "_file_name", "") or "")
+        stamp = event_name.replace("events.out.tfevents.", "").replace(".nanwatch", "")
+        name = "rows." + (stamp or "%010d.%s.%s" % (time.time(), socket.gethostname(), os.getpid()))
+        relative = os.path.join(runfiles.ROWS_DIR, name + runfiles.ROWS_SUFFIX)
+        try:
+            os.makedirs(os.path.join(self.logdir, runfiles.ROWS_DIR), exist_ok=True)
+            self._rows = open(os.path.join(self.logdir, relative), "ab")
+        except OSError as e:
+            self._fail(e, "cannot create a row file in")
+            return
+        run = {"rows_file": relative.replace(os.sep, "/"), "sites": len(self.sites)}
+        self._write(metadata.RUN, 0, _string_tensor(json.dumps(run, sort_keys=True)))
 
     # -- records ---------------------------------------------------------------
     def write_row(self, step, row, wall_time=None, record=metadata.ROWS):
@@ -146,14 +175,21 @@ class RecordWriter:
             step=int(step),
             summary=summary_pb2.Summary(value=[value]),
         )
-        self._io(self._writer.add_event, event, at_step=step)
+        if self._rows is not None and record in (metadata.ROWS, metadata.FLIGHT):
+            self._io(self._rows.write, _frame(event.SerializeToString()), at_step=step)
+        else:
+            self._io(self._writer.add_event, event, at_step=step)
 
     def flush(self):
         if not self.failed:
+            if self._rows is not None:
+                self._io(self._rows.flush)
             self._io(self._writer.flush)
 
     def close(self):
         if not self._closed:
+            if self._rows is not None:
+                self._io(self._rows.close, quiet_after_failure=True)
             if self._writer is not None:
                 self._io(self._writer.close, quiet_after_failure=True)
             self._closed = True
@@ -247,6 +283,19 @@ def _guard_records(writer):
     if worker.exception is not None:  # the file_version record already failed
         guard.error = worker.exception
     return guard
+
+
+def _frame(data):
+    """One TFRecord frame (see `eventfile`), checksummed in C (google-crc32c)."""
+    header = struct.pack("<Q", len(data))
+    return b"".join(
+        (
+            header,
+            struct.pack("<I", eventfile.masked_crc32c(header)),
+            data,
+            struct.pack("<I", eventfile.masked_crc32c(data)),
+        )
+    )
 
 
 def _string_tensor(text):

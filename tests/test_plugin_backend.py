@@ -121,9 +121,11 @@ def test_fix_flags_string_and_missing_forms(tmp_path):
 
 
 def test_every_row_is_read(app):
-    # The multiplexer would keep 10 samples per tag without fix_flags.
     hm = app.json("/heatmap", rows="sites", run="mlp", columns=5000)
-    assert hm["n_columns"] == 1000 and sum(hm["rows_per_column"]) == 1000
+    # 1,000 logged rows and 8 flight rows, one timeline with no gap and no overlap.
+    assert hm["step_range"]["rows"] == 1000 and hm["n_columns"] == 1008
+    assert hm["first_steps"][0] == 0 and hm["last_steps"][-1] == 9999
+    assert all(b == a + 1 for a, b in zip(hm["last_steps"], hm["first_steps"][1:]))
 
 
 # -- listing, metadata, static files --------------------------------------------------
@@ -265,19 +267,28 @@ def test_first_nonfinite_from_rows_when_no_record(app):
 
 # -- heatmap ------------------------------------------------------------------------
 def test_heatmap_full_resolution_matches_written_rows(app, logdir):
-    hm = app.json("/heatmap", rows="sites", run="mlp", stat="max_abs", columns=1000)
+    hm = app.json("/heatmap", rows="sites", run="mlp", stat="max_abs", columns=1010)
     values, status = decode(hm)
     provider, ctx, eid = reader.open_logdir(str(logdir))
     data = reader.read_run(provider, ctx, eid, "mlp")
+    # Logged rows every 10 steps; the flight recorder's steps 4996-5003 stand in the
+    # timeline at step resolution, the logged rows around them shown for the rest.
+    logged = [i for i, s in enumerate(data.steps) if not 4990 <= s <= 5009]
+    columns = [i for i, s in enumerate(hm["last_steps"]) if not 4990 <= s <= 5009]
     np.testing.assert_allclose(
-        values, data.rows[:, :, COL["max_abs"]].T.astype(np.float32), rtol=1e-6
+        values[:, columns], data.rows[logged, :, COL["max_abs"]].T.astype(np.float32), rtol=1e-6
     )
-    np.testing.assert_array_equal(status, stats.nonfinite_status(data.rows).T)
-    assert hm["last_steps"] == [int(s) for s in data.steps]
-    assert hm["first_steps"] == [int(s) - 9 for s in data.steps]
+    np.testing.assert_array_equal(status[:, columns], stats.nonfinite_status(data.rows[logged]).T)
+    assert hm["last_steps"][497:511] == [4979, 4989, 4995] + list(range(4996, 5004)) + [
+        5009,
+        5019,
+        5029,
+    ]
+    assert hm["first_steps"][499:509] == [4990] + list(range(4996, 5004)) + [5004]
     assert [s["label"] for s in hm["sites"]] == data.labels
-    assert hm["first_nonfinite_cell"] == {"row": 12, "column": 500, "site": 12, "step": 5003}
-    assert status[12, 499] == 0 and status[12, 500] == 2 and status[11, 500] == 0
+    # The first non-finite step has a column of its own, the steps before it too.
+    assert hm["first_nonfinite_cell"] == {"row": 12, "column": 507, "site": 12, "step": 5003}
+    assert status[12, 506] == 0 and status[12, 507] == 2 and status[11, 507] == 0
     assert hm["step_range"] == {"first": 0, "last": 9999, "rows": 1000}
     assert hm["flight_range"] == {"first": 4996, "last": 5003, "rows": 8}
 
@@ -329,10 +340,12 @@ def test_heatmap_kind_filter_keeps_model_order(app):
 
 def test_heatmap_zoom_to_a_step_range(app):
     hm = app.json("/heatmap", rows="sites", run="mlp", first_step=4990, last_step=5019, columns=500)
-    assert hm["first_steps"] == [4990, 5000, 5010] and hm["last_steps"] == [4999, 5009, 5019]
+    flight = list(range(4996, 5004))
+    assert hm["first_steps"] == [4990] + flight + [5004, 5010]
+    assert hm["last_steps"] == [4995] + flight + [5009, 5019]
     _, status = decode(hm)
-    assert list(status[12]) == [0, 2, 2]
-    assert hm["first_nonfinite_cell"]["column"] == 1
+    assert list(status[12]) == [0] * 8 + [2, 2, 2]
+    assert hm["first_nonfinite_cell"]["column"] == 8
 
 
 def test_heatmap_flight_recorder_is_step_resolution(app):
@@ -384,10 +397,13 @@ def test_cell_aggregates_every_statistic(app, logdir):
     provider, ctx, eid = reader.open_logdir(str(logdir))
     data = reader.read_run(provider, ctx, eid, "mlp")
     cell = app.json("/cell", run="mlp", site=12, first_step=4980, last_step=5019)
-    assert cell["rows"] == 4 and cell["steps"] == [4980, 5019]
+    # 4 logged rows, 8 flight rows in place of the steps they cover.
+    assert cell["rows"] == 12 and cell["steps"] == [4980, 5019]
     assert cell["status"] == "+inf"
     expected = stats.aggregate_rows(data.rows[498:502, 12, :])
     for k, name in enumerate(stats.STAT_NAMES):
+        if name in ("mean", "std"):  # weighted by the steps each row is shown for
+            continue
         if np.isnan(expected[k]):
             assert cell["stats"][name] is None, name
         else:
@@ -759,8 +775,9 @@ def test_a_failing_data_provider_is_a_json_error_not_an_html_500(app, monkeypatc
         raise RuntimeError("RESOURCE_EXHAUSTED: Received message larger than max")
 
     monkeypatch.setattr(app.plugin, "cache", cache.RunCache())
+    monkeypatch.setattr(app.plugin, "_logdir", None)  # read through the provider
     monkeypatch.setattr(app.plugin._provider, "read_tensors", fail)
-    r = app.get("/heatmap", run=app.json("/runs")[0], stat="max_abs")
+    r = app.get("/heatmap", run="mlp", stat="max_abs")
     assert r.status_code == 503
     assert "RESOURCE_EXHAUSTED" in json.loads(r.get_data())["error"]
 
