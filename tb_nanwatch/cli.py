@@ -294,82 +294,113 @@ class _Loaded:
 
 
 def _read_runs(args, out, err):
-    from tb_nanwatch import metadata, reader, report
+    """Every run, one at a time: its files read block by block into a bounded view, its
+    report made, then only the report kept (and the view of the run the PNG will show), so
+    a sweep of hundreds of runs costs what one run costs."""
+    from tb_nanwatch import eventfile, metadata, report, runview
 
     logdir = args.logdir
-    n_runs, n_bytes = _scan_logdir(logdir)
-    if n_runs == 0:
+    found = eventfile.find_runs(logdir)
+    n_bytes = sum(_size(p) for paths in found.values() for p in paths)
+    if not found:
         raise UsageError("%s: no TensorBoard event files in it or below it" % logdir)
-    progress = Progress(not args.json and err.isatty(), n_runs, n_bytes)
-    with progress:
-        provider, ctx, eid = reader.open_logdir(
-            logdir, on_bytes=lambda n: BYTES_CHECKED.__setitem__(0, n)
-        )
-        runs = reader.list_runs(provider, ctx, eid)
-        # Damage in a directory with no readable nanwatch record (it may have held some) is
-        # said too, never silently passed over.
-        other_damage = {
-            run: msgs for run, msgs in provider.damage.items() if run not in runs and not args.run
-        }
-        if not runs:
-            _warn_runs(err, other_damage)
+    if args.run:
+        wanted = [_normalise_run(logdir, r) for r in args.run]
+        unknown = [r for r in wanted if r not in found]
+        if unknown:
             raise UsageError(
-                "%s: no nanwatch data (%d run%s of TensorBoard event files, none written by "
-                "tb_nanwatch%s)"
-                % (
-                    logdir,
-                    n_runs,
-                    "" if n_runs == 1 else "s",
-                    "; damaged files named above" if other_damage else "",
-                )
+                "no nanwatch run %s in %s; runs: %s"
+                % (", ".join(repr(r) for r in unknown), logdir, ", ".join(sorted(found)))
             )
-        if args.run:
-            wanted = [_normalise_run(logdir, r) for r in args.run]
-            unknown = [r for r in wanted if r not in runs]
-            if unknown:
-                raise UsageError(
-                    "no nanwatch run %s in %s; runs: %s"
-                    % (", ".join(repr(r) for r in unknown), logdir, ", ".join(runs))
-                )
-            runs = {r: runs[r] for r in dict.fromkeys(wanted)}
-        progress.total, progress.done, progress.phase = len(runs), 0, "reading"
-        reports, problems = [], {}
-        # Progressive output: one summary line per run as soon as it is read, details after.
-        if not args.json:
-            progress.print(
-                out,
-                "tb-nanwatch report %s: %d run%s"
-                % (report.clean(logdir), len(runs), "" if len(runs) == 1 else "s"),
-            )
-        for run, groups in runs.items():
+        found = {r: found[r] for r in dict.fromkeys(wanted)}
+    progress = Progress(not args.json and err.isatty(), len(found), n_bytes)
+    runs, reports, problems, other_damage = [], [], {}, {}
+    png_run = None  # the report whose view the PNG needs
+    done_bytes = 0
+    with progress:
+        progress.total, progress.done, progress.phase = len(found), 0, "reading"
+        header = "tb-nanwatch report %s: %d run%s" % (
+            report.clean(logdir),
+            len(found),
+            "" if len(found) == 1 else "s",
+        )
+        for run in found if args.run else sorted(found):
+            source = runview.RunSource(run, os.path.join(logdir, run))
+            try:
+                source.refresh()
+            except metadata.MetadataError as e:
+                problems.setdefault(run, []).append("unreadable nanwatch data: %s" % e)
+                runs.append(run)
+                progress.step()
+                continue
+            done_bytes += source.files.bytes_read
+            BYTES_CHECKED[0] = done_bytes
+            groups = source.groups()
+            damage = source.files.damage()
+            if not groups:
+                if damage:
+                    other_damage[run] = damage
+                progress.step()
+                continue
+            runs.append(run)
             for group in groups:
                 where = "" if group is None else " (group %s)" % group
                 try:
-                    data = reader.read_run(provider, ctx, eid, run, group)
-                except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
+                    view = source.view(group)
+                except (runview.RunNotFound, runview.InvalidData, metadata.MetadataError) as e:
                     problems.setdefault(run, []).append(
                         "unreadable nanwatch data%s: %s" % (where, e)
                     )
                     continue
-                problems.setdefault(run, []).extend("%s%s" % (w, where) for w in data.warnings)
-                if data.session_warning():
-                    problems[run].append(data.session_warning() + where)
+                problems.setdefault(run, []).extend("%s%s" % (w, where) for w in view.warnings)
+                if view.session_warning():
+                    problems[run].append(view.session_warning() + where)
                 try:
-                    reports.append(report.RunReport(data))
+                    rep = report.RunReport(view)
+                    rep.freeze(max_propagators=args.propagators, trend_steps=args.steps)
+                    if png_run is None or (png_run.first is None and rep.first is not None):
+                        if png_run is not None:
+                            png_run.release()
+                        png_run = rep
+                    else:
+                        rep.release()
+                    reports.append(rep)
                     if not args.json:
-                        progress.print(out, "  " + reports[-1].summary_line())
-                except (
-                    Exception
-                ) as e:  # a bug, not bad data (the reader's gate took that): say so, go on
+                        if header:  # said once the first run with nanwatch data is read
+                            progress.print(out, header)
+                            header = None
+                        progress.print(out, "  " + rep.summary_line())
+                except Exception as e:  # a bug, not bad data (the gate took that): say so, go on
                     if os.environ.get("TB_NANWATCH_DEBUG"):
                         raise
                     problems[run].append(
                         "internal error%s: %s: %s (please report it)" % (where, type(e).__name__, e)
                     )
+            problems[run] = damage + problems.get(run, [])
+            del source
             progress.step()
-        for run in runs:
-            problems[run] = provider.damage.get(run, []) + problems.get(run, [])
+    if not runs:
+        _warn_runs(err, other_damage)
+        raise UsageError(
+            "%s: no nanwatch data (%d run%s of TensorBoard event files, none written by "
+            "tb_nanwatch%s)"
+            % (
+                logdir,
+                len(found),
+                "" if len(found) == 1 else "s",
+                "; damaged files named above" if other_damage else "",
+            )
+        )
+    if args.run:
+        other_damage = {}
     return _Loaded(runs, reports, problems, other_damage)
+
+
+def _size(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _write_png(args, reports):
@@ -378,8 +409,9 @@ def _write_png(args, reports):
 
     if not args.png:
         return None
-    with_first = [r for r in reports if r.first is not None]
-    rep = with_first[0] if with_first else (reports[0] if reports else None)
+    # The run _read_runs kept the view of: the first with a non-finite value, else the first.
+    kept = [r for r in reports if r.data is not None]
+    rep = kept[0] if kept else None
     if rep is None:
         return None
     if args.kind and not any(s["kind"] == args.kind for s in rep.data.sites):
@@ -429,11 +461,7 @@ def _write_text(out, args, loaded, png_note):
         % (n_bad, len(loaded.runs), "" if len(loaded.runs) == 1 else "s")
     )
     for rep in loaded.reports:
-        out.write(
-            "\n"
-            + "\n".join(rep.text(max_propagators=args.propagators, trend_steps=args.steps))
-            + "\n"
-        )
+        out.write("\n" + "\n".join(rep.text()) + "\n")
     for run in loaded.unreadable:
         out.write("\nrun %s: could not be read (see the warnings on stderr)\n" % report.clean(run))
     if png_note:

@@ -40,6 +40,18 @@ class RunReport:
         self.precursors = diagnosis.precursors(view)
         self.diagnosis = diagnosis.diagnose(view)
         self.early_warning = early_warning.from_run(view)
+        self._frozen = None
+
+    def freeze(self, max_propagators=10, trend_steps=12):
+        """Work out the JSON and the text now (with these options), so that `release()` can
+        let the view go: a report of a sweep keeps words, not rows."""
+        self._frozen = (self.as_json(), self.text(max_propagators, trend_steps))
+
+    def release(self):
+        """Drops the view (after `freeze`); the PNG can no longer be drawn from this report."""
+        if self._frozen is None:
+            self.freeze()
+        self.data = None
 
     def trend(self, max_steps=12):
         """(title, header, rows) of the producer's statistics up to the first non-finite step.
@@ -101,6 +113,8 @@ class RunReport:
 
     # -- output -----------------------------------------------------------------
     def as_json(self):
+        if self._frozen is not None:
+            return self._frozen[0]
         first = self.first
         if first is not None and "propagators" not in first:
             first = dict(first, propagators=self.propagators)  # recovered from the rows
@@ -148,6 +162,8 @@ class RunReport:
         return line
 
     def text(self, max_propagators=10, trend_steps=12):
+        if self._frozen is not None:
+            return self._frozen[1]
         name = clean(self.run) + (
             "" if self.group is None else " [site list %s]" % clean(self.group)
         )

@@ -156,6 +156,7 @@ def test_exit_status_zero_when_every_run_is_finite(finite_logdir):
                 "steps_watched": 200,
                 "last_step": 199,
                 "loss_scale_skips": [],
+                "skipped_steps": 0,
                 "events": [],
                 "precursors": [],
                 "diagnosis": [],
@@ -287,6 +288,13 @@ def _event_file(run_dir):
     return os.path.join(run_dir, name)
 
 
+def _row_file(run_dir):
+    """The run's row file (protocol 3: rows and flight rows, beside the event file)."""
+    rows_dir = os.path.join(run_dir, "plugins", "nanwatch")
+    (name,) = [n for n in os.listdir(rows_dir) if n.endswith(".rows")]
+    return os.path.join(rows_dir, name)
+
+
 @pytest.mark.parametrize(
     "cut", ["after_first_record", "inside_first_record", "inside_last_flight_row"]
 )
@@ -295,17 +303,22 @@ def test_killed_run_truncated_last_record(tmp_path, cut):
     or while writing the first-non-finite record itself: the report still names the site."""
     run = tmp_path / "killed"
     synthetic.write_run(str(run), n_rows=20, log_every=10, first=(185, PRODUCER, "nan"))
-    path = _event_file(run)
-    records = _records(path)
+    # The writer wrote: rows (row file) up to step 189, the flight rows of steps 178-185
+    # (row file), the first-non-finite record (event file), then the row of step 199.
+    events, rows_path = _event_file(run), _row_file(run)
+    rows = _records(rows_path)
+    events_records = _records(events)
     tag = metadata.tag(metadata.FIRST_NONFINITE).encode()
-    (i,) = [k for k, r in enumerate(records) if tag in r[2]]
+    (i,) = [k for k, r in enumerate(events_records) if tag in r[2]]
+    flight_tag = metadata.tag(metadata.FLIGHT).encode()
+    last_flight = max(k for k, r in enumerate(rows) if flight_tag in r[2] or b"flight" in r[2])
     if cut == "after_first_record":
-        size = records[i + 1][0] + 20  # a few bytes of the record after it
+        os.truncate(rows_path, rows[-1][0] + 20)  # a few bytes of the row after it
     elif cut == "inside_first_record":
-        size = records[i][0] + 30  # the first-non-finite record is incomplete
-    else:
-        size = records[i - 1][0] + 30  # ... and so is the flight row of that step, before it
-    os.truncate(path, size)
+        os.truncate(events, events_records[i][0] + 30)  # the record is incomplete
+    else:  # ... and the flight row of that step, written before it
+        os.truncate(events, events_records[i][0] + 30)
+        os.truncate(rows_path, rows[last_flight][0] + 30)
 
     rc, out, err = cli(tmp_path, "--json")
     assert rc == 1
@@ -400,11 +413,13 @@ def test_png_heatmap(logdir, tmp_path):
     assert img.size[0] >= 640 and img.size[1] >= len(SITES) * 3
     assert len(set(img.getdata())) > 50  # a colour ramp, not a flat image
     gx, gy, cw, ch, n_cols, n_rows = layout["grid"]
-    assert (n_cols, n_rows) == (50, len(SITES)) and layout["stat"] == "max_abs"
+    # 50 rows of 10 steps, and the flight recorder's steps 116-123 at step resolution.
+    assert (n_cols, n_rows) == (58, len(SITES)) and layout["stat"] == "max_abs"
     nan = stats.STATUS_COLOURS["nan"]
-    # The first non-finite cell is the producer at the column holding step 123 (rows of 10 steps).
+    # The first non-finite cell is the producer at the column of step 123 alone.
     row, col = layout["first_cell"]
-    assert (row, col) == (PRODUCER, 12) and layout["column_last_steps"][col] == 129
+    assert (row, col) == (PRODUCER, 19)
+    assert layout["column_first_steps"][col] == layout["column_last_steps"][col] == 123
     assert _cell(img, layout, row, col) == nan
     assert _cell(img, layout, row, col - 1) != nan  # finite before it
     assert (
@@ -770,8 +785,10 @@ def test_png_marker_names_the_first_steps_own_column(tmp_path):
     layout = json.loads(Image.open(png).text["tb-nanwatch"])
     row, col = layout["first_cell"]
     assert layout["column_first_steps"][col] <= 2 <= layout["column_last_steps"][col]
-    # 900 rows in at most 450 columns, but the row of steps 0-99 is not merged with the next.
-    assert layout["column_last_steps"][col] == 99 and layout["column_first_steps"][col + 1] == 100
+    # 900 rows in at most 450 columns, but step 2 (a flight row) is not merged with another:
+    # the steps before it and after it in its logged row are columns of their own.
+    assert layout["column_first_steps"][col] == layout["column_last_steps"][col] == 2
+    assert layout["column_first_steps"][col + 1] == 3
 
 
 def test_two_writer_sessions_in_one_run_directory_show_the_latest_with_a_warning(tmp_path):
