@@ -96,6 +96,27 @@ def encode_row(step, row):
     return out
 
 
+def encode_rows(steps, rows):
+    """`encode_row` of many rows at once: float64 [n, n_sites, n_stats] (table order) ->
+    float32 [n, 1 + n_sites, len(DISK_STATS)]."""
+    steps = np.asarray(steps, dtype=np.float64)
+    rows = np.asarray(rows, dtype=np.float64)
+    col = stats.STAT_INDEX
+    out = np.zeros((rows.shape[0], rows.shape[1] + 1, len(DISK_STATS)), dtype=DISK_DTYPE)
+    if not len(rows):
+        return out
+    with np.errstate(invalid="ignore"):
+        out[:, 0, 0] = np.fmax.reduce(rows[:, :, col["steps"]], axis=1) if rows.shape[1] else 1
+    largest = np.finfo(DISK_DTYPE).max
+    for j, name in enumerate(DISK_STATS):
+        if name == FIRST_OFFSET:
+            out[:, 1:, j] = steps[:, None] - rows[:, :, col["first_nonfinite_step"]]
+        else:
+            value = rows[:, :, col[name]]
+            out[:, 1:, j] = np.where(np.isinf(value), value, np.clip(value, -largest, largest))
+    return out
+
+
 def has_header(stat_names):
     """Whether rows of this metadata carry the header line (protocol 2 on)."""
     return "steps" not in stat_names

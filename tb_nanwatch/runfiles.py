@@ -124,11 +124,15 @@ class _File:
                         pos = end
                         continue
                     if problem.startswith("truncated") and not more:
-                        # An incomplete last frame: maybe still being written; read it again
-                        # next time.
-                        self.pending = (base + pos, problem)
-                        self.offset = base + pos
-                        return
+                        nxt = _resync(buf, pos + 1, more)
+                        if nxt >= len(buf):
+                            # An incomplete last frame: maybe still being written; read it
+                            # again next time.
+                            self.pending = (base + pos, problem)
+                            self.offset = base + pos
+                            return
+                        # A length field that runs past the end, with whole frames after
+                        # it: damage (said in the same words), not the end of the file.
                     if base + pos == 0 and problem.startswith("bad record header"):
                         problem = "not a readable event file (bad first record header)"
                     self.damage.add(base + pos, problem)

@@ -181,29 +181,39 @@ class RunBuilder:
     def _lines(self):
         return len(self.sites) + (1 if metadata.has_header(self.stat_names) else 0)
 
-    def _decode(self, items, tag_of=lambda item: item[0]):
-        """(steps, rows, kept items) of row matrices that pass the gate, table order."""
+    def _decode(self, items):
+        """(steps, rows as stored (`timeline`'s layout), kept items) of the row matrices that
+        pass the gate.  Rows of another layout (protocol 1, another table) are mapped by
+        column name onto this one."""
         good = []
+        lines = self._lines()
         for item in items:
             tag, step, array = item[0], item[1], item[3]
             if not validation.is_step(step):
                 self.dropped.add(tag, None, "a step of %r" % (step,))
                 continue
-            problem = validation.matrix_problem(array, self._lines(), len(self.stat_names))
+            problem = validation.matrix_problem(array, lines, len(self.stat_names))
             if problem:
                 self.dropped.add(tag, step, problem)
             else:
                 good.append(item)
+        empty = np.zeros((0, len(self.sites) + 1, len(timeline.DISK)), np.float32)
         if not good:
-            return np.zeros(0, np.int64), None, []
+            return np.zeros(0, np.int64), empty, []
         steps = np.array([g[1] for g in good], dtype=np.int64)
-        rows = metadata.decode_rows(np.stack([g[3] for g in good]), self.stat_names, steps)
-        problems = validation.row_problems(steps, rows)
+        stacked = np.stack([g[3] for g in good])
+        if tuple(self.stat_names) == timeline.DISK:
+            stored = stacked.astype(np.float32, copy=False)
+            problems = validation.stored_row_problems(steps, stored)
+        else:
+            table = metadata.decode_rows(stacked, self.stat_names, steps)
+            problems = validation.row_problems(steps, table)
+            stored = metadata.encode_rows(steps, table)
         keep = np.array([p is None for p in problems], dtype=bool)
         for item, problem in zip(good, problems):
             if problem:
                 self.dropped.add(item[0], item[1], problem)
-        return steps[keep], rows[keep], [g for g, k in zip(good, keep) if k]
+        return steps[keep], stored[keep], [g for g, k in zip(good, keep) if k]
 
     def _flush_rows(self):
         pending, self._pending = self._pending, []
@@ -333,7 +343,7 @@ class RunBuilder:
             len(self.sites), until=self._until(), eligible=self._eligible()
         )
         for start in range(0, len(data.steps), BLOCK_ROWS):
-            self.timeline.add(
+            self.timeline.add_table_rows(
                 data.steps[start : start + BLOCK_ROWS], data.rows[start : start + BLOCK_ROWS]
             )
         self.version += 1
@@ -394,10 +404,8 @@ class RunBuilder:
         if self.content is None or not pending:
             return np.zeros(0, np.int64), np.zeros((0, len(self.sites), len(stats.STATS)))
         pending.sort(key=lambda p: p[1])
-        steps, rows, _ = self._decode(pending)
-        if rows is None:
-            return np.zeros(0, np.int64), np.zeros((0, len(self.sites), len(stats.STATS)))
-        return steps, rows
+        steps, stored, _ = self._decode(pending)
+        return steps, metadata.decode_rows(stored, timeline.DISK, steps)
 
 
 def _tensor(value, step, dropped):
@@ -654,18 +662,17 @@ class RunView:
                             if array is not None:
                                 items.append((value.tag, event.step, event.wall_time, array))
                                 groups.append(group_of[j])
-                steps, rows, kept = decoder._decode(items)
+                steps, stored, kept = decoder._decode(items)
                 group_by_item = {id(item): g for item, g in zip(items, groups)}
-                kept_groups = [group_by_item[id(k)] for k in kept]
-                for g in sorted(set(kept_groups)):
-                    mine = np.array([x == g for x in kept_groups])
-                    part = rows[mine]
+                kept_groups = np.array([group_by_item[id(k)] for k in kept], dtype=np.int64)
+                for g in np.unique(kept_groups):
+                    mine = kept_groups == g
+                    part_steps, part = steps[mine], stored[mine]
                     if g in folded:
+                        part_steps = np.concatenate([[folded[g][0]], part_steps])
                         part = np.concatenate([folded[g][1][None], part])
-                    folded[g] = (
-                        int(steps[mine][-1]),
-                        stats.aggregate_rows(part) if len(part) > 1 else part[0],
-                    )
+                    last, one = timeline.fold(part_steps, part, len(part_steps))
+                    folded[g] = (int(last[-1]), one[0])
         except OSError:
             pass  # a file gone since: the kept rows answer instead
         finally:
@@ -674,8 +681,9 @@ class RunView:
         if not folded:
             return np.zeros(0, np.int64), np.zeros((0, len(self.sites), len(stats.STATS)))
         order = sorted(folded)
-        return np.array([folded[g][0] for g in order], np.int64), np.stack(
-            [folded[g][1] for g in order]
+        steps = np.array([folded[g][0] for g in order], np.int64)
+        return steps, metadata.decode_rows(
+            np.stack([folded[g][1] for g in order]), timeline.DISK, steps
         )
 
 

@@ -60,13 +60,16 @@ class RecordWriter:
     `flush()` pushes everything to the OS at once (a killed process loses nothing
     written before it); the first non-finite record is flushed as it is written.
 
+    `row_file=False` writes rows into the event file, as for a logdir that is not a local
+    path (protocol 2's layout, read through TensorBoard's data provider).
+
     Writing never stops training: when the logdir cannot be written (disk full, quota, a
     read-only or vanished filesystem), one error is logged, later records are dropped
     (`failed` says why, `dropped` counts them), and what was written before stays as it
     was.  A first non-finite record that cannot be written is logged in words instead.
     """
 
-    def __init__(self, logdir, sites, group=None, flush_secs=30, log_every=100):
+    def __init__(self, logdir, sites, group=None, flush_secs=30, log_every=100, row_file=True):
         self.logdir = str(logdir)
         self.sites = [dict(s) for s in sites]
         self.group = group
@@ -90,10 +93,11 @@ class RecordWriter:
             self._writer = None
             self._fail(e, "cannot create an event file in")
         else:
-            self._open_rows()
+            if row_file:
+                self._open_rows()
 
     def _open_rows(self):
-        if "://" in self.logdir:
+        if "://" in self.logdir:  # TensorBoard's data provider reads those rows
             return
         # Named after the event file, but without `tfevents`: TensorBoard's loaders take any
         # directory holding a file so named for a run, and would read it.

@@ -19,61 +19,133 @@ Zoomed windows that need more than this are read again from the run's files
 
 import numpy as np
 
-from tb_nanwatch import stats
+from tb_nanwatch import metadata, stats
 
 STEPS = stats.STAT_INDEX["steps"]
 FIRST = stats.STAT_INDEX["first_nonfinite_step"]
 _SUM_STATS = tuple(k for k, st in enumerate(stats.STATS) if st.aggregate == "sum")
-# What one run's kept rows may take, float64: 1,000 sites keep about 700 rows, 5,000 about 140.
-ROW_BUDGET_BYTES = 96 * 2**20
+# What one run's kept rows may take, as stored (float32, 64 bytes a site): 1,000 sites keep
+# about 500 rows (the default heatmap's columns), 5,000 about 100.
+ROW_BUDGET_BYTES = 32 * 2**20
+
+# Rows are kept as stored on disk (protocol 2/3: float32 [1 + n_sites, len(DISK_STATS)], the
+# steps a row covers in its header line, the first non-finite step as an offset back from
+# the row's last step), and folded in that layout, a block at a time: a long run's rows are
+# each touched about twice, in float32, never copied into the table's float64 layout.
+DISK = metadata.DISK_STATS
+_OFFSET = DISK.index(metadata.FIRST_OFFSET)
+_RULES = {name: stats.STATS_BY_NAME[name].aggregate for name in DISK if name in stats.STATS_BY_NAME}
+_DISK_SUM = [j for j, n in enumerate(DISK) if _RULES.get(n) == "sum"]
+_DISK_MAX = [j for j, n in enumerate(DISK) if _RULES.get(n) == "max"]
+_DISK_MIN = [j for j, n in enumerate(DISK) if _RULES.get(n) == "min"]
+_DISK_MEAN = [j for j, n in enumerate(DISK) if _RULES.get(n) == "mean"]
+
+
+def fold(steps, rows, size):
+    """Consecutive groups of `size` stored rows (float32 [n, 1 + n_sites, len(DISK)], n a
+    multiple of `size`, ending at `steps`) combined by the table's rules:
+    (group last steps, rows [n // size, 1 + n_sites, len(DISK)])."""
+    steps = np.asarray(steps, dtype=np.int64)
+    n = len(steps)
+    if size == 1 or not n:
+        return steps, rows
+    groups = rows.reshape((n // size, size) + rows.shape[1:])
+    out = np.empty((n // size,) + rows.shape[1:], dtype=rows.dtype)
+    with np.errstate(invalid="ignore"):
+        out[:, 0] = np.nansum(groups[:, :, 0], axis=1)  # the header: steps covered, summed
+        body = groups[:, :, 1:]
+        highest = np.fmax.reduce(body, axis=1)  # NaN only where nothing was measured
+        out[:, 1:, _DISK_MAX] = highest[..., _DISK_MAX]
+        out[:, 1:, _DISK_MIN] = np.fmin.reduce(body[..., _DISK_MIN], axis=1)
+        counts = body[..., _DISK_SUM]
+        summed = np.nansum(counts, axis=1)
+        summed[np.isnan(highest[..., _DISK_SUM])] = np.nan
+        out[:, 1:, _DISK_SUM] = summed
+        # The mean, weighted by the steps each row covers.
+        weight = np.broadcast_to(groups[:, :, :1, :1], body.shape[:3] + (1,))
+        for j in _DISK_MEAN:
+            value = body[..., j : j + 1]
+            present = ~np.isnan(value)
+            total = np.where(present, value * weight, 0).sum(axis=1)
+            out[:, 1:, j : j + 1] = total / np.where(present, weight, 0).sum(axis=1)
+        # The first non-finite step: the earliest, as an offset from the group's last step.
+        last = steps.reshape(-1, size)
+        onset = last[:, :, None].astype(np.float64) - body[..., _OFFSET]
+        first = np.fmin.reduce(onset, axis=1)
+        out[:, 1:, _OFFSET] = last[:, -1:] - first
+    return last[:, -1], out
 
 
 class _Pyramid:
     """Rows folded into at most `limit` coarse rows of `span` rows each (the last one may
-    hold fewer), `span` doubling whenever the limit is passed."""
+    hold fewer), `span` doubling whenever the limit is passed.  Stored in place: adding a
+    block copies the block, never the pyramid."""
 
     def __init__(self, limit):
         self.limit = max(2, int(limit))
         self.span = 1
-        self.steps = []  # per coarse row: its last step
-        self.rows = []  # per coarse row: [n_sites, n_stats]
-        self.counts = []  # logged rows in each coarse row
+        self.n = 0
+        self._steps = np.zeros(self.limit + 1, np.int64)
+        self._rows = None  # [limit + 1, 1 + n_sites, len(DISK)], the first n in use
+        self.last_count = 0  # logged rows in the last coarse row
+
+    @property
+    def steps(self):
+        return self._steps[: self.n]
+
+    @property
+    def rows(self):
+        return self._rows[: self.n]
+
+    def _append(self, steps, rows):
+        if self._rows is None:
+            self._rows = np.empty((self.limit + 1,) + rows.shape[1:], rows.dtype)
+        self._steps[self.n : self.n + len(steps)] = steps
+        self._rows[self.n : self.n + len(steps)] = rows
+        self.n += len(steps)
 
     def add(self, steps, rows):
         steps = np.asarray(steps, dtype=np.int64)
-        rows = np.asarray(rows, dtype=np.float64)
         while len(steps):
-            if self.counts and self.counts[-1] < self.span:  # fill the last coarse row first
-                take = self.span - self.counts[-1]
-                merged = np.concatenate([self.rows[-1][None], rows[:take]])
-                self.rows[-1] = stats.aggregate_rows(merged)
-                self.steps[-1] = int(steps[:take][-1])
-                self.counts[-1] += len(steps[:take])
+            if self.n and self.last_count < self.span:  # fill the last coarse row first
+                take = min(len(steps), self.span - self.last_count)
+                merged = np.concatenate([self._rows[self.n - 1 : self.n], rows[:take]])
+                merged_steps = np.concatenate([self._steps[self.n - 1 : self.n], steps[:take]])
+                _, folded = fold(merged_steps, merged, len(merged))
+                self._rows[self.n - 1] = folded[0]
+                self._steps[self.n - 1] = steps[take - 1]
+                self.last_count += take
                 steps, rows = steps[take:], rows[take:]
                 continue
-            # Whole coarse rows of `span` rows each, in one pass; no more than fit.
-            room = max(1, self.limit + 1 - len(self.rows))
-            take = min(len(steps), room * self.span)
-            starts = np.arange(0, take, self.span)
-            self.rows.extend(stats.aggregate(rows[:take], starts, 0))
-            ends = np.minimum(starts + self.span, take)
-            self.steps.extend(int(steps[e - 1]) for e in ends)
-            self.counts.extend(int(e - s) for s, e in zip(starts, ends))
+            room = self.limit + 1 - self.n
+            whole = min(len(steps) // self.span, room) * self.span
+            take = whole if whole else min(len(steps), self.span)
+            size = self.span if whole else take
+            new_steps, new_rows = fold(steps[:take], rows[:take], size)
+            self._append(new_steps, new_rows)
+            self.last_count = size
             steps, rows = steps[take:], rows[take:]
-            while len(self.rows) > self.limit:
+            while self.n > self.limit:
                 self._halve()
 
     def _halve(self):
+        """Pairs of coarse rows folded into one; an odd last row stays as it is (it then
+        holds fewer rows than the new span)."""
+        n = self.n
+        paired = n - n % 2
+        steps, rows = fold(self._steps[:paired], self._rows[:paired], 2)
+        half = paired // 2
+        self._steps[:half], self._rows[:half] = steps, rows
+        if n % 2:
+            self._steps[half], self._rows[half] = self._steps[n - 1], self._rows[n - 1]
+            self.n = half + 1
+        else:
+            self.last_count += self.span
+            self.n = half
         self.span *= 2
-        stack = np.stack(self.rows)
-        starts = np.arange(0, len(stack), 2)
-        merged = stats.aggregate(stack, starts, 0)
-        self.rows = list(merged)
-        self.steps = [self.steps[min(s + 1, len(self.steps) - 1)] for s in starts]
-        self.counts = [sum(self.counts[s : s + 2]) for s in starts]
 
     def __len__(self):
-        return len(self.rows)
+        return self.n
 
 
 class _Segment:
@@ -86,20 +158,26 @@ class _Segment:
         self.tail_rows = None
 
     def add(self, steps, rows):
-        if self.tail_rows is None:
-            self.tail_rows = np.zeros((0,) + rows.shape[1:])
-        self.tail_steps = np.concatenate([self.tail_steps, steps])
-        self.tail_rows = np.concatenate([self.tail_rows, rows])
-        spill = len(self.tail_steps) - self.tail
+        spill = len(self.tail_steps) + len(steps) - self.tail
+        if spill > 0 and self.tail_rows is not None and len(self.tail_steps):
+            # The oldest kept rows go to the pyramid first, then as many new ones as needed.
+            out = min(spill, len(self.tail_steps))
+            self.pyramid.add(self.tail_steps[:out], self.tail_rows[:out])
+            self.tail_steps, self.tail_rows = self.tail_steps[out:], self.tail_rows[out:]
+            spill -= out
         if spill > 0:
-            self.pyramid.add(self.tail_steps[:spill], self.tail_rows[:spill])
-            self.tail_steps = self.tail_steps[spill:]
-            self.tail_rows = self.tail_rows[spill:]
+            self.pyramid.add(steps[:spill], rows[:spill])
+            steps, rows = steps[spill:], rows[spill:]
+        if len(steps):
+            self.tail_steps = np.concatenate([self.tail_steps, steps])
+            self.tail_rows = (
+                rows.copy() if self.tail_rows is None else np.concatenate([self.tail_rows, rows])
+            )
 
     def parts(self):
         out = []
         if len(self.pyramid):
-            out.append((np.array(self.pyramid.steps, np.int64), np.stack(self.pyramid.rows)))
+            out.append((self.pyramid.steps, self.pyramid.rows))
         if self.tail_rows is not None and len(self.tail_steps):
             out.append((self.tail_steps, self.tail_rows))
         return out
@@ -110,7 +188,8 @@ class _Segment:
 
 
 class Timeline:
-    """The kept rows of one run (see the module's docstring).
+    """The kept rows of one run (see the module's docstring).  Rows come in the stored
+    layout (`add`) or the table's (`add_table_rows`).
 
     `until`: the first non-finite step when known in advance (the writer's record, read
     before the rows); otherwise the first row with a non-finite value at an `eligible`
@@ -119,7 +198,7 @@ class Timeline:
 
     def __init__(self, n_sites, until=None, eligible=None, budget_bytes=ROW_BUDGET_BYTES):
         self.n_sites = int(n_sites)
-        per_row = max(1, (self.n_sites + 1) * len(stats.STATS) * 8)
+        per_row = max(1, (self.n_sites + 1) * len(DISK) * 4)
         kept = max(64, budget_bytes // per_row)
         self.head = 4
         tail_before, tail_after = max(8, min(48, kept // 8)), max(4, min(8, kept // 32))
@@ -129,26 +208,32 @@ class Timeline:
         self.until = until
         self.eligible = eligible
         self.head_steps = np.zeros(0, dtype=np.int64)
-        self.head_rows = np.zeros((0, self.n_sites, len(stats.STATS)))
+        self.head_rows = np.zeros((0, self.n_sites + 1, len(DISK)), np.float32)
         self.frozen_at = None  # the step of the row holding the first non-finite value
         self.n_rows = 0  # logged rows seen
         self.last_step = None
         self.steps_watched = 0  # training steps the logged rows cover
 
+    def add_table_rows(self, steps, rows):
+        """Rows in the table's layout (float64 [n, n_sites, n_stats])."""
+        self.add(steps, metadata.encode_rows(steps, rows))
+
     def add(self, steps, rows):
-        """Logged rows, steps ascending and after every step added before."""
+        """Stored rows, steps ascending and after every step added before."""
         steps = np.asarray(steps, dtype=np.int64)
-        rows = np.asarray(rows, dtype=np.float64)
         if not len(steps):
             return
         self.n_rows += len(steps)
         self.last_step = int(steps[-1])
-        self.steps_watched += int(covered_steps(rows).sum())
+        self.steps_watched += int(np.nansum(rows[:, 0, 0]))
         room = self.head - len(self.head_steps)
         if room > 0:
             self.head_steps = np.concatenate([self.head_steps, steps[:room]])
             self.head_rows = np.concatenate([self.head_rows, rows[:room]])
-            self._note_blowup(steps[:room], rows[:room])
+            if self.frozen_at is None:
+                cut = self._blowup_row(steps[:room], rows[:room])
+                if cut is not None:
+                    self.frozen_at = int(steps[cut])
             steps, rows = steps[room:], rows[room:]
         if not len(steps):
             return
@@ -162,24 +247,20 @@ class Timeline:
         if len(steps):
             self._after.add(steps, rows)
 
-    def _note_blowup(self, steps, rows):
-        if self.frozen_at is None:
-            cut = self._blowup_row(steps, rows)
-            if cut is not None:
-                self.frozen_at = int(steps[cut])
-
     def _blowup_row(self, steps, rows):
         """Index of the first row holding the first non-finite step, or None."""
         if self.until is not None:
-            firsts = steps - covered_steps(rows) + 1
-            hit = np.nonzero((firsts <= self.until) & (self.until <= steps) | (steps > self.until))[
-                0
-            ]
+            covered = np.nan_to_num(rows[:, 0, 0], nan=1).astype(np.int64)
+            firsts = steps - covered + 1
+            hit = np.nonzero(
+                ((firsts <= self.until) & (self.until <= steps)) | (steps > self.until)
+            )[0]
             return int(hit[0]) if len(hit) else None
-        onset = rows[..., FIRST]
+        offsets = rows[:, 1:, _OFFSET]
         if self.eligible is not None:
-            onset = np.where(self.eligible[None, :], onset, np.nan)
-        hit = np.nonzero(~np.isnan(onset).all(axis=1))[0]
+            offsets = offsets[:, self.eligible]
+        with np.errstate(invalid="ignore"):
+            hit = np.nonzero(~np.isnan(offsets).all(axis=1))[0]
         return int(hit[0]) if len(hit) else None
 
     @property
@@ -187,13 +268,18 @@ class Timeline:
         """Whether some kept rows combine several logged rows."""
         return self._before.coarse or self._after.coarse
 
-    def rows(self):
-        """(steps, rows) of every kept row, in step order."""
+    def stored_rows(self):
+        """(steps, rows) of every kept row, in step order, as stored."""
         parts = [(self.head_steps, self.head_rows)] + self._before.parts() + self._after.parts()
         parts = [p for p in parts if len(p[0])]
         if not parts:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, self.n_sites, len(stats.STATS)))
+            return np.zeros(0, dtype=np.int64), self.head_rows[:0]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def rows(self):
+        """(steps, rows) of every kept row, in step order, in the table's layout (float64)."""
+        steps, stored = self.stored_rows()
+        return steps, metadata.decode_rows(stored, DISK, steps)
 
 
 def covered_steps(rows):
@@ -229,37 +315,31 @@ def merge_flight(steps, rows, flight_steps, flight_rows):
         if j is not None:
             flight_rows[i] = np.where(np.isnan(flight_rows[i]), rows[j], flight_rows[i])
     flight_rows[..., STEPS] = np.where(np.isnan(flight_rows[..., STEPS]), np.nan, 1.0)
-    keep_steps, keep_rows = [], []
-    for i in range(len(steps)):
+    inside = (lo <= firsts) & (steps <= hi)
+    before = np.nonzero(~inside & (firsts < lo))[0]
+    after = np.nonzero(~inside & (firsts >= lo))[0]
+    out_steps = np.concatenate([steps[before], flight_steps, steps[after]])
+    out = np.concatenate([rows[before], flight_rows, rows[after]])
+    # Logged rows reaching into the flight rows' steps are shown for the rest of theirs.
+    for position, i in [(p, i) for p, i in enumerate(before) if steps[i] >= lo] + [
+        (len(before) + len(flight_steps) + p, i) for p, i in enumerate(after) if firsts[i] <= hi
+    ]:
         first, last = int(firsts[i]), int(steps[i])
-        if lo <= first and last <= hi:
-            continue
-        if first < lo <= last:
+        if last >= lo and first < lo:
             last = lo - 1
-        elif first <= hi < last:
+        else:
             first = hi + 1
-        row = rows[i]
-        if (first, last) != (int(firsts[i]), int(steps[i])):
-            row = row.copy()
-            row[:, STEPS] = np.where(np.isnan(row[:, STEPS]), np.nan, last - first + 1)
-            # Counts (sum rules) are exact: the flight rows' share is taken out.  Extremes
-            # stay as logged: they cover the overlapped steps too.
-            inside = (flight_steps >= firsts[i]) & (flight_steps <= steps[i])
-            if inside.any():
-                for k in _SUM_STATS:
-                    if k == STEPS:
-                        continue
-                    taken = np.nansum(flight_rows[inside][..., k], axis=0)
-                    row[:, k] = np.where(
-                        np.isnan(row[:, k]), np.nan, np.maximum(row[:, k] - taken, 0)
-                    )
-        keep_steps.append(last)
-        keep_rows.append(row)
-    all_steps = np.concatenate([np.array(keep_steps, np.int64), flight_steps])
-    shape = (0,) + tuple(flight_rows.shape[1:])
-    all_rows = np.concatenate([np.stack(keep_rows) if keep_rows else np.zeros(shape), flight_rows])
-    order = np.argsort(all_steps, kind="stable")
-    return all_steps[order], all_rows[order]
+        row = out[position]
+        row[:, STEPS] = np.where(np.isnan(row[:, STEPS]), np.nan, last - first + 1)
+        # Counts (sum rules) are exact: the flight rows' share is taken out.  Extremes stay
+        # as logged: they cover the overlapped steps too.
+        share = (flight_steps >= firsts[i]) & (flight_steps <= steps[i])
+        for k in _SUM_STATS:
+            if k != STEPS:
+                taken = np.nansum(flight_rows[share][..., k], axis=0)
+                row[:, k] = np.where(np.isnan(row[:, k]), np.nan, np.maximum(row[:, k] - taken, 0))
+        out_steps[position] = last
+    return out_steps, out
 
 
 def row_first_steps(steps, rows):

@@ -212,6 +212,44 @@ def row_problems(steps, rows):
     return out
 
 
+def stored_row_problems(steps, stored):
+    """`row_problems` of rows as stored (float32 [n, 1 + n_sites, len(DISK_STATS)], the
+    current layout), checked where they lie, without copying them into the table's layout."""
+    steps = np.asarray(steps, dtype=np.float64)
+    out = [None] * len(stored)
+    if not len(stored):
+        return out
+
+    def check(bad, words):
+        for i in np.nonzero(bad)[0]:
+            if out[i] is None:
+                out[i] = words
+
+    check(steps < 0, "a negative step")
+    check(steps >= MAX_COUNT, "a step beyond 2**53")
+    names = metadata.DISK_STATS
+    with np.errstate(invalid="ignore"):
+        covered = stored[:, 0, 0].astype(np.float64)
+        bad = ~np.isnan(covered) & ~(
+            (covered >= 1) & (covered <= steps + 1) & (covered == np.floor(covered))
+        )
+        check(bad, "steps is not a whole number between 1 and the row's step + 1")
+        counts = [names.index(n) for n in _COUNT_STATS if n in names]
+        values = stored[:, 1:, counts]
+        bad = ~np.isnan(values) & ~(
+            (values >= 0) & (values < MAX_COUNT) & (values == np.floor(values))
+        )
+        for i in np.nonzero(bad.any(axis=(1, 2)))[0]:
+            which = _COUNT_STATS[int(np.nonzero(bad[i].any(axis=0))[0][0])]
+            check(np.arange(len(out)) == i, "%s is not a whole number >= 0" % which)
+        offset = stored[:, 1:, names.index(metadata.FIRST_OFFSET)].astype(np.float64)
+        bad = ~np.isnan(offset) & ~(
+            (offset >= 0) & (offset <= steps[:, None]) & (offset == np.floor(offset))
+        )
+        check(bad.any(axis=1), "first_nonfinite_step is not a step up to the row's own")
+    return out
+
+
 def first_nonfinite(value, step, n_sites=None):
     """(clean record, [what was cleaned away]) of a first-non-finite record (JSON already
     parsed) logged at `step`, or InvalidData.  Bad propagators and a bad `backward_of` are

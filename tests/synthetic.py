@@ -50,14 +50,16 @@ def finite_row(n_sites, step, steps=1, scale=1.0):
     return row
 
 
-def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8):
+def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8, row_file=True):
     """A run with `n_rows` rows every `log_every` steps.  `first=(step, site_index, kind)`
     with kind in nan/posinf/neginf makes that site non-finite from `step` on, writes the
-    first non-finite record, the flight recorder, and the propagation to later sites."""
+    first non-finite record, the flight recorder, and the propagation to later sites.
+    `row_file=False`: every record in the one event file (the layout of a remote logdir,
+    and of logs written before protocol 3)."""
     sites = sites or sites_for()
     n = len(sites)
     col = stats.STAT_INDEX
-    with summary.RecordWriter(logdir, sites, log_every=log_every) as writer:
+    with summary.RecordWriter(logdir, sites, log_every=log_every, row_file=row_file) as writer:
         for i in range(n_rows):
             step = (i + 1) * log_every - 1
             row = finite_row(n, step, steps=log_every)

@@ -23,7 +23,9 @@ SITES = synthetic.sites_for()
 
 
 def _run_with_first(run_dir):
-    synthetic.write_run(str(run_dir), n_rows=12, log_every=5, first=FIRST, flight=4)
+    # Every record in one event file, so a test can damage rows and the first record alike
+    # (the row file is read by the same code).
+    synthetic.write_run(str(run_dir), n_rows=12, log_every=5, first=FIRST, flight=4, row_file=False)
     return dh.only_event_file(run_dir)
 
 

@@ -47,7 +47,10 @@ N_FRAMING = 200
 N_CONTENT = 100
 SITES = synthetic.sites_for(("d0", "d1"))
 N = len(SITES)
-ROWS, FLIGHT, FIRST, EVENTS = (metadata.tag(r) for r in metadata.RECORDS)
+ROWS, FLIGHT, FIRST, EVENTS = (
+    metadata.tag(r)
+    for r in (metadata.ROWS, metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS)
+)
 META_RECORD = {ROWS: "rows", FLIGHT: "flight", FIRST: "first_nonfinite", EVENTS: "events"}
 
 
@@ -68,6 +71,7 @@ def _write_base(run_dir, blowup):
         sites=SITES,
         flight=4,
         first=(23, 3, "nan") if blowup else None,
+        row_file=False,  # one file to mutate; the row file is read by the same code
     )
     path = dh.only_event_file(run_dir)
     skips = [{"type": "loss_scale_skip", "step": 12, "loss_scale": 2.0, "skips_total": 1}]

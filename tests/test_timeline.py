@@ -27,17 +27,17 @@ def rows_of(n, n_sites=3, every=100, blowup=None):
 
 def fed(n, blocks=7, **kwargs):
     steps, rows = rows_of(n, **kwargs)
-    line = timeline.Timeline(rows.shape[1], budget_bytes=kwargs.get("budget", 200 * 3 * 17 * 8))
+    line = timeline.Timeline(rows.shape[1], budget_bytes=200 * 4 * 16 * 4)
     for part in np.array_split(np.arange(n), blocks):
-        line.add(steps[part], rows[part])
+        line.add_table_rows(steps[part], rows[part])
     return steps, rows, line
 
 
 def test_a_short_run_is_kept_as_logged():
     steps, rows = rows_of(50)
     line = timeline.Timeline(3)
-    line.add(steps[:20], rows[:20])
-    line.add(steps[20:], rows[20:])
+    line.add_table_rows(steps[:20], rows[:20])
+    line.add_table_rows(steps[20:], rows[20:])
     kept_steps, kept_rows = line.rows()
     assert np.array_equal(kept_steps, steps)
     assert np.array_equal(kept_rows, rows, equal_nan=True)
@@ -70,8 +70,8 @@ def test_the_blowup_and_the_rows_before_it_stay_at_full_resolution():
 
 def test_a_known_first_step_freezes_at_its_row():
     steps, rows = rows_of(1000)
-    line = timeline.Timeline(3, until=50_050, budget_bytes=100 * 3 * 17 * 8)
-    line.add(steps, rows)
+    line = timeline.Timeline(3, until=50_050, budget_bytes=100 * 4 * 16 * 4)
+    line.add_table_rows(steps, rows)
     kept_steps, _ = line.rows()
     assert line.frozen_at == 50_099
     assert np.array_equal(kept_steps[kept_steps <= 50_099][-8:], steps[493:501])
@@ -97,3 +97,22 @@ def test_merge_flight_gives_the_steps_before_a_blowup_their_own_rows():
     at = {int(t): i for i, t in enumerate(merged_steps)}
     assert merged[at[230], 0, COL["mean"]] == 3.0 and merged[at[199], 0, COL["mean"]] == 2.0
     assert np.isnan(merged[at[200], 0, COL["mean"]])
+
+
+def test_fold_as_stored_agrees_with_the_tables_rules():
+    """The fast fold (float32, as stored) says what stats.aggregate says of the same rows."""
+    from tb_nanwatch import metadata
+
+    rng = np.random.default_rng(0)
+    steps, rows = rows_of(12, n_sites=4, every=10, blowup=57)
+    rows[..., COL["mean"]] = rng.normal(size=rows.shape[:2])
+    rows[..., COL["min"]] = -rng.uniform(1, 5, size=rows.shape[:2])
+    rows[..., COL["headroom"]] = rng.uniform(1, 50, size=rows.shape[:2])
+    rows[3, 2, COL["max_abs"]] = np.nan  # not measured in one row
+    stored = metadata.encode_rows(steps, rows)
+    last, folded = timeline.fold(steps, stored, 4)
+    assert list(last) == [39, 79, 119]
+    got = metadata.decode_rows(folded, timeline.DISK, last)
+    want = stats.aggregate(rows, [0, 4, 8], 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)  # float32
+    assert got[1, 1, COL["first_nonfinite_step"]] == 57
