@@ -154,6 +154,9 @@ BLOWUP_EVERY = 10
 BLOWUP_ROWS = 450
 BLOWUP_STEP = 4203
 BLOWUP_FLIGHT = 16
+# The default heatmap's columns: the logged rows and the flight rows at step resolution (the
+# logged row of steps 4190-4199 lies within the flight rows' steps and gives way to them).
+BLOWUP_COLUMNS = BLOWUP_ROWS + BLOWUP_FLIGHT - 1
 _BASE = {
     "input": 3.0,
     "activation": 4.0,

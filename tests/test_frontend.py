@@ -204,7 +204,7 @@ def test_heatmap_drawn_with_banner(tab):
     # The blue ramp, white, grey text, the outline... and the non-finite colours.
     assert len([c for c, n in colours.items() if n >= 20]) > 12, len(colours)
     assert colours.get(NAN_RGB, 0) > 1000 and colours.get(MIXED_RGB, 0) > 100
-    assert tab.heat("n_columns") == plugin_helpers.BLOWUP_ROWS
+    assert tab.heat("n_columns") == plugin_helpers.BLOWUP_COLUMNS
     legend = tab.fl.locator(".nw-legend").inner_text()
     for word in ("max_abs", "log scale", "first non-finite value", "exactly 0"):
         assert word in legend, word
@@ -265,7 +265,7 @@ def test_drag_zooms_and_zoom_out_returns(tab):
     tab.fl.locator("button.nw-zoom-out").click()
     tab.wait(
         "() => window.__nanwatch.heat.first_steps[0] === 0 && window.__nanwatch.heat.n_columns === %d"
-        % plugin_helpers.BLOWUP_ROWS
+        % plugin_helpers.BLOWUP_COLUMNS
     )
 
 
