@@ -196,8 +196,9 @@ class Timeline:
     site freezes the rows before it.  `eligible` ([n_sites] bool) leaves out the sites
     whose non-finite values are by design (gradients on loss-scale skip steps)."""
 
-    def __init__(self, n_sites, until=None, eligible=None, budget_bytes=ROW_BUDGET_BYTES):
+    def __init__(self, n_sites, until=None, eligible=None, budget_bytes=None):
         self.n_sites = int(n_sites)
+        budget_bytes = budget_bytes or ROW_BUDGET_BYTES
         per_row = max(1, (self.n_sites + 1) * len(DISK) * 4)
         kept = max(64, budget_bytes // per_row)
         self.head = 4
