@@ -207,21 +207,6 @@ class Progress:
                 break
 
 
-def _scan_logdir(logdir):
-    """(run directories with event files, total bytes), found as the loader finds them."""
-    from tb_nanwatch import eventfile
-
-    runs = eventfile.find_runs(logdir)
-    total = 0
-    for paths in runs.values():
-        for path in paths:
-            try:
-                total += os.path.getsize(path)
-            except OSError:
-                pass
-    return len(runs), total
-
-
 # -- report -------------------------------------------------------------------------
 def _normalise_run(logdir, run):
     if os.path.isabs(run):

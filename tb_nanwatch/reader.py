@@ -116,36 +116,7 @@ def run_series(provider, ctx, experiment_id, run, group=None):
     }
 
 
-class _Dropped:
-    """Records (or parts of records) the gate dropped, said once per tag: `tag nanwatch/rows:
-    record at step 24 dropped (shape [5, 16], expected [5, 17]); and 3 more (steps 25, 26, 27)`."""
-
-    def __init__(self):
-        self.by_tag = {}
-
-    def add(self, tag, step, what):
-        self.by_tag.setdefault(tag, []).append((step, str(what)))
-
-    def words(self):
-        out = []
-        for tag, found in self.by_tag.items():
-            step, what = found[0]
-            line = "tag %s: %s dropped (%s)" % (
-                tag,
-                "metadata" if step is None else "record at step %d" % step,
-                what,
-            )
-            if len(found) > 1:
-                more = [s for s, _ in found[1:] if s is not None]
-                line += "; and %d more%s" % (
-                    len(found) - 1,
-                    " (steps %s%s)"
-                    % (", ".join(str(s) for s in more[:5]), ", ..." if len(more) > 5 else "")
-                    if more
-                    else "",
-                )
-            out.append(line)
-        return out
+_Dropped = runview.Dropped
 
 
 def read_run(provider, ctx, experiment_id, run, group=None):
@@ -411,91 +382,19 @@ def sessions_of(row_data, other_data=()):
     return sessions
 
 
-def session_words(session):
-    """`steps 0-999, written 21:03:04-21:05:10 UTC on 2026-12-01`."""
-    import time
-
-    a, b = (time.gmtime(session[k]) for k in ("first_wall_time", "last_wall_time"))
-    return "steps %d-%d, written %s-%s UTC on %s" % (
-        session["first_step"],
-        session["last_step"],
-        time.strftime("%H:%M:%S", a),
-        time.strftime("%H:%M:%S", b),
-        time.strftime("%Y-%m-%d", a),
-    )
+session_words = runview.session_words
 
 
 def producer_index(run_data, first):
-    """Index into run_data.sites of the first non-finite record's site (its `site` field when
-    it names the same layer/kind/tensor, else looked up by name), or None."""
-    if not first:
-        return None
-    index = first.get("site")
-    key = (first.get("layer"), first.get("kind"), first.get("tensor", "") or "")
-    if isinstance(index, int) and 0 <= index < len(run_data.sites):
-        s = run_data.sites[index]
-        if (s["layer"], s["kind"], s.get("tensor", "")) == key:
-            return index
-    return run_data.site_index(*key)
-
-
-FIRST_NONFINITE_FIELDS = ("step", "layer", "kind", "tensor", "nan", "posinf", "neginf")
+    """Index into run_data.sites of the first non-finite record's site (see
+    `runview.producer_index`)."""
+    return runview.producer_index(run_data, first)
 
 
 def first_nonfinite_json(run_data):
-    """The `first_nonfinite` object of `report --json` and `/first_nonfinite`: the contract
-    fields first (see FIRST_NONFINITE_FIELDS), then whatever else the writer recorded."""
-    first = run_data.first_nonfinite
-    if first is None:
-        first = _first_from_rows(run_data)
-    if first is None:
-        return None
-    out = {k: first.get(k, "" if k == "tensor" else 0) for k in FIRST_NONFINITE_FIELDS}
-    for k, v in first.items():
-        out.setdefault(k, v)
-    return out
-
-
-def _first_from_rows(run_data):
-    """Fallback when the record itself was lost (e.g. an old or truncated file): the
-    earliest first_nonfinite_step over all rows, in site (execution) order."""
-    best = None
-    # Steps the LossScaleOptimizer skipped hold non-finite gradients by design: without
-    # the record, a run with skips can only be judged by its other sites.
-    skipped = any(
-        e.get("type") == "loss_scale_skip" for e in run_data.events if isinstance(e, dict)
-    )
-    eligible = np.array(
-        [not (skipped and s["kind"] in ("activation_grad", "weight_grad")) for s in run_data.sites],
-        dtype=bool,
-    )
-    for steps, rows in (
-        (run_data.flight_steps, run_data.flight_rows),
-        (run_data.steps, run_data.rows),
-    ):
-        if len(steps) == 0:
-            continue
-        first_col = rows[..., stats.STAT_INDEX["first_nonfinite_step"]]
-        candidates = np.where(eligible[None, :] & ~np.isnan(first_col), first_col, np.inf)
-        # argmin takes the first in row-major order: earliest row, then execution order.
-        i, s = np.unravel_index(np.argmin(candidates), candidates.shape)
-        if np.isfinite(candidates[i, s]) and (best is None or candidates[i, s] < best[0]):
-            best = (int(candidates[i, s]), int(s), int(i), rows)
-    if best is None:
-        return None
-    step, s, i, rows = best
-    site = run_data.sites[s]
-    row = rows[i, s]
-    return dict(
-        step=step,
-        layer=site["layer"],
-        kind=site["kind"],
-        tensor=site.get("tensor", ""),
-        nan=int(np.nan_to_num(row[stats.STAT_INDEX["nan"]])),
-        posinf=int(np.nan_to_num(row[stats.STAT_INDEX["posinf"]])),
-        neginf=int(np.nan_to_num(row[stats.STAT_INDEX["neginf"]])),
-        source="rows",
-    )
+    """The `first_nonfinite` object of `report --json` and `/first_nonfinite`: the run's
+    view's (`runview.RunView.first`), one rule for the record and for a run that lost it."""
+    return runview.as_view(run_data).first
 
 
 def open_logdir(logdir, on_bytes=None):

@@ -517,7 +517,16 @@ def test_fuzz(bases, tmp_path, monkeypatch):
                     r = app.client.get(path)
                     figures["plugin requests"] += 1
                     body = r.get_data(as_text=True)
-                    json.loads(body)
+                    answer = json.loads(body)
+                    if route.startswith("/first_nonfinite") and r.status_code == 200:
+                        # The tab and the CLI read one view: they agree, whatever the damage.
+                        cli_first = (entries.get("run") or {}).get("first_nonfinite")
+                        key = ("step", "layer", "kind", "tensor", "nan", "posinf", "neginf")
+                        if [(answer or {}).get(k) for k in key] != [
+                            (cli_first or {}).get(k) for k in key
+                        ]:
+                            figures["cli and tab disagree"] += 1
+                            examples["cli and tab disagree"].append(label)
                     if r.status_code >= 500:
                         figures["5xx"] += 1
                         examples["5xx"].append(
@@ -545,6 +554,7 @@ def test_fuzz(bases, tmp_path, monkeypatch):
             "5xx",
             "healthy run harmed",
             "exit status disagrees",
+            "cli and tab disagree",
         )
         if figures[k]
     }
