@@ -466,7 +466,22 @@ def main():
     parser.add_argument("--loaders", default="rust,python")
     parser.add_argument("--out", help="update this RESULTS.md")
     parser.add_argument("--json", help="save the raw results here")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        help="render the results of earlier --json files together, run nothing",
+    )
     args = parser.parse_args()
+    if args.merge:
+        results = {}
+        for path in args.merge:
+            with open(path) as f:
+                part = json.load(f)
+            commands = [results["command"]] if "command" in results else []
+            results.update(part)
+            results["command"] = "; ".join(commands + [part["command"]])
+        publish(results, render(results), None, args.out, "long_runs")
+        return
     args.loaders = args.loaders.split(",")
     cases = args.cases.split(",")
     scale = 10 if args.quick else 1

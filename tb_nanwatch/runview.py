@@ -137,7 +137,8 @@ class RunBuilder:
         self._pending = []  # rows read but not yet decoded: (tag, step, wall, array, path, offset)
         self._session_starts = []  # previous sessions' last wall times
         self.version = 0
-        self._headless = []  # row tensors seen before any site list: (tag, step)
+        self._headless = []  # rows dropped for want of a site list: (tag, step)
+        self._flight_pending = []  # flight rows as read (few): decoded when a view is made
 
     # -- records in ---------------------------------------------------------------
     def add_event(self, event, path=None, offset=None):
@@ -216,10 +217,15 @@ class RunBuilder:
         return steps[keep], stored[keep], [g for g, k in zip(good, keep) if k]
 
     def _flush_rows(self):
-        pending, self._pending = self._pending, []
         if self.content is None:
-            self._headless.extend((p[0], p[1]) for p in pending)
+            # No site list yet (the record carrying it was lost): the flight recorder's may
+            # still come.  Rows wait for it, up to a bound; past it the oldest are dropped.
+            excess = len(self._pending) - 4 * BLOCK_ROWS
+            if excess > 0:
+                self._headless.extend((p[0], p[1]) for p in self._pending[:excess])
+                del self._pending[:excess]
             return
+        pending, self._pending = self._pending, []
         steps, rows, items = self._decode(pending)
         start = 0
         for i, item in enumerate(items):
@@ -290,7 +296,6 @@ class RunBuilder:
         return np.array([s["kind"] not in GRADIENT_KINDS for s in self.sites], dtype=bool)
 
     def _add_flight(self, tag, step, wall, array):
-        self._flight_pending = getattr(self, "_flight_pending", [])
         self._flight_pending.append((tag, step, wall, array, None, None))
 
     def _add_first(self, tag, step, wall, array):
@@ -364,10 +369,10 @@ class RunBuilder:
             for e in kept
         ]
         warnings = list(getattr(self, "_provider_warnings", [])) + self.dropped.words()
-        if self._headless and self.content is None:
+        headless = len(self._headless) + (len(self._pending) if self.content is None else 0)
+        if headless:
             warnings.append(
-                "%d row%s without a readable site list"
-                % (len(self._headless), "" if len(self._headless) == 1 else "s")
+                "%d row%s without a readable site list" % (headless, "" if headless == 1 else "s")
             )
         if self.content is None and first is None and not events:
             raise InvalidData(
@@ -400,7 +405,7 @@ class RunBuilder:
     def _flight(self, since):
         if hasattr(self, "_provider_flight"):
             return self._provider_flight
-        pending = [p for p in getattr(self, "_flight_pending", []) if since is None or p[2] > since]
+        pending = [p for p in self._flight_pending if since is None or p[2] > since]
         if self.content is None or not pending:
             return np.zeros(0, np.int64), np.zeros((0, len(self.sites), len(stats.STATS)))
         pending.sort(key=lambda p: p[1])

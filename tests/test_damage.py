@@ -15,7 +15,7 @@ import pytest
 import synthetic
 from tensorboard.util import tensor_util
 
-from tb_nanwatch import eventfile, metadata, reader, stats, summary, validation
+from tb_nanwatch import eventfile, metadata, reader, runview, stats, summary, validation
 
 PRODUCER = 5
 FIRST = (33, PRODUCER, "nan")
@@ -130,6 +130,10 @@ def test_a_lost_first_row_record_takes_the_site_list_from_the_flight_recorder(tm
     open(path, "wb").write(bytes(data))
     run = reader.read_run(*reader.open_logdir(tmp_path), "r")
     assert len(run.steps) == 11 and run.steps[0] == 9 and len(run.sites) == len(SITES)
+    # Read as the tab and the CLI read it (a piece at a time): the rows before the flight
+    # recorder's site list wait for it.
+    view = runview.from_files("r", str(tmp_path / "r"))
+    assert list(view.steps) == list(run.steps) and len(view.sites) == len(SITES)
 
 
 def test_zero_filled_tail_is_scanned_quickly(tmp_path):
