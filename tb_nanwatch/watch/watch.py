@@ -164,7 +164,12 @@ class Watch:
     def _create_state(self, capacity):
         strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
         with strategy.scope():
-            state = device.DeviceState(capacity, self.flight_steps, strategy.num_replicas_in_sync)
+            state = device.DeviceState(
+                capacity,
+                self.flight_steps,
+                strategy.num_replicas_in_sync,
+                gather=distribute.ReplicaGather(strategy),
+            )
         if self._pending_last:
             state.last_step.assign(self._pending_last - 1)
         return state
