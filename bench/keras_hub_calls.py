@@ -109,8 +109,7 @@ def main():
     first = callback.watch.first_nonfinite or {}
     check(
         "an overflow in the final layer norm is named there",
-        (first.get("layer"), first.get("kind"))
-        == (lm.backbone.name + "/layer_norm", "activation"),
+        (first.get("layer"), first.get("kind")) == (lm.backbone.name + "/layer_norm", "activation"),
         "%s, %s" % (first.get("layer"), first.get("kind")),
     )
     print("logs: %s (tb-nanwatch report %s)" % (logdir, logdir))
