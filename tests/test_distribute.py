@@ -57,7 +57,8 @@ def test_mirrored_strategy_fit_and_custom_loop(tmp_path):
 def test_second_mirrored_strategy_in_one_process(tmp_path):
     """A plain fit under one MirroredStrategy, then the callback under a second (the watch's
     all-gathers once took the collective instance numbers the first strategy had used for its
-    all-reduces), a plain fit under a third, and the callback again under a fourth."""
+    all-reduces), a plain fit under a third, and the callback again under a fourth, on a model
+    with more calls than the device state made before tracing has room for."""
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "distributed", "two_strategies.py"), str(tmp_path)],
         env=ENV,
@@ -76,6 +77,18 @@ def test_second_mirrored_strategy_in_one_process(tmp_path):
     first = runs["fourth"]["first_nonfinite"]
     assert (first["step"], first["kind"], first["nan"], first["replicas"]) == (3, "input", 1, [1])
     assert out["fourth_first"]["layer"] == first["layer"]
+    # More sites than planned before tracing: the state was made again, in the cross-replica
+    # context, and every call is watched.
+    assert out["fourth_sites"] > out["fourth_planned"]
+    assert out["fourth_activations"] == [
+        "hidden",
+        "repeat/inner",
+        "repeat/inner (call 2)",
+        "repeat/inner (call 3)",
+        "repeat/inner (call 4)",
+        "repeat",
+        "head",
+    ]
 
 
 def free_port():

@@ -211,9 +211,21 @@ def build(trace, model_name, layer_order, kinds):
 
 
 def capacity(layer_order, variables, optimizers):
-    """An upper bound on the number of sites, known before the step is traced."""
+    """The number of sites expected, known before the step is traced: an upper bound but for
+    calls no graph shows (a layer that a subclassed layer calls several times, an unrolled RNN's
+    cell), which the trace finds (Watch._ensure_capacity)."""
     slots = sum(
         len(optimizer_slots(o)) if getattr(inner_optimizer(o), "built", False) else 4
         for o in optimizers
     )
-    return 2 + 2 * len(layer_order) + len(variables) * (2 + max(slots, 1))
+    return 2 + 2 * sum(expected_calls(layer_order).values()) + len(variables) * (2 + max(slots, 1))
+
+
+def expected_calls(layer_order):
+    """{path: calls per step} as the functional graphs show them: a layer's nodes (a shared
+    Dense has two) times its parent's calls (a siamese encoder's layers run twice)."""
+    calls = {}
+    for path, layer in layer_order:  # a parent comes before its layers
+        nodes = len(getattr(layer, "_inbound_nodes", None) or ())
+        calls[path] = max(1, nodes) * calls.get(path.rpartition("/")[0], 1)
+    return calls
