@@ -54,6 +54,43 @@ def test_mirrored_strategy_fit_and_custom_loop(tmp_path):
     assert rd.rows[:, i, col["nan"]].sum() == 1  # counted once, not once per replica
 
 
+def test_second_mirrored_strategy_in_one_process(tmp_path):
+    """A plain fit under one MirroredStrategy, then the callback under a second (the watch's
+    all-gathers once took the collective instance numbers the first strategy had used for its
+    all-reduces), a plain fit under a third, and the callback again under a fourth, on a model
+    with more calls than the device state made before tracing has room for."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "distributed", "two_strategies.py"), str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ")[1])
+    assert out["second_sites"] > 0
+    assert out["weights_equal"], "the watched fit trained differently from the plain one"
+    runs = report_json(tmp_path)
+    assert runs["second"]["first_nonfinite"] is None
+    rd = reader.read_run(*reader.open_logdir(str(tmp_path)), "second")
+    assert list(rd.steps) == [0, 1, 3, 5]  # 6 steps of 16: every row written
+    first = runs["fourth"]["first_nonfinite"]
+    assert (first["step"], first["kind"], first["nan"], first["replicas"]) == (3, "input", 1, [1])
+    assert out["fourth_first"]["layer"] == first["layer"]
+    # More sites than planned before tracing: the state was made again, in the cross-replica
+    # context, and every call is watched.
+    assert out["fourth_sites"] > out["fourth_planned"]
+    assert out["fourth_activations"] == [
+        "hidden",
+        "repeat/inner",
+        "repeat/inner (call 2)",
+        "repeat/inner (call 3)",
+        "repeat/inner (call 4)",
+        "repeat",
+        "head",
+    ]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

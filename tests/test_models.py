@@ -220,6 +220,18 @@ def siamese():
     return model
 
 
+def shared_dense():
+    """One Dense called twice in the step, around another: a site per call, weights once."""
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4, activation="tanh", name="shared")
+    outputs = keras.layers.Dense(1, name="head")(
+        shared(keras.layers.Dense(4, name="middle")(shared(inputs)))
+    )
+    model = keras.Model(inputs, outputs, name="shared_dense")
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
 def siamese_truth(model):
     # The shared encoder's first call is the step's first to compute it: on input a.
     encoder_truth = mm.layer_outputs_truth(model.get_layer("encoder"), prefix="encoder/")
@@ -357,6 +369,9 @@ def cases():
             truth=siamese_truth,
         )
     )
+    # The ground truth leaves out the layer called twice (two graph nodes): `middle` comes first.
+    x = floats(4 * B, 4)
+    out.append(mm.Case("shared_dense_called_twice", shared_dense, x, x[:, :1], target="middle"))
     out.append(
         mm.Case(
             "gan_two_optimizers",

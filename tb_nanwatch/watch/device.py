@@ -59,7 +59,7 @@ class DeviceState:
     distribution strategy, so they are mirrored); every replica assigns the same
     combined values, so only the first replica's write is kept."""
 
-    def __init__(self, capacity, flight_steps, replicas=1):
+    def __init__(self, capacity, flight_steps, replicas=1, gather=None):
         def var(value):
             return tf.Variable(
                 value,
@@ -69,6 +69,8 @@ class DeviceState:
             )
 
         self.capacity = capacity
+        # values of every replica, [replicas, ...] (distribute.ReplicaGather); None: the strategy's
+        self.gather = gather
         self.poll = var(
             tf.constant(np.concatenate([[0, -1, 0, -1], np.full(capacity, np.nan)]), tf.float64)
         )
@@ -313,10 +315,12 @@ def functional_cond(pred, true_fn, false_fn):
     return out
 
 
-def gather_replicas(ctx, value):
+def gather_replicas(ctx, value, gather=None):
     """[replicas, ...] of `value` from every replica (just [1, ...] without distribution)."""
     if ctx is None:
         return value[None]
+    if gather is not None:
+        return gather(value)
     return ctx.all_gather(value[None], axis=0)
 
 
@@ -354,7 +358,7 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     else:
         local = tf.zeros([n, 2], tf.float64)
     # Collective 1: every replica learns the global norms, so all take the same branches below.
-    global_ = tf.reduce_sum(gather_replicas(ctx, local), 0)
+    global_ = tf.reduce_sum(gather_replicas(ctx, local, state.gather), 0)
     step_norm, site_sizes = tf.sqrt(global_[:, 0]), global_[:, 1]
     hint = tf.logical_not(tf.math.is_finite(step_norm))
     step = tf.cast(state.poll[host.POLL["steps_run"]], tf.int64)
@@ -378,7 +382,7 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
         lambda: tf.zeros([n, len(MOMENTS)], tf.float64),
     )
     # Collective 2: moments combined over replicas; per replica, who saw a non-finite value.
-    gathered = gather_replicas(ctx, local_moments)
+    gathered = gather_replicas(ctx, local_moments, state.gather)
     nonfinite_columns = [MOMENT[name] for name in stats.NONFINITE_STATS]
     per_replica_nonfinite = tf.cast(
         tf.reduce_sum(tf.gather(gathered, nonfinite_columns, axis=2), -1) > 0, tf.int64

@@ -28,13 +28,36 @@ class StepTrace:
         self.graph = graph  # the (function) graph the step is traced in
         self.in_train_step = in_train_step  # ends when the wrapped train_step returns
         self.inputs = []
-        self.activations = {}  # layer path -> [tensor], forward completion order
-        self.activation_grads = {}  # layer path -> [tensor], backward order
+        # Keyed by call (`sites.call_name`): a layer called twice in the step has two entries.
+        self.activations = {}  # call -> [tensor], forward completion order
+        self.activation_grads = {}  # call -> [tensor], backward order
         self.losses = []
         self.applies = []  # (optimizer, grads, variables) per optimizer.apply
-        self.produced_by = {}  # id(output tensor) -> layer path
-        self.consumers = {}  # layer path -> [paths of layers that took its output]
-        self.nested = set()  # layers called only inside a nested graph
+        self.produced_by = {}  # id(output tensor) -> call
+        self.consumers = {}  # call -> [calls of layers that took its output]
+        self.nested = set()  # paths of layers called inside a nested graph
+        self.layer_of = {}  # call -> the layer's path
+        self._calls = {}  # call name without its number -> calls so far
+        self._active = []  # (path, call) of the layer calls in progress, outermost first
+
+    def begin_call(self, path):
+        """The name of a new call of the layer at `path` in this step (`sites.call_name`).  A
+        layer inside a repeated call is named under that call: the second call of a sub-model
+        `encoder` runs `encoder (call 2)/dense`, as its first runs `encoder/dense`."""
+        parent, _, name = path.rpartition("/")
+        for active_path, active_call in reversed(self._active):
+            if active_path == parent:
+                parent = active_call
+                break
+        base = parent + "/" + name if parent else name
+        n = self._calls[base] = self._calls.get(base, 0) + 1
+        call = site_catalogue.call_name(base, n)
+        self.layer_of[call] = path
+        self._active.append((path, call))
+        return call
+
+    def end_call(self):
+        self._active.pop()
 
 
 def _current_graph():
@@ -160,12 +183,16 @@ class Instrumentation:
             if self.trace is not None and not self._suppressed:
                 self.trace.nested.add(path)
             return original(*args, **kwargs)
+        call = trace.begin_call(path)
         # Whose backward pass computes the gradient w.r.t. a layer's output: its consumers'.
         for t in tf.nest.flatten((args, kwargs)):
             producer = trace.produced_by.get(id(t))
-            if producer is not None and path not in trace.consumers.setdefault(producer, []):
-                trace.consumers[producer].append(path)
-        outputs = original(*args, **kwargs)
+            if producer is not None and call not in trace.consumers.setdefault(producer, []):
+                trace.consumers[producer].append(call)
+        try:
+            outputs = original(*args, **kwargs)
+        finally:
+            trace.end_call()
         if self.trace is not trace or not any(
             k in self.kinds for k in ("activation", "activation_grad")
         ):
@@ -174,17 +201,17 @@ class Instrumentation:
         floats = site_catalogue.float_tensors(outputs)
         if not floats or any(t.graph is not trace.graph for t in floats if hasattr(t, "graph")):
             return outputs
-        trace.activations.setdefault(path, [])
+        trace.activations.setdefault(call, [])
         if "activation" in self.kinds:
-            trace.activations[path].extend(floats)
+            trace.activations[call].extend(floats)
         if "activation_grad" not in self.kinds:
             return outputs
         probed = [
-            grad_probe(trace, path, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
+            grad_probe(trace, call, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
             for t in flat
         ]
         for t in probed:
-            trace.produced_by[id(t)] = path
+            trace.produced_by[id(t)] = call
         return tf.nest.pack_sequence_as(outputs, probed)
 
     def _compute_loss(self, original, *args, **kwargs):
@@ -240,15 +267,15 @@ def _is_symbolic(values):
     )
 
 
-def grad_probe(trace, path, tensor):
-    """Identity whose gradient records the gradient w.r.t. `tensor` (a layer's output)."""
+def grad_probe(trace, call, tensor):
+    """Identity whose gradient records the gradient w.r.t. `tensor` (the output of a call)."""
 
     @tf.custom_gradient
     def probe(x):
         def grad(upstream):
             if isinstance(upstream, tf.IndexedSlices):
                 upstream = tf.convert_to_tensor(upstream)
-            trace.activation_grads.setdefault(path, []).append(upstream)
+            trace.activation_grads.setdefault(call, []).append(upstream)
             return upstream
 
         return tf.identity(x), grad

@@ -30,6 +30,13 @@ def layer_paths(model):
     return out
 
 
+def call_name(path, n):
+    """A layer's n-th call in one step: its first keeps the layer's name (`shared`), later
+    ones are numbered (`shared (call 2)`), so each call is a site of its own, in execution
+    order (a tied embedding, a shared Dense, a rotary embedding applied to queries and keys)."""
+    return path if n == 1 else "%s (call %d)" % (path, n)
+
+
 def slot_name(attr):
     """`_velocities` -> `velocity`, `_momentums` -> `momentum`."""
     name = attr.lstrip("_")
@@ -111,16 +118,20 @@ def build(trace, model_name, layer_order, kinds):
 
     if trace.inputs:
         add(model_name, "input", "", lambda tr: tr.inputs, *_describe(trace.inputs))
+
+    def layer_of(call):
+        return trace.layer_of.get(call, call)
+
     # A layer that also ran inside a nested graph (an RNN cell: once outside its layer's loop for
     # the output shape, then in the loop) is watched through the layer around it.
-    forward = [path for path in trace.activations if path not in trace.nested]
-    for path in forward:
+    forward = [call for call in trace.activations if layer_of(call) not in trace.nested]
+    for call in forward:
         add(
-            path,
+            call,
             "activation",
             "",
-            lambda tr, p=path: tr.activations.get(p, []),
-            *_describe(trace.activations[path]),
+            lambda tr, c=call: tr.activations.get(c, []),
+            *_describe(trace.activations[call]),
         )
     if trace.losses or "loss" in kinds:
         add(model_name, "loss", "", lambda tr: tr.losses, *_describe(trace.losses))
@@ -130,18 +141,21 @@ def build(trace, model_name, layer_order, kinds):
         for i, (_, _, variables) in enumerate(trace.applies)
         for j, v in enumerate(variables)
     ]
-    recorded = set(forward)
+    recorded = {layer_of(call) for call in forward}
     owner = {}
     for path, layer in layer_order:
         for v in getattr(layer, "_trainable_variables", []):
             owner.setdefault(id(v), path)
-    # Backward, layer by layer: the gradient arriving at a layer's output, then its weights'.
-    recorded_grads = list(trace.activation_grads)
+    # Backward, call by call: the gradient arriving at a call's output, then, after the last of
+    # a layer's calls (its weights' gradients add up every call's), its weights'.
+    watched = set(forward)
+    recorded_grads = [call for call in trace.activation_grads if call in watched]
     reverse_forward = list(reversed(forward))
-    if recorded_grads == [p for p in reverse_forward if p in trace.activation_grads]:
+    if recorded_grads == [c for c in reverse_forward if c in trace.activation_grads]:
         backward = reverse_forward
     else:
-        backward = recorded_grads + [p for p in reverse_forward if p not in trace.activation_grads]
+        backward = recorded_grads + [c for c in reverse_forward if c not in trace.activation_grads]
+    last_call = {layer_of(call): call for call in backward}
     placed = set()
 
     def weight_grads_of(path):
@@ -157,15 +171,16 @@ def build(trace, model_name, layer_order, kinds):
                     tuple(v.shape),
                 )
 
-    for path in backward:
+    for call in backward:
         add(
-            path,
+            call,
             "activation_grad",
             "",
-            lambda tr, p=path: tr.activation_grads.get(p, []),
-            *_describe(trace.activations.get(path, [])),
+            lambda tr, c=call: tr.activation_grads.get(c, []),
+            *_describe(trace.activations.get(call, [])),
         )
-        weight_grads_of(path)
+        if last_call[layer_of(call)] == call:
+            weight_grads_of(layer_of(call))
     for _, _, v in applied:  # weights no watched layer owns (e.g. the model's own), last
         weight_grads_of(_order_owner(owner.get(id(v), model_name), recorded))
     # Per optimizer, per variable as it updates them: its slots, then the new value.
@@ -196,9 +211,21 @@ def build(trace, model_name, layer_order, kinds):
 
 
 def capacity(layer_order, variables, optimizers):
-    """An upper bound on the number of sites, known before the step is traced."""
+    """The number of sites expected, known before the step is traced: an upper bound but for
+    calls no graph shows (a layer that a subclassed layer calls several times, an unrolled RNN's
+    cell), which the trace finds (Watch._ensure_capacity)."""
     slots = sum(
         len(optimizer_slots(o)) if getattr(inner_optimizer(o), "built", False) else 4
         for o in optimizers
     )
-    return 2 + 2 * len(layer_order) + len(variables) * (2 + max(slots, 1))
+    return 2 + 2 * sum(expected_calls(layer_order).values()) + len(variables) * (2 + max(slots, 1))
+
+
+def expected_calls(layer_order):
+    """{path: calls per step} as the functional graphs show them: a layer's nodes (a shared
+    Dense has two) times its parent's calls (a siamese encoder's layers run twice)."""
+    calls = {}
+    for path, layer in layer_order:  # a parent comes before its layers
+        nodes = len(getattr(layer, "_inbound_nodes", None) or ())
+        calls[path] = max(1, nodes) * calls.get(path.rpartition("/")[0], 1)
+    return calls

@@ -164,7 +164,12 @@ class Watch:
     def _create_state(self, capacity):
         strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
         with strategy.scope():
-            state = device.DeviceState(capacity, self.flight_steps, strategy.num_replicas_in_sync)
+            state = device.DeviceState(
+                capacity,
+                self.flight_steps,
+                strategy.num_replicas_in_sync,
+                gather=distribute.ReplicaGather(strategy),
+            )
         if self._pending_last:
             state.last_step.assign(self._pending_last - 1)
         return state
@@ -179,9 +184,15 @@ class Watch:
         if not trace.applies:
             self._traced_without_apply = True
             return
+        built = None
+        if self._sites is None:
+            built = site_catalogue.build(
+                trace, self.model.name, self._instrumentation.layer_order, self.kinds
+            )
+            self._ensure_capacity(len(built[0]))
         with self._lock:  # replicas trace the step in threads of their own
             if self._sites is None:
-                self._define_sites(trace)
+                self._define_sites(trace, *built)
         loss_scaled = any(hasattr(o, "inner_optimizer") for o in self.optimizers)
         grad_sites = np.array([s["kind"] in stats.GRADIENT_KINDS for s in self._sites])
         copies = {}
@@ -193,13 +204,26 @@ class Watch:
             self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None
         )
 
-    def _define_sites(self, trace):
-        sites, getters = site_catalogue.build(
-            trace, self.model.name, self._instrumentation.layer_order, self.kinds
-        )
-        if self._state is None:
+    def _ensure_capacity(self, n_sites):
+        """Device state for `n_sites`, at the first trace.  The state made before tracing is
+        sized by an estimate; a layer called several times in the step has a site per call,
+        which only the trace shows.  Under a strategy every replica calls this with the same
+        count (before any of them defines the sites), and the state is made once, in the
+        cross-replica context (`merge_call`), as variables of the strategy must be."""
+        if self._state is not None and n_sites <= self._state.capacity:
+            return
+
+        def create(*_):
             with tf.init_scope():
-                self._state = self._create_state(len(sites))
+                self._state = self._create_state(n_sites)
+
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and tf.distribute.has_strategy():
+            ctx.merge_call(create)
+        else:
+            create()
+
+    def _define_sites(self, trace, sites, getters):
         if len(sites) > self._state.capacity:
             logger.warning(
                 "tb_nanwatch: %d sites, more than the %d planned: watching the first %d",
