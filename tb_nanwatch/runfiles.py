@@ -149,7 +149,7 @@ class _File:
     def _event(self, buf, pos, end, base):
         self.damage.records += 1
         try:
-            return event_pb2.Event.FromString(bytes(buf[pos + _HEADER : end - _FOOTER]))
+            return event_pb2.Event.FromString(buf[pos + _HEADER : end - _FOOTER])
         except (pb_message.DecodeError, RecursionError, ValueError) as e:
             what = str(e) or type(e).__name__
             self.damage.add(base + pos, "record is not a TensorBoard event (%s)" % what)

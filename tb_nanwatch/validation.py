@@ -234,13 +234,16 @@ def stored_row_problems(steps, stored):
             (covered >= 1) & (covered <= steps + 1) & (covered == np.floor(covered))
         )
         check(bad, "steps is not a whole number between 1 and the row's step + 1")
-        counts = [names.index(n) for n in _COUNT_STATS if n in names]
-        values = stored[:, 1:, counts]
-        bad = ~np.isnan(values) & ~(
-            (values >= 0) & (values < MAX_COUNT) & (values == np.floor(values))
-        )
-        for i in np.nonzero(bad.any(axis=(1, 2)))[0]:
-            which = _COUNT_STATS[int(np.nonzero(bad[i].any(axis=0))[0][0])]
+        present = [n for n in _COUNT_STATS if n in names]
+        values = stored[:, 1:, [names.index(n) for n in present]]
+        # Per row and statistic: the smallest, the largest and the largest fraction (NaN,
+        # "not measured", is skipped by fmin/fmax): a few passes, no boolean copies.
+        low = np.fmin.reduce(values, axis=1)
+        high = np.fmax.reduce(values, axis=1)
+        fraction = np.fmax.reduce(values - np.floor(values), axis=1)
+        bad = (low < 0) | (high >= MAX_COUNT) | (fraction > 0)
+        for i in np.nonzero(bad.any(axis=1))[0]:
+            which = present[int(np.nonzero(bad[i])[0][0])]
             check(np.arange(len(out)) == i, "%s is not a whole number >= 0" % which)
         offset = stored[:, 1:, names.index(metadata.FIRST_OFFSET)].astype(np.float64)
         bad = ~np.isnan(offset) & ~(
