@@ -57,6 +57,13 @@ def only_event_file(run_dir):
     return os.path.join(run_dir, name)
 
 
+def only_row_file(run_dir):
+    """The run's row file (protocol 3: rows and flight rows, beside the event file)."""
+    rows_dir = os.path.join(run_dir, "plugins", "nanwatch")
+    (name,) = [n for n in os.listdir(rows_dir) if n.endswith(".rows")]
+    return os.path.join(rows_dir, name)
+
+
 def value(tag, tensor, content=None):
     """A Summary.Value of `tag`; with `content` (bytes or a JSON-able object) as nanwatch metadata."""
     v = summary_pb2.Summary.Value(tag=tag, tensor=tensor)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import damage_helpers as dh
 import numpy as np
 import pytest
 import synthetic
@@ -288,13 +289,6 @@ def _event_file(run_dir):
     return os.path.join(run_dir, name)
 
 
-def _row_file(run_dir):
-    """The run's row file (protocol 3: rows and flight rows, beside the event file)."""
-    rows_dir = os.path.join(run_dir, "plugins", "nanwatch")
-    (name,) = [n for n in os.listdir(rows_dir) if n.endswith(".rows")]
-    return os.path.join(rows_dir, name)
-
-
 @pytest.mark.parametrize(
     "cut", ["after_first_record", "inside_first_record", "inside_last_flight_row"]
 )
@@ -305,7 +299,7 @@ def test_killed_run_truncated_last_record(tmp_path, cut):
     synthetic.write_run(str(run), n_rows=20, log_every=10, first=(185, PRODUCER, "nan"))
     # The writer wrote: rows (row file) up to step 189, the flight rows of steps 178-185
     # (row file), the first-non-finite record (event file), then the row of step 199.
-    events, rows_path = _event_file(run), _row_file(run)
+    events, rows_path = _event_file(run), dh.only_row_file(run)
     rows = _records(rows_path)
     events_records = _records(events)
     tag = metadata.tag(metadata.FIRST_NONFINITE).encode()

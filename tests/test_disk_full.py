@@ -73,7 +73,7 @@ def _check_survived(rc, out, err):
 
 def _check_intact(logdir):
     """Every row whose frame reached the disk whole is read; the report runs."""
-    path = dh.only_event_file(logdir / "run")
+    path = dh.only_row_file(logdir / "run")
     frames, _ = dh.frames(open(path, "rb").read())
     written = [
         dh.event_of(f[2]).step

@@ -16,12 +16,6 @@ SITES = synthetic.sites_for()
 PRODUCER = 9
 
 
-def _row_file(run_dir):
-    rows_dir = os.path.join(run_dir, "plugins", "nanwatch")
-    (name,) = os.listdir(rows_dir)
-    return os.path.join(rows_dir, name)
-
-
 def test_a_killed_run_without_its_record_stops_the_warning_signs_at_the_blowup(tmp_path):
     """The record was never written (killed): the first non-finite step comes from the rows,
     and a site close to overflow only after that step is no warning sign of it."""
@@ -91,13 +85,13 @@ def test_a_growing_run_is_read_from_where_the_last_read_stopped(tmp_path):
         first = source.view()
         assert first.n_logged_rows == 40 and source.view() is first  # nothing new: same view
         read_before = source.files.bytes_read
-        size_before = os.path.getsize(_row_file(run))
+        size_before = os.path.getsize(dh.only_row_file(run))
         writer.write_row(409, synthetic.finite_row(len(SITES), 409, steps=10))
         writer.flush()
         second = source.view()
     assert second is not first and second.n_logged_rows == 41 and second.last_step == 409
     # The reload read the new row's bytes, not the run again.
-    grown = os.path.getsize(_row_file(run)) - size_before
+    grown = os.path.getsize(dh.only_row_file(run)) - size_before
     assert 0 < source.files.bytes_read - read_before == grown
 
 
