@@ -204,6 +204,23 @@ def test_mlp_blow_up_named_right_and_bitwise_plain_fit(tmp_path, optimizer):
     assert cb.watch.first_nonfinite["step"] == 5
 
 
+@pytest.mark.parametrize(
+    "mode", [{"jit_compile": True}, {"run_eagerly": True}, {"steps_per_execution": 4}]
+)
+def test_compile_modes_named_right_and_bitwise(tmp_path, mode):
+    x, y = exp_data()
+    runs = []
+    for watched in (False, True):
+        model = mlp()
+        model.compile(optimizer="adam", loss="mse", **mode)
+        cb = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=4)
+        fit(model, x, y, [cb] if watched else [])
+        runs.append(snapshot(model))
+    first = cb.watch.first_nonfinite
+    assert (first["step"], first["layer"], first["kind"]) == (5, "exp_layer", "activation")
+    assert runs[0] == runs[1]
+
+
 def test_nested_functional_and_subclassed_paths_match_keras3(tmp_path):
     """Layer paths by the user's names, as on Keras 3; a subclassed layer's Python control flow
     on tensors still runs through autograph (tf_keras converts `call` itself)."""
