@@ -306,7 +306,8 @@ def test_unsupported_optimizer_raises_before_anything_is_wrapped(tmp_path):
     fit(model, x[:8], y[:8], [])
 
 
-def test_mixed_float16_skips_are_not_the_blow_up_and_gradients_are_unscaled(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_mixed_float16_skips_are_not_the_blow_up_and_gradients_are_unscaled(tmp_path, legacy):
     tf_keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         tf_keras.utils.set_random_seed(0)
@@ -319,7 +320,8 @@ def test_mixed_float16_skips_are_not_the_blow_up_and_gradients_are_unscaled(tmp_
                 tf_keras.layers.Dense(1, dtype="float32", name="head"),
             ]
         )
-        model.compile(optimizer="adam", loss="mse")
+        adam = tf_keras.optimizers.legacy.Adam() if legacy else tf_keras.optimizers.Adam()
+        model.compile(optimizer=adam, loss="mse")
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
     optimizer = model.optimizer
