@@ -11,10 +11,11 @@ SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP)
 
-$(STAMP): setup.py requirements-test.txt
+$(STAMP): setup.py requirements-test.txt requirements-tfkeras.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-test.txt
+	$(BIN)/pip install -q --no-deps -r requirements-tfkeras.txt
 	$(BIN)/pip install -q -e .
 	touch $@
 

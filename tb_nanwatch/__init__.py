@@ -9,11 +9,11 @@ on first use; the reader, plugin and CLI never do.
 
 __version__ = "0.1.0"
 
-__all__ = ["NanWatchCallback", "Watch", "__version__"]
+__all__ = ["NanWatchCallback", "Watch", "UnsupportedError", "__version__"]
 
 
 def __getattr__(name):
-    if name in ("NanWatchCallback", "Watch"):
+    if name in ("NanWatchCallback", "Watch", "UnsupportedError"):
         from tb_nanwatch import watch
 
         return getattr(watch, name)

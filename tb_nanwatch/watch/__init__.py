@@ -12,10 +12,18 @@ step goes through them:
 * `host`: plain numpy, the device state read back into records;
 * `watch`: `Watch`, which ties them together for custom loops;
 * `callback`: `NanWatchCallback` for `model.fit`;
+* `flavour`: what differs between Keras 3 and tf_keras (Keras 2) models and optimizers;
 * `distribute`: worker names under multi-worker training.
 """
 
 from tb_nanwatch.watch.callback import NanWatchCallback
+from tb_nanwatch.watch.flavour import UnsupportedError
 from tb_nanwatch.watch.watch import DEFAULT_FLIGHT_STEPS, DEFAULT_LOG_EVERY, Watch
 
-__all__ = ["NanWatchCallback", "Watch", "DEFAULT_LOG_EVERY", "DEFAULT_FLIGHT_STEPS"]
+__all__ = [
+    "NanWatchCallback",
+    "Watch",
+    "UnsupportedError",
+    "DEFAULT_LOG_EVERY",
+    "DEFAULT_FLIGHT_STEPS",
+]

@@ -2,6 +2,7 @@
 
 import keras
 
+from tb_nanwatch.watch import flavour as flavours
 from tb_nanwatch.watch import instrument
 from tb_nanwatch.watch.watch import DEFAULT_FLIGHT_STEPS, DEFAULT_LOG_EVERY, Watch
 
@@ -13,7 +14,8 @@ class NanWatchCallback(keras.callbacks.Callback):
     output and its weights, of its weights and the optimizer's slots, plus the
     inputs and the loss; NaN, +Inf and -Inf counted separately; on the device,
     inside the compiled train step (also `jit_compile=True`).  Open the logdir in
-    TensorBoard's NanWatch tab or run `tb-nanwatch report LOGDIR`.
+    TensorBoard's NanWatch tab or run `tb-nanwatch report LOGDIR`.  Works with Keras 3
+    and with tf_keras (Keras 2, `tf.keras` under TF_USE_LEGACY_KERAS=1) models alike.
 
     ```python
     import numpy as np, keras, tb_nanwatch
@@ -40,6 +42,18 @@ class NanWatchCallback(keras.callbacks.Callback):
     """
 
     watch_class = Watch
+    # tf_keras's CallbackList asks callbacks which hooks they implement and whether they take
+    # tensors in `logs` (Keras 3 asks neither).
+    _supports_tf_logs = False
+
+    def _implements_train_batch_hooks(self):
+        return True
+
+    def _implements_test_batch_hooks(self):
+        return False
+
+    def _implements_predict_batch_hooks(self):
+        return False
 
     def __init__(
         self,
@@ -89,8 +103,11 @@ class NanWatchCallback(keras.callbacks.Callback):
         make TensorFlow trace the whole step twice, and the instrumentation with it."""
         optimizer = getattr(self.model, "optimizer", None)
         variables = self.model.trainable_variables if getattr(self.model, "built", False) else []
-        if optimizer is not None and not optimizer.built and variables:
-            optimizer.build(variables)
+        if optimizer is None or not variables:
+            return
+        flavour = flavours.of_optimizer(optimizer)  # an unsupported one raises here, unwrapped
+        if not flavour.built(optimizer):
+            flavour.build(optimizer, variables, self.model.distribute_strategy)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.watch.after_step() and self.stop_on_nonfinite:
@@ -110,7 +127,7 @@ class NanWatchCallback(keras.callbacks.Callback):
         model = self.model
         return (
             id(model.optimizer),
-            id(getattr(model, "_compile_loss", None)),
+            id(flavours.of_model(model).compiled_loss(model)),
             getattr(model, "jit_compile", None),
             getattr(model, "steps_per_execution", None),
             id(model.distribute_strategy),

@@ -80,12 +80,13 @@ def _mask_absent(row, present):
     return row
 
 
-def unscale_gradients(row, sites, loss_scale):
-    """Divides the loss scale out of gradient sites' statistics in the tensor's units."""
+def unscale_gradients(row, sites, loss_scale, kinds=stats.GRADIENT_KINDS):
+    """Divides the loss scale out of the statistics of the sites of `kinds` (the gradients
+    that were computed from the scaled loss), in the tensor's units."""
     if loss_scale is None or not loss_scale > 0:
         return row
     row = np.array(row, dtype=np.float64, copy=True)
-    grads = np.array([s["kind"] in stats.GRADIENT_KINDS for s in sites], dtype=bool)
+    grads = np.array([s["kind"] in kinds for s in sites], dtype=bool)
     for name in stats.LOSS_SCALED_STATS:
         row[grads, COLUMN[name]] /= loss_scale
     return row

@@ -16,6 +16,7 @@ import threading
 
 import tensorflow as tf
 
+from tb_nanwatch.watch import flavour as flavours
 from tb_nanwatch.watch import sites as site_catalogue
 
 logger = logging.getLogger("tb_nanwatch.watch")
@@ -78,11 +79,14 @@ class Instrumentation:
     """The wrappers of one Watch; `on_step_end(trace)` is called when a step's tensors are in."""
 
     def __init__(self, model, optimizers, kinds, on_step_end):
+        # Keras 3 or tf_keras: raises here, before anything is wrapped, if either cannot be watched.
+        self.flavour = flavours.of_model(model)
+        self.optimizer_flavours = [flavours.of_optimizer(o) for o in optimizers]
         self.model = model
         self.optimizers = list(optimizers)
         self.kinds = kinds
         self.on_step_end = on_step_end
-        self.layer_order = site_catalogue.layer_paths(model)
+        self.layer_order = site_catalogue.layer_paths(model, self.flavour)
         self._local = threading.local()
         self._restore = []
 
@@ -118,15 +122,29 @@ class Instrumentation:
     def install(self):
         if self._restore:
             return
-        self._wrap(self.model, "call", self._root_call)
-        for path, layer in self.layer_order:
-            self._wrap(layer, "call", functools.partial(self._layer_call, path))
-        if hasattr(self.model, "compute_loss"):
-            self._wrap(self.model, "compute_loss", self._compute_loss)
-        if hasattr(self.model, "train_step"):
-            self._wrap(self.model, "train_step", self._train_step)
-        for optimizer in self.optimizers:
-            self._wrap(optimizer, "apply", functools.partial(self._apply, optimizer))
+        try:
+            calls = self.flavour.layer_call
+            self._wrap(self.model, "call", self._root_call, functools.partial(calls, self.model))
+            for path, layer in self.layer_order:
+                self._wrap(
+                    layer,
+                    "call",
+                    functools.partial(self._layer_call, path),
+                    functools.partial(calls, layer),
+                )
+            if hasattr(self.model, "compute_loss"):
+                self._wrap(self.model, "compute_loss", self._compute_loss)
+            if hasattr(self.model, "train_step"):
+                self._wrap(self.model, "train_step", self._train_step)
+            for optimizer, flavour in zip(self.optimizers, self.optimizer_flavours):
+                self._wrap(
+                    optimizer,
+                    flavour.apply_method,
+                    functools.partial(self._apply, optimizer, flavour),
+                )
+        except BaseException:
+            self.uninstall()  # all or nothing
+            raise
 
     def uninstall(self):
         for obj, name, had_own, original in reversed(self._restore):
@@ -139,15 +157,18 @@ class Instrumentation:
                     pass
         self._restore = []
 
-    def _wrap(self, obj, name, wrapper):
+    def _wrap(self, obj, name, wrapper, calling=None):
+        """Replaces `obj.name` by `wrapper(original, ...)`; `calling(original)`, if given, is what
+        the wrapper calls as the original (tf_keras: through autograph, as tf_keras would)."""
         original = getattr(obj, name)
         had_own = name in vars(obj)
+        target = calling(original) if calling is not None else original
 
         # Plain Python at trace time: autograph must not rewrite our bookkeeping.
         @tf.autograph.experimental.do_not_convert
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
-            return wrapper(original, *args, **kwargs)
+            return wrapper(target, *args, **kwargs)
 
         # object.__setattr__: Keras tracks attributes of built layers; a method is no state.
         object.__setattr__(obj, name, wrapped)
@@ -226,20 +247,14 @@ class Instrumentation:
             trace.losses.extend(site_catalogue.float_tensors(loss))
         return loss
 
-    def _apply(self, optimizer, original, grads, trainable_variables=None, *args, **kwargs):
+    def _apply(self, optimizer, flavour, original, *args, **kwargs):
+        """Keras 3's `apply(grads, variables)` or tf_keras's `apply_gradients(grads_and_vars)`."""
         trace = self._step_trace(begin=False)
-        grads = list(grads)
-        variables = (
-            list(trainable_variables)
-            if trainable_variables is not None
-            else list(
-                getattr(site_catalogue.inner_optimizer(optimizer), "_trainable_variables", [])
-            )
-        )
+        grads, variables, args, kwargs = flavour.apply_arguments(optimizer, args, kwargs)
         # Layers called inside the optimizer's own code are not part of the model's step.
         self._local.suppressed = self._suppressed + 1
         try:
-            result = original(grads, trainable_variables, *args, **kwargs)
+            result = original(*args, **kwargs)
         finally:
             self._local.suppressed -= 1
         if trace is not None and not _is_symbolic(grads):
@@ -297,30 +312,17 @@ def find_optimizers(model, extra=()):
     A LossScaleOptimizer stands for its inner optimizer."""
     found = []
 
-    def add(candidate):
-        if (
-            candidate is None
-            or not hasattr(candidate, "apply")
-            or not hasattr(candidate, "apply_gradients")
-        ):
+    def add(candidate, named=False):
+        # What the user names is kept (and checked by the Watch); found ones must look the part.
+        if candidate is None or not (named or flavours.looks_like_optimizer(candidate)):
             return
         if any(candidate is o or candidate is getattr(o, "inner_optimizer", None) for o in found):
             return
         found.append(candidate)
 
     for optimizer in extra:
-        add(optimizer)
+        add(optimizer, named=True)
     add(getattr(model, "optimizer", None))
     for value in list(vars(model).values()):
-        if _is_optimizer(value):
-            add(value)
+        add(value)
     return found
-
-
-def _is_optimizer(value):
-    try:
-        import keras
-
-        return isinstance(value, keras.optimizers.Optimizer)
-    except Exception:  # pragma: no cover - Keras missing or exotic
-        return False

@@ -10,15 +10,16 @@ producer; later ones are propagators.
 import tensorflow as tf
 
 from tb_nanwatch import summary
+from tb_nanwatch.watch import flavour as flavours
 
 
-def layer_paths(model):
+def layer_paths(model, flavour=flavours.KERAS3):
     """[(path, layer)] of every layer below the root, depth first in definition order;
     paths are the user's names joined by '/', e.g. 'encoder/block_2/dense'."""
     out, seen = [], set()
 
     def visit(layer, prefix):
-        for child in getattr(layer, "_layers", []):
+        for child in flavour.children(layer):
             if id(child) in seen:
                 continue
             seen.add(id(child))
@@ -37,38 +38,7 @@ def call_name(path, n):
     return path if n == 1 else "%s (call %d)" % (path, n)
 
 
-def slot_name(attr):
-    """`_velocities` -> `velocity`, `_momentums` -> `momentum`."""
-    name = attr.lstrip("_")
-    if name.endswith("ies"):
-        return name[:-3] + "y"
-    return name[:-1] if name.endswith("s") else name
-
-
-def inner_optimizer(optimizer):
-    """The optimizer that keeps the slots (a LossScaleOptimizer's inner one)."""
-    return getattr(optimizer, "inner_optimizer", optimizer)
-
-
-def optimizer_slots(optimizer):
-    """[(slot name, [variable or None per trainable variable])] of a Keras 3 optimizer."""
-    inner = inner_optimizer(optimizer)
-    n = len(getattr(inner, "_trainable_variables", []))
-    slots = []
-    if not n:
-        return slots
-    for attr, value in sorted(vars(inner).items()):
-        if (
-            attr in ("_trainable_variables", "_variables")
-            or not isinstance(value, list)
-            or len(value) != n
-        ):
-            continue
-        if all(v is None or hasattr(v, "assign") for v in value) and any(
-            v is not None for v in value
-        ):
-            slots.append((slot_name(attr), value))
-    return slots
+inner_optimizer = flavours.inner_optimizer
 
 
 def float_tensors(structure):
@@ -86,8 +56,9 @@ def gradient_values(grad):
 
 
 def variable_value(variable):
-    """The tf value of a Keras or tf variable."""
-    return tf.convert_to_tensor(getattr(variable, "value", variable))
+    """The tf value of a Keras 3 variable (`.value`) or a tf.Variable (tf_keras's weights)."""
+    value = getattr(variable, "value", variable)
+    return tf.convert_to_tensor(variable if callable(value) else value)
 
 
 def _describe(tensors):
@@ -106,13 +77,14 @@ def _order_owner(path, recorded):
     return path
 
 
-def build(trace, model_name, layer_order, kinds):
+def build(trace, model_name, layer_order, kinds, flavour=flavours.KERAS3):
     """(sites, getters): the site list of a traced step, in execution order, and per site a
     function of the step trace giving the tensors it reads."""
     sites, getters = [], []
 
     def add(layer, kind, tensor, getter, dtype="float32", shape=()):
         if kind in kinds:
+            dtype = tf.as_dtype(dtype).name  # tf_keras gives a tf.DType, Keras 3 a name
             sites.append(summary.make_site(layer, kind, tensor, dtype, shape))
             getters.append(getter)
 
@@ -144,7 +116,7 @@ def build(trace, model_name, layer_order, kinds):
     recorded = {layer_of(call) for call in forward}
     owner = {}
     for path, layer in layer_order:
-        for v in getattr(layer, "_trainable_variables", []):
+        for v in flavour.own_trainable_variables(layer):
             owner.setdefault(id(v), path)
     # Backward, call by call: the gradient arriving at a call's output, then, after the last of
     # a layer's calls (its weights' gradients add up every call's), its weights'.
@@ -165,7 +137,7 @@ def build(trace, model_name, layer_order, kinds):
                 add(
                     owner.get(id(v), model_name),
                     "weight_grad",
-                    v.name,
+                    flavour.variable_name(v),
                     lambda tr, i=i, j=j: gradient_values(tr.applies[i][1][j]),
                     v.dtype,
                     tuple(v.shape),
@@ -185,28 +157,19 @@ def build(trace, model_name, layer_order, kinds):
         weight_grads_of(_order_owner(owner.get(id(v), model_name), recorded))
     # Per optimizer, per variable as it updates them: its slots, then the new value.
     for optimizer, _, variables in trace.applies:
-        inner = inner_optimizer(optimizer)
-        slots = optimizer_slots(optimizer)
-        for v in variables:
-            path = owner.get(id(v), model_name)
-            try:
-                index = inner._get_variable_index(v)
-            except (AttributeError, KeyError):
-                index = None
-            for name, slot_variables in slots:
-                slot = slot_variables[index] if index is not None else None
-                if slot is not None:
-                    add(
-                        path,
-                        "optimizer_state",
-                        "%s/%s" % (name, v.name),
-                        lambda tr, s=slot: [variable_value(s)],
-                        slot.dtype,
-                        tuple(slot.shape),
-                    )
-            add(
-                path, "weight", v.name, lambda tr, v=v: [variable_value(v)], v.dtype, tuple(v.shape)
-            )
+        slots = flavours.of_optimizer(optimizer).variable_slots(optimizer, variables)
+        for v, variable_slots in zip(variables, slots):
+            path, name = owner.get(id(v), model_name), flavour.variable_name(v)
+            for slot_name, slot in variable_slots:
+                add(
+                    path,
+                    "optimizer_state",
+                    "%s/%s" % (slot_name, name),
+                    lambda tr, s=slot: [variable_value(s)],
+                    slot.dtype,
+                    tuple(slot.shape),
+                )
+            add(path, "weight", name, lambda tr, v=v: [variable_value(v)], v.dtype, tuple(v.shape))
     return sites, getters
 
 
@@ -214,10 +177,10 @@ def capacity(layer_order, variables, optimizers):
     """The number of sites expected, known before the step is traced: an upper bound but for
     calls no graph shows (a layer that a subclassed layer calls several times, an unrolled RNN's
     cell), which the trace finds (Watch._ensure_capacity)."""
-    slots = sum(
-        len(optimizer_slots(o)) if getattr(inner_optimizer(o), "built", False) else 4
-        for o in optimizers
-    )
+    slots = 0
+    for o in optimizers:
+        flavour = flavours.of_optimizer(o)
+        slots += flavour.slot_count(o) if flavour.built(o) else 4
     return 2 + 2 * sum(expected_calls(layer_order).values()) + len(variables) * (2 + max(slots, 1))
 
 

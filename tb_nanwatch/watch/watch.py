@@ -53,8 +53,10 @@ class Watch:
 
     Args:
       logdir: directory of this run's event files (`tensorboard --logdir` its parent).
-      model: a Keras 3 model (Sequential, functional, subclassed, nested).
-      optimizer: its Keras optimizer (default `model.optimizer`).
+      model: a Keras 3 or tf_keras (Keras 2) model (Sequential, functional, subclassed,
+        nested).
+      optimizer: its Keras optimizer (default `model.optimizer`).  A model or optimizer
+        that cannot be watched raises `UnsupportedError` before anything is wrapped.
       optimizers: every optimizer a step applies, when there are several (a GAN's
         generator and discriminator optimizers); a step ends once each has applied.
       log_every: write one row every this many steps; a row aggregates its steps
@@ -187,7 +189,11 @@ class Watch:
         built = None
         if self._sites is None:
             built = site_catalogue.build(
-                trace, self.model.name, self._instrumentation.layer_order, self.kinds
+                trace,
+                self.model.name,
+                self._instrumentation.layer_order,
+                self.kinds,
+                self._instrumentation.flavour,
             )
             self._ensure_capacity(len(built[0]))
         with self._lock:  # replicas trace the step in threads of their own
@@ -304,10 +310,13 @@ class Watch:
         )
         if self._traced_without_apply:
             logger.warning(
-                "tb_nanwatch: %sthe train step ran the model but never called apply() of a watched "
+                "tb_nanwatch: %sthe train step ran the model but never called %s() of a watched "
                 "optimizer (%s): nothing is recorded; pass the optimizer that updates the model with "
                 "optimizers=[...]",
                 when,
+                "/".join(
+                    sorted({f.apply_method for f in self._instrumentation.optimizer_flavours})
+                ),
                 ", ".join(type(o).__name__ for o in self.optimizers),
             )
         else:
@@ -336,8 +345,8 @@ class Watch:
     def _write_row(self, last_step):
         acc = self._state.acc.numpy()[: len(self._sites)]
         self._state.reset_accumulators()
-        scale = self._loss_scale()
-        row = host.unscale_gradients(host.row_from_accumulators(acc), self._sites, scale)
+        scale, kinds = self._loss_scaled()
+        row = host.unscale_gradients(host.row_from_accumulators(acc), self._sites, scale, kinds)
         if scale is not None and scale < 1 and not self._collapse_reported:
             self._collapse_reported = True
             self._ensure_writer().write_events(
@@ -354,9 +363,9 @@ class Watch:
 
     def _write_first(self, step):
         n = len(self._sites)
-        scale = self._loss_scale()
+        scale, kinds = self._loss_scaled()
         first_row = host.unscale_gradients(
-            host.row_from_accumulators(self._state.first.numpy()[:n]), self._sites, scale
+            host.row_from_accumulators(self._state.first.numpy()[:n]), self._sites, scale, kinds
         )
         record = host.first_record(self._sites, first_row, self._consumers)
         if record is None:
@@ -377,7 +386,7 @@ class Watch:
         writer.write_flight(
             steps,
             [
-                host.unscale_gradients(r, self._sites, scale) if s != step else r
+                host.unscale_gradients(r, self._sites, scale, kinds) if s != step else r
                 for s, r in zip(steps, rows)
             ],
         )
@@ -406,12 +415,17 @@ class Watch:
             "by step %s" % event["predicted_step"] if "predicted_step" in event else "soon",
         )
 
-    def _loss_scale(self):
-        for optimizer in self.optimizers:
-            scale = getattr(optimizer, "dynamic_scale", None)
+    def _loss_scaled(self):
+        """(loss scale, the site kinds it multiplies) of the first loss-scaled optimizer, or
+        (None, ())."""
+        for optimizer, flavour in zip(self.optimizers, self._instrumentation.optimizer_flavours):
+            scale = flavour.loss_scale(optimizer)
             if scale is not None:
-                return float(site_catalogue.variable_value(scale).numpy())
-        return None
+                return scale, flavour.loss_scaled_kinds
+        return None, ()
+
+    def _loss_scale(self):
+        return self._loss_scaled()[0]
 
     def _write_skips(self, total, last_step):
         event = {
