@@ -230,6 +230,14 @@ def _normalise_run(logdir, run):
     return run
 
 
+def _shown_name(logdir, run):
+    """The run as the report names it: relative to LOGDIR, except LOGDIR itself (the loader's
+    "."), which is named by its directory, as a user calls it."""
+    if run != ".":
+        return run
+    return os.path.basename(os.path.normpath(os.path.abspath(logdir))) or logdir
+
+
 def _check_png_path(path):
     target = os.path.abspath(path)
     parent = os.path.dirname(target)
@@ -323,13 +331,20 @@ def _read_runs(args, out, err):
                     "; damaged files named above" if other_damage else "",
                 )
             )
+        shown = {run: _shown_name(logdir, run) for run in runs}
+        by_shown_name = {name: run for run, name in shown.items() if name != run}
         if args.run:
             wanted = [_normalise_run(logdir, r) for r in args.run]
+            wanted = [by_shown_name.get(r, r) if r not in runs else r for r in wanted]
             unknown = [r for r in wanted if r not in runs]
             if unknown:
                 raise UsageError(
                     "no nanwatch run %s in %s; runs: %s"
-                    % (", ".join(repr(r) for r in unknown), logdir, ", ".join(runs))
+                    % (
+                        ", ".join(repr(r) for r in unknown),
+                        logdir,
+                        ", ".join(shown[r] for r in runs),
+                    )
                 )
             runs = {r: runs[r] for r in dict.fromkeys(wanted)}
         progress.total, progress.done, progress.phase = len(runs), 0, "reading"
@@ -351,6 +366,7 @@ def _read_runs(args, out, err):
                         "unreadable nanwatch data%s: %s" % (where, e)
                     )
                     continue
+                data.run = shown[run]
                 problems.setdefault(run, []).extend("%s%s" % (w, where) for w in data.warnings)
                 if data.session_warning():
                     problems[run].append(data.session_warning() + where)
@@ -369,7 +385,12 @@ def _read_runs(args, out, err):
             progress.step()
         for run in runs:
             problems[run] = provider.damage.get(run, []) + problems.get(run, [])
-    return _Loaded(runs, reports, problems, other_damage)
+    return _Loaded(
+        {shown[run]: groups for run, groups in runs.items()},
+        reports,
+        {shown.get(run, run): msgs for run, msgs in problems.items()},
+        {_shown_name(logdir, run): msgs for run, msgs in other_damage.items()},
+    )
 
 
 def _write_png(args, reports):

@@ -178,11 +178,24 @@ def test_run_filter(logdir):
     assert [r["run"] for r in json.loads(out)["runs"]] == ["nested/adam", "good"]
 
 
-def test_logdir_that_is_itself_a_run(logdir):
+def test_logdir_that_is_itself_a_run_is_named_by_its_directory(logdir, tmp_path):
+    """`report RUN_DIR` names the run `bad` (its directory), never the loader's "."."""
     rc, out, _ = cli(logdir / "bad", "--json")
     assert rc == 1
     (entry,) = json.loads(out)["runs"]
-    assert entry["run"] == "." and entry["first_nonfinite"]["layer"] == "dense_2"
+    assert entry["run"] == "bad" and entry["first_nonfinite"]["layer"] == "dense_2"
+    rc, out, _ = cli(str(logdir / "bad") + "/", "--png", tmp_path / "bad.png")
+    assert rc == 1
+    assert "\n  bad: first non-finite at step %d" % FIRST_STEP in out
+    assert "\nrun bad: first non-finite value at step %d" % FIRST_STEP in out
+    assert "run bad," in out  # the PNG note
+    assert "run .:" not in out and ".: first" not in out
+    # --run takes the name the report shows.
+    rc, out, err = cli(logdir / "bad", "--run", "bad", "--json")
+    assert rc == 1, err
+    assert [e["run"] for e in json.loads(out)["runs"]] == ["bad"]
+    rc, _, err = cli(logdir / "bad", "--run", "other")
+    assert rc == 2 and "runs: bad" in err
 
 
 @pytest.mark.parametrize(
