@@ -41,6 +41,8 @@ STATIC_FILES = {
 # Limits of the heatmap route; bigger requests are refused (400), not clamped silently.
 MAX_COLUMNS = 5000
 DEFAULT_COLUMNS = 500
+# Finite runs whose loss progress the overview remembers.
+PROGRESS_MEMO_SIZE = 1024
 # (experiment, run, group) entries kept by the RunData cache.
 CACHE_SIZE = 16
 # ... and at most this many bytes of rows (the most recent run is always kept).
@@ -136,6 +138,9 @@ class NanWatchPlugin(base_plugin.TBPlugin):
     def __init__(self, context):
         self._provider = context.data_provider
         self.cache = cache.RunCache(CACHE_SIZE, CACHE_BYTES, HEATMAP_CACHE_SIZE)
+        # (experiment, run, group, fingerprint) -> stats.loss_progress of a finite run, so that
+        # the overview reads a finite run's rows once per change, not once per request.
+        self._progress = collections.OrderedDict()
         self._frontend_dir = frontend_dir()
 
     # -- TBPlugin ----------------------------------------------------------------
@@ -361,8 +366,27 @@ class NanWatchPlugin(base_plugin.TBPlugin):
                 except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
                     out.append({"run": run, "group": group, "state": "unreadable", "error": str(e)})
                     continue
-                out.append(run_state(data))
+                progress = None
+                if reader.first_nonfinite_json(data) is None:
+                    progress = self._loss_progress(ctx, eid, run, group, fingerprint, entry)
+                out.append(run_state(data, progress))
         return out
+
+    def _loss_progress(self, ctx, eid, run, group, fingerprint, entry):
+        """stats.loss_progress of a finite run: from its cached rows, else read once per
+        fingerprint (a finite run is "healthy" only if its loss went down)."""
+        if entry is not None:
+            return stats.loss_progress(entry.data.sites, entry.data.steps, entry.data.rows)
+        key = (eid, run, group, fingerprint)
+        if key not in self._progress:
+            try:
+                full = reader.read_run(self._provider, ctx, eid, run, group)
+                self._progress[key] = stats.loss_progress(full.sites, full.steps, full.rows)
+            except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError):
+                self._progress[key] = None
+            while len(self._progress) > PROGRESS_MEMO_SIZE:
+                self._progress.popitem(last=False)
+        return self._progress[key]
 
     def heatmap_impl(
         self,
@@ -493,9 +517,10 @@ def cell_body(data, site, first_step, last_step, source):
     }
 
 
-def run_state(data):
+def run_state(data, progress=None):
     """A run's line of the runs overview: "nonfinite" (its first step and site), "skips"
-    (finite but for loss-scale skips, by design) or "healthy"."""
+    (finite but for loss-scale skips, by design), "healthy" (finite and the loss went down:
+    `progress`, stats.loss_progress) or "no_progress" (finite, no sign of training)."""
     first = reader.first_nonfinite_json(data)
     skips = [e for e in data.events if isinstance(e, dict) and e.get("type") == "loss_scale_skip"]
     totals = [e["skips_total"] for e in skips if _is_step(e.get("skips_total"))]
@@ -520,7 +545,9 @@ def run_state(data):
             neginf=first.get("neginf", 0),
         )
     else:
-        out["state"] = "skips" if n_skips else "healthy"
+        made_progress = bool(progress and progress["progress"])
+        out["state"] = "skips" if n_skips else ("healthy" if made_progress else "no_progress")
+        out["loss_progress"] = progress
     return out
 
 
