@@ -9,7 +9,7 @@ STAMP = $(VENV)/.installed
 DEMO_STAMP = $(VENV)/.demo-installed
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint format demo demo-retrain bench bench-plugin chromium setup clean
+.PHONY: test lint format demo demo-retrain bench bench-plugin bench-gpu chromium setup clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,11 @@ bench: $(STAMP)
 
 bench-plugin: $(STAMP)
 	$(BIN)/python bench/plugin_scale.py
+
+# On a CUDA machine: its own venv (tensorflow[and-cuda], keras-hub), then ResNet50, GPT-2 and an
+# XLA Transformer against plain fit.  GPU_CHECK_CPU_SMOKE=1: tiny sizes on the CPU.
+bench-gpu:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info node_modules
