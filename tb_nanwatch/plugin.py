@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import numpy as np
 from tensorboard import errors, plugin_util
@@ -41,8 +42,11 @@ STATIC_FILES = {
 # Limits of the heatmap route; bigger requests are refused (400), not clamped silently.
 MAX_COLUMNS = 5000
 DEFAULT_COLUMNS = 500
-# Finite runs whose loss progress the overview remembers.
+# Finite runs whose loss progress the overview remembers, and for how long a live run's
+# answer stands before its rows are read again (a sweep of live runs is not re-read whole
+# on every reload).
 PROGRESS_MEMO_SIZE = 1024
+PROGRESS_MAX_AGE_S = 60.0
 # (experiment, run, group) entries kept by the RunData cache.
 CACHE_SIZE = 16
 # ... and at most this many bytes of rows (the most recent run is always kept).
@@ -138,8 +142,9 @@ class NanWatchPlugin(base_plugin.TBPlugin):
     def __init__(self, context):
         self._provider = context.data_provider
         self.cache = cache.RunCache(CACHE_SIZE, CACHE_BYTES, HEATMAP_CACHE_SIZE)
-        # (experiment, run, group, fingerprint) -> stats.loss_progress of a finite run, so that
-        # the overview reads a finite run's rows once per change, not once per request.
+        # (experiment, run, group) -> (fingerprint, time, stats.loss_progress) of a finite run,
+        # so that the overview reads a finite run's rows once per change (at most once a
+        # minute for a live run), not once per request.
         self._progress = collections.OrderedDict()
         self._frontend_dir = frontend_dir()
 
@@ -377,16 +382,19 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         fingerprint (a finite run is "healthy" only if its loss went down)."""
         if entry is not None:
             return stats.loss_progress(entry.data.sites, entry.data.steps, entry.data.rows)
-        key = (eid, run, group, fingerprint)
-        if key not in self._progress:
+        key = (eid, run, group)
+        known = self._progress.get(key)
+        now = time.monotonic()
+        if known is None or (known[0] != fingerprint and now - known[1] > PROGRESS_MAX_AGE_S):
             try:
                 full = reader.read_run(self._provider, ctx, eid, run, group)
-                self._progress[key] = stats.loss_progress(full.sites, full.steps, full.rows)
+                progress = stats.loss_progress(full.sites, full.steps, full.rows)
             except (reader.RunNotFound, reader.InvalidData, metadata.MetadataError):
-                self._progress[key] = None
+                progress = None
+            known = self._progress[key] = (fingerprint, now, progress)
             while len(self._progress) > PROGRESS_MEMO_SIZE:
                 self._progress.popitem(last=False)
-        return self._progress[key]
+        return known[2]
 
     def heatmap_impl(
         self,

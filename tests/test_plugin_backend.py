@@ -841,6 +841,31 @@ def test_overview_says_finite_not_healthy_when_the_loss_did_not_go_down(tmp_path
     assert "did not go down" in info["run_state_meanings"]["no_progress"]
 
 
+def test_overview_rereads_a_live_finite_run_at_most_once_a_minute(tmp_path, monkeypatch):
+    """A live finite run's progress is read again when its rows changed and the last answer is
+    older than PROGRESS_MAX_AGE_S; within that age the last answer stands."""
+    sites = synthetic.sites_for()
+
+    def write(writer, steps, loss):
+        for step in steps:  # one writer session throughout, wall times rising with the steps
+            row = synthetic.finite_row(len(sites), step, steps=10)
+            synthetic.set_loss(row, sites, loss)
+            writer.write_row(step, row, wall_time=1000.0 + step / 100)
+        writer.flush()
+
+    with summary.RecordWriter(str(tmp_path / "live"), sites, log_every=10) as writer:
+        write(writer, (9, 19, 29, 39, 49), 0.9)
+        app = App(tmp_path)
+        assert app.json("/overview")[0]["state"] == "no_progress"
+        write(writer, (59, 69, 79), 0.1)  # the loss falls
+    app.multiplexer.Reload()
+    assert app.json("/overview")[0]["last_step"] == 79  # the new rows are seen...
+    assert app.json("/overview")[0]["state"] == "no_progress"  # ...not re-read within the minute
+    monkeypatch.setattr(plugin, "PROGRESS_MAX_AGE_S", 0.0)
+    live = app.json("/overview")[0]
+    assert (live["state"], live["loss_progress"]["last"]) == ("healthy", pytest.approx(0.1))
+
+
 def test_loss_progress_rule():
     sites = [{"kind": "input"}, {"kind": "loss"}]
     rows = np.full((3, 2, len(stats.STATS)), np.nan)
