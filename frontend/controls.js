@@ -31,6 +31,27 @@ function fillSelect(select, options, value) {
   if (value !== undefined && options.some((o) => o.value === value)) select.value = value;
 }
 
+// Sizes a select to its selected option's text, so that a long run label ("f_huge_data —
+// +Inf at step 3 in dense") is never cut; the toolbar wraps instead when the line is full.
+// Its tooltip repeats the whole text (an even longer label stops at the window's width).
+let measureCanvas = null;
+export function fitSelectToChoice(select, titleFromChoice = true) {
+  const opt = select.options[select.selectedIndex];
+  if (!opt) {
+    select.style.width = "";
+    return;
+  }
+  const style = getComputedStyle(select);
+  measureCanvas = measureCanvas || document.createElement("canvas");
+  const ctx = measureCanvas.getContext("2d");
+  ctx.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+  const box = ["paddingLeft", "paddingRight", "borderLeftWidth", "borderRightWidth"]
+    .reduce((sum, k) => sum + (parseFloat(style[k]) || 0), 0);
+  const arrow = 24;  // the drop-down arrow Chromium and Firefox draw inside the box
+  select.style.width = `${Math.ceil(ctx.measureText(opt.textContent).width + box + arrow)}px`;
+  if (titleFromChoice) select.title = opt.title ? `${opt.textContent}\n${opt.title}` : opt.textContent;
+}
+
 // The toolbar.  `handlers`: onRun(key), onKind(kind), onStat(stat), onSource(source),
 // onColour("shared" | "row"), onZoomOut(), onZoomReset(), onReload().
 export function buildToolbar(root, handlers) {
@@ -39,14 +60,21 @@ export function buildToolbar(root, handlers) {
   const kind = el("select", "nw-kind");
   const stat = el("select", "nw-stat");
   const source = el("select", "nw-source");
-  run.addEventListener("change", () => handlers.onRun(run.value));
+  run.addEventListener("change", () => {
+    fitSelectToChoice(run);
+    handlers.onRun(run.value);
+  });
   kind.addEventListener("change", () => handlers.onKind(kind.value));
   stat.addEventListener("change", () => handlers.onStat(stat.value));
   source.addEventListener("change", () => handlers.onSource(source.value));
+  for (const c of [kind, stat, source]) c.addEventListener("change", () => fitSelectToChoice(c, false));
   const colour = el("select", "nw-colour");
   fillSelect(colour, [{value: "shared", text: "one scale"}, {value: "row", text: "per-row scale",
     title: "each row from its own min to its own max: shows a site's trend"}], "shared");
-  colour.addEventListener("change", () => handlers.onColour(colour.value));
+  colour.addEventListener("change", () => {
+    fitSelectToChoice(colour, false);
+    handlers.onColour(colour.value);
+  });
   bar.appendChild(labelled("Run", run));
   bar.appendChild(labelled("Kind", kind));
   bar.appendChild(labelled("Statistic", stat));
@@ -95,9 +123,10 @@ export function buildToolbar(root, handlers) {
     },
     // `runs`: [{key, run, group, state}] (state: the /overview line in words, or "").
     setRuns(runs, selected) {
-      fillSelect(run, runs.map((r) => ({value: r.key, title: r.state || "",
+      fillSelect(run, runs.map((r) => ({value: r.key, title: r.title || "",
         text: (r.group ? `${r.run} \u00b7 ${r.group}` : r.run) + (r.state ? ` \u2014 ${r.state}` : "")})), selected);
       run.disabled = runs.length === 0;
+      fitSelectToChoice(run);
     },
     setState(state, info, heat) {
       kind.value = state.kind;
@@ -113,6 +142,8 @@ export function buildToolbar(root, handlers) {
             : "this run has no flight recorder: it never went non-finite"},
       ], state.source);
       source.options[1].disabled = !flight;
+      // Each select as wide as its choice: the run's long label and the rest on one line.
+      for (const c of [kind, stat, source, colour]) fitSelectToChoice(c, false);
       zoomOut.disabled = state.zoom.length === 0;
       zoomReset.disabled = state.zoom.length === 0;
       if (heat && heat.n_columns) {

@@ -17,6 +17,9 @@ let SPECIAL_BY_STATUS = {};
 export let NOT_MEASURED = [255, 255, 255];
 let ZERO = NOT_MEASURED;
 let RAMP = [[255, 255, 255], [0, 0, 0]];
+// The first non-finite cell's frame: a line of FIRST_OUTLINE with one of FIRST_HALO inside.
+let FIRST_OUTLINE = [0, 0, 0];
+let FIRST_HALO = [255, 255, 255];
 
 export function setStatusColours(info) {
   const colours = info.status_colours || {};
@@ -27,6 +30,8 @@ export function setStatusColours(info) {
   NOT_MEASURED = info.not_measured_colour;
   ZERO = info.zero_colour;
   RAMP = info.finite_ramp;
+  FIRST_OUTLINE = info.first_cell_outline || FIRST_OUTLINE;
+  FIRST_HALO = info.first_cell_halo || FIRST_HALO;
 }
 
 // Marks above the grid: a loss-scale skip (as report --png draws it), a collapsed loss scale.
@@ -470,10 +475,10 @@ function markFirst(ctx, layout, row, col) {
 
 function drawFirstBox(ctx, r, pad) {
   ctx.lineWidth = 2.5;
-  ctx.strokeStyle = "#000";
+  ctx.strokeStyle = css(FIRST_OUTLINE);
   ctx.strokeRect(r.x - pad, r.y - pad, r.w + 2 * pad, r.h + 2 * pad);
   ctx.lineWidth = 1;
-  ctx.strokeStyle = "#fff";
+  ctx.strokeStyle = css(FIRST_HALO);
   ctx.strokeRect(r.x - pad + 1.75, r.y - pad + 1.75, r.w + 2 * pad - 3.5, r.h + 2 * pad - 3.5);
 }
 
@@ -570,6 +575,8 @@ export function drawLegend(container, scale, hm) {
   }
   const mark = document.createElement("span");
   mark.className = "nw-swatch nw-swatch-first";
+  mark.style.borderColor = css(FIRST_OUTLINE);
+  mark.style.outlineColor = css(FIRST_HALO);
   swatches.appendChild(legendItem(mark, "first non-finite value"));
   if (hm && hm.late && hm.late.some((x) => x)) {
     const stripes = document.createElement("span");

@@ -5,7 +5,7 @@
 import {api} from "./data.js";
 import {drawHeatmap, drawOverlay, drawLegend, makeScale, setStatusColours, formatNumber, MAX_LABEL_W, ROW_H,
   heightFor, setTheme, columnWords} from "./heatmap.js";
-import {setTable, kindWords, countStats} from "./table.js";
+import {table, setTable, kindWords, countStats, runStateWords, runStateMeaning} from "./table.js";
 import {readView, writeView, watchDarkMode} from "./location.js";
 import {visibleRows, hasChildren, initialOpen, rowKey, shownRowFor} from "./tree.js";
 import {buildToolbar, attachCanvasMouse, Tooltip} from "./controls.js";
@@ -52,16 +52,49 @@ function whereWords(first) {
 }
 
 // A run's state in a few words, from its /overview line: "+Inf at step 3 in dense",
-// "finite, 6 loss-scale skips", "finite".
+// "finite but 6 loss-scale skips", "healthy" (finite and the loss went down), "finite"
+// (state no_progress: no NaN, but no sign of training either).  The words are stats.py's.
 export function stateWords(line) {
   if (!line) return "";
   if (line.state === "nonfinite") {
     const kinds = countStats().filter((c) => Number(line[c.name]) > 0).map((c) => c.words);
     return `${kinds.length ? kinds.join(" and ") : "non-finite"} at step ${line.step} in ${line.layer || kindWords(line.kind)}`;
   }
-  if (line.state === "skips") return `healthy but ${plural(line.loss_scale_skips, "loss-scale skip")}`;
-  if (line.state === "unreadable") return "unreadable";
-  return "healthy";
+  if (line.state === "skips") {
+    const progressed = line.loss_progress && line.loss_progress.progress;
+    return `${runStateWords(progressed ? "healthy" : "no_progress")} but ${plural(line.loss_scale_skips, "loss-scale skip")}`;
+  }
+  return runStateWords(line.state);
+}
+
+// The state's meaning and the loss figures behind it, for a tooltip.
+export function stateTitle(line) {
+  if (!line) return "";
+  const parts = [runStateMeaning(line.state)];
+  const p = line.loss_progress;
+  if (p) parts.push(`loss ${formatNumber(p.first)} at step ${p.first_step}, ${formatNumber(p.last)} at step ${p.last_step}`);
+  return parts.filter(Boolean).join("; ");
+}
+
+// The model's name: the layer the writer files the loss under (Keras: the model's name,
+// e.g. "sequential"), or "" when no loss is watched.
+function modelName(heat) {
+  const loss = ((heat && heat.sites) || []).find((s) => s.kind === table.info.model_row_kind);
+  return loss && loss.layer ? loss.layer : "";
+}
+
+// "The row sequential is the model itself, not a layer: its input (the batch fed to the
+// model) and its loss (the training loss)."  Kinds and meanings from the table; "" when the
+// heatmap has no such row.
+export function modelRowWords(heat) {
+  const model = modelName(heat);
+  if (!model) return "";
+  const kinds = [...new Set(heat.sites.filter((s) => s.layer === model).map((s) => s.kind))];
+  const meanings = kinds.map((k) => {
+    const entry = (table.info.kinds || []).find((x) => x.name === k);
+    return `its ${kindWords(k)}${entry ? ` (${entry.meaning})` : ""}`;
+  });
+  return `The row ${model} is the model itself, not a layer: ${listWords(meanings)}.`;
 }
 
 // "First +Inf at step 3: dense, optimizer state velocity/kernel[ on worker_1, replica 3]"
@@ -157,6 +190,10 @@ class App {
     this.root.appendChild(this.banner);
     this.legend = el("div", "nw-legend");
     this.root.appendChild(this.legend);
+    // Says what the row named after the model holds (it is not a layer).
+    this.modelNote = el("div", "nw-model-note");
+    this.modelNote.hidden = true;
+    this.root.appendChild(this.modelNote);
     this.message = el("div", "nw-message");
     this.message.hidden = true;
     this.root.appendChild(this.message);
@@ -308,7 +345,8 @@ class App {
       for (const [run, gs] of Object.entries(groups)) {
         for (const g of gs) {
           const key = JSON.stringify([run, g]);
-          this.runs.push({key, run, group: g, line: lines.get(key) || null, state: stateWords(lines.get(key))});
+          const line = lines.get(key) || null;
+          this.runs.push({key, run, group: g, line, state: stateWords(line), title: stateTitle(line)});
         }
       }
       this.drawOverview();
@@ -372,14 +410,17 @@ class App {
     const skips = count("skips");
     const parts = [`${plural(bad, "run")} with a non-finite value`];
     if (skips) parts.push(`${skips} with loss-scale skips only`);
-    parts.push(`${count("healthy")} healthy`);
+    parts.push(`${count("healthy")} ${runStateWords("healthy")}`);
+    if (count("no_progress")) parts.push(`${count("no_progress")} ${runStateWords("no_progress")} without progress`);
     const summary = el("summary", "nw-overview-summary", `${plural(this.runs.length, "run")}: ${parts.join(", ")}`);
+    summary.title = ["healthy", "no_progress"].map((s) => `${runStateWords(s)}: ${runStateMeaning(s)}`).join("\n");
     box.appendChild(summary);
     const list = el("table", "nw-overview-list");
     for (const r of this.runs) {
       const tr = el("tr", r.line ? `nw-overview-${r.line.state}` : "");
       tr.appendChild(el("td", "nw-overview-run", r.group ? `${r.run} \u00b7 ${r.group}` : r.run));
       tr.appendChild(el("td", "nw-overview-state", r.state || "\u2013"));
+      tr.title = r.title || "";
       tr.addEventListener("click", () => {
         this.overview.open = false;
         this.update({key: r.key, range: null, zoom: [], source: "rows"});
@@ -412,6 +453,7 @@ class App {
     this.stack.hidden = true;
     this.hint.hidden = true;
     this.legend.hidden = true;
+    this.modelNote.hidden = true;
     this.banner.hidden = true;
   }
 
@@ -425,6 +467,8 @@ class App {
     const scale = makeScale(heat, stat, this.state.colour === "row");
     this.scale = scale;
     drawLegend(this.legend, scale, heat);
+    this.modelNote.textContent = modelRowWords(heat);
+    this.modelNote.hidden = !this.modelNote.textContent;
     if (!heat.n_columns || !heat.n_sites) {
       this.stack.hidden = true;
       this.hint.hidden = true;
@@ -507,6 +551,14 @@ class App {
   }
 
   // Opens or closes a row (a group or a layer) of the shown rows.
+  // Is this shown row the layer row named after the model (its input and loss)?
+  isModelRow(shownRow) {
+    const heat = this.heat;
+    const r = this.shown ? this.shown[shownRow] : undefined;
+    const row = heat && heat.rows && r !== undefined ? heat.rows[r] : null;
+    return Boolean(row && row.level === "layer" && row.name === modelName(heat));
+  }
+
   toggle(shownRow) {
     const r = this.shown[shownRow];
     if (r === undefined || !this.heat.rows || !hasChildren(this.heat, r)) return;
@@ -714,6 +766,7 @@ class App {
 
   onHover(cell, event) {
     if (this.tooltip.pinned) return;
+    this.canvas.title = cell.gutter && this.isModelRow(cell.row) ? modelRowWords(this.heat) : "";
     if (cell.gutter) {
       this.canvas.style.cursor = "pointer";
       if (!this.tooltip.pinned) this.tooltip.hide();

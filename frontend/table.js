@@ -30,3 +30,12 @@ export function countStats() {
 export function stat(name) {
   return table.info.stats.find((s) => s.name === name) || null;
 }
+
+// A run's state in words ("healthy", "finite", ...) and what it means (stats.py's table).
+export function runStateWords(state) {
+  return (table.info.run_state_words || {})[state] || state;
+}
+
+export function runStateMeaning(state) {
+  return (table.info.run_state_meanings || {})[state] || "";
+}

@@ -215,6 +215,14 @@ def _normalise_run(logdir, run):
     return run
 
 
+def _shown_name(logdir, run):
+    """The run as the report names it: relative to LOGDIR, except LOGDIR itself (the loader's
+    "."), which is named by its directory, as a user calls it."""
+    if run != ".":
+        return run
+    return os.path.basename(os.path.normpath(os.path.abspath(logdir))) or logdir
+
+
 def _check_png_path(path):
     target = os.path.abspath(path)
     parent = os.path.dirname(target)
@@ -289,13 +297,20 @@ def _read_runs(args, out, err):
     n_bytes = sum(_size(p) for paths in found.values() for p in paths)
     if not found:
         raise UsageError("%s: no TensorBoard event files in it or below it" % logdir)
+    shown = {run: _shown_name(logdir, run) for run in found}
     if args.run:
+        by_shown_name = {name: run for run, name in shown.items() if name != run}
         wanted = [_normalise_run(logdir, r) for r in args.run]
+        wanted = [by_shown_name.get(r, r) if r not in found else r for r in wanted]
         unknown = [r for r in wanted if r not in found]
         if unknown:
             raise UsageError(
                 "no nanwatch run %s in %s; runs: %s"
-                % (", ".join(repr(r) for r in unknown), logdir, ", ".join(sorted(found)))
+                % (
+                    ", ".join(repr(r) for r in unknown),
+                    logdir,
+                    ", ".join(shown[r] for r in sorted(found)),
+                )
             )
         found = {r: found[r] for r in dict.fromkeys(wanted)}
     progress = Progress(not args.json and err.isatty(), len(found), n_bytes)
@@ -310,12 +325,13 @@ def _read_runs(args, out, err):
             "" if len(found) == 1 else "s",
         )
         for run in found if args.run else sorted(found):
-            source = runview.RunSource(run, os.path.join(logdir, run))
+            name = shown[run]
+            source = runview.RunSource(name, os.path.join(logdir, run))
             try:
                 source.refresh()
             except metadata.MetadataError as e:
-                problems.setdefault(run, []).append("unreadable nanwatch data: %s" % e)
-                runs.append(run)
+                problems.setdefault(name, []).append("unreadable nanwatch data: %s" % e)
+                runs.append(name)
                 progress.step()
                 continue
             done_bytes += source.files.bytes_read
@@ -324,22 +340,22 @@ def _read_runs(args, out, err):
             damage = source.files.damage()
             if not groups:
                 if damage:
-                    other_damage[run] = damage
+                    other_damage[name] = damage
                 progress.step()
                 continue
-            runs.append(run)
+            runs.append(name)
             for group in groups:
                 where = "" if group is None else " (group %s)" % group
                 try:
                     view = source.view(group)
                 except (runview.RunNotFound, runview.InvalidData, metadata.MetadataError) as e:
-                    problems.setdefault(run, []).append(
+                    problems.setdefault(name, []).append(
                         "unreadable nanwatch data%s: %s" % (where, e)
                     )
                     continue
-                problems.setdefault(run, []).extend("%s%s" % (w, where) for w in view.warnings)
+                problems.setdefault(name, []).extend("%s%s" % (w, where) for w in view.warnings)
                 if view.session_warning():
-                    problems[run].append(view.session_warning() + where)
+                    problems[name].append(view.session_warning() + where)
                 try:
                     rep = report.RunReport(view)
                     rep.freeze(max_propagators=args.propagators, trend_steps=args.steps)
@@ -358,10 +374,10 @@ def _read_runs(args, out, err):
                 except Exception as e:  # a bug, not bad data (the gate took that): say so, go on
                     if os.environ.get("TB_NANWATCH_DEBUG"):
                         raise
-                    problems[run].append(
+                    problems[name].append(
                         "internal error%s: %s: %s (please report it)" % (where, type(e).__name__, e)
                     )
-            problems[run] = damage + problems.get(run, [])
+            problems[name] = damage + problems.get(name, [])
             del source
             progress.step()
     if not runs:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import numpy as np
 from tensorboard import errors, plugin_util
@@ -56,6 +57,11 @@ STATIC_FILES = {
 # Limits of the heatmap route; bigger requests are refused (400), not clamped silently.
 MAX_COLUMNS = 5000
 DEFAULT_COLUMNS = 500
+# Finite runs whose loss progress the overview remembers, and for how long a live run's
+# answer stands before its rows are read again (a sweep of live runs is not re-read whole
+# on every reload).
+PROGRESS_MEMO_SIZE = 1024
+PROGRESS_MAX_AGE_S = 60.0
 # (experiment, run, group) entries kept by the RunData cache.
 CACHE_SIZE = 16
 # ... and at most this many bytes of rows (the most recent run is always kept).
@@ -155,6 +161,10 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         self._logdir = logdir if runview.is_local_dir(logdir) else None
         self.cache = cache.RunCache(CACHE_SIZE, CACHE_BYTES, HEATMAP_CACHE_SIZE)
         self._sources = cache.Sources(CACHE_SIZE)
+        # (experiment, run, group) -> (fingerprint, time, stats.loss_progress) of a finite run,
+        # so that the overview reads a finite run's rows once per change (at most once a
+        # minute for a live run), not once per request.
+        self._progress = collections.OrderedDict()
         self._frontend_dir = frontend_dir()
 
     # -- TBPlugin ----------------------------------------------------------------
@@ -399,8 +409,39 @@ class NanWatchPlugin(base_plugin.TBPlugin):
                 except (runview.RunNotFound, reader.InvalidData, metadata.MetadataError) as e:
                     out.append({"run": run, "group": group, "state": "unreadable", "error": str(e)})
                     continue
-                out.append(run_state(data))
+                progress = None
+                if source is None and reader.first_nonfinite_json(data) is None:
+                    progress = self._loss_progress(ctx, eid, run, group, run_dir, series)
+                out.append(run_state(data, progress))
         return out
+
+    def _loss_progress(self, ctx, eid, run, group, run_dir, series):
+        """stats.loss_progress of a finite run not read yet (a finite run is "healthy" only
+        if its loss went down): from the first and last rows of its row file, else (a logdir
+        that is not local) its rows through the provider, once per change, at most once a
+        minute for a live run."""
+        key = (eid, run, group)
+        if run_dir is not None:
+            fingerprint = runfiles.RunFiles(run_dir).fingerprint()
+        else:
+            fingerprint = tuple(
+                sorted((t, ts.max_step, ts.max_wall_time) for t, ts in series.items())
+            )
+        known = self._progress.get(key)
+        now = time.monotonic()
+        if known is None or (known[0] != fingerprint and now - known[1] > PROGRESS_MAX_AGE_S):
+            try:
+                if run_dir is not None:
+                    progress = runview.edge_progress(run_dir, group)
+                else:
+                    full = reader.read_run(self._provider, ctx, eid, run, group)
+                    progress = stats.loss_progress(full.sites, full.steps, full.rows)
+            except (runview.RunNotFound, reader.InvalidData, metadata.MetadataError):
+                progress = None
+            known = self._progress[key] = (fingerprint, now, progress)
+            while len(self._progress) > PROGRESS_MEMO_SIZE:
+                self._progress.popitem(last=False)
+        return known[2]
 
     def heatmap_impl(
         self,
@@ -533,9 +574,11 @@ def cell_body(data, site, first_step, last_step, source):
     }
 
 
-def run_state(data):
+def run_state(data, progress=None):
     """A run's line of the runs overview: "nonfinite" (its first step and site), "skips"
-    (finite but for loss-scale skips, by design) or "healthy"."""
+    (finite but for loss-scale skips, by design), "healthy" (finite and the loss went down:
+    `progress`, stats.loss_progress, the view's own when not given) or "no_progress"
+    (finite, no sign of training)."""
     view = runview.as_view(data)
     first = view.first
     last = view.last_step
@@ -560,7 +603,13 @@ def run_state(data):
             neginf=first.get("neginf", 0),
         )
     else:
-        out["state"] = "skips" if view.skipped_steps else "healthy"
+        if progress is None:
+            progress = view.loss_progress
+        made_progress = bool(progress and progress["progress"])
+        out["state"] = (
+            "skips" if view.skipped_steps else ("healthy" if made_progress else "no_progress")
+        )
+        out["loss_progress"] = progress
     return out
 
 

@@ -40,6 +40,7 @@ class RunReport:
         self.precursors = diagnosis.precursors(view)
         self.diagnosis = diagnosis.diagnose(view)
         self.early_warning = early_warning.from_run(view)
+        self.loss_progress = view.loss_progress
         self._frozen = None
 
     def freeze(self, max_propagators=10, trend_steps=12):
@@ -129,6 +130,7 @@ class RunReport:
             "precursors": jsonable(self.precursors),
             "diagnosis": jsonable(self.diagnosis),
             "early_warning": jsonable(early_warning.as_json(self.early_warning)),
+            "loss_progress": jsonable(self.loss_progress),
         }
         if self.group is not None:
             out["group"] = self.group
@@ -141,6 +143,8 @@ class RunReport:
         )
         if self.first is None:
             line = "%s: finite, %s" % (name, _steps(self.steps_watched, self.last_step))
+            if self.loss_progress is not None:
+                line += "; %s" % _progress_words(self.loss_progress)
             if self.skips:
                 line += "; %d loss-scale skip%s (by design)" % (
                     self.skipped_steps,
@@ -175,9 +179,23 @@ class RunReport:
             )
             if self.skips:
                 line += "; %s" % _skips_words(self.skips, self.skipped_steps)
+            progress = self.loss_progress
             # Other events (e.g. a collapsed loss scale) can matter without any NaN.
             return (
                 [line]
+                + (
+                    []
+                    if progress is None
+                    else [
+                        "  %s: %s"
+                        % (
+                            _progress_words(progress),
+                            stats.RUN_STATE_MEANINGS[
+                                "healthy" if progress["progress"] else "no_progress"
+                            ],
+                        )
+                    ]
+                )
                 + ["  " + _event_words(e) for e in self.other_events[:5]]
                 + [
                     "  warning sign at step %d: %s" % (p["step"], clean(p["text"]))
@@ -281,6 +299,17 @@ def early_warning_words(w):
     )
 
 
+def _progress_words(p):
+    """`loss 0.693 at step 0, 0.0512 at step 159: healthy` (or `finite`), from stats.loss_progress."""
+    return "loss %s at step %d, %s at step %d: %s" % (
+        fmt(p["first"]),
+        p["first_step"],
+        fmt(p["last"]),
+        p["last_step"],
+        stats.RUN_STATE_WORDS["healthy" if p["progress"] else "no_progress"],
+    )
+
+
 def _steps(n, last):
     text = "%d step%s" % (n, "" if n == 1 else "s")
     if last is not None:
@@ -376,7 +405,7 @@ STATUS_COLOUR = {
     if name in stats.STATUS_COLOURS
 }
 MARK = stats.STATUS_COLOURS["nan"]  # the first cell's markers and the producer's label
-OUTLINE = (0, 0, 0)
+OUTLINE = stats.FIRST_CELL_OUTLINE
 SKIP = (120, 120, 120)  # tick above a column holding a loss-scale skip
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)

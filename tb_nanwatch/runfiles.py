@@ -87,8 +87,9 @@ def _frame(buf, pos, more_in_file):
 class _File:
     """How far one file has been read, and its damage so far."""
 
-    def __init__(self, path):
+    def __init__(self, path, chunk_bytes=CHUNK_BYTES):
         self.path = path
+        self.chunk_bytes = chunk_bytes
         self.offset = 0  # everything before it has been read (or skipped as damage)
         self.damage = eventfile.FileDamage(path, 0)
         self.pending = None  # an incomplete last frame: (offset, problem) if the file ends there
@@ -109,7 +110,7 @@ class _File:
             self.pending = None
             base, buf = self.offset, b""
             while True:
-                chunk = f.read(min(CHUNK_BYTES, max(0, size - base - len(buf))))
+                chunk = f.read(min(self.chunk_bytes, max(0, size - base - len(buf))))
                 buf = memoryview(bytes(buf) + chunk)
                 more = size - base - len(buf)  # bytes of the file after `buf`
                 pos = 0
@@ -237,38 +238,71 @@ class RunFiles:
         return out
 
 
-def last_row_step(run_dir, group=None, max_bytes=16 * 2**20):
+def last_row_step(run_dir, group=None):
     """The step of the last logged row of (run, group) in its newest row file, from the
-    file's tail only (for a runs overview), or None."""
+    file's head and tail only (for a runs overview), or None."""
+    edges = edge_rows(run_dir, group)
+    return None if not edges else int(edges[-1][2].step)
+
+
+def edge_rows(run_dir, group=None, max_bytes=16 * 2**20):
+    """[(path, offset, Event)] of the first logged row (it carries the site list) and the
+    last one of (run, group) in the newest row file, reading its head and tail only; None
+    when there are none."""
     from tb_nanwatch import metadata
 
     paths = [p for p in run_files(run_dir) if p.endswith(ROWS_SUFFIX)]
     if not paths:
         return None
     path = paths[-1]
-    tail = 64 * 2**10
+
+    def rows_of(events):
+        return [
+            (offset, e)
+            for offset, e in events
+            if any(
+                (metadata.parse_block_tag(v.tag) or (None, None))[:2] == (group, metadata.ROWS)
+                for v in e.summary.value
+            )
+        ]
+
     try:
+        head = _File(path, chunk_bytes=256 * 2**10)
+        first = None
+        for offset, event in head.read_new():
+            if rows_of([(offset, event)]):
+                first = (offset, event)
+                break
+        if first is None:
+            return None
         size = os.path.getsize(path)
+        tail = 64 * 2**10
         with open(path, "rb") as f:
             while True:
                 start = max(0, size - tail)
                 f.seek(start)
                 buf = memoryview(f.read(size - start))
                 pos = 0 if start == 0 else _resync(buf, 0, 0)
-                last = None
+                events = []
                 while pos < len(buf):
                     status, end, _ = _frame(buf, pos, 0)
                     if status != _OK:
                         pos = _resync(buf, pos + 1, 0)
                         continue
-                    event = event_pb2.Event.FromString(bytes(buf[pos + _HEADER : end - _FOOTER]))
-                    for value in event.summary.value:
-                        parsed = metadata.parse_block_tag(value.tag)
-                        if parsed and parsed[0] == group and parsed[1] == metadata.ROWS:
-                            last = int(event.step)
+                    events.append(
+                        (
+                            start + pos,
+                            event_pb2.Event.FromString(buf[pos + _HEADER : end - _FOOTER]),
+                        )
+                    )
                     pos = end
-                if last is not None or start == 0 or tail >= max_bytes:
-                    return last
+                last = rows_of(events)
+                if last or start == 0 or tail >= max_bytes:
+                    break
                 tail *= 4
     except (OSError, pb_message.DecodeError):
         return None
+    out = [(path,) + first]
+    if last and last[-1][0] != first[0]:
+        out.append((path,) + last[-1])
+    return out

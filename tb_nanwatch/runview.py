@@ -479,6 +479,10 @@ class RunView:
         self.steps_watched, self.last_step = self._steps_watched()
         self.skips = [e for e in self.events if e.get("type") == LOSS_SCALE_SKIP]
         self.skipped_steps = skipped_steps(self.skips)
+        # Finite is not the same as training: did the loss go down (first and last rows)?
+        self.loss_progress = (
+            stats.loss_progress(self.sites, self.steps, self.rows) if self.first is None else None
+        )
         self.other_events = [
             e for e in self.events if e.get("type") not in (LOSS_SCALE_SKIP, EARLY_WARNING)
         ]
@@ -865,6 +869,23 @@ def from_run_data(data):
     builder = RunBuilder(getattr(data, "run", ""), getattr(data, "group", None))
     builder.add_run_data(data)
     return builder.view()
+
+
+def edge_progress(run_dir, group=None):
+    """stats.loss_progress of a run from the first and the last logged row of its row file
+    only (a runs overview of many runs reads no more), or None."""
+    edges = runfiles.edge_rows(run_dir, group)
+    if edges is None:
+        return None
+    builder = RunBuilder("", group)
+    for path, offset, event in edges:
+        builder.add_event(event, path, offset)
+    if builder._pending:
+        builder._flush_rows()
+    if builder.timeline is None:
+        return None
+    steps, rows = builder.timeline.rows()
+    return stats.loss_progress(builder.sites, steps, rows)
 
 
 def dumps(value):

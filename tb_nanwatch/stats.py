@@ -55,6 +55,10 @@ KIND_WORDS = {
     "optimizer_state": "optimizer state",
     "weight": "weight",
 }
+# The writer files the loss (and, for a Keras model, its input) under the model's own name
+# (e.g. "sequential"): a row of the heatmap that is not a layer.  The tab finds that row by
+# this kind and explains it.
+MODEL_ROW_KIND = "loss"
 PHASES = {
     "input": "forward",
     "activation": "forward",
@@ -265,12 +269,14 @@ STATUS_NAMES = ("finite", "nan", "+inf", "-inf", "mixed", "absent")
 # too: under simulated protanopia and deuteranopia (Machado et al. 2009) every pair,
 # and each colour against every shade of the ramp and white, is at least 15 CIEDE2000
 # apart (the old magenta/purple NaN fell onto the blue ramp for protans; a teal -Inf
-# would too).
+# would too).  "mixed" also stays apart from FIRST_CELL_OUTLINE, the black frame around the
+# first non-finite cell (the old near-black mixed was 6 CIEDE2000 from it, the dark rust
+# 22; tests/test_colours.py measures both).
 STATUS_COLOURS = {
     "nan": (200, 0, 90),  # raspberry magenta
     "+inf": (235, 95, 15),  # red-orange
     "-inf": (250, 225, 60),  # yellow
-    "mixed": (40, 25, 25),  # near black: several of NaN, +Inf, -Inf in one cell
+    "mixed": (100, 40, 0),  # dark rust: several of NaN, +Inf, -Inf in one cell
     "absent": (185, 185, 185),  # light grey: the site was not computed
 }
 
@@ -292,6 +298,54 @@ STATUS_MEANINGS = {
     "mixed": "several of NaN, +Inf and -Inf",
     "absent": "the site was not computed (e.g. off the gradient path)",
 }
+# A run's state in the runs overview (tab) and the report (CLI).  A run that stayed finite
+# is "healthy" only if it also made progress: the loss at its last logged row is below the
+# loss at its first row by at least PROGRESS_MARGIN of the first's magnitude.  Finite is not
+# the same as training: a loss stuck at 0.9 is "no_progress", in words "finite".
+PROGRESS_MARGIN = 0.05
+RUN_STATES = ("nonfinite", "healthy", "no_progress", "skips", "unreadable")
+RUN_STATE_WORDS = {
+    "nonfinite": "non-finite",
+    "healthy": "healthy",
+    "no_progress": "finite",
+    "skips": "finite",  # followed by its loss-scale skips
+    "unreadable": "unreadable",
+}
+RUN_STATE_MEANINGS = {
+    "nonfinite": "a NaN or Inf was recorded",
+    "healthy": "every value finite, and the loss went down (its last logged value at least "
+    "%d%% below its first)" % round(100 * PROGRESS_MARGIN),
+    "no_progress": "every value finite, but the loss did not go down by %d%% from its first logged "
+    "value (or no loss was watched): no NaN, but no sign of training either"
+    % round(100 * PROGRESS_MARGIN),
+    "skips": "every value finite but for loss-scale skips, which are by design",
+    "unreadable": "the run's nanwatch data could not be read",
+}
+
+
+def loss_progress(sites, steps, rows):
+    """Did the loss go down?  {"first_step", "first", "last_step", "last", "progress"} from
+    the loss site's mean (the loss itself, for a scalar loss) at the first and the last row
+    that measured it, or None when no loss site was watched or fewer than two rows hold it.
+    `sites`: [{"kind", ...}], `steps`: [n_rows], `rows`: [n_rows, n_sites, n_stats]."""
+    loss = next((i for i, s in enumerate(sites) if s.get("kind") == "loss"), None)
+    if loss is None or len(rows) < 2:
+        return None
+    values = np.asarray(rows, dtype=np.float64)[:, loss, STAT_INDEX["mean"]]
+    measured = np.flatnonzero(np.isfinite(values))
+    if len(measured) < 2:
+        return None
+    a, b = measured[0], measured[-1]
+    first, last = float(values[a]), float(values[b])
+    return {
+        "first_step": int(steps[a]),
+        "first": first,
+        "last_step": int(steps[b]),
+        "last": last,
+        "progress": bool(last < first - PROGRESS_MARGIN * abs(first)),
+    }
+
+
 COUNT_WORDS = {"nan": "NaN", "posinf": "+Inf", "neginf": "-Inf"}
 
 # Finite values: one light-to-dark blue ramp, for the tab and the PNG alike.
@@ -305,6 +359,9 @@ FINITE_RAMP = (
     (8, 81, 156),
     (8, 48, 107),
 )
+# The first non-finite cell's frame: this black line with a white one inside it.
+FIRST_CELL_OUTLINE = (0, 0, 0)
+FIRST_CELL_HALO = (255, 255, 255)
 # An exact 0 of a magnitude (log scale: no place on the ramp): its own colour, never the
 # ramp's palest blue, which reads as "not measured" (white) -- a dead ReLU layer is data.
 ZERO_COLOUR = (125, 170, 70)  # leaf green: a hue neither the ramp nor a status has
@@ -341,8 +398,13 @@ def table_as_json():
         "status_words": dict(STATUS_WORDS),
         "status_meanings": dict(STATUS_MEANINGS),
         "count_stats": [{"name": k, "words": COUNT_WORDS[k]} for k in NONFINITE_STATS],
+        "run_state_words": dict(RUN_STATE_WORDS),
+        "run_state_meanings": dict(RUN_STATE_MEANINGS),
         "finite_ramp": [list(c) for c in FINITE_RAMP],
         "zero_colour": list(ZERO_COLOUR),
+        "model_row_kind": MODEL_ROW_KIND,
+        "first_cell_outline": list(FIRST_CELL_OUTLINE),
+        "first_cell_halo": list(FIRST_CELL_HALO),
         "not_measured_colour": list(NOT_MEASURED_COLOUR),
         "default_stat": DEFAULT_STAT,
     }

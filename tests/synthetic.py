@@ -50,8 +50,22 @@ def finite_row(n_sites, step, steps=1, scale=1.0):
     return row
 
 
-def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8, row_file=True):
-    """A run with `n_rows` rows every `log_every` steps.  `first=(step, site_index, kind)`
+def set_loss(row, sites, value):
+    """Makes the loss site of `row` hold the scalar loss `value`."""
+    col = stats.STAT_INDEX
+    s = next(i for i, site in enumerate(sites) if site["kind"] == "loss")
+    for name in ("min", "max", "mean", "norm", "max_norm"):
+        row[s, col[name]] = value
+    row[s, col["max_abs"]] = abs(value)
+    row[s, col["std"]] = 0.0
+    row[s, col["size"]] = 1
+
+
+def write_run(
+    logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8, loss=None, row_file=True
+):
+    """A run with `n_rows` rows every `log_every` steps; `loss(step)`, if given, is the loss
+    site's value at each row.  `first=(step, site_index, kind)`
     with kind in nan/posinf/neginf makes that site non-finite from `step` on, writes the
     first non-finite record, the flight recorder, and the propagation to later sites.
     `row_file=False`: every record in the one event file (the layout of a remote logdir,
@@ -63,6 +77,8 @@ def write_run(logdir, n_rows=50, log_every=10, first=None, sites=None, flight=8,
         for i in range(n_rows):
             step = (i + 1) * log_every - 1
             row = finite_row(n, step, steps=log_every)
+            if loss is not None:
+                set_loss(row, sites, loss(step))
             if first is not None and step >= first[0]:
                 f_step, f_site, f_kind = first
                 start = max(f_step, step - log_every + 1)

@@ -162,12 +162,51 @@ def test_exit_status_zero_when_every_run_is_finite(finite_logdir):
                 "precursors": [],
                 "diagnosis": [],
                 "early_warning": None,
+                # synthetic.finite_row's loss grows with the step: finite, but no progress
+                "loss_progress": {
+                    "first_step": 9,
+                    "first": pytest.approx(0.05045),
+                    "last_step": 199,
+                    "last": pytest.approx(0.05995),
+                    "progress": False,
+                },
             }
         ]
     }
     rc, out, _ = cli(finite_logdir)
     assert rc == 0
     assert "run good: finite: no NaN or Inf in the 200 steps" in out
+
+
+def test_finite_is_healthy_only_if_the_loss_went_down(tmp_path):
+    """A loss stuck at 0.9 is "finite", not "healthy"; one that went down from 2.0 is healthy;
+    the rule (5% below the first logged loss) and the words are stats.py's."""
+    synthetic.write_run(
+        str(tmp_path / "learning"), n_rows=20, log_every=10, loss=lambda s: 2 / (1 + s / 10)
+    )
+    synthetic.write_run(
+        str(tmp_path / "stuck"), n_rows=20, log_every=10, loss=lambda s: 0.9 - 1e-5 * s
+    )
+    rc, out, err = cli(tmp_path)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert (
+        "  learning: finite, 200 steps (last step 199); loss 1.053 at step 9, 0.09569 at step 199: healthy"
+        in lines
+    )
+    assert (
+        "  stuck: finite, 200 steps (last step 199); loss 0.8999 at step 9, 0.898 at step 199: finite"
+        in lines
+    )
+    assert "healthy" not in "\n".join(l for l in lines if "stuck" in l)
+    detail = out[out.index("run stuck:") :]
+    assert detail.splitlines()[1] == (
+        "  loss 0.8999 at step 9, 0.898 at step 199: finite: "
+        + stats.RUN_STATE_MEANINGS["no_progress"]
+    )
+    rc, out, _ = cli(tmp_path, "--json")
+    progress = {r["run"]: r["loss_progress"]["progress"] for r in json.loads(out)["runs"]}
+    assert progress == {"learning": True, "stuck": False}
 
 
 def test_run_filter(logdir):
@@ -180,11 +219,24 @@ def test_run_filter(logdir):
     assert [r["run"] for r in json.loads(out)["runs"]] == ["nested/adam", "good"]
 
 
-def test_logdir_that_is_itself_a_run(logdir):
+def test_logdir_that_is_itself_a_run_is_named_by_its_directory(logdir, tmp_path):
+    """`report RUN_DIR` names the run `bad` (its directory), never the loader's "."."""
     rc, out, _ = cli(logdir / "bad", "--json")
     assert rc == 1
     (entry,) = json.loads(out)["runs"]
-    assert entry["run"] == "." and entry["first_nonfinite"]["layer"] == "dense_2"
+    assert entry["run"] == "bad" and entry["first_nonfinite"]["layer"] == "dense_2"
+    rc, out, _ = cli(str(logdir / "bad") + "/", "--png", tmp_path / "bad.png")
+    assert rc == 1
+    assert "\n  bad: first non-finite at step %d" % FIRST_STEP in out
+    assert "\nrun bad: first non-finite value at step %d" % FIRST_STEP in out
+    assert "run bad," in out  # the PNG note
+    assert "run .:" not in out and ".: first" not in out
+    # --run takes the name the report shows.
+    rc, out, err = cli(logdir / "bad", "--run", "bad", "--json")
+    assert rc == 1, err
+    assert [e["run"] for e in json.loads(out)["runs"]] == ["bad"]
+    rc, _, err = cli(logdir / "bad", "--run", "other")
+    assert rc == 2 and "runs: bad" in err
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ MIXED_RGB = tuple(stats.STATUS_COLOURS["mixed"])
 SKIP_RGB = (120, 120, 120)  # the tick above a loss-scale skip's column
 BIG_FIRST_STEP, BIG_FIRST_LAYER = 4502, "block_13_expand_BN"
 SIZES = ((1400, 900), (1024, 700))
+MODEL = "sequential"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,21 @@ def logdir(tmp_path_factory):
         str(d / "xss"), n_rows=60, log_every=10, first=(303, XSS_FIRST_SITE, "nan"), sites=xss_sites
     )
     synthetic.write_run(str(d / "zz_live"), n_rows=20, log_every=10)
+    # Two finite runs whose input and loss sit in the row named after the model: one whose
+    # loss goes down ("healthy"), one stuck at 0.9 ("finite").
+    model_sites = [
+        dict(s, layer=MODEL) if s["kind"] in ("input", "loss") else s for s in synthetic.sites_for()
+    ]
+    synthetic.write_run(
+        str(d / "learning_model"),
+        n_rows=20,
+        log_every=10,
+        sites=model_sites,
+        loss=lambda s: 2 / (1 + s),
+    )
+    synthetic.write_run(
+        str(d / "stuck_model"), n_rows=20, log_every=10, sites=model_sites, loss=lambda s: 0.9
+    )
     plugin_helpers.write_mixed_precision_run(str(d / "mp_blowup"))
     plugin_helpers.write_mixed_precision_run(str(d / "mp_healthy"), blowup=False)
     # MobileNetV2's 944 sites (156 layers): +Inf first in block_13_expand_BN's output at step 4502.
@@ -436,7 +452,10 @@ def test_944_sites_fit_one_screen_with_the_first_layer_in_sight(server, browser,
                     canvas: a.canvas.getBoundingClientRect().bottom, inner: innerHeight,
                     label: a.heat.rows[a.shown[a.firstShownRow()]].label}; }""")
         assert tab.heat("n_sites") == 944
-        assert tab.eval("() => document.querySelector('.nw-toolbar').offsetHeight") < 40  # one line
+        # One toolbar line, or two at 1024 px where the run's whole label ("mobilenetv2 \u2014
+        # +Inf at step 4502 in block_13_expand_BN") takes the room of the controls after it.
+        lines = 1 if width >= 1400 else 2
+        assert tab.eval("() => document.querySelector('.nw-toolbar').offsetHeight") < 8 + 32 * lines
         assert view["canvas"] <= height, view  # the iframe's own window is smaller still
         assert view["shown"] <= 40, view  # layers and blocks, not 944 sites
         assert view["offset"] <= view["first"] < view["offset"] + view["drawn"], view
@@ -565,14 +584,117 @@ def test_empty_logdir_is_a_clean_state(tmp_path, browser):
 def test_runs_overview_lists_every_runs_state(tab):
     options = tab.fl.locator("select.nw-run option").all_inner_texts()
     assert "adam_blowup \u2014 +Inf at step %d in dense_2" % plugin_helpers.BLOWUP_STEP in options
-    assert any(o.startswith("mp_healthy \u2014 healthy but 6 loss-scale skips") for o in options), (
-        options
-    )
+    assert any(
+        re.match("mp_healthy \u2014 (healthy|finite) but 6 loss-scale skips", o) for o in options
+    ), options
+    # Finite is "healthy" only when the loss went down; a loss stuck at 0.9 is "finite".
+    assert "learning_model \u2014 healthy" in options
+    assert "stuck_model \u2014 finite" in options
     summary = tab.fl.locator(".nw-overview-summary")
     assert re.match(
-        r"\d+ runs: \d+ runs with a non-finite value, 1 with loss-scale skips only, \d+ healthy",
+        r"\d+ runs: \d+ runs with a non-finite value, 1 with loss-scale skips only, 1 healthy, "
+        r"\d+ finite without progress",
         summary.inner_text(),
     ), summary.inner_text()
+    assert "did not go down" in summary.get_attribute("title")
+    stuck = tab.fl.locator(".nw-overview-list tr", has_text="stuck_model")
+    assert "loss 0.9 at step 9, 0.9 at step 199" in stuck.get_attribute("title")
     summary.click()
     tab.fl.locator(".nw-overview-list tr", has_text="mp_healthy").click()
     tab.wait("() => window.__nanwatch.heat.run === 'mp_healthy'")
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_run_menu_labels_are_never_cut(server, browser, width, height):
+    """The run menu is as wide as the chosen run's label (its state included), at 1400x900
+    and 1024x700; the toolbar stays on screen."""
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, device_scale_factor=1
+    )
+    page = context.new_page()
+    try:
+        tab = Tab(page, server)
+        options = tab.fl.locator("select.nw-run option").all_inner_texts()
+        longest = max(options, key=len)
+        value = tab.eval(
+            "(t) => [...document.querySelectorAll('select.nw-run option')].find((o) => o.text === t).value",
+            longest,
+        )
+        run = json.loads(value)[0]
+        tab.fl.locator("select.nw-run").select_option(value)
+        tab.wait("(r) => window.__nanwatch.heat && window.__nanwatch.heat.run === r", run)
+        fit = tab.eval(
+            """() => {
+              const s = document.querySelector('select.nw-run');
+              const st = getComputedStyle(s);
+              const ctx = document.createElement('canvas').getContext('2d');
+              ctx.font = `${st.fontWeight} ${st.fontSize} ${st.fontFamily}`;
+              const r = s.getBoundingClientRect();
+              return {text: s.options[s.selectedIndex].text, need: ctx.measureText(s.options[s.selectedIndex].text).width,
+                inner: r.width - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight) - 16,
+                right: r.right, page: document.documentElement.clientWidth, title: s.title};
+            }"""
+        )
+        assert fit["text"] == longest
+        assert fit["need"] <= fit["inner"], fit  # the text and the arrow fit inside the box
+        assert fit["right"] <= fit["page"], fit
+        assert fit["title"].startswith(longest)
+        if width >= 1400:  # and with room to spare, the toolbar stays one line
+            assert tab.eval("() => document.querySelector('.nw-toolbar').offsetHeight") < 40
+        # Every other label fits as well once chosen (the same sizing, applied in place).
+        widths = tab.eval(
+            """async () => {
+              const {fitSelectToChoice} = await import('./controls.js');
+              const s = document.querySelector('select.nw-run');
+              const keep = s.selectedIndex, st = getComputedStyle(s), out = [];
+              const ctx = document.createElement('canvas').getContext('2d');
+              ctx.font = `${st.fontWeight} ${st.fontSize} ${st.fontFamily}`;
+              for (let i = 0; i < s.options.length; i++) {
+                s.selectedIndex = i; fitSelectToChoice(s);
+                out.push([s.options[i].text, ctx.measureText(s.options[i].text).width,
+                  s.getBoundingClientRect().width - parseFloat(st.paddingLeft) - parseFloat(st.paddingRight) - 16]);
+              }
+              s.selectedIndex = keep; fitSelectToChoice(s);
+              return out;
+            }"""
+        )
+        assert [w for w in widths if w[1] > w[2]] == []
+        if os.environ.get("NANWATCH_SHOTS"):  # to look at it: a directory for the screenshot
+            page.screenshot(
+                path=os.path.join(os.environ["NANWATCH_SHOTS"], "run_menu_%d.png" % width)
+            )
+    finally:
+        context.close()
+
+
+def test_the_row_named_after_the_model_is_explained(tab):
+    """A line under the legend (and the tooltip of that row's name) says that the row named
+    after the model is not a layer: it holds the model's input and its loss."""
+    words = "The row %s is the model itself, not a layer: its input (%s) and its loss (%s)." % (
+        MODEL,
+        stats.KIND_MEANINGS["input"],
+        stats.KIND_MEANINGS["loss"],
+    )
+    tab.select_run("learning_model")
+    note = tab.fl.locator(".nw-model-note")
+    note.wait_for()
+    assert note.inner_text() == words
+    row = tab.eval(
+        "(m) => window.__nanwatch.shown.findIndex((r) => window.__nanwatch.heat.rows[r].name === m)",
+        MODEL,
+    )
+    assert row >= 0
+    x, y = tab.eval(
+        """(r) => {const L = window.__nanwatch.layout; return [L.gridX - 20, L.gridY + (r - L.offset + 0.5) * L.rowH];}""",
+        row,
+    )
+    box = tab.canvas_box()
+    tab.page.mouse.move(box["x"] + x, box["y"] + y)
+    tab.wait("(w) => document.querySelector('canvas.nw-heatmap').title === w", words)
+    # Another row's name has no such tooltip; a run whose loss has no model name, no note.
+    tab.page.mouse.move(
+        box["x"] + x, box["y"] + y + tab.eval("() => window.__nanwatch.layout.rowH")
+    )
+    tab.wait("() => document.querySelector('canvas.nw-heatmap').title === ''")
+    tab.select_run("adam_blowup")
+    tab.wait("() => document.querySelector('.nw-model-note').hidden")

@@ -69,7 +69,7 @@ class App:
 def logdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("backend")
     synthetic.write_run(str(d / "mlp"), n_rows=1000, log_every=10, first=MLP_FIRST)
-    synthetic.write_run(str(d / "clean"), n_rows=30, log_every=5)
+    synthetic.write_run(str(d / "clean"), n_rows=30, log_every=5, loss=lambda s: 1 / (1 + s))
     plugin_helpers.write_spikes_run(str(d / "spikes"))
     # A run with two site lists: the default one and the group "tower_b".
     synthetic.write_run(str(d / "two_towers"), n_rows=10, log_every=1)
@@ -825,6 +825,80 @@ def test_impl_methods_answer_plain_values_without_a_request(app):
             call()
 
 
+def test_overview_says_finite_not_healthy_when_the_loss_did_not_go_down(tmp_path):
+    """A loss stuck at 0.9 is "no_progress" (in words "finite"); a loss from 1 down to 0.5 is
+    "healthy"; a run without a loss site cannot show progress: "no_progress".  The same before
+    and after the run is opened."""
+    synthetic.write_run(str(tmp_path / "stuck"), n_rows=20, log_every=10, loss=lambda s: 0.9)
+    synthetic.write_run(
+        str(tmp_path / "learning"), n_rows=20, log_every=10, loss=lambda s: 1 - s / 400
+    )
+    no_loss = [s for s in synthetic.sites_for() if s["kind"] != "loss"]
+    with summary.RecordWriter(str(tmp_path / "no_loss"), no_loss, log_every=1) as writer:
+        for step in range(5):
+            writer.write_row(step, synthetic.finite_row(len(no_loss), step))
+    app = App(tmp_path)
+    for opened in (False, True):
+        states = {r["run"]: r for r in app.json("/overview")}
+        assert {r: states[r]["state"] for r in states} == {
+            "stuck": "no_progress",
+            "learning": "healthy",
+            "no_loss": "no_progress",
+        }
+        stuck = states["stuck"]["loss_progress"]
+        assert (stuck["first_step"], stuck["last_step"], stuck["progress"]) == (9, 199, False)
+        assert stuck["first"] == pytest.approx(0.9) and stuck["last"] == pytest.approx(0.9)
+        assert states["learning"]["loss_progress"]["last"] == pytest.approx(1 - 199 / 400)
+        assert states["no_loss"]["loss_progress"] is None
+        if not opened:
+            for run in states:  # the heatmap reads the rows into the cache
+                app.json("/heatmap", run=run)
+    info = app.json("/info")
+    assert info["run_state_words"]["no_progress"] == "finite"
+    assert "did not go down" in info["run_state_meanings"]["no_progress"]
+
+
+def test_overview_rereads_a_live_finite_run_at_most_once_a_minute(tmp_path, monkeypatch):
+    """A live finite run's progress is read again when its rows changed and the last answer is
+    older than PROGRESS_MAX_AGE_S; within that age the last answer stands."""
+    sites = synthetic.sites_for()
+
+    def write(writer, steps, loss):
+        for step in steps:  # one writer session throughout, wall times rising with the steps
+            row = synthetic.finite_row(len(sites), step, steps=10)
+            synthetic.set_loss(row, sites, loss)
+            writer.write_row(step, row, wall_time=1000.0 + step / 100)
+        writer.flush()
+
+    with summary.RecordWriter(str(tmp_path / "live"), sites, log_every=10) as writer:
+        write(writer, (9, 19, 29, 39, 49), 0.9)
+        app = App(tmp_path)
+        assert app.json("/overview")[0]["state"] == "no_progress"
+        write(writer, (59, 69, 79), 0.1)  # the loss falls
+    app.multiplexer.Reload()
+    assert app.json("/overview")[0]["last_step"] == 79  # the new rows are seen...
+    assert app.json("/overview")[0]["state"] == "no_progress"  # ...not re-read within the minute
+    monkeypatch.setattr(plugin, "PROGRESS_MAX_AGE_S", 0.0)
+    live = app.json("/overview")[0]
+    assert (live["state"], live["loss_progress"]["last"]) == ("healthy", pytest.approx(0.1))
+
+
+def test_loss_progress_rule():
+    sites = [{"kind": "input"}, {"kind": "loss"}]
+    rows = np.full((3, 2, len(stats.STATS)), np.nan)
+    mean = stats.STAT_INDEX["mean"]
+    rows[:, 1, mean] = [1.0, np.nan, 0.96]  # 4% down: not progress
+    p = stats.loss_progress(sites, [0, 1, 2], rows)
+    assert (p["first"], p["last"], p["progress"]) == (1.0, 0.96, False)
+    rows[2, 1, mean] = 0.94
+    assert stats.loss_progress(sites, [0, 1, 2], rows)["progress"] is True
+    rows[:, 1, mean] = [-1.0, np.nan, -1.2]  # a negative loss going down is progress too
+    assert stats.loss_progress(sites, [0, 1, 2], rows)["progress"] is True
+    rows[:, 1, mean] = [np.nan, np.nan, 0.1]  # one measured row: cannot tell
+    assert stats.loss_progress(sites, [0, 1, 2], rows) is None
+    assert stats.loss_progress(sites[:1], [0, 1, 2], rows[:, :1]) is None
+
+
 def test_one_table_maps_errors_to_statuses():
     codes = {kind: code for kind, code in plugin.ERROR_STATUS}
     assert codes[plugin._BadRequest] == codes[heatmap.HeatmapError] == 400
@@ -845,6 +919,7 @@ def test_overview_lists_every_runs_state(app, mixed):
         states[("clean", None)]["state"] == "healthy"
         and states[("clean", None)]["last_step"] == 149
     )
+    assert states[("clean", None)]["loss_progress"]["progress"] is True
     mixed_app, _ = mixed
     mp = {r["run"]: r for r in mixed_app.json("/overview")}
     assert mp["mp"]["state"] == "skips" and mp["mp"]["loss_scale_skips"] == 5
