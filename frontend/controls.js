@@ -149,7 +149,7 @@ export function buildToolbar(root, handlers) {
       if (heat && heat.n_columns) {
         const a = heat.first_steps[0];
         const b = heat.last_steps[heat.n_columns - 1];
-        const rows = heat.rows_per_column.reduce((x, y) => x + y, 0);
+        const rows = heat.logged_rows ?? heat.rows_per_column.reduce((x, y) => x + y, 0);
         const per = heat.n_columns < rows ? `, ${heat.n_columns} columns` : "";
         zoomText.textContent = `steps ${a}\u2013${b} (${rows} ${heat.source === "flight" ? "steps" : "rows"}${per})`;
       } else {

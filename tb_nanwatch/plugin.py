@@ -520,6 +520,10 @@ def heatmap_body(data, stat, kind, columns, first_step, last_step, source, rows_
         "first_steps": [int(s) for s in hm.first_steps],
         "last_steps": [int(s) for s in hm.last_steps],
         "rows_per_column": [int(n) for n in hm.rows_per_column],
+        # Logged rows ending in this view's steps (a long run's view folds some of them).
+        "logged_rows": data.logged_rows_in(first_step, last_step)
+        if source == "rows"
+        else int(sum(hm.rows_per_column)),
         # Row-major [n_rows, n_columns]; NaN = not measured.
         "values": _b64(hm.values.astype("<f4")),
         "status": _b64(hm.status.astype(np.uint8)),

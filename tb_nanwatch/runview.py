@@ -643,6 +643,16 @@ class RunView:
         )
         return out_steps, out_rows
 
+    def logged_rows_in(self, first_step=None, last_step=None):
+        """How many logged rows end within [first_step, last_step] (all of them: None)."""
+        if first_step is None and last_step is None:
+            return self.n_logged_rows
+        lo = 0 if first_step is None else first_step
+        hi = np.iinfo(np.int64).max if last_step is None else last_step
+        if self._index is not None and self._index.n:
+            return int(len(self._index.between(lo, hi)))
+        return int(np.count_nonzero((self.steps >= lo) & (self.steps <= hi)))
+
     def _read_rows(self, picked, limit):
         """The logged rows at index positions `picked`, folded into at most `limit` rows
         (consecutive, equal counts), read and decoded a block at a time."""

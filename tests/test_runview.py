@@ -114,3 +114,10 @@ def test_a_long_run_keeps_a_bounded_view_and_reads_zoomed_windows_again(tmp_path
     assert set(timeline.covered_steps(rows)) == {10}
     written = synthetic.finite_row(len(SITES), 5_009, steps=10)
     np.testing.assert_allclose(rows[0, :, COL["max_abs"]], written[:, COL["max_abs"]], rtol=1e-6)
+    # The tab says how many logged rows a view covers, folded or not.
+    from tb_nanwatch import plugin
+
+    body = plugin.heatmap_body(view, "max_abs", "all", 500, None, None, "rows")
+    assert body["logged_rows"] == 3000 and sum(body["rows_per_column"]) < 3000
+    zoomed = plugin.heatmap_body(view, "max_abs", "all", 500, 5_000, 5_499, "rows")
+    assert zoomed["logged_rows"] == 50 and zoomed["rows_per_column"] == [1] * zoomed["n_columns"]
