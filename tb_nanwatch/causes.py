@@ -26,6 +26,19 @@ CAUSES = (
         True,
     ),
     Cause(
+        "nonfinite_target",
+        "Your targets (labels) or sample weights hold NaN or Inf",
+        "The producer is a target or sample-weight site: the labels (or the per-sample weights, "
+        "`class_weight` included) of the batch were non-finite before the loss compared the model's "
+        "output with them. The model and the loss function were fine; the loss only carried the value on.",
+        "Check the label pipeline: `np.isfinite(y).all(axis=-1)` marks the bad rows of an array; in a "
+        "`tf.data` pipeline, fail at the bad batch with `dataset.map(lambda x, y: (x, "
+        "tf.debugging.assert_all_finite(y, 'bad label')))`, or drop such rows before batching with "
+        "`dataset.filter(lambda x, y: tf.reduce_all(tf.math.is_finite(y)))`. For sample weights, look "
+        "for a 0/0 where they are computed (a class that never occurs, a normaliser of 0).",
+        True,
+    ),
+    Cause(
         "unscaled_inputs",
         "Inputs far outside the unit range",
         "An input site's largest |x| before the first non-finite step is above 50 (standardised data stays "

@@ -302,6 +302,19 @@ def rule_nonfinite_input(ev):
     )
 
 
+def rule_nonfinite_target(ev):
+    if ev.producer is None or ev.sites[ev.producer]["kind"] not in ("target", "sample_weight"):
+        return None
+    what = "labels" if ev.sites[ev.producer]["kind"] == "target" else "sample weights"
+    return Finding(
+        1.0,
+        "%s held %s at step %d, before the loss used it: the %s of that batch are not finite"
+        % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until, what),
+        [ev.producer],
+        [ev.until],
+    )
+
+
 def rule_unscaled_inputs(ev):
     inputs = ev.indices("input")
     if (
@@ -764,6 +777,7 @@ def rule_vanishing_gradients(ev):
 
 RULES = {
     "nonfinite_input": rule_nonfinite_input,
+    "nonfinite_target": rule_nonfinite_target,
     "unscaled_inputs": rule_unscaled_inputs,
     "unscaled_targets": rule_unscaled_targets,
     "large_initial_weights": rule_large_initial_weights,

@@ -27,6 +27,8 @@ import numpy as np
 # In the order they happen inside a training step.
 KINDS = (
     "input",
+    "target",  # what the loss compares the output with (labels), one site per leaf
+    "sample_weight",  # per-sample loss weights (class_weight becomes these), one per leaf
     "activation",  # a layer's output, forward order
     "loss",
     "activation_grad",  # gradient w.r.t. a layer's output, backward order
@@ -37,6 +39,8 @@ KINDS = (
 
 KIND_MEANINGS = {
     "input": "the batch fed to the model",
+    "target": "the targets (labels) of the batch, as the loss receives them",
+    "sample_weight": "the batch's sample weights (from sample_weight= or class_weight=)",
     "activation": "a layer's output",
     "loss": "the training loss",
     "activation_grad": "gradient of the loss w.r.t. a layer's output",
@@ -48,6 +52,8 @@ KIND_MEANINGS = {
 # How the kinds read in words (tab, report, PNG), and the phase of a step each belongs to.
 KIND_WORDS = {
     "input": "input",
+    "target": "target",
+    "sample_weight": "sample weight",
     "activation": "activation",
     "loss": "loss",
     "activation_grad": "activation gradient",
@@ -57,6 +63,8 @@ KIND_WORDS = {
 }
 PHASES = {
     "input": "forward",
+    "target": "forward",
+    "sample_weight": "forward",
     "activation": "forward",
     "loss": "forward",
     "activation_grad": "backward",

@@ -28,6 +28,8 @@ class StepTrace:
         self.graph = graph  # the (function) graph the step is traced in
         self.in_train_step = in_train_step  # ends when the wrapped train_step returns
         self.inputs = []
+        self.targets = []  # (name, tensor) per float leaf of y
+        self.sample_weights = []  # (name, tensor) per float leaf of sample_weight
         self.activations = {}  # layer path -> [tensor], forward completion order
         self.activation_grads = {}  # layer path -> [tensor], backward order
         self.losses = []
@@ -137,9 +139,33 @@ class Instrumentation:
             data = args[0]
             x = data[0] if isinstance(data, (tuple, list)) and data else data
             trace.inputs.extend(site_catalogue.float_tensors(x))
+        if args:
+            self._capture_targets(trace, args[0])
         logs = original(*args, **kwargs)
         self._finish(trace)
         return logs
+
+    # -- targets and sample weights: what the step consumes besides the model's input -------------
+    def _capture_targets(self, trace, data):
+        """The float leaves of `y` and `sample_weight` in a train step's `data` (Keras' `(x,)`,
+        `(x, y)` or `(x, y, sample_weight)`), named by their place in the structure."""
+        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+            return
+        self._add_targets(trace, data[1], data[2] if len(data) == 3 else None)
+
+    def _add_targets(self, trace, y, sample_weight):
+        names = output_names(self.model)
+        if "target" in self.kinds and y is not None:
+            trace.targets.extend(site_catalogue.named_float_tensors(y, names))
+        if "sample_weight" in self.kinds and sample_weight is not None:
+            trace.sample_weights.extend(site_catalogue.named_float_tensors(sample_weight, names))
+
+    def record_targets(self, y, sample_weight=None):
+        """Custom loops: `y` (and `sample_weight`) as this step's target sites."""
+        trace = self._step_trace()
+        if trace is not None and not trace.in_train_step:
+            self._add_targets(trace, y, sample_weight)
+        return y
 
     def _root_call(self, original, *args, **kwargs):
         if kwargs.get("training") is False or not args:
@@ -229,6 +255,15 @@ class Instrumentation:
             self.trace = None
         # A step without a watched optimizer's apply is the Watch's to report (misuse).
         self.on_step_end(trace)
+
+
+def output_names(model):
+    """The model's output names (a functional model's output layers), or ()."""
+    try:
+        names = getattr(model, "output_names", None)
+    except Exception:  # a subclassed model that was never called has no outputs
+        return ()
+    return tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else ()
 
 
 def _is_symbolic(values):

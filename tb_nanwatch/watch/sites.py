@@ -70,6 +70,33 @@ def float_tensors(structure):
     ]
 
 
+def named_float_tensors(structure, output_names=()):
+    """[(name, tensor)] of the float tensors in `structure` (targets, sample weights), named by
+    their place in it: "" for a lone tensor, key paths for dicts (`out_a`, `head/out_b`), and for
+    a list or tuple the model's output name at that position when the lengths agree, else
+    `output_<i>` (`output_1`: the second output)."""
+    out = []
+
+    def visit(value, path):
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):  # tf.nest's order
+                visit(value[key], path + [str(key)])
+        elif isinstance(value, (list, tuple)):
+            top = not path and len(output_names) == len(value)
+            for i, item in enumerate(value):
+                visit(item, path + [output_names[i] if top else "output_%d" % i])
+        elif isinstance(value, tf.Tensor) and value.dtype.is_floating:
+            out.append(("/".join(path), value))
+
+    visit(structure, [])
+    return out
+
+
+def _nth(pairs, i):
+    """The tensor of the i-th (name, tensor) pair of this step, as a site reads it."""
+    return [pairs[i][1]] if i < len(pairs) else []
+
+
 def gradient_values(grad):
     """The tensors of one weight's gradient: none if it is not on the gradient path; for a
     sparse (embedding) gradient, its rows, not a dense copy of the whole table."""
@@ -111,6 +138,17 @@ def build(trace, model_name, layer_order, kinds):
 
     if trace.inputs:
         add(model_name, "input", "", lambda tr: tr.inputs, *_describe(trace.inputs))
+    # What the loss consumes besides the model's output, before the forward pass.
+    for kind, pairs in (("target", trace.targets), ("sample_weight", trace.sample_weights)):
+        for i, (name, tensor) in enumerate(pairs):
+            attr = "targets" if kind == "target" else "sample_weights"
+            add(
+                model_name,
+                kind,
+                name,
+                lambda tr, a=attr, i=i: _nth(getattr(tr, a), i),
+                *_describe([tensor]),
+            )
     # A layer that also ran inside a nested graph (an RNN cell: once outside its layer's loop for
     # the output shape, then in the loop) is watched through the layer around it.
     forward = [path for path in trace.activations if path not in trace.nested]
@@ -195,10 +233,12 @@ def build(trace, model_name, layer_order, kinds):
     return sites, getters
 
 
-def capacity(layer_order, variables, optimizers):
+def capacity(layer_order, variables, optimizers, outputs=1):
     """An upper bound on the number of sites, known before the step is traced."""
     slots = sum(
         len(optimizer_slots(o)) if getattr(inner_optimizer(o), "built", False) else 4
         for o in optimizers
     )
-    return 2 + 2 * len(layer_order) + len(variables) * (2 + max(slots, 1))
+    # input and loss, every layer's output and its gradient, a target and a sample weight per
+    # output (and a few more for targets nested deeper than the outputs), every weight's sites.
+    return 2 + 2 * len(layer_order) + 2 * max(1, outputs) + 8 + len(variables) * (2 + max(slots, 1))

@@ -145,6 +145,7 @@ class Watch:
                     self._instrumentation.layer_order,
                     self.model.trainable_variables,
                     self.optimizers,
+                    outputs=len(instrument.output_names(self.model)),
                 )
             )
 
@@ -173,6 +174,12 @@ class Watch:
     def record_loss(self, loss):
         """Records `loss` as this step's loss site and returns it unchanged (custom loops)."""
         return self._instrumentation.record_loss(loss)
+
+    def record_targets(self, y, sample_weight=None):
+        """Records `y` (and `sample_weight`) as this step's target (and sample weight) sites in a
+        custom loop, one site per float tensor of the structure; returns `y` unchanged.  With
+        `model.fit` they are watched without it."""
+        return self._instrumentation.record_targets(y, sample_weight)
 
     def _end_step(self, trace):
         """Called at trace time once a step's tensors are known: the device ops of the step."""
