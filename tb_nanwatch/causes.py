@@ -63,9 +63,11 @@ CAUSES = (
         "Initial weights far above the Glorot/He scale",
         "A layer with a kernel whose output at the first logged step, computed before the first update, "
         "has more than 8x the RMS of its input (He/Glorot weights keep it near 1). Without that evidence: "
-        "a kernel's RMS at the first step more than 5x the He scale sqrt(2 / fan_in) (fan_in: the product "
-        "of all but the kernel's last dimension), unless the layer's gain says the first update, not the "
-        "initialisation, made it large (weights are logged after the update).",
+        "a kernel's RMS as training started more than 5x the He scale sqrt(2 / fan_in) (fan_in: the "
+        "product of all but the kernel's last dimension), read from the `initial` record written before "
+        "the first update. Logs without that record have the weights only after step 0's update: there "
+        "the RMS at the first step counts unless the layer's gain says the first update, not the "
+        "initialisation, made it large.",
         "Use the default initialiser, or one that scales with the fan-in: "
         '`keras.layers.Dense(n, kernel_initializer="he_normal")` for ReLU layers, "glorot_uniform" '
         "(Keras' default) otherwise.",

@@ -416,13 +416,18 @@ def rule_large_initial_weights(ev):
         fan_in = int(np.prod(shape[:-1]))
         if fan_in <= 0:
             continue
+        he = math.sqrt(2.0 / fan_in)
+        initial = _initial_rms(ev, site)
+        if initial is not None:  # the weights as training started: no first update to tell apart
+            if initial > INIT_RATIO * he and (best is None or initial / he > best[0]):
+                best = (initial / he, site, initial, he, None)
+            continue
         norm, size = ev.col("norm")[0, site], ev.col("size")[0, site]
         rms = (
             norm / math.sqrt(size)
             if np.isfinite(norm) and size > 0
             else math.hypot(ev.col("std")[0, site], ev.col("mean")[0, site])
         )
-        he = math.sqrt(2.0 / fan_in)
         if not (np.isfinite(rms) and rms > INIT_RATIO * he):
             continue
         # Weights are logged after the step's update; the layer's output at the first step was
@@ -435,16 +440,31 @@ def rule_large_initial_weights(ev):
     if best is None:
         return None
     ratio, site, rms, he, gain = best
-    text = "%s: RMS %s at step %d, %sx the He scale sqrt(2 / fan_in) = %s" % (
+    text = "%s: RMS %s %s, %sx the He scale sqrt(2 / fan_in) = %s" % (
         ev.label(site),
         _g(rms),
-        ev.steps[0],
+        "as training started, before the first update"
+        if _initial_rms(ev, site) is not None
+        else "at step %d" % ev.steps[0],
         _g(ratio),
         _g(he),
     )
     if gain is not None:
         text += "; the layer's output at that step is %sx the RMS of its input" % _g(gain)
     return Finding(min(0.9, 0.5 + 0.1 * math.log10(ratio)), text, [site], [ev.steps[0]])
+
+
+def _initial_rms(ev, site):
+    """RMS of a weight in the `initial` record (before step 0's update), or None when the logs
+    have no such record or it does not measure the site."""
+    initial = getattr(ev.data, "initial", None)
+    if initial is None or site >= len(initial):
+        return None
+    col = stats.STAT_INDEX
+    norm, size = initial[site, col["norm"]], initial[site, col["size"]]
+    if not (np.isfinite(norm) and size > 0):
+        return None
+    return float(norm / math.sqrt(size))
 
 
 def _rms(ev, row, site):

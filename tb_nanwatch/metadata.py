@@ -22,7 +22,12 @@ ROWS = "rows"  # float32 [1 + n_sites, len(DISK_STATS)], step = last step of the
 FLIGHT = "flight"  # same, one per step before the first non-finite
 FIRST_NONFINITE = "first_nonfinite"  # scalar string: JSON object, step = that step
 EVENTS = "events"  # scalar string: JSON list of events at that step (loss-scale skips, ...)
-RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS)
+# The state training starts from, before step 0's update: one row like ROWS (at step 0) in which
+# only weights and optimizer slots are measured, and `steps` is NaN (it covers no step).  Rows
+# log weights after each step's update; this is what "initial" means.  Readers that predate it
+# skip the tag (an unknown record name is not a nanwatch tag to them).
+INITIAL = "initial"
+RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS, INITIAL)
 
 TAG_PREFIX = "nanwatch"
 
@@ -79,7 +84,11 @@ def encode_row(step, row):
     row = np.asarray(row, dtype=np.float64)
     col = stats.STAT_INDEX
     out = np.zeros((row.shape[0] + 1, len(DISK_STATS)), dtype=DISK_DTYPE)
-    out[0, 0] = np.nanmax(row[:, col["steps"]]) if len(row) else 1
+    covered = row[:, col["steps"]]
+    if not len(row):
+        out[0, 0] = 1
+    else:  # NaN only for the initial record, which covers no step
+        out[0, 0] = np.nan if np.isnan(covered).all() else np.nanmax(covered)
     # A float64 statistic past float32's range (the norm of a float32 tensor near overflow)
     # saturates at float32's largest value rather than reading as an infinity.
     largest = np.finfo(DISK_DTYPE).max

@@ -102,6 +102,11 @@ class RecordWriter:
         for step, row in zip(steps, rows):
             self.write_row(step, row, record=metadata.FLIGHT)
 
+    def write_initial(self, row):
+        """The state training starts from, before step 0's update (`metadata.INITIAL`): a row
+        in the table's columns, NaN for the sites it does not measure."""
+        self.write_row(0, row, record=metadata.INITIAL)
+
     def write_first_nonfinite(self, step, record):
         """The first non-finite site of the run; flushed to disk at once."""
         payload = dict(record, step=int(step))
@@ -132,7 +137,7 @@ class RecordWriter:
         tag = metadata.tag(record, self.group, block)
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
         if tag not in self._tagged:
-            with_sites = record in (metadata.ROWS, metadata.FLIGHT)
+            with_sites = record in (metadata.ROWS, metadata.FLIGHT, metadata.INITIAL)
             value.metadata.CopyFrom(
                 metadata.create_summary_metadata(
                     record,

@@ -47,7 +47,10 @@ N_FRAMING = 200
 N_CONTENT = 100
 SITES = synthetic.sites_for(("d0", "d1"))
 N = len(SITES)
-ROWS, FLIGHT, FIRST, EVENTS = (metadata.tag(r) for r in metadata.RECORDS)
+ROWS, FLIGHT, FIRST, EVENTS = (
+    metadata.tag(r)
+    for r in (metadata.ROWS, metadata.FLIGHT, metadata.FIRST_NONFINITE, metadata.EVENTS)
+)
 META_RECORD = {ROWS: "rows", FLIGHT: "flight", FIRST: "first_nonfinite", EVENTS: "events"}
 
 

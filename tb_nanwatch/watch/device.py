@@ -475,3 +475,30 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
             0,
         )
     )
+
+
+def snapshot_rows(values):
+    """float64 [len(values), n_stats] in the table's columns: the statistics of each tensor (a
+    variable's value), computed eagerly by the step's own reductions, for the state training
+    starts from.  Every statistic is measured; `steps`, `nonfinite_steps` and
+    `first_nonfinite_step` are NaN (no step has run)."""
+    n = len(values)
+    out = np.full((n, len(stats.STATS)), np.nan)
+    if not n:
+        return out
+    pieces = [flatten(tf.convert_to_tensor(v)) for v in values]
+    dtypes = [tf.as_dtype(v.dtype) for v in values]
+    tiny = [dtype_limits(d)[1] if d in HALF else 0.0 for d in dtypes]
+    moments = site_moments(pieces, np.arange(n, dtype=np.int32), tiny, n)
+    sizes = tf.constant([float(p.shape.num_elements()) for p in pieces], tf.float64)
+    counts, sampled, norm = finish(
+        moments, sizes, [dtype_limits(d)[0] for d in dtypes], [d in HALF for d in dtypes]
+    )
+    col = stats.STAT_INDEX
+    out[:, col["size"]] = sizes.numpy()
+    for j, name in enumerate(stats.NONFINITE_STATS):
+        out[:, col[name]] = counts.numpy()[:, j]
+    for j, name in enumerate(stats.SAMPLED_STATS):
+        out[:, col[name]] = sampled.numpy()[:, j]
+    out[:, col["norm"]] = out[:, col["max_norm"]] = norm.numpy()
+    return out

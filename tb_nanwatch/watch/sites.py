@@ -110,6 +110,28 @@ def variable_value(variable):
     return tf.convert_to_tensor(getattr(variable, "value", variable))
 
 
+def reads_variable(variable):
+    """A site's getter that reads `variable` (a weight or an optimizer slot); it carries the
+    variable as `.variable`, so the state before the first update can be matched to the site."""
+
+    def getter(trace):
+        return [variable_value(variable)]
+
+    getter.variable = variable
+    return getter
+
+
+def watched_variables(model, optimizers):
+    """Every variable a site may read: the model's trainable weights and the slots of every
+    optimizer already built (an unbuilt one creates its slots in the first step)."""
+    out = list(model.trainable_variables)
+    for optimizer in optimizers:
+        if getattr(inner_optimizer(optimizer), "built", False):
+            for _, slot_variables in optimizer_slots(optimizer):
+                out.extend(v for v in slot_variables if v is not None)
+    return out
+
+
 def _describe(tensors):
     if not tensors:
         return "float32", ()
@@ -223,13 +245,11 @@ def build(trace, model_name, layer_order, kinds):
                         path,
                         "optimizer_state",
                         "%s/%s" % (name, v.name),
-                        lambda tr, s=slot: [variable_value(s)],
+                        reads_variable(slot),
                         slot.dtype,
                         tuple(slot.shape),
                     )
-            add(
-                path, "weight", v.name, lambda tr, v=v: [variable_value(v)], v.dtype, tuple(v.shape)
-            )
+            add(path, "weight", v.name, reads_variable(v), v.dtype, tuple(v.shape))
     return sites, getters
 
 

@@ -124,6 +124,8 @@ class Watch:
         self._traced_without_apply = False
         self._misuse_warned = False
         self._forecast = None
+        self._initial = None  # {id(variable): (variable, statistics)} before the first update
+        self._initial_written = False
         self.early_warning = None  # the early-warning event, once written
         self.first_nonfinite = None  # the record, once written
         self._closed = False
@@ -148,6 +150,36 @@ class Watch:
                     outputs=len(instrument.output_names(self.model)),
                 )
             )
+        if self._initial is None and self._sites is None and not self._host_calls:
+            self._snapshot_initial()
+
+    def _snapshot_initial(self):
+        """Statistics of every weight and built optimizer slot as training starts (rows log
+        weights after each step's update), written as the `initial` record once the sites are
+        known.  One eager pass over the variables, before the first step."""
+        if not getattr(self.model, "built", False):
+            return  # a model built in its first call: its weights do not exist yet
+        variables = site_catalogue.watched_variables(self.model, self.optimizers)
+        if not variables:
+            return
+        values = [site_catalogue.variable_value(v) for v in variables]
+        rows = device.snapshot_rows(values)
+        self._initial = {id(v): (v, row) for v, row in zip(variables, rows)}
+
+    def _write_initial(self):
+        self._initial_written = True
+        if not self._initial:
+            return
+        row = np.full((len(self._sites), len(stats.STATS)), np.nan)
+        found = False
+        for i, getter in enumerate(self._getters):
+            variable = getattr(getter, "variable", None)
+            kept = self._initial.get(id(variable)) if variable is not None else None
+            if kept is not None and kept[0] is variable:
+                row[i] = kept[1]
+                found = True
+        if found:
+            self._ensure_writer().write_initial(row)
 
     def uninstrument(self):
         """Restores every wrapped method."""
@@ -252,6 +284,8 @@ class Watch:
         return self.first_nonfinite is not None
 
     def _read_device(self, final):
+        if not self._initial_written:
+            self._write_initial()
         poll = self._state.poll.numpy()
         steps_run = int(poll[host.POLL["steps_run"]])
         first_step = int(poll[host.POLL["first_step"]])
