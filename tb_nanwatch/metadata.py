@@ -31,6 +31,18 @@ RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS, INITIAL)
 
 TAG_PREFIX = "nanwatch"
 
+# Per-row scalars written as standard TensorBoard scalar summaries (plugin "scalars"), so that
+# TensorBoard's own Scalars tab shows them beside the NanWatch tab: `nanwatch/learning_rate` (one
+# per optimizer, `nanwatch/learning_rate/<name>`, when a step applies several), `nanwatch/loss`,
+# `nanwatch/gradient_norm`, `nanwatch/loss_scale`.  Not nanwatch records: parse_tag skips them.
+SCALARS = {
+    "learning_rate": "the learning rate the optimizer applied at this step (a schedule's value)",
+    "loss": "the training loss at this step (not an epoch mean)",
+    "gradient_norm": "global L2 norm of the finite elements of the weight gradients at this step, "
+    "before clipping, without the loss scale",
+    "loss_scale": "the mixed-precision loss scale after this step",
+}
+
 # Rows are spread over tags by step block ("nanwatch/rows", "nanwatch/rows.0001", ...) so that
 # one tag's answer from the data provider stays far below gRPC's 256 MiB message limit, which
 # RustBoard's client enforces (a run of 1,000 sites reaches it at about 2,000 rows).
@@ -44,6 +56,13 @@ def tag(record, group=None, block=0):
         raise ValueError("unknown nanwatch record %r" % (record,))
     name = "/".join([TAG_PREFIX] + ([group] if group else []) + [record])
     return name + (".%04d" % block if block else "")
+
+
+def scalar_tag(name, group=None):
+    """`nanwatch/learning_rate`, `nanwatch/<group>/loss`, `nanwatch/learning_rate/d_optimizer`."""
+    if name.split("/")[0] not in SCALARS:
+        raise ValueError("unknown nanwatch scalar %r" % (name,))
+    return "/".join([TAG_PREFIX] + ([group] if group else []) + [name])
 
 
 def parse_tag(tag_name):

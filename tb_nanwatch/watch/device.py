@@ -59,7 +59,7 @@ class DeviceState:
     distribution strategy, so they are mirrored); every replica assigns the same
     combined values, so only the first replica's write is kept."""
 
-    def __init__(self, capacity, flight_steps, replicas=1):
+    def __init__(self, capacity, flight_steps, replicas=1, optimizers=1):
         def var(value):
             return tf.Variable(
                 value,
@@ -81,6 +81,9 @@ class DeviceState:
         # Flight recorder: per step, host.RING_STATS, until the first record freezes it.
         self.ring_step = var(tf.fill([flight_steps], tf.constant(-1, tf.int64)))
         self.ring = var(tf.zeros([flight_steps, capacity, len(host.RING_STATS)], tf.float64))
+        # The learning rate each watched optimizer applied at the last step (NaN: none yet), read
+        # by the host when it writes a row.
+        self.learning_rates = var(tf.fill([optimizers], np.float64(np.nan)))
 
     def reset_accumulators(self):
         self.acc.assign(host.initial_accumulators(self.capacity))
@@ -318,6 +321,23 @@ def gather_replicas(ctx, value):
     if ctx is None:
         return value[None]
     return ctx.all_gather(value[None], axis=0)
+
+
+def record_learning_rates(state, learning_rates):
+    """Keeps this step's learning rate per optimizer (None: that optimizer did not apply) in
+    `state.learning_rates`: one assign of a few numbers per step, read only with a row."""
+    n = state.learning_rates.shape[0]
+    if not any(lr is not None for lr in learning_rates[:n]):
+        return
+    old = state.learning_rates.read_value()
+    state.learning_rates.assign(
+        tf.stack(
+            [
+                tf.cast(tf.reshape(lr, []), tf.float64) if lr is not None else old[i]
+                for i, lr in enumerate((list(learning_rates) + [None] * n)[:n])
+            ]
+        )
+    )
 
 
 def device_step(state, tensors, dtypes, log_every, grad_sites=None):

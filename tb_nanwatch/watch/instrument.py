@@ -34,6 +34,7 @@ class StepTrace:
         self.activation_grads = {}  # layer path -> [tensor], backward order
         self.losses = []
         self.applies = []  # (optimizer, grads, variables) per optimizer.apply
+        self.learning_rates = []  # per apply, the learning rate it applies (a tensor), or None
         self.produced_by = {}  # id(output tensor) -> layer path
         self.consumers = {}  # layer path -> [paths of layers that took its output]
         self.nested = set()  # layers called only inside a nested graph
@@ -235,6 +236,7 @@ class Instrumentation:
                 getattr(site_catalogue.inner_optimizer(optimizer), "_trainable_variables", [])
             )
         )
+        learning_rate = applied_learning_rate(optimizer) if trace is not None else None
         # Layers called inside the optimizer's own code are not part of the model's step.
         self._local.suppressed = self._suppressed + 1
         try:
@@ -243,6 +245,7 @@ class Instrumentation:
             self._local.suppressed -= 1
         if trace is not None and not _is_symbolic(grads):
             trace.applies.append((optimizer, grads, variables))
+            trace.learning_rates.append(learning_rate)
             # A custom loop has no train_step to end the step: it ends with the last watched
             # optimizer's apply.
             applied = {id(o) for o, _, _ in trace.applies}
@@ -255,6 +258,19 @@ class Instrumentation:
             self.trace = None
         # A step without a watched optimizer's apply is the Watch's to report (misuse).
         self.on_step_end(trace)
+
+
+def applied_learning_rate(optimizer):
+    """The learning rate `optimizer`'s next apply uses, as a tensor of the step (a schedule's
+    value at the current iteration, read before the apply increments it), or None."""
+    inner = site_catalogue.inner_optimizer(optimizer)
+    try:
+        current = getattr(inner, "_get_current_learning_rate", None)
+        value = current() if current is not None else inner.learning_rate
+        value = site_catalogue.variable_value(value)
+    except Exception:  # an optimizer without a readable learning rate: no scalar, no failure
+        return None
+    return value if value.dtype.is_floating and value.shape.rank == 0 else None
 
 
 def output_names(model):

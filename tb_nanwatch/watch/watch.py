@@ -197,7 +197,12 @@ class Watch:
     def _create_state(self, capacity):
         strategy = getattr(self.model, "distribute_strategy", None) or tf.distribute.get_strategy()
         with strategy.scope():
-            state = device.DeviceState(capacity, self.flight_steps, strategy.num_replicas_in_sync)
+            state = device.DeviceState(
+                capacity,
+                self.flight_steps,
+                strategy.num_replicas_in_sync,
+                optimizers=len(self.optimizers),
+            )
         if self._pending_last:
             state.last_step.assign(self._pending_last - 1)
         return state
@@ -231,6 +236,12 @@ class Watch:
         device.device_step(
             self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None
         )
+        learning_rates = [None] * len(self.optimizers)
+        for (optimizer, _, _), lr in zip(trace.applies, trace.learning_rates):
+            index = next((i for i, o in enumerate(self.optimizers) if o is optimizer), None)
+            if index is not None and lr is not None:
+                learning_rates[index] = reads.for_reading(lr, copies)
+        device.record_learning_rates(self._state, learning_rates)
 
     def _define_sites(self, trace):
         sites, getters = site_catalogue.build(
@@ -367,7 +378,31 @@ class Watch:
                 last_step,
             )
         self._ensure_writer().write_row(last_step, row)
+        self._write_scalars(last_step, row, scale)
         self._last_row_step = last_step
+
+    def _write_scalars(self, step, row, loss_scale):
+        """The row's scalars for TensorBoard's Scalars tab, from what the row and the device
+        already hold (metadata.SCALARS): no read of its own but the learning rates, with the row."""
+        values = {}
+        rates = self._state.learning_rates.numpy()
+        for optimizer, rate in zip(self.optimizers, rates):
+            if np.isfinite(rate):
+                several = len(self.optimizers) > 1
+                name = "learning_rate/%s" % optimizer.name if several else "learning_rate"
+                values[name] = rate
+        col = stats.STAT_INDEX
+        kinds = np.array([s["kind"] for s in self._sites])
+        loss = np.flatnonzero(kinds == "loss")
+        if len(loss) and row[loss[0], col["size"]] > 0:
+            values["loss"] = row[loss[0], col["mean"]]
+        grads = np.flatnonzero(kinds == "weight_grad")
+        norms = row[grads, col["norm"]]
+        if np.isfinite(norms).any():
+            values["gradient_norm"] = float(np.sqrt(np.nansum(np.square(norms))))
+        if loss_scale is not None:
+            values["loss_scale"] = loss_scale
+        self._ensure_writer().write_scalars(step, values)
 
     def _write_first(self, step):
         n = len(self._sites)
