@@ -63,14 +63,20 @@ CAUSES = (
         "Initial weights far above the Glorot/He scale",
         "A layer with a kernel whose output at the first logged step, computed before the first update, "
         "has more than 8x the RMS of its input (He/Glorot weights keep it near 1). Without that evidence: "
-        "a kernel's RMS as training started more than 5x the He scale sqrt(2 / fan_in) (fan_in: the "
-        "product of all but the kernel's last dimension), read from the `initial` record written before "
-        "the first update. Logs without that record have the weights only after step 0's update: there "
-        "the RMS at the first step counts unless the layer's gain says the first update, not the "
-        "initialisation, made it large.",
+        "a weight's RMS as training started more than 5x the scale of its role (a weight's role is what "
+        "it is to its layer, recorded by the writer): a kernel or a custom matrix, the He scale "
+        "sqrt(2 / fan_in) (fan_in: the product of all but its last dimension); a recurrent kernel, "
+        "sqrt(2 / units), its excess counted once per time step of the layer's input; an embedding "
+        "table, 1; a normalisation scale (gamma), 1. The RMS is read from the `initial` record written "
+        "before the first update (ranked higher: a fact). Logs without that record have the weights only "
+        "after step 0's update: there the RMS at the first step counts unless the layer's gain says the "
+        "first update, not the initialisation, made it large.",
         "Use the default initialiser, or one that scales with the fan-in: "
         '`keras.layers.Dense(n, kernel_initializer="he_normal")` for ReLU layers, "glorot_uniform" '
-        "(Keras' default) otherwise.",
+        "(Keras' default) otherwise; "
+        '`keras.layers.Embedding(n, dim, embeddings_initializer="uniform")` (Keras\' default, +-0.05); '
+        '`recurrent_initializer="orthogonal"` for recurrent layers (Keras\' default); '
+        '`gamma_initializer="ones"` for normalisation layers.',
         True,
     ),
     Cause(
@@ -120,7 +126,8 @@ CAUSES = (
     Cause(
         "learning_rate_too_high",
         "The learning rate is too high: the weights grow geometrically",
-        "A kernel's L2 norm grows steadily step over step before the first non-finite step: at least 10x "
+        "A weight that multiplies (a kernel, recurrent kernel, embedding table, normalisation scale or "
+        "custom matrix, by its role) grows its L2 norm steadily step over step before the first non-finite step: at least 10x "
         "overall, at 5% or more per step, steadily: log norm against step is a line (R^2 at least 0.7: "
         "an unstable SGD oscillates while its amplitude grows) or the norm grows in at least 70% of the "
         "steps (a divergence that accelerates).",
@@ -165,7 +172,8 @@ CAUSES = (
     Cause(
         "vanishing_gradients",
         "Gradients or activations stuck at exactly zero",
-        "A kernel's weight gradient is exactly 0 in every element, or a hidden layer's output is all "
+        "The gradient of a weight that multiplies (a kernel, recurrent kernel, embedding table, "
+        "normalisation scale or custom matrix) is exactly 0 in every element, or a hidden layer's output is all "
         "zeros (dead ReLU), in at least half of the logged rows and at least 3 of them: that part of the "
         "model no longer trains.",
         'Keep the gradient alive: He initialisation (`kernel_initializer="he_normal"`), '

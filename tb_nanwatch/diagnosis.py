@@ -103,6 +103,9 @@ HUGE_LOSS = 1e6
 OUTPUT_VS_LOSS = 0.1  # |output| below a tenth of sqrt(loss): the targets make the loss
 INIT_RATIO = 5.0  # kernel RMS over the He scale sqrt(2 / fan_in)
 INIT_GAIN = 8.0  # a layer's output RMS over its input's, before the first update
+EMBEDDING_SCALE = 1.0  # the RMS of an embedding table, at most, as training starts
+NORM_SCALE = 1.0  # a normalisation layer's scale (gamma) as training starts
+INITIAL_FACT = 0.1  # score added when a weight's scale is read from the initial record
 DOMAIN_HEADROOM = 8.0  # +Inf with more doublings left than this at the step before: not an overflow
 DOMAIN_INPUT = 1e6  # ... and from an input below this (exp, division), not a huge matmul
 GROWTH_TOTAL = 10.0  # weights: at least 10x overall ...
@@ -129,8 +132,27 @@ def _site_json(site):
     return {"layer": site["layer"], "kind": site["kind"], "tensor": site.get("tensor", "")}
 
 
-def _is_kernel(site):
-    return site.get("tensor", "").split("/")[-1] == "kernel" and len(site.get("shape") or ()) >= 2
+def _multiplies(site):
+    """A weight that multiplies what flows through its layer, by its role (stats.WEIGHT_ROLES):
+    kernels, recurrent kernels, embedding tables, normalisation scales, custom matrices."""
+    return stats.weight_role(site) in stats.MULTIPLYING_ROLES
+
+
+def _initial_scale(site):
+    """(the largest RMS a sane initialisation gives a weight of this role, its name in words),
+    or None for roles without one (biases, shifts)."""
+    role, shape = stats.weight_role(site), site.get("shape") or []
+    if role in ("kernel", "matrix", "recurrent_kernel"):
+        fan_in = int(np.prod(shape[:-1]))
+        if fan_in <= 0:
+            return None
+        what = "sqrt(2 / units)" if role == "recurrent_kernel" else "sqrt(2 / fan_in)"
+        return math.sqrt(2.0 / fan_in), "the He scale %s" % what
+    if role == "embedding":
+        return EMBEDDING_SCALE, "a unit-scale embedding table"
+    if role == "norm_scale":
+        return NORM_SCALE, "a normalisation's starting scale 1"
+    return None
 
 
 def _g(value):
@@ -224,11 +246,11 @@ class Evidence:
         hit = np.nonzero(self.steps == step)[0]
         return float(self.col(name)[hit[-1], site]) if len(hit) else float("nan")
 
-    def indices(self, kind, kernels_only=False):
+    def indices(self, kind, multiplying_only=False):
         return [
             i
             for i, s in enumerate(self.sites)
-            if s["kind"] == kind and (not kernels_only or _is_kernel(s))
+            if s["kind"] == kind and (not multiplying_only or _multiplies(s))
         ]
 
     def loss_site(self):
@@ -397,7 +419,9 @@ def rule_large_initial_weights(ev):
     # Weights are logged after the step's update, and a huge first gradient makes even sane
     # weights huge; a layer's output at the first step was computed before the update, so its
     # gain over its input shows the initial weights.
-    for site in ev.indices("weight", kernels_only=True):
+    for site in ev.indices("weight", multiplying_only=True):
+        if stats.weight_role(ev.sites[site]) not in ("kernel", "matrix"):
+            continue  # the gain of a layer's output over its input is a kernel's doing
         gain = _first_step_gain(ev, ev.sites[site]["layer"])
         if gain is not None and gain > INIT_GAIN and (best is None or gain > best[0]):
             best = (gain, site)
@@ -411,12 +435,11 @@ def rule_large_initial_weights(ev):
             [site],
             [ev.steps[0]],
         )
-    for site in ev.indices("weight", kernels_only=True):
-        shape = ev.sites[site]["shape"]
-        fan_in = int(np.prod(shape[:-1]))
-        if fan_in <= 0:
+    for site in ev.indices("weight", multiplying_only=True):
+        expected = _initial_scale(ev.sites[site])
+        if expected is None:
             continue
-        he = math.sqrt(2.0 / fan_in)
+        he = expected[0]
         initial = _initial_rms(ev, site)
         if initial is not None:  # the weights as training started: no first update to tell apart
             if initial > INIT_RATIO * he and (best is None or initial / he > best[0]):
@@ -440,18 +463,40 @@ def rule_large_initial_weights(ev):
     if best is None:
         return None
     ratio, site, rms, he, gain = best
-    text = "%s: RMS %s %s, %sx the He scale sqrt(2 / fan_in) = %s" % (
+    steps = _time_steps(ev, site) if stats.weight_role(ev.sites[site]) == "recurrent_kernel" else 1
+    text = "%s (%s): RMS %s %s, %sx %s = %s" % (
         ev.label(site),
+        stats.WEIGHT_ROLES[stats.weight_role(ev.sites[site])].split(":")[0],
         _g(rms),
         "as training started, before the first update"
         if _initial_rms(ev, site) is not None
         else "at step %d" % ev.steps[0],
         _g(ratio),
+        _initial_scale(ev.sites[site])[1],
         _g(he),
     )
     if gain is not None:
         text += "; the layer's output at that step is %sx the RMS of its input" % _g(gain)
-    return Finding(min(0.9, 0.5 + 0.1 * math.log10(ratio)), text, [site], [ev.steps[0]])
+    if steps > 1:
+        text += "; it is applied at each of the %d time steps, so the excess compounds" % steps
+    # A recurrent kernel multiplies the state once per time step: its excess counts that often.
+    # Read from the initial record, the scale is a fact, not inferred from updated weights.
+    score = 0.5 + 0.1 * math.log10(ratio) * steps
+    score += INITIAL_FACT if _initial_rms(ev, site) is not None else 0.0
+    return Finding(min(0.9, score), text, [site], [ev.steps[0]])
+
+
+def _time_steps(ev, site):
+    """The sequence length a recurrent kernel runs over: the time axis of the input of the layer
+    that owns its cell (the site before that layer's output, [batch, time, features]), or 1."""
+    layer = ev.sites[site]["layer"]
+    outer = [layer, layer.rpartition("/")[0]]
+    out = [i for i in ev.indices("activation") if ev.sites[i]["layer"] in outer]
+    prev = [
+        i for i in range(out[0] if out else 0) if ev.sites[i]["kind"] in ("input", "activation")
+    ]
+    shape = ev.sites[prev[-1]].get("shape") or [] if prev else []
+    return int(shape[1]) if len(shape) == 3 and shape[1] and shape[1] > 1 else 1
 
 
 def _initial_rms(ev, site):
@@ -618,7 +663,7 @@ def _kernel_growth(ev, kind):
     """The steadiest geometric growth of a kernel's norm before the first non-finite step."""
     norms = ev.finite_before("norm")
     best = None
-    for site in ev.indices(kind, kernels_only=True):
+    for site in ev.indices(kind, multiplying_only=True):
         grown = _steady_growth(norms[:, site], ev.steps)
         if grown and (best is None or grown[0] > best[0][0]):
             best = (grown, site)
@@ -768,7 +813,7 @@ def rule_loss_scale_collapse(ev):
 def rule_vanishing_gradients(ev):
     zeros = ev.finite_before("zero_frac")
     out, loss = ev.output_site(), ev.loss_site()
-    candidates = ev.indices("weight_grad", kernels_only=True) + [
+    candidates = ev.indices("weight_grad", multiplying_only=True) + [
         i for i in ev.indices("activation") if i != out and (loss is None or i < loss)
     ]
     best = None

@@ -74,6 +74,50 @@ PHASES = {
 }
 
 
+# What a weight is to its layer (a site's `role`, written with weight, weight_grad and
+# optimizer_state sites), and the scale a rule expects of it as training starts.  The writer
+# knows the role from the layer (`layer.embeddings is variable`); logs written before roles
+# existed get it from the variable's name (see `weight_role`).
+WEIGHT_ROLES = {
+    "kernel": "a Dense/Conv/EinsumDense kernel: scale sqrt(2 / fan_in) (He)",
+    "recurrent_kernel": "a recurrent layer's state-to-state kernel: scale sqrt(2 / units) (He)",
+    "embedding": "an embedding table: rows of about unit scale at most",
+    "norm_scale": "a normalisation layer's scale (gamma): 1 at the start",
+    "norm_shift": "a normalisation layer's shift (beta)",
+    "bias": "a bias",
+    "matrix": "another weight of 2 or more dimensions (a custom add_weight): scale as a kernel",
+    "vector": "another weight of fewer than 2 dimensions",
+}
+# Roles that multiply what flows through the layer: the rules on initial scale, growth and
+# vanishing gradients read these.
+MULTIPLYING_ROLES = ("kernel", "recurrent_kernel", "embedding", "matrix", "norm_scale")
+_ROLE_BY_NAME = {
+    "kernel": "kernel",
+    "depthwise_kernel": "kernel",
+    "pointwise_kernel": "kernel",
+    "recurrent_kernel": "recurrent_kernel",
+    "embeddings": "embedding",
+    "gamma": "norm_scale",
+    "beta": "norm_shift",
+    "bias": "bias",
+    "recurrent_bias": "bias",
+}
+
+
+def weight_role(site):
+    """The role of a weight-related site: its `role` field, else from the variable's name (the
+    last part of `tensor`: `velocity/embeddings` -> embedding) and its rank."""
+    role = site.get("role")
+    if isinstance(role, str) and role in WEIGHT_ROLES:
+        return role
+    name = str(site.get("tensor", "")).split("/")[-1]
+    rank = len(site.get("shape") or ())
+    role = _ROLE_BY_NAME.get(name)
+    if role in ("kernel", "recurrent_kernel", "embedding") and rank < 2:
+        role = None
+    return role or ("matrix" if rank >= 2 else "vector")
+
+
 def kind_words(kind):
     """`optimizer_state` -> `optimizer state`, `weight_grad` -> `weight gradient`."""
     return KIND_WORDS.get(kind, str(kind).replace("_", " "))

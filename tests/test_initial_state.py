@@ -41,7 +41,7 @@ def test_initial_record_is_the_state_before_the_first_update(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
     rd = read(tmp_path)
     assert rd.initial is not None and rd.initial.shape == (len(rd.sites), len(stats.STATS))
-    i = rd.site_index("dense", "weight", "kernel")
+    i = rd.site_index(model.layers[0].name, "weight", "kernel")
     initial = rd.initial[i]
     assert initial[COL["norm"]] == pytest.approx(np.linalg.norm(kernel), rel=1e-6)
     assert initial[COL["max_abs"]] == pytest.approx(np.abs(kernel).max(), rel=1e-6)

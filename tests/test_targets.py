@@ -56,12 +56,13 @@ def test_nan_label_in_one_tfdata_batch_is_the_target_site(tmp_path):
     truth = first_bad_batch(y)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     callback = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=4)
-    mlp().fit(dataset, epochs=1, verbose=0, callbacks=[callback])
+    model = mlp()
+    model.fit(dataset, epochs=1, verbose=0, callbacks=[callback])
     first = reader.first_nonfinite_json(read(tmp_path, "run"))
     assert (first["step"], first["kind"], first["layer"], first["tensor"]) == (
         truth,
         "target",
-        "sequential",
+        model.name,
         "",
     )
     assert first["nan"] == 1

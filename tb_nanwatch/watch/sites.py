@@ -132,6 +132,32 @@ def watched_variables(model, optimizers):
     return out
 
 
+# Layer attributes that hold a weight of a known role (stats.WEIGHT_ROLES).
+_ROLE_ATTRIBUTES = (
+    ("embeddings", "embedding"),
+    ("recurrent_kernel", "recurrent_kernel"),
+    ("gamma", "norm_scale"),
+    ("beta", "norm_shift"),
+    ("kernel", "kernel"),
+    ("depthwise_kernel", "kernel"),
+    ("pointwise_kernel", "kernel"),
+    ("bias", "bias"),
+)
+
+
+def weight_role(layer, variable):
+    """What `variable` is to `layer` (the layer that created it): the layer attribute that holds
+    it, else by rank (`matrix` for a custom add_weight of 2+ dimensions, `vector` otherwise)."""
+    for attr, role in _ROLE_ATTRIBUTES:
+        try:
+            held = getattr(layer, attr, None)
+        except Exception:  # a property that cannot be computed (an unbuilt or exotic layer)
+            continue
+        if held is variable:
+            return role
+    return "matrix" if len(variable.shape) >= 2 else "vector"
+
+
 def _describe(tensors):
     if not tensors:
         return "float32", ()
@@ -153,9 +179,11 @@ def build(trace, model_name, layer_order, kinds):
     function of the step trace giving the tensors it reads."""
     sites, getters = [], []
 
-    def add(layer, kind, tensor, getter, dtype="float32", shape=()):
+    def add(layer, kind, tensor, getter, dtype="float32", shape=(), role=None):
         if kind in kinds:
             sites.append(summary.make_site(layer, kind, tensor, dtype, shape))
+            if role is not None:
+                sites[-1]["role"] = role
             getters.append(getter)
 
     if trace.inputs:
@@ -191,10 +219,12 @@ def build(trace, model_name, layer_order, kinds):
         for j, v in enumerate(variables)
     ]
     recorded = set(forward)
-    owner = {}
+    owner, role = {}, {}
     for path, layer in layer_order:
         for v in getattr(layer, "_trainable_variables", []):
-            owner.setdefault(id(v), path)
+            if id(v) not in owner:
+                owner[id(v)] = path
+                role[id(v)] = weight_role(layer, v)
     # Backward, layer by layer: the gradient arriving at a layer's output, then its weights'.
     recorded_grads = list(trace.activation_grads)
     reverse_forward = list(reversed(forward))
@@ -215,6 +245,7 @@ def build(trace, model_name, layer_order, kinds):
                     lambda tr, i=i, j=j: gradient_values(tr.applies[i][1][j]),
                     v.dtype,
                     tuple(v.shape),
+                    role.get(id(v)),
                 )
 
     for path in backward:
@@ -248,8 +279,9 @@ def build(trace, model_name, layer_order, kinds):
                         reads_variable(slot),
                         slot.dtype,
                         tuple(slot.shape),
+                        role.get(id(v)),
                     )
-            add(path, "weight", v.name, reads_variable(v), v.dtype, tuple(v.shape))
+            add(path, "weight", v.name, reads_variable(v), v.dtype, tuple(v.shape), role.get(id(v)))
     return sites, getters
 
 
