@@ -15,7 +15,11 @@ PLUGIN_NAME = "nanwatch"
 #    the row covers (what is the same for every site), then a line per site without the
 #    `steps` column, the first non-finite step stored as an offset back from the row's step
 #    (exact in float32 for rows shorter than 2**24 steps, whatever the run's length).
-PROTOCOL_VERSION = 2
+# 3: the same rows; site lists may hold the kinds `target` and `sample_weight` and a weight's
+#    `role`; an `initial` record.  Readers of version 2 refuse those kinds site by site (and
+#    with them the rows), so the version says it first: "upgrade tb_nanwatch".  Versions 1 and
+#    2 read as before.
+PROTOCOL_VERSION = 3
 
 # Record kinds; each is one tag per site list ("group").
 ROWS = "rows"  # float32 [1 + n_sites, len(DISK_STATS)], step = last step of the row
