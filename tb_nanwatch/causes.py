@@ -52,7 +52,8 @@ CAUSES = (
         "Targets so large that the loss is huge from the start",
         "The loss at the first logged step is above 1e6 (or the loss itself is the producer, +Inf, at the "
         "first step) while the model's output is small: |output| below a tenth of sqrt(loss), so the "
-        "targets, not the predictions, make the loss huge.",
+        "targets, not the predictions, make the loss huge. The evidence quotes the target sites' largest "
+        "|y| where the targets are watched.",
         "Scale the targets, and undo it on the predictions: `y_mean, y_std = y.mean(), y.std(); "
         "model.fit(x, (y - y_mean) / y_std)`, then `model.predict(x) * y_std + y_mean`; or log-transform "
         "positive targets (`np.log1p(y)`).",

@@ -402,14 +402,23 @@ def rule_unscaled_targets(ev):
     ]
     if not pull or not ev.col("max_abs")[0, pull[0]] > 1.0:
         return None
-    return Finding(
-        0.9,
+    text = (
         "the loss was %s at step %d while the model's output (%s) was at most %s in magnitude: "
         "the targets are about %s"
-        % (_g(loss_value), start, ev.label(out), _g(out_abs), _g(math.sqrt(loss_value))),
-        [loss, out],
-        [start],
+        % (_g(loss_value), start, ev.label(out), _g(out_abs), _g(math.sqrt(loss_value)))
     )
+    return Finding(0.9, text + _measured_targets(ev), [loss, out], [start])
+
+
+def _measured_targets(ev):
+    """'; measured: ... largest |y| ...' from the target sites at the first logged step (logs that
+    watch targets), else ''."""
+    found = [(ev.col("max_abs")[0, i], i) for i in ev.indices("target") if ev.col("size")[0, i] > 0]
+    found = [(v, i) for v, i in found if np.isfinite(v)]
+    if not found:
+        return ""
+    value, site = max(found)
+    return "; measured: %s has largest |y| %s at step %d" % (ev.label(site), _g(value), ev.steps[0])
 
 
 def rule_large_initial_weights(ev):

@@ -180,3 +180,20 @@ def test_custom_loop_records_targets(tmp_path):
             break
     watch.close()
     assert (watch.first_nonfinite["step"], watch.first_nonfinite["kind"]) == (2, "target")
+
+
+def test_unscaled_targets_quotes_the_measured_targets(tmp_path):
+    x, y = regression(512)
+    y = y * 1e5  # prices in dollars
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    callback = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=4)
+    model.fit(x, y, batch_size=32, shuffle=False, epochs=1, verbose=0, callbacks=[callback])
+    assert callback.watch.first_nonfinite is not None
+    found = {c["cause"]: c for c in diagnosis.diagnose(read(tmp_path, "run"))}
+    evidence = found["unscaled_targets"]["evidence"]
+    largest = float(np.abs(y[:32]).max())  # the first batch's labels, without the writer
+    assert "measured: %s, target has largest |y| %.3g at step 0" % (model.name, largest) in evidence
