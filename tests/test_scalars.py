@@ -144,3 +144,37 @@ def test_tensorboards_scalars_tab_serves_them(tmp_path):
         }
         runs = ph.get_json(base + "/data/plugin/nanwatch/runs")
         assert "run" in json.dumps(runs)
+
+
+def test_a_step_with_two_optimizers_logs_each_learning_rate(tmp_path):
+    from test_models import gan  # keras.io's GAN: a d_optimizer and a g_optimizer
+
+    model = gan()
+    data = np.random.default_rng(0).normal(size=(64, 6)).astype("float32")
+    callback = tb_nanwatch.NanWatchCallback(str(tmp_path / "run"), log_every=2)
+    model.fit(data, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    rates = {
+        tag: points[3]
+        for tag, points in tensorboard_scalars(tmp_path).items()
+        if tag.startswith("nanwatch/learning_rate/")
+    }
+    # model.optimizer (compile's default) is watched too, but never applies: no rate for it.
+    names = [model.d_optimizer.name, model.g_optimizer.name]
+    assert sorted(rates) == sorted("nanwatch/learning_rate/%s" % n for n in names), rates
+    assert sorted(rates.values()) == [pytest.approx(1e-3), pytest.approx(1e-2)]
+
+
+def test_scalar_tags_of_a_group_and_unknown_names(tmp_path):
+    from tb_nanwatch import metadata, summary
+
+    assert metadata.scalar_tag("loss", "encoder") == "nanwatch/encoder/loss"
+    assert metadata.parse_tag("nanwatch/learning_rate") is None  # not a nanwatch record
+    with pytest.raises(ValueError):
+        metadata.scalar_tag("accuracy")
+    sites = [summary.make_site("m", "loss")]
+    with summary.RecordWriter(str(tmp_path / "run"), sites, group="encoder") as writer:
+        writer.write_scalars(3, {"loss": 0.5, "learning_rate": 0.01})
+        writer.write_scalars(7, {"loss": 0.25})
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars["nanwatch/encoder/loss"] == {3: 0.5, 7: 0.25}
+    assert scalars["nanwatch/encoder/learning_rate"] == {3: pytest.approx(0.01)}

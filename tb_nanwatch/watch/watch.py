@@ -381,15 +381,24 @@ class Watch:
         self._write_scalars(last_step, row, scale)
         self._last_row_step = last_step
 
+    def _learning_rate_names(self):
+        """`learning_rate` for one optimizer; `learning_rate/<name>` for several (a GAN's
+        `learning_rate/d_optimizer`), numbered where names repeat."""
+        if len(self.optimizers) == 1:
+            return ["learning_rate"]
+        names = [str(getattr(o, "name", "") or "optimizer") for o in self.optimizers]
+        return [
+            "learning_rate/%s" % (n if names.count(n) == 1 else "%s_%d" % (n, i))
+            for i, n in enumerate(names)
+        ]
+
     def _write_scalars(self, step, row, loss_scale):
         """The row's scalars for TensorBoard's Scalars tab, from what the row and the device
         already hold (metadata.SCALARS): no read of its own but the learning rates, with the row."""
         values = {}
         rates = self._state.learning_rates.numpy()
-        for optimizer, rate in zip(self.optimizers, rates):
+        for name, rate in zip(self._learning_rate_names(), rates):
             if np.isfinite(rate):
-                several = len(self.optimizers) > 1
-                name = "learning_rate/%s" % optimizer.name if several else "learning_rate"
                 values[name] = rate
         col = stats.STAT_INDEX
         kinds = np.array([s["kind"] for s in self._sites])
