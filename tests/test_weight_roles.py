@@ -100,3 +100,24 @@ def test_roles_of_logs_written_before_roles_come_from_the_names():
     # What the writer recorded wins over the name; a malformed role is ignored.
     assert stats.weight_role(site("w", [4, 4], role="embedding")) == "embedding"
     assert stats.weight_role(site("kernel", [4, 4], role=["bad"])) == "kernel"
+
+
+class Scaled(keras.layers.Layer):
+    """A custom layer whose weight is made by add_weight under a name of its own."""
+
+    def build(self, input_shape):
+        init = keras.initializers.RandomNormal(stddev=1000.0)
+        self.mixing = self.add_weight(name="mixing", shape=(input_shape[-1], 8), initializer=init)
+
+    def call(self, x):
+        return keras.ops.relu(x @ self.mixing)
+
+
+def test_a_custom_add_weight_is_judged_as_a_matrix(tmp_path):
+    tokens = L.Embedding(50, 8, embeddings_initializer="random_normal")
+    layers = [tokens, L.GlobalAveragePooling1D(), Scaled(), L.Dense(1)]
+    callback, rd = train(tmp_path, layers, keras.optimizers.SGD(0.01))
+    assert callback.watch.first_nonfinite is not None
+    cause, site = first_cause(rd)
+    assert cause["cause"] == "large_initial_weights", diagnosis.diagnose(rd)
+    assert (site["tensor"], site["role"]) == ("mixing", "matrix")
