@@ -46,7 +46,7 @@ LEAN_EXCLUDES = ("weight", "optimizer_state")
 # In-process configurations: name -> (jit_compile, description).
 INPROC = {
     "plain": (False, "model.fit, no monitoring callback"),
-    "defaults": (False, "NanWatchCallback(logdir): all 7 kinds, a row every 100 steps"),
+    "defaults": (False, "NanWatchCallback(logdir): every site kind, a row every 100 steps"),
     "lean": (False, "NanWatchCallback(kinds=all but weight and optimizer_state), rows every 100"),
     "every10": (False, "NanWatchCallback(log_every=10): defaults with a row every 10 steps"),
     "floor": (False, "one L2 norm per watched tensor per step into a variable, nothing else"),

@@ -721,6 +721,45 @@ def nan_in_data_fixed(logdir, facts):
     return _fit(model, x, y, logdir, facts, epochs=1)
 
 
+def _label_pipeline(drop_nonfinite):
+    """A tf.data pipeline whose labels hold one NaN (a failed join in the label table)."""
+    import tensorflow as tf
+
+    x, y = _regression_data()
+    y = y.copy()
+    y[500, 0] = np.nan
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if drop_nonfinite:  # the remedy: drop the rows whose labels are not finite, before batching
+        dataset = dataset.filter(lambda x, y: tf.reduce_all(tf.math.is_finite(y)))
+    return dataset.batch(32)
+
+
+@scenario(
+    "nan_label",
+    "variant",
+    "A regression fed by tf.data whose labels hold one NaN",
+    "Not from the articles: the inputs and the model are fine; the labels of the batch holding "
+    "row 500 are NaN, so the loss is NaN at that step.",
+)
+def nan_label(logdir, facts):
+    model = _linear_model()
+    model.compile(optimizer="adam", loss="mse")
+    return _fit(model, _label_pipeline(False), None, logdir, facts, epochs=1, batch_size=None)
+
+
+@scenario(
+    "nan_label_filtered",
+    "fixed",
+    "The same pipeline with dataset.filter dropping rows whose labels are not finite",
+    "The remedy for nonfinite_target.",
+    fixes="nan_label",
+)
+def nan_label_filtered(logdir, facts):
+    model = _linear_model()
+    model.compile(optimizer="adam", loss="mse")
+    return _fit(model, _label_pipeline(True), None, logdir, facts, epochs=1, batch_size=None)
+
+
 def _small_mlp(features=8, **dense_kwargs):
     keras = _keras()
     return keras.Sequential(
@@ -968,6 +1007,7 @@ def sentinel_target_clipnorm(logdir, facts):
 CAUSE_DEMOS = collections.OrderedDict(
     [
         ("nonfinite_input", ("nan_in_data", "nan_in_data_fixed")),
+        ("nonfinite_target", ("nan_label", "nan_label_filtered")),
         ("unscaled_inputs", ("f_huge_data", "f_standardised")),
         ("unscaled_targets", ("targets_in_dollars", "targets_in_dollars_fixed")),
         ("large_initial_weights", ("large_init_deep", "large_init_deep_fixed")),

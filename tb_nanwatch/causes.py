@@ -26,6 +26,19 @@ CAUSES = (
         True,
     ),
     Cause(
+        "nonfinite_target",
+        "Your targets (labels) or sample weights hold NaN or Inf",
+        "The producer is a target or sample-weight site: the labels (or the per-sample weights, "
+        "`class_weight` included) of the batch were non-finite before the loss compared the model's "
+        "output with them. The model and the loss function were fine; the loss only carried the value on.",
+        "Check the label pipeline: `np.isfinite(y).all(axis=-1)` marks the bad rows of an array; in a "
+        "`tf.data` pipeline, fail at the bad batch with `dataset.map(lambda x, y: (x, "
+        "tf.debugging.assert_all_finite(y, 'bad label')))`, or drop such rows before batching with "
+        "`dataset.filter(lambda x, y: tf.reduce_all(tf.math.is_finite(y)))`. For sample weights, look "
+        "for a 0/0 where they are computed (a class that never occurs, a normaliser of 0).",
+        True,
+    ),
+    Cause(
         "unscaled_inputs",
         "Inputs far outside the unit range",
         "An input site's largest |x| before the first non-finite step is above 50 (standardised data stays "
@@ -39,7 +52,8 @@ CAUSES = (
         "Targets so large that the loss is huge from the start",
         "The loss at the first logged step is above 1e6 (or the loss itself is the producer, +Inf, at the "
         "first step) while the model's output is small: |output| below a tenth of sqrt(loss), so the "
-        "targets, not the predictions, make the loss huge.",
+        "targets, not the predictions, make the loss huge. The evidence quotes the target sites' largest "
+        "|y| where the targets are watched.",
         "Scale the targets, and undo it on the predictions: `y_mean, y_std = y.mean(), y.std(); "
         "model.fit(x, (y - y_mean) / y_std)`, then `model.predict(x) * y_std + y_mean`; or log-transform "
         "positive targets (`np.log1p(y)`).",
@@ -50,12 +64,20 @@ CAUSES = (
         "Initial weights far above the Glorot/He scale",
         "A layer with a kernel whose output at the first logged step, computed before the first update, "
         "has more than 8x the RMS of its input (He/Glorot weights keep it near 1). Without that evidence: "
-        "a kernel's RMS at the first step more than 5x the He scale sqrt(2 / fan_in) (fan_in: the product "
-        "of all but the kernel's last dimension), unless the layer's gain says the first update, not the "
-        "initialisation, made it large (weights are logged after the update).",
+        "a weight's RMS as training started more than 5x the scale of its role (a weight's role is what "
+        "it is to its layer, recorded by the writer): a kernel or a custom matrix, the He scale "
+        "sqrt(2 / fan_in) (fan_in: the product of all but its last dimension); a recurrent kernel, "
+        "sqrt(2 / units), its excess counted once per time step of the layer's input; an embedding "
+        "table, 1; a normalisation scale (gamma), 1. The RMS is read from the `initial` record written "
+        "before the first update (ranked higher: a fact). Logs without that record have the weights only "
+        "after step 0's update: there the RMS at the first step counts unless the layer's gain says the "
+        "first update, not the initialisation, made it large.",
         "Use the default initialiser, or one that scales with the fan-in: "
         '`keras.layers.Dense(n, kernel_initializer="he_normal")` for ReLU layers, "glorot_uniform" '
-        "(Keras' default) otherwise.",
+        "(Keras' default) otherwise; "
+        '`keras.layers.Embedding(n, dim, embeddings_initializer="uniform")` (Keras\' default, +-0.05); '
+        '`recurrent_initializer="orthogonal"` for recurrent layers (Keras\' default); '
+        '`gamma_initializer="ones"` for normalisation layers.',
         True,
     ),
     Cause(
@@ -105,7 +127,8 @@ CAUSES = (
     Cause(
         "learning_rate_too_high",
         "The learning rate is too high: the weights grow geometrically",
-        "A kernel's L2 norm grows steadily step over step before the first non-finite step: at least 10x "
+        "A weight that multiplies (a kernel, recurrent kernel, embedding table, normalisation scale or "
+        "custom matrix, by its role) grows its L2 norm steadily step over step before the first non-finite step: at least 10x "
         "overall, at 5% or more per step, steadily: log norm against step is a line (R^2 at least 0.7: "
         "an unstable SGD oscillates while its amplitude grows) or the norm grows in at least 70% of the "
         "steps (a divergence that accelerates).",
@@ -150,7 +173,8 @@ CAUSES = (
     Cause(
         "vanishing_gradients",
         "Gradients or activations stuck at exactly zero",
-        "A kernel's weight gradient is exactly 0 in every element, or a hidden layer's output is all "
+        "The gradient of a weight that multiplies (a kernel, recurrent kernel, embedding table, "
+        "normalisation scale or custom matrix) is exactly 0 in every element, or a hidden layer's output is all "
         "zeros (dead ReLU), in at least half of the logged rows and at least 3 of them: that part of the "
         "model no longer trains.",
         'Keep the gradient alive: He initialisation (`kernel_initializer="he_normal"`), '

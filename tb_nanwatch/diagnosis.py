@@ -102,6 +102,9 @@ HUGE_LOSS = 1e6
 OUTPUT_VS_LOSS = 0.1  # |output| below a tenth of sqrt(loss): the targets make the loss
 INIT_RATIO = 5.0  # kernel RMS over the He scale sqrt(2 / fan_in)
 INIT_GAIN = 8.0  # a layer's output RMS over its input's, before the first update
+EMBEDDING_SCALE = 1.0  # the RMS of an embedding table, at most, as training starts
+NORM_SCALE = 1.0  # a normalisation layer's scale (gamma) as training starts
+INITIAL_FACT = 0.1  # score added when a weight's scale is read from the initial record
 DOMAIN_HEADROOM = 8.0  # +Inf with more doublings left than this at the step before: not an overflow
 DOMAIN_INPUT = 1e6  # ... and from an input below this (exp, division), not a huge matmul
 GROWTH_TOTAL = 10.0  # weights: at least 10x overall ...
@@ -128,8 +131,27 @@ def _site_json(site):
     return {"layer": site["layer"], "kind": site["kind"], "tensor": site.get("tensor", "")}
 
 
-def _is_kernel(site):
-    return site.get("tensor", "").split("/")[-1] == "kernel" and len(site.get("shape") or ()) >= 2
+def _multiplies(site):
+    """A weight that multiplies what flows through its layer, by its role (stats.WEIGHT_ROLES):
+    kernels, recurrent kernels, embedding tables, normalisation scales, custom matrices."""
+    return stats.weight_role(site) in stats.MULTIPLYING_ROLES
+
+
+def _initial_scale(site):
+    """(the largest RMS a sane initialisation gives a weight of this role, its name in words),
+    or None for roles without one (biases, shifts)."""
+    role, shape = stats.weight_role(site), site.get("shape") or []
+    if role in ("kernel", "matrix", "recurrent_kernel"):
+        fan_in = int(np.prod(shape[:-1]))
+        if fan_in <= 0:
+            return None
+        what = "sqrt(2 / units)" if role == "recurrent_kernel" else "sqrt(2 / fan_in)"
+        return math.sqrt(2.0 / fan_in), "the He scale %s" % what
+    if role == "embedding":
+        return EMBEDDING_SCALE, "a unit-scale embedding table"
+    if role == "norm_scale":
+        return NORM_SCALE, "a normalisation's starting scale 1"
+    return None
 
 
 def _g(value):
@@ -168,11 +190,11 @@ class Evidence:
         hit = np.nonzero(self.steps == step)[0]
         return float(self.col(name)[hit[-1], site]) if len(hit) else float("nan")
 
-    def indices(self, kind, kernels_only=False):
+    def indices(self, kind, multiplying_only=False):
         return [
             i
             for i, s in enumerate(self.sites)
-            if s["kind"] == kind and (not kernels_only or _is_kernel(s))
+            if s["kind"] == kind and (not multiplying_only or _multiplies(s))
         ]
 
     def loss_site(self):
@@ -244,6 +266,19 @@ def rule_nonfinite_input(ev):
     )
 
 
+def rule_nonfinite_target(ev):
+    if ev.producer is None or ev.sites[ev.producer]["kind"] not in ("target", "sample_weight"):
+        return None
+    what = "labels" if ev.sites[ev.producer]["kind"] == "target" else "sample weights"
+    return Finding(
+        1.0,
+        "%s held %s at step %d, before the loss used it: the %s of that batch are not finite"
+        % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until, what),
+        [ev.producer],
+        [ev.until],
+    )
+
+
 def rule_unscaled_inputs(ev):
     inputs = ev.indices("input")
     if (
@@ -309,14 +344,23 @@ def rule_unscaled_targets(ev):
     ]
     if not pull or not ev.col("max_abs")[0, pull[0]] > 1.0:
         return None
-    return Finding(
-        0.9,
+    text = (
         "the loss was %s at step %d while the model's output (%s) was at most %s in magnitude: "
         "the targets are about %s"
-        % (_g(loss_value), start, ev.label(out), _g(out_abs), _g(math.sqrt(loss_value))),
-        [loss, out],
-        [start],
+        % (_g(loss_value), start, ev.label(out), _g(out_abs), _g(math.sqrt(loss_value)))
     )
+    return Finding(0.9, text + _measured_targets(ev), [loss, out], [start])
+
+
+def _measured_targets(ev):
+    """'; measured: ... largest |y| ...' from the target sites at the first logged step (logs that
+    watch targets), else ''."""
+    found = [(ev.col("max_abs")[0, i], i) for i in ev.indices("target") if ev.col("size")[0, i] > 0]
+    found = [(v, i) for v, i in found if np.isfinite(v)]
+    if not found:
+        return ""
+    value, site = max(found)
+    return "; measured: %s has largest |y| %s at step %d" % (ev.label(site), _g(value), ev.steps[0])
 
 
 def rule_large_initial_weights(ev):
@@ -326,7 +370,9 @@ def rule_large_initial_weights(ev):
     # Weights are logged after the step's update, and a huge first gradient makes even sane
     # weights huge; a layer's output at the first step was computed before the update, so its
     # gain over its input shows the initial weights.
-    for site in ev.indices("weight", kernels_only=True):
+    for site in ev.indices("weight", multiplying_only=True):
+        if stats.weight_role(ev.sites[site]) not in ("kernel", "matrix"):
+            continue  # the gain of a layer's output over its input is a kernel's doing
         gain = _first_step_gain(ev, ev.sites[site]["layer"])
         if gain is not None and gain > INIT_GAIN and (best is None or gain > best[0]):
             best = (gain, site)
@@ -340,10 +386,15 @@ def rule_large_initial_weights(ev):
             [site],
             [ev.steps[0]],
         )
-    for site in ev.indices("weight", kernels_only=True):
-        shape = ev.sites[site]["shape"]
-        fan_in = int(np.prod(shape[:-1]))
-        if fan_in <= 0:
+    for site in ev.indices("weight", multiplying_only=True):
+        expected = _initial_scale(ev.sites[site])
+        if expected is None:
+            continue
+        he = expected[0]
+        initial = _initial_rms(ev, site)
+        if initial is not None:  # the weights as training started: no first update to tell apart
+            if initial > INIT_RATIO * he and (best is None or initial / he > best[0]):
+                best = (initial / he, site, initial, he, None)
             continue
         norm, size = ev.col("norm")[0, site], ev.col("size")[0, site]
         rms = (
@@ -351,7 +402,6 @@ def rule_large_initial_weights(ev):
             if np.isfinite(norm) and size > 0
             else math.hypot(ev.col("std")[0, site], ev.col("mean")[0, site])
         )
-        he = math.sqrt(2.0 / fan_in)
         if not (np.isfinite(rms) and rms > INIT_RATIO * he):
             continue
         # Weights are logged after the step's update; the layer's output at the first step was
@@ -364,16 +414,53 @@ def rule_large_initial_weights(ev):
     if best is None:
         return None
     ratio, site, rms, he, gain = best
-    text = "%s: RMS %s at step %d, %sx the He scale sqrt(2 / fan_in) = %s" % (
+    steps = _time_steps(ev, site) if stats.weight_role(ev.sites[site]) == "recurrent_kernel" else 1
+    text = "%s (%s): RMS %s %s, %sx %s = %s" % (
         ev.label(site),
+        stats.WEIGHT_ROLES[stats.weight_role(ev.sites[site])].split(":")[0],
         _g(rms),
-        ev.steps[0],
+        "as training started, before the first update"
+        if _initial_rms(ev, site) is not None
+        else "at step %d" % ev.steps[0],
         _g(ratio),
+        _initial_scale(ev.sites[site])[1],
         _g(he),
     )
     if gain is not None:
         text += "; the layer's output at that step is %sx the RMS of its input" % _g(gain)
-    return Finding(min(0.9, 0.5 + 0.1 * math.log10(ratio)), text, [site], [ev.steps[0]])
+    if steps > 1:
+        text += "; it is applied at each of the %d time steps, so the excess compounds" % steps
+    # A recurrent kernel multiplies the state once per time step: its excess counts that often.
+    # Read from the initial record, the scale is a fact, not inferred from updated weights.
+    score = 0.5 + 0.1 * math.log10(ratio) * steps
+    score += INITIAL_FACT if _initial_rms(ev, site) is not None else 0.0
+    return Finding(min(0.9, score), text, [site], [ev.steps[0]])
+
+
+def _time_steps(ev, site):
+    """The sequence length a recurrent kernel runs over: the time axis of the input of the layer
+    that owns its cell (the site before that layer's output, [batch, time, features]), or 1."""
+    layer = ev.sites[site]["layer"]
+    outer = [layer, layer.rpartition("/")[0]]
+    out = [i for i in ev.indices("activation") if ev.sites[i]["layer"] in outer]
+    prev = [
+        i for i in range(out[0] if out else 0) if ev.sites[i]["kind"] in ("input", "activation")
+    ]
+    shape = ev.sites[prev[-1]].get("shape") or [] if prev else []
+    return int(shape[1]) if len(shape) == 3 and shape[1] and shape[1] > 1 else 1
+
+
+def _initial_rms(ev, site):
+    """RMS of a weight in the `initial` record (before step 0's update), or None when the logs
+    have no such record or it does not measure the site."""
+    initial = getattr(ev.data, "initial", None)
+    if initial is None or site >= len(initial):
+        return None
+    col = stats.STAT_INDEX
+    norm, size = initial[site, col["norm"]], initial[site, col["size"]]
+    if not (np.isfinite(norm) and size > 0):
+        return None
+    return float(norm / math.sqrt(size))
 
 
 def _rms(ev, row, site):
@@ -527,7 +614,7 @@ def _kernel_growth(ev, kind):
     """The steadiest geometric growth of a kernel's norm before the first non-finite step."""
     norms = ev.finite_before("norm")
     best = None
-    for site in ev.indices(kind, kernels_only=True):
+    for site in ev.indices(kind, multiplying_only=True):
         grown = _steady_growth(norms[:, site], ev.steps)
         if grown and (best is None or grown[0] > best[0][0]):
             best = (grown, site)
@@ -677,7 +764,7 @@ def rule_loss_scale_collapse(ev):
 def rule_vanishing_gradients(ev):
     zeros = ev.finite_before("zero_frac")
     out, loss = ev.output_site(), ev.loss_site()
-    candidates = ev.indices("weight_grad", kernels_only=True) + [
+    candidates = ev.indices("weight_grad", multiplying_only=True) + [
         i for i in ev.indices("activation") if i != out and (loss is None or i < loss)
     ]
     best = None
@@ -706,6 +793,7 @@ def rule_vanishing_gradients(ev):
 
 RULES = {
     "nonfinite_input": rule_nonfinite_input,
+    "nonfinite_target": rule_nonfinite_target,
     "unscaled_inputs": rule_unscaled_inputs,
     "unscaled_targets": rule_unscaled_targets,
     "large_initial_weights": rule_large_initial_weights,

@@ -17,7 +17,10 @@ PLUGIN_NAME = "nanwatch"
 #    (exact in float32 for rows shorter than 2**24 steps, whatever the run's length).
 # 3: rows and flight rows as in 2, but in the run's row file (`plugins/nanwatch/*.rows`, see
 #    `runfiles`), which TensorBoard's loaders never read: what TensorBoard holds stays small
-#    whatever the run's length.  The event file holds a `run` record naming that file.
+#    whatever the run's length.  The event file holds a `run` record naming that file.  Site
+#    lists may hold the kinds `target` and `sample_weight` and a weight's `role`; an `initial`
+#    record.  Readers of version 2 would refuse those kinds site by site (and with them the
+#    rows), so the version says it first: "upgrade tb_nanwatch".  Versions 1 and 2 read as before.
 PROTOCOL_VERSION = 3
 
 # Record kinds; each is one tag per site list ("group").
@@ -26,9 +29,26 @@ FLIGHT = "flight"  # same, one per step before the first non-finite
 FIRST_NONFINITE = "first_nonfinite"  # scalar string: JSON object, step = that step
 EVENTS = "events"  # scalar string: JSON list of events at that step (loss-scale skips, ...)
 RUN = "run"  # scalar string: JSON {"rows_file": path relative to the run, "sites": n}
-RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS, RUN)
+# The state training starts from, before step 0's update: one row like ROWS (at step 0) in which
+# only weights and optimizer slots are measured, and `steps` is NaN (it covers no step).  Rows
+# log weights after each step's update; this is what "initial" means.  Readers that predate it
+# skip the tag (an unknown record name is not a nanwatch tag to them).
+INITIAL = "initial"
+RECORDS = (ROWS, FLIGHT, FIRST_NONFINITE, EVENTS, RUN, INITIAL)
 
 TAG_PREFIX = "nanwatch"
+
+# Per-row scalars written as standard TensorBoard scalar summaries (plugin "scalars"), so that
+# TensorBoard's own Scalars tab shows them beside the NanWatch tab: `nanwatch/learning_rate` (one
+# per optimizer, `nanwatch/learning_rate/<name>`, when a step applies several), `nanwatch/loss`,
+# `nanwatch/gradient_norm`, `nanwatch/loss_scale`.  Not nanwatch records: parse_tag skips them.
+SCALARS = {
+    "learning_rate": "the learning rate the optimizer applied at this step (a schedule's value)",
+    "loss": "the training loss at this step (not an epoch mean)",
+    "gradient_norm": "global L2 norm of the finite elements of the weight gradients at this step, "
+    "before clipping, without the loss scale",
+    "loss_scale": "the mixed-precision loss scale after this step",
+}
 
 # Rows are spread over tags by step block ("nanwatch/rows", "nanwatch/rows.0001", ...) so that
 # one tag's answer from the data provider stays far below gRPC's 256 MiB message limit, which
@@ -43,6 +63,13 @@ def tag(record, group=None, block=0):
         raise ValueError("unknown nanwatch record %r" % (record,))
     name = "/".join([TAG_PREFIX] + ([group] if group else []) + [record])
     return name + (".%04d" % block if block else "")
+
+
+def scalar_tag(name, group=None):
+    """`nanwatch/learning_rate`, `nanwatch/<group>/loss`, `nanwatch/learning_rate/d_optimizer`."""
+    if name.split("/")[0] not in SCALARS:
+        raise ValueError("unknown nanwatch scalar %r" % (name,))
+    return "/".join([TAG_PREFIX] + ([group] if group else []) + [name])
 
 
 def parse_tag(tag_name):
@@ -83,7 +110,11 @@ def encode_row(step, row):
     row = np.asarray(row, dtype=np.float64)
     col = stats.STAT_INDEX
     out = np.zeros((row.shape[0] + 1, len(DISK_STATS)), dtype=DISK_DTYPE)
-    out[0, 0] = np.nanmax(row[:, col["steps"]]) if len(row) else 1
+    covered = row[:, col["steps"]]
+    if not len(row):
+        out[0, 0] = 1
+    else:  # NaN only for the initial record, which covers no step
+        out[0, 0] = np.nan if np.isnan(covered).all() else np.nanmax(covered)
     # A float64 statistic past float32's range (the norm of a float32 tensor near overflow)
     # saturates at float32's largest value rather than reading as an infinity.
     largest = np.finfo(DISK_DTYPE).max

@@ -60,6 +60,9 @@ class RunData:
         # Writer sessions found in the run directory (a script re-run into it): when there
         # are several, everything above is the latest one's (see `sessions_of`).
         self.sessions = []
+        # The state before step 0's update (`metadata.INITIAL`): float64 [n_sites, n_stats],
+        # weights and optimizer slots measured, NaN elsewhere; None in logs that lack it.
+        self.initial = None
 
     def session_warning(self):
         """One line naming the writer sessions when there are several, else None."""
@@ -227,6 +230,7 @@ def read_run(provider, ctx, experiment_id, run, group=None):
     flight_steps, flight_rows = matrices(
         [tags[metadata.FLIGHT]] if tags[metadata.FLIGHT] in series else []
     )
+    _, initial_rows = matrices([tags[metadata.INITIAL]] if tags[metadata.INITIAL] in series else [])
     first = None
     if tags[metadata.FIRST_NONFINITE] in series:
         for tag_name, datum in read(tags[metadata.FIRST_NONFINITE]):
@@ -275,6 +279,7 @@ def read_run(provider, ctx, experiment_id, run, group=None):
         run, group, sites, steps, rows, flight_steps, flight_rows, first, events, warnings
     )
     data.sessions = sessions
+    data.initial = initial_rows[-1] if len(initial_rows) else None
     return data
 
 

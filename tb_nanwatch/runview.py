@@ -139,6 +139,7 @@ class RunBuilder:
         self.version = 0
         self._headless = []  # rows dropped for want of a site list: (tag, step)
         self._flight_pending = []  # flight rows as read (few): decoded when a view is made
+        self._initial_pending = []  # the state before the first update, as read (one a session)
 
     # -- records in ---------------------------------------------------------------
     def add_event(self, event, path=None, offset=None):
@@ -149,7 +150,11 @@ class RunBuilder:
             if parsed is None or parsed[0] != self.group:
                 continue
             record = parsed[1]
-            if value.HasField("metadata") and record in (metadata.ROWS, metadata.FLIGHT):
+            if value.HasField("metadata") and record in (
+                metadata.ROWS,
+                metadata.FLIGHT,
+                metadata.INITIAL,
+            ):
                 self._take_content(value.tag, record, value.metadata.plugin_data.content)
             if not value.HasField("tensor"):
                 continue
@@ -163,6 +168,8 @@ class RunBuilder:
                     self._flush_rows()
             elif record == metadata.FLIGHT:
                 self._add_flight(value.tag, event.step, event.wall_time, array)
+            elif record == metadata.INITIAL:
+                self._initial_pending.append((value.tag, event.step, event.wall_time, array))
             elif record == metadata.FIRST_NONFINITE:
                 self._add_first(value.tag, event.step, event.wall_time, array)
             elif record == metadata.EVENTS:
@@ -344,6 +351,7 @@ class RunBuilder:
         self.events = [(0.0, None, list(getattr(data, "events", [])))]
         self._provider_warnings = list(getattr(data, "warnings", []))
         self._provider_flight = (data.flight_steps, data.flight_rows)
+        self._provider_initial = getattr(data, "initial", None)
         self.timeline = timeline.Timeline(
             len(self.sites), until=self._until(), eligible=self._eligible()
         )
@@ -397,10 +405,23 @@ class RunBuilder:
             events,
             warnings,
             sessions=[dict(s) for s in self.sessions],
+            initial=self._initial(since),
             index=self.index,
             damage=list(damage),
             stat_names=self.stat_names,
         )
+
+    def _initial(self, since):
+        """The latest session's `initial` row ([n_sites, n_stats], table layout), or None."""
+        if hasattr(self, "_provider_initial"):
+            return self._provider_initial
+        pending = [p for p in self._initial_pending if since is None or p[2] > since]
+        if self.content is None or not pending:
+            return None
+        steps, stored, _ = self._decode(pending[-1:])
+        if not len(steps):
+            return None
+        return metadata.decode_rows(stored, timeline.DISK, steps)[0]
 
     def _flight(self, since):
         if hasattr(self, "_provider_flight"):
@@ -453,6 +474,7 @@ class RunView:
         index=None,
         damage=(),
         stat_names=None,
+        initial=None,
     ):
         self.run, self.group, self.sites = run, group, sites
         self.line = line
@@ -466,6 +488,9 @@ class RunView:
         self.events = [e for e in events if isinstance(e, dict)]
         self.warnings = list(warnings)
         self.sessions = list(sessions)
+        # The state before step 0's update (`metadata.INITIAL`): [n_sites, n_stats], weights
+        # and optimizer slots measured, NaN elsewhere; None in logs that lack it.
+        self.initial = initial
         self.damage = list(damage)
         self._index = index
         self._stat_names = stat_names

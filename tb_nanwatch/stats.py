@@ -27,6 +27,8 @@ import numpy as np
 # In the order they happen inside a training step.
 KINDS = (
     "input",
+    "target",  # what the loss compares the output with (labels), one site per leaf
+    "sample_weight",  # per-sample loss weights (class_weight becomes these), one per leaf
     "activation",  # a layer's output, forward order
     "loss",
     "activation_grad",  # gradient w.r.t. a layer's output, backward order
@@ -37,6 +39,8 @@ KINDS = (
 
 KIND_MEANINGS = {
     "input": "the batch fed to the model",
+    "target": "the targets (labels) of the batch, as the loss receives them",
+    "sample_weight": "the batch's sample weights (from sample_weight= or class_weight=)",
     "activation": "a layer's output",
     "loss": "the training loss",
     "activation_grad": "gradient of the loss w.r.t. a layer's output",
@@ -48,6 +52,8 @@ KIND_MEANINGS = {
 # How the kinds read in words (tab, report, PNG), and the phase of a step each belongs to.
 KIND_WORDS = {
     "input": "input",
+    "target": "target",
+    "sample_weight": "sample weight",
     "activation": "activation",
     "loss": "loss",
     "activation_grad": "activation gradient",
@@ -61,6 +67,8 @@ KIND_WORDS = {
 MODEL_ROW_KIND = "loss"
 PHASES = {
     "input": "forward",
+    "target": "forward",
+    "sample_weight": "forward",
     "activation": "forward",
     "loss": "forward",
     "activation_grad": "backward",
@@ -68,6 +76,50 @@ PHASES = {
     "optimizer_state": "update",
     "weight": "update",
 }
+
+
+# What a weight is to its layer (a site's `role`, written with weight, weight_grad and
+# optimizer_state sites), and the scale a rule expects of it as training starts.  The writer
+# knows the role from the layer (`layer.embeddings is variable`); logs written before roles
+# existed get it from the variable's name (see `weight_role`).
+WEIGHT_ROLES = {
+    "kernel": "a Dense/Conv/EinsumDense kernel: scale sqrt(2 / fan_in) (He)",
+    "recurrent_kernel": "a recurrent layer's state-to-state kernel: scale sqrt(2 / units) (He)",
+    "embedding": "an embedding table: rows of about unit scale at most",
+    "norm_scale": "a normalisation layer's scale (gamma): 1 at the start",
+    "norm_shift": "a normalisation layer's shift (beta)",
+    "bias": "a bias",
+    "matrix": "another weight of 2 or more dimensions (a custom add_weight): scale as a kernel",
+    "vector": "another weight of fewer than 2 dimensions",
+}
+# Roles that multiply what flows through the layer: the rules on initial scale, growth and
+# vanishing gradients read these.
+MULTIPLYING_ROLES = ("kernel", "recurrent_kernel", "embedding", "matrix", "norm_scale")
+_ROLE_BY_NAME = {
+    "kernel": "kernel",
+    "depthwise_kernel": "kernel",
+    "pointwise_kernel": "kernel",
+    "recurrent_kernel": "recurrent_kernel",
+    "embeddings": "embedding",
+    "gamma": "norm_scale",
+    "beta": "norm_shift",
+    "bias": "bias",
+    "recurrent_bias": "bias",
+}
+
+
+def weight_role(site):
+    """The role of a weight-related site: its `role` field, else from the variable's name (the
+    last part of `tensor`: `velocity/embeddings` -> embedding) and its rank."""
+    role = site.get("role")
+    if isinstance(role, str) and role in WEIGHT_ROLES:
+        return role
+    name = str(site.get("tensor", "")).split("/")[-1]
+    rank = len(site.get("shape") or ())
+    role = _ROLE_BY_NAME.get(name)
+    if role in ("kernel", "recurrent_kernel", "embedding") and rank < 2:
+        role = None
+    return role or ("matrix" if rank >= 2 else "vector")
 
 
 def kind_words(kind):

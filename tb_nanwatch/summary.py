@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
@@ -135,6 +136,11 @@ class RecordWriter:
         for step, row in zip(steps, rows):
             self.write_row(step, row, record=metadata.FLIGHT)
 
+    def write_initial(self, row):
+        """The state training starts from, before step 0's update (`metadata.INITIAL`): a row
+        in the table's columns, NaN for the sites it does not measure."""
+        self.write_row(0, row, record=metadata.INITIAL)
+
     def write_first_nonfinite(self, step, record):
         """The first non-finite site of the run; flushed to disk at once."""
         payload = dict(record, step=int(step))
@@ -154,6 +160,35 @@ class RecordWriter:
         """A JSON list of events at `step`, e.g. [{"type": "loss_scale_skip", ...}]."""
         self._write(metadata.EVENTS, step, _string_tensor(json.dumps(list(events), sort_keys=True)))
 
+    def write_scalars(self, step, values):
+        """{name: value} as standard TensorBoard scalars (`metadata.SCALARS`), shown in the
+        Scalars tab: e.g. {"learning_rate": 1e-3, "loss": 0.25}."""
+        summary_values = []
+        for name, value in sorted(values.items()):
+            tag = metadata.scalar_tag(name, self.group)
+            value = summary_pb2.Summary.Value(
+                tag=tag, tensor=tensor_util.make_tensor_proto(np.float32(value))
+            )
+            if tag not in self._tagged:
+                value.metadata.CopyFrom(
+                    scalar_metadata.create_summary_metadata(
+                        display_name=name, description=metadata.SCALARS[name.split("/")[0]]
+                    )
+                )
+                self._tagged.add(tag)
+            summary_values.append(value)
+        if not summary_values:
+            return
+        if self._closed:
+            raise RuntimeError("RecordWriter for %s is closed" % self.logdir)
+        if self.failed:
+            self.dropped += 1
+            return
+        event = event_pb2.Event(
+            wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=summary_values)
+        )
+        self._io(self._writer.add_event, event, at_step=step)
+
     # -- plumbing --------------------------------------------------------------
     def _write(self, record, step, tensor_proto, wall_time=None, block=0):
         if self._closed:
@@ -165,7 +200,7 @@ class RecordWriter:
         tag = metadata.tag(record, self.group, block)
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor_proto)
         if tag not in self._tagged:
-            with_sites = record in (metadata.ROWS, metadata.FLIGHT)
+            with_sites = record in (metadata.ROWS, metadata.FLIGHT, metadata.INITIAL)
             value.metadata.CopyFrom(
                 metadata.create_summary_metadata(
                     record,

@@ -21,6 +21,7 @@ from tb_nanwatch import causes  # noqa: E402
 # tests/test_demo.py checks F, A and E, `demo/run_all.py` every pair of CAUSE_DEMOS.
 CAUSES = (
     "nonfinite_input",
+    "nonfinite_target",
     "learning_rate_too_high",
     "optimizer_state_overflow",
     "loss_scale_collapse",

@@ -156,9 +156,12 @@ def test_healthy_run_reports_null_and_true_statistics(tmp_path):
     assert np.log2(float(np.finfo(np.float32).max) / float(np.abs(kernel).max())) == pytest.approx(
         last[col["headroom"]], rel=1e-5
     )
-    # Every kind is present, in execution order.
+    # Every kind is present (but sample weights: fit() got none), in execution order.
     kinds = [s["kind"] for s in rd.sites]
-    assert [k for k in stats.KINDS if k in kinds] == list(stats.KINDS)
+    assert [k for k in stats.KINDS if k in kinds] == [
+        k for k in stats.KINDS if k != "sample_weight"
+    ]
+    assert kinds.index("target") < kinds.index("loss")
     assert kinds.index("loss") > max(i for i, k in enumerate(kinds) if k == "activation")
     # Keras computes BCE from the sigmoid's logits: head's output is off the gradient path.
     head_grad = rd.site_index("head", "activation_grad")

@@ -59,7 +59,7 @@ class DeviceState:
     distribution strategy, so they are mirrored); every replica assigns the same
     combined values, so only the first replica's write is kept."""
 
-    def __init__(self, capacity, flight_steps, replicas=1, gather=None):
+    def __init__(self, capacity, flight_steps, replicas=1, gather=None, optimizers=1):
         def var(value):
             return tf.Variable(
                 value,
@@ -83,6 +83,9 @@ class DeviceState:
         # Flight recorder: per step, host.RING_STATS, until the first record freezes it.
         self.ring_step = var(tf.fill([flight_steps], tf.constant(-1, tf.int64)))
         self.ring = var(tf.zeros([flight_steps, capacity, len(host.RING_STATS)], tf.float64))
+        # The learning rate each watched optimizer applied at the last step (NaN: none yet), read
+        # by the host when it writes a row.
+        self.learning_rates = var(tf.fill([optimizers], np.float64(np.nan)))
 
     def reset_accumulators(self):
         self.acc.assign(host.initial_accumulators(self.capacity))
@@ -324,6 +327,23 @@ def gather_replicas(ctx, value, gather=None):
     return ctx.all_gather(value[None], axis=0)
 
 
+def record_learning_rates(state, learning_rates):
+    """Keeps this step's learning rate per optimizer (None: that optimizer did not apply) in
+    `state.learning_rates`: one assign of a few numbers per step, read only with a row."""
+    n = state.learning_rates.shape[0]
+    if not any(lr is not None for lr in learning_rates[:n]):
+        return
+    old = state.learning_rates.read_value()
+    state.learning_rates.assign(
+        tf.stack(
+            [
+                tf.cast(tf.reshape(lr, []), tf.float64) if lr is not None else old[i]
+                for i, lr in enumerate((list(learning_rates) + [None] * n)[:n])
+            ]
+        )
+    )
+
+
 def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     """One training step's graph ops.
 
@@ -479,3 +499,30 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
             0,
         )
     )
+
+
+def snapshot_rows(values):
+    """float64 [len(values), n_stats] in the table's columns: the statistics of each tensor (a
+    variable's value), computed eagerly by the step's own reductions, for the state training
+    starts from.  Every statistic is measured; `steps`, `nonfinite_steps` and
+    `first_nonfinite_step` are NaN (no step has run)."""
+    n = len(values)
+    out = np.full((n, len(stats.STATS)), np.nan)
+    if not n:
+        return out
+    pieces = [flatten(tf.convert_to_tensor(v)) for v in values]
+    dtypes = [tf.as_dtype(v.dtype) for v in values]
+    tiny = [dtype_limits(d)[1] if d in HALF else 0.0 for d in dtypes]
+    moments = site_moments(pieces, np.arange(n, dtype=np.int32), tiny, n)
+    sizes = tf.constant([float(p.shape.num_elements()) for p in pieces], tf.float64)
+    counts, sampled, norm = finish(
+        moments, sizes, [dtype_limits(d)[0] for d in dtypes], [d in HALF for d in dtypes]
+    )
+    col = stats.STAT_INDEX
+    out[:, col["size"]] = sizes.numpy()
+    for j, name in enumerate(stats.NONFINITE_STATS):
+        out[:, col[name]] = counts.numpy()[:, j]
+    for j, name in enumerate(stats.SAMPLED_STATS):
+        out[:, col[name]] = sampled.numpy()[:, j]
+    out[:, col["norm"]] = out[:, col["max_norm"]] = norm.numpy()
+    return out

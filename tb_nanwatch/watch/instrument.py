@@ -29,11 +29,14 @@ class StepTrace:
         self.graph = graph  # the (function) graph the step is traced in
         self.in_train_step = in_train_step  # ends when the wrapped train_step returns
         self.inputs = []
+        self.targets = []  # (name, tensor) per float leaf of y
+        self.sample_weights = []  # (name, tensor) per float leaf of sample_weight
         # Keyed by call (`sites.call_name`): a layer called twice in the step has two entries.
         self.activations = {}  # call -> [tensor], forward completion order
         self.activation_grads = {}  # call -> [tensor], backward order
         self.losses = []
         self.applies = []  # (optimizer, grads, variables) per optimizer.apply
+        self.learning_rates = []  # per apply, the learning rate it applies (a tensor), or None
         self.produced_by = {}  # id(output tensor) -> call
         self.consumers = {}  # call -> [calls of layers that took its output]
         self.nested = set()  # paths of layers called inside a nested graph
@@ -181,9 +184,33 @@ class Instrumentation:
             data = args[0]
             x = data[0] if isinstance(data, (tuple, list)) and data else data
             trace.inputs.extend(site_catalogue.float_tensors(x))
+        if args:
+            self._capture_targets(trace, args[0])
         logs = original(*args, **kwargs)
         self._finish(trace)
         return logs
+
+    # -- targets and sample weights: what the step consumes besides the model's input -------------
+    def _capture_targets(self, trace, data):
+        """The float leaves of `y` and `sample_weight` in a train step's `data` (Keras' `(x,)`,
+        `(x, y)` or `(x, y, sample_weight)`), named by their place in the structure."""
+        if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+            return
+        self._add_targets(trace, data[1], data[2] if len(data) == 3 else None)
+
+    def _add_targets(self, trace, y, sample_weight):
+        names = output_names(self.model)
+        if "target" in self.kinds and y is not None:
+            trace.targets.extend(site_catalogue.named_float_tensors(y, names))
+        if "sample_weight" in self.kinds and sample_weight is not None:
+            trace.sample_weights.extend(site_catalogue.named_float_tensors(sample_weight, names))
+
+    def record_targets(self, y, sample_weight=None):
+        """Custom loops: `y` (and `sample_weight`) as this step's target sites."""
+        trace = self._step_trace()
+        if trace is not None and not trace.in_train_step:
+            self._add_targets(trace, y, sample_weight)
+        return y
 
     def _root_call(self, original, *args, **kwargs):
         if kwargs.get("training") is False or not args:
@@ -251,6 +278,7 @@ class Instrumentation:
         """Keras 3's `apply(grads, variables)` or tf_keras's `apply_gradients(grads_and_vars)`."""
         trace = self._step_trace(begin=False)
         grads, variables, args, kwargs = flavour.apply_arguments(optimizer, args, kwargs)
+        learning_rate = applied_learning_rate(optimizer) if trace is not None else None
         # Layers called inside the optimizer's own code are not part of the model's step.
         self._local.suppressed = self._suppressed + 1
         try:
@@ -259,6 +287,7 @@ class Instrumentation:
             self._local.suppressed -= 1
         if trace is not None and not _is_symbolic(grads):
             trace.applies.append((optimizer, grads, variables))
+            trace.learning_rates.append(learning_rate)
             # A custom loop has no train_step to end the step: it ends with the last watched
             # optimizer's apply.
             applied = {id(o) for o, _, _ in trace.applies}
@@ -271,6 +300,28 @@ class Instrumentation:
             self.trace = None
         # A step without a watched optimizer's apply is the Watch's to report (misuse).
         self.on_step_end(trace)
+
+
+def applied_learning_rate(optimizer):
+    """The learning rate `optimizer`'s next apply uses, as a tensor of the step (a schedule's
+    value at the current iteration, read before the apply increments it), or None."""
+    inner = site_catalogue.inner_optimizer(optimizer)
+    try:
+        current = getattr(inner, "_get_current_learning_rate", None)
+        value = current() if current is not None else inner.learning_rate
+        value = site_catalogue.variable_value(value)
+    except Exception:  # an optimizer without a readable learning rate: no scalar, no failure
+        return None
+    return value if value.dtype.is_floating and value.shape.rank == 0 else None
+
+
+def output_names(model):
+    """The model's output names (a functional model's output layers), or ()."""
+    try:
+        names = getattr(model, "output_names", None)
+    except Exception:  # a subclassed model that was never called has no outputs
+        return ()
+    return tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else ()
 
 
 def _is_symbolic(values):

@@ -47,6 +47,33 @@ def float_tensors(structure):
     ]
 
 
+def named_float_tensors(structure, output_names=()):
+    """[(name, tensor)] of the float tensors in `structure` (targets, sample weights), named by
+    their place in it: "" for a lone tensor, key paths for dicts (`out_a`, `head/out_b`), and for
+    a list or tuple the model's output name at that position when the lengths agree, else
+    `output_<i>` (`output_1`: the second output)."""
+    out = []
+
+    def visit(value, path):
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):  # tf.nest's order
+                visit(value[key], path + [str(key)])
+        elif isinstance(value, (list, tuple)):
+            top = not path and len(output_names) == len(value)
+            for i, item in enumerate(value):
+                visit(item, path + [output_names[i] if top else "output_%d" % i])
+        elif isinstance(value, tf.Tensor) and value.dtype.is_floating:
+            out.append(("/".join(path), value))
+
+    visit(structure, [])
+    return out
+
+
+def _nth(pairs, i):
+    """The tensor of the i-th (name, tensor) pair of this step, as a site reads it."""
+    return [pairs[i][1]] if i < len(pairs) else []
+
+
 def gradient_values(grad):
     """The tensors of one weight's gradient: none if it is not on the gradient path; for a
     sparse (embedding) gradient, its rows, not a dense copy of the whole table."""
@@ -59,6 +86,56 @@ def variable_value(variable):
     """The tf value of a Keras 3 variable (`.value`) or a tf.Variable (tf_keras's weights)."""
     value = getattr(variable, "value", variable)
     return tf.convert_to_tensor(variable if callable(value) else value)
+
+
+def reads_variable(variable):
+    """A site's getter that reads `variable` (a weight or an optimizer slot); it carries the
+    variable as `.variable`, so the state before the first update can be matched to the site."""
+
+    def getter(trace):
+        return [variable_value(variable)]
+
+    getter.variable = variable
+    return getter
+
+
+def watched_variables(model, optimizers):
+    """Every variable a site may read: the model's trainable weights and the slots of every
+    optimizer already built (an unbuilt one creates its slots in the first step)."""
+    variables = list(model.trainable_variables)
+    out = list(variables)
+    for optimizer in optimizers:
+        flavour = flavours.of_optimizer(optimizer)
+        if flavour.built(optimizer):
+            for per_variable in flavour.variable_slots(optimizer, variables):
+                out.extend(slot for _, slot in per_variable if slot is not None)
+    return out
+
+
+# Layer attributes that hold a weight of a known role (stats.WEIGHT_ROLES).
+_ROLE_ATTRIBUTES = (
+    ("embeddings", "embedding"),
+    ("recurrent_kernel", "recurrent_kernel"),
+    ("gamma", "norm_scale"),
+    ("beta", "norm_shift"),
+    ("kernel", "kernel"),
+    ("depthwise_kernel", "kernel"),
+    ("pointwise_kernel", "kernel"),
+    ("bias", "bias"),
+)
+
+
+def weight_role(layer, variable):
+    """What `variable` is to `layer` (the layer that created it): the layer attribute that holds
+    it, else by rank (`matrix` for a custom add_weight of 2+ dimensions, `vector` otherwise)."""
+    for attr, role in _ROLE_ATTRIBUTES:
+        try:
+            held = getattr(layer, attr, None)
+        except Exception:  # a property that cannot be computed (an unbuilt or exotic layer)
+            continue
+        if held is variable:
+            return role
+    return "matrix" if len(variable.shape) >= 2 else "vector"
 
 
 def _describe(tensors):
@@ -82,14 +159,28 @@ def build(trace, model_name, layer_order, kinds, flavour=flavours.KERAS3):
     function of the step trace giving the tensors it reads."""
     sites, getters = [], []
 
-    def add(layer, kind, tensor, getter, dtype="float32", shape=()):
+    def add(layer, kind, tensor, getter, dtype="float32", shape=(), role=None):
         if kind in kinds:
             dtype = tf.as_dtype(dtype).name  # tf_keras gives a tf.DType, Keras 3 a name
             sites.append(summary.make_site(layer, kind, tensor, dtype, shape))
+            if role is not None:
+                sites[-1]["role"] = role
             getters.append(getter)
 
     if trace.inputs:
         add(model_name, "input", "", lambda tr: tr.inputs, *_describe(trace.inputs))
+
+    # What the loss consumes besides the model's output, before the forward pass.
+    for kind, pairs in (("target", trace.targets), ("sample_weight", trace.sample_weights)):
+        for i, (name, tensor) in enumerate(pairs):
+            attr = "targets" if kind == "target" else "sample_weights"
+            add(
+                model_name,
+                kind,
+                name,
+                lambda tr, a=attr, i=i: _nth(getattr(tr, a), i),
+                *_describe([tensor]),
+            )
 
     def layer_of(call):
         return trace.layer_of.get(call, call)
@@ -114,10 +205,12 @@ def build(trace, model_name, layer_order, kinds, flavour=flavours.KERAS3):
         for j, v in enumerate(variables)
     ]
     recorded = {layer_of(call) for call in forward}
-    owner = {}
+    owner, role = {}, {}
     for path, layer in layer_order:
         for v in flavour.own_trainable_variables(layer):
-            owner.setdefault(id(v), path)
+            if id(v) not in owner:
+                owner[id(v)] = path
+                role[id(v)] = weight_role(layer, v)
     # Backward, call by call: the gradient arriving at a call's output, then, after the last of
     # a layer's calls (its weights' gradients add up every call's), its weights'.
     watched = set(forward)
@@ -141,6 +234,7 @@ def build(trace, model_name, layer_order, kinds, flavour=flavours.KERAS3):
                     lambda tr, i=i, j=j: gradient_values(tr.applies[i][1][j]),
                     v.dtype,
                     tuple(v.shape),
+                    role.get(id(v)),
                 )
 
     for call in backward:
@@ -165,15 +259,16 @@ def build(trace, model_name, layer_order, kinds, flavour=flavours.KERAS3):
                     path,
                     "optimizer_state",
                     "%s/%s" % (slot_name, name),
-                    lambda tr, s=slot: [variable_value(s)],
+                    reads_variable(slot),
                     slot.dtype,
                     tuple(slot.shape),
+                    role.get(id(v)),
                 )
-            add(path, "weight", name, lambda tr, v=v: [variable_value(v)], v.dtype, tuple(v.shape))
+            add(path, "weight", name, reads_variable(v), v.dtype, tuple(v.shape), role.get(id(v)))
     return sites, getters
 
 
-def capacity(layer_order, variables, optimizers):
+def capacity(layer_order, variables, optimizers, outputs=1):
     """The number of sites expected, known before the step is traced: an upper bound but for
     calls no graph shows (a layer that a subclassed layer calls several times, an unrolled RNN's
     cell), which the trace finds (Watch._ensure_capacity)."""
@@ -181,7 +276,15 @@ def capacity(layer_order, variables, optimizers):
     for o in optimizers:
         flavour = flavours.of_optimizer(o)
         slots += flavour.slot_count(o) if flavour.built(o) else 4
-    return 2 + 2 * sum(expected_calls(layer_order).values()) + len(variables) * (2 + max(slots, 1))
+    # input and loss, every call's output and its gradient, a target and a sample weight per
+    # output (and a few more for targets nested deeper than the outputs), every weight's sites.
+    return (
+        2
+        + 2 * sum(expected_calls(layer_order).values())
+        + 2 * max(1, outputs)
+        + 8
+        + len(variables) * (2 + max(slots, 1))
+    )
 
 
 def expected_calls(layer_order):

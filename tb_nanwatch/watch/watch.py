@@ -126,6 +126,8 @@ class Watch:
         self._traced_without_apply = False
         self._misuse_warned = False
         self._forecast = None
+        self._initial = None  # {id(variable): (variable, statistics)} before the first update
+        self._initial_written = False
         self.early_warning = None  # the early-warning event, once written
         self.first_nonfinite = None  # the record, once written
         self._closed = False
@@ -147,8 +149,39 @@ class Watch:
                     self._instrumentation.layer_order,
                     self.model.trainable_variables,
                     self.optimizers,
+                    outputs=len(instrument.output_names(self.model)),
                 )
             )
+        if self._initial is None and self._sites is None and not self._host_calls:
+            self._snapshot_initial()
+
+    def _snapshot_initial(self):
+        """Statistics of every weight and built optimizer slot as training starts (rows log
+        weights after each step's update), written as the `initial` record once the sites are
+        known.  One eager pass over the variables, before the first step."""
+        if not getattr(self.model, "built", False):
+            return  # a model built in its first call: its weights do not exist yet
+        variables = site_catalogue.watched_variables(self.model, self.optimizers)
+        if not variables:
+            return
+        values = [site_catalogue.variable_value(v) for v in variables]
+        rows = device.snapshot_rows(values)
+        self._initial = {id(v): (v, row) for v, row in zip(variables, rows)}
+
+    def _write_initial(self):
+        self._initial_written = True
+        if not self._initial:
+            return
+        row = np.full((len(self._sites), len(stats.STATS)), np.nan)
+        found = False
+        for i, getter in enumerate(self._getters):
+            variable = getattr(getter, "variable", None)
+            kept = self._initial.get(id(variable)) if variable is not None else None
+            if kept is not None and kept[0] is variable:
+                row[i] = kept[1]
+                found = True
+        if found:
+            self._ensure_writer().write_initial(row)
 
     def uninstrument(self):
         """Restores every wrapped method."""
@@ -171,6 +204,7 @@ class Watch:
                 self.flight_steps,
                 strategy.num_replicas_in_sync,
                 gather=distribute.ReplicaGather(strategy),
+                optimizers=len(self.optimizers),
             )
         if self._pending_last:
             state.last_step.assign(self._pending_last - 1)
@@ -180,6 +214,12 @@ class Watch:
     def record_loss(self, loss):
         """Records `loss` as this step's loss site and returns it unchanged (custom loops)."""
         return self._instrumentation.record_loss(loss)
+
+    def record_targets(self, y, sample_weight=None):
+        """Records `y` (and `sample_weight`) as this step's target (and sample weight) sites in a
+        custom loop, one site per float tensor of the structure; returns `y` unchanged.  With
+        `model.fit` they are watched without it."""
+        return self._instrumentation.record_targets(y, sample_weight)
 
     def _end_step(self, trace):
         """Called at trace time once a step's tensors are known: the device ops of the step."""
@@ -209,6 +249,12 @@ class Watch:
         device.device_step(
             self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None
         )
+        learning_rates = [None] * len(self.optimizers)
+        for (optimizer, _, _), lr in zip(trace.applies, trace.learning_rates):
+            index = next((i for i, o in enumerate(self.optimizers) if o is optimizer), None)
+            if index is not None and lr is not None:
+                learning_rates[index] = reads.for_reading(lr, copies)
+        device.record_learning_rates(self._state, learning_rates)
 
     def _ensure_capacity(self, n_sites):
         """Device state for `n_sites`, at the first trace.  The state made before tracing is
@@ -275,6 +321,8 @@ class Watch:
         return self.first_nonfinite is not None
 
     def _read_device(self, final):
+        if not self._initial_written:
+            self._write_initial()
         poll = self._state.poll.numpy()
         steps_run = int(poll[host.POLL["steps_run"]])
         first_step = int(poll[host.POLL["first_step"]])
@@ -359,7 +407,40 @@ class Watch:
                 last_step,
             )
         self._ensure_writer().write_row(last_step, row)
+        self._write_scalars(last_step, row, scale)
         self._last_row_step = last_step
+
+    def _learning_rate_names(self):
+        """`learning_rate` for one optimizer; `learning_rate/<name>` for several (a GAN's
+        `learning_rate/d_optimizer`), numbered where names repeat."""
+        if len(self.optimizers) == 1:
+            return ["learning_rate"]
+        names = [str(getattr(o, "name", "") or "optimizer") for o in self.optimizers]
+        return [
+            "learning_rate/%s" % (n if names.count(n) == 1 else "%s_%d" % (n, i))
+            for i, n in enumerate(names)
+        ]
+
+    def _write_scalars(self, step, row, loss_scale):
+        """The row's scalars for TensorBoard's Scalars tab, from what the row and the device
+        already hold (metadata.SCALARS): no read of its own but the learning rates, with the row."""
+        values = {}
+        rates = self._state.learning_rates.numpy()
+        for name, rate in zip(self._learning_rate_names(), rates):
+            if np.isfinite(rate):
+                values[name] = rate
+        col = stats.STAT_INDEX
+        kinds = np.array([s["kind"] for s in self._sites])
+        loss = np.flatnonzero(kinds == "loss")
+        if len(loss) and row[loss[0], col["size"]] > 0:
+            values["loss"] = row[loss[0], col["mean"]]
+        grads = np.flatnonzero(kinds == "weight_grad")
+        norms = row[grads, col["norm"]]
+        if np.isfinite(norms).any():
+            values["gradient_norm"] = float(np.sqrt(np.nansum(np.square(norms))))
+        if loss_scale is not None:
+            values["loss_scale"] = loss_scale
+        self._ensure_writer().write_scalars(step, values)
 
     def _write_first(self, step):
         n = len(self._sites)
