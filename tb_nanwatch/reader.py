@@ -26,7 +26,7 @@ RunNotFound = runview.RunNotFound
 InvalidData = validation.InvalidData
 
 
-class RunData:
+class RunData(runview.SiteLookup):
     """Everything nanwatch logged for one (run, group).
 
     rows[i, s, k] is statistic `stats.STATS[k]` of site s in the row ending at
@@ -63,28 +63,6 @@ class RunData:
         # The state before step 0's update (`metadata.INITIAL`): float64 [n_sites, n_stats],
         # weights and optimizer slots measured, NaN elsewhere; None in logs that lack it.
         self.initial = None
-
-    def session_warning(self):
-        """One line naming the writer sessions when there are several, else None."""
-        if len(self.sessions) < 2:
-            return None
-        return (
-            "%d writer sessions in this run directory (%s); showing the latest only: write each run to its "
-            "own directory"
-            % (len(self.sessions), "; ".join(session_words(x) for x in self.sessions))
-        )
-
-    @property
-    def labels(self):
-        from tb_nanwatch.summary import site_label
-
-        return [site_label(s) for s in self.sites]
-
-    def site_index(self, layer, kind, tensor=""):
-        for i, s in enumerate(self.sites):
-            if s["layer"] == layer and s["kind"] == kind and s.get("tensor", "") == (tensor or ""):
-                return i
-        return None
 
 
 def list_runs(provider, ctx, experiment_id):

@@ -450,7 +450,34 @@ def _tensor(value, step, dropped):
         return None
 
 
-class RunView:
+class SiteLookup:
+    """What RunView and reader.RunData share: site labels, a site by name, the session
+    warning (`sites` and `sessions` are the subclass's)."""
+
+    @property
+    def labels(self):
+        from tb_nanwatch.summary import site_label
+
+        return [site_label(s) for s in self.sites]
+
+    def site_index(self, layer, kind, tensor=""):
+        for i, s in enumerate(self.sites):
+            if s["layer"] == layer and s["kind"] == kind and s.get("tensor", "") == (tensor or ""):
+                return i
+        return None
+
+    def session_warning(self):
+        """One line naming the writer sessions when there are several, else None."""
+        if len(self.sessions) < 2:
+            return None
+        return (
+            "%d writer sessions in this run directory (%s); showing the latest only: write each "
+            "run to its own directory"
+            % (len(self.sessions), "; ".join(session_words(x) for x in self.sessions))
+        )
+
+
+class RunView(SiteLookup):
     """The facts of one (run, group) at one version of its data.
 
     `steps`/`rows`: the logged rows it keeps (every row of a short run; see `timeline`);
@@ -520,28 +547,6 @@ class RunView:
             self.before = np.repeat((self.timeline_steps < self.until)[:, None], n, axis=1)
             if self.producer is not None:
                 self.before[self.timeline_steps == self.until, : self.producer] = True
-
-    # -- what RunData had ---------------------------------------------------------------
-    @property
-    def labels(self):
-        from tb_nanwatch.summary import site_label
-
-        return [site_label(s) for s in self.sites]
-
-    def site_index(self, layer, kind, tensor=""):
-        for i, s in enumerate(self.sites):
-            if s["layer"] == layer and s["kind"] == kind and s.get("tensor", "") == (tensor or ""):
-                return i
-        return None
-
-    def session_warning(self):
-        """One line naming the writer sessions when there are several, else None."""
-        if len(self.sessions) < 2:
-            return None
-        return (
-            "%d writer sessions in this run directory (%s); showing the latest only: write each run to its own directory"
-            % (len(self.sessions), "; ".join(session_words(x) for x in self.sessions))
-        )
 
     # -- the facts ------------------------------------------------------------------------
     def _first_json(self):
