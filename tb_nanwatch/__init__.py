@@ -9,7 +9,9 @@ on first use; the reader, plugin and CLI never do.
 
 __version__ = "0.1.0"
 
-__all__ = ["NanWatchCallback", "Watch", "__version__"]
+from tb_nanwatch.bundle import BundleError, load_bundle
+
+__all__ = ["NanWatchCallback", "Watch", "load_bundle", "BundleError", "__version__"]
 
 
 def __getattr__(name):

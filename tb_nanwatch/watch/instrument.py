@@ -16,6 +16,7 @@ import threading
 
 import tensorflow as tf
 
+from tb_nanwatch.watch import guard
 from tb_nanwatch.watch import sites as site_catalogue
 
 logger = logging.getLogger("tb_nanwatch.watch")
@@ -35,6 +36,8 @@ class StepTrace:
         self.produced_by = {}  # id(output tensor) -> layer path
         self.consumers = {}  # layer path -> [paths of layers that took its output]
         self.nested = set()  # layers called only inside a nested graph
+        self.snapshots = None  # stop mode: guard.Snapshots of the variables the step may write
+        self.batch = []  # stop mode: [(name, tensor)] of the data the step consumed
 
 
 def _current_graph():
@@ -54,11 +57,12 @@ def _inside(graph, outer):
 class Instrumentation:
     """The wrappers of one Watch; `on_step_end(trace)` is called when a step's tensors are in."""
 
-    def __init__(self, model, optimizers, kinds, on_step_end):
+    def __init__(self, model, optimizers, kinds, on_step_end, stop=False):
         self.model = model
         self.optimizers = list(optimizers)
         self.kinds = kinds
         self.on_step_end = on_step_end
+        self.stop = stop  # stop mode: snapshots to restore, the batch to keep
         self.layer_order = site_catalogue.layer_paths(model)
         self._local = threading.local()
         self._restore = []
@@ -88,7 +92,15 @@ class Instrumentation:
             return None
         if not begin:
             return None
-        trace = self.trace = StepTrace(graph)
+        trace = self.trace = self._new_trace(graph)
+        return trace
+
+    def _new_trace(self, graph, in_train_step=False):
+        trace = StepTrace(graph, in_train_step)
+        if self.stop:
+            # The value of every variable of the model when the step begins.
+            trace.snapshots = guard.Snapshots()
+            trace.snapshots.take(guard.model_variables(self.model))
         return trace
 
     # -- wrapping ---------------------------------------------------------------------------------
@@ -104,6 +116,11 @@ class Instrumentation:
             self._wrap(self.model, "train_step", self._train_step)
         for optimizer in self.optimizers:
             self._wrap(optimizer, "apply", functools.partial(self._apply, optimizer))
+            if self.stop:
+                inner = site_catalogue.inner_optimizer(optimizer)
+                for name in ("assign_add", "assign_sub"):
+                    if hasattr(inner, name):
+                        self._wrap(inner, name, functools.partial(_update_by_assign, name))
 
     def uninstall(self):
         for obj, name, had_own, original in reversed(self._restore):
@@ -132,11 +149,14 @@ class Instrumentation:
 
     # -- the wrappers -----------------------------------------------------------------------------
     def _train_step(self, original, *args, **kwargs):
-        trace = self.trace = StepTrace(_current_graph(), in_train_step=True)
-        if "input" in self.kinds and args:
+        trace = self.trace = self._new_trace(_current_graph(), in_train_step=True)
+        if args:
             data = args[0]
             x = data[0] if isinstance(data, (tuple, list)) and data else data
-            trace.inputs.extend(site_catalogue.float_tensors(x))
+            if "input" in self.kinds:
+                trace.inputs.extend(site_catalogue.float_tensors(x))
+            if self.stop:
+                trace.batch = batch_tensors(data)
         logs = original(*args, **kwargs)
         self._finish(trace)
         return logs
@@ -150,8 +170,12 @@ class Instrumentation:
             finally:
                 self._local.suppressed -= 1
         trace = self._step_trace()
-        if trace is not None and not trace.in_train_step and "input" in self.kinds:
-            trace.inputs.extend(site_catalogue.float_tensors(args[0]))
+        if trace is not None and not trace.in_train_step:
+            if "input" in self.kinds:
+                trace.inputs.extend(site_catalogue.float_tensors(args[0]))
+            if self.stop and not trace.batch:
+                # A custom loop: the model's inputs are the batch this code sees.
+                trace.batch = named_tensors(args[0], "x")
         return original(*args, **kwargs)
 
     def _layer_call(self, path, original, *args, **kwargs):
@@ -209,6 +233,16 @@ class Instrumentation:
                 getattr(site_catalogue.inner_optimizer(optimizer), "_trainable_variables", [])
             )
         )
+        if trace is not None and trace.snapshots is not None and not _is_symbolic(grads):
+            if not optimizer.built and variables:
+                # Built here as apply() would build it, so that its new slots are snapshotted.
+                import keras
+
+                with keras.name_scope(optimizer.name, caller=optimizer):
+                    optimizer.build(variables)
+                optimizer.built = True
+            trace.snapshots.take(variables)
+            trace.snapshots.take(guard.optimizer_variables(optimizer))
         # Layers called inside the optimizer's own code are not part of the model's step.
         self._local.suppressed = self._suppressed + 1
         try:
@@ -229,6 +263,51 @@ class Instrumentation:
             self.trace = None
         # A step without a watched optimizer's apply is the Watch's to report (misuse).
         self.on_step_end(trace)
+
+
+def _update_by_assign(name, original, variable, value):
+    """Stop mode's `optimizer.assign_add` / `assign_sub`: `assign(variable +/- value)`, the same
+    elementwise sum, into a new buffer the variable adopts.  In place, it would first copy the
+    buffer that the step's snapshot still holds."""
+    target = guard.tf_variable(variable)
+    value = tf.cast(value, target.dtype)
+    if isinstance(value, tf.IndexedSlices) or not isinstance(target, tf.Variable):
+        return original(variable, value)
+    current = target.read_value()
+    target.assign(current + value if name == "assign_add" else current - value)
+
+
+def named_tensors(structure, prefix):
+    """[(name, tensor)] of a nested structure, named by its path: `x`, `x/0`, `x/image`."""
+    out = []
+
+    def visit(value, name):
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(value[key], "%s/%s" % (name, key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, "%s/%d" % (name, i))
+        elif isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "dtype"):
+            try:
+                out.append((name, tf.convert_to_tensor(value)))
+            except (TypeError, ValueError):
+                pass
+
+    visit(structure, prefix)
+    return out
+
+
+def batch_tensors(data):
+    """The tensors of a `train_step`'s data, named by Keras's structure: x, y, sample_weight."""
+    import keras
+
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return (
+        named_tensors(x, "x")
+        + (named_tensors(y, "y") if y is not None else [])
+        + (named_tensors(sample_weight, "sample_weight") if sample_weight is not None else [])
+    )
 
 
 def _is_symbolic(values):
