@@ -38,6 +38,7 @@ class StepTrace:
         self.nested = set()  # layers called only inside a nested graph
         self.snapshots = None  # stop mode: guard.Snapshots of the variables the step may write
         self.batch = []  # stop mode: [(name, tensor)] of the data the step consumed
+        self.layer_ops = []  # (layer path, first op index, end op index), calls in completion order
 
 
 def _current_graph():
@@ -189,7 +190,9 @@ class Instrumentation:
             producer = trace.produced_by.get(id(t))
             if producer is not None and path not in trace.consumers.setdefault(producer, []):
                 trace.consumers[producer].append(path)
+        first_op = op_count(trace.graph)
         outputs = original(*args, **kwargs)
+        trace.layer_ops.append((path, first_op, op_count(trace.graph)))
         if self.trace is not trace or not any(
             k in self.kinds for k in ("activation", "activation_grad")
         ):
@@ -263,6 +266,14 @@ class Instrumentation:
             self.trace = None
         # A step without a watched optimizer's apply is the Watch's to report (misuse).
         self.on_step_end(trace)
+
+
+def op_count(graph):
+    """How many ops `graph` holds so far (ops are numbered in creation order)."""
+    nodes = getattr(graph, "_nodes_by_id", None)
+    if nodes is not None:
+        return len(nodes)
+    return len(graph.get_operations()) if hasattr(graph, "get_operations") else 0
 
 
 def _update_by_assign(name, original, variable, value):

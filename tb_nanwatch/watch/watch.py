@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tb_nanwatch import bundle, early_warning, stats, summary
-from tb_nanwatch.watch import device, distribute, guard, host, instrument, reads
+from tb_nanwatch.watch import device, distribute, guard, host, instrument, reads, sources
 from tb_nanwatch.watch import sites as site_catalogue
 
 logger = logging.getLogger("tb_nanwatch.watch")
@@ -126,6 +126,7 @@ class Watch:
         self._batch_store = guard.BatchStore()
         self._replicas = 1
         self.bundle_path = None  # stop mode: the repro bundle, once written
+        self.op_sources_path = None  # nanwatch_ops.json, written at the first traced step
         self._sites = None  # fixed at the first traced step
         self._getters = None
         self._consumers = {}
@@ -198,6 +199,12 @@ class Watch:
         with self._lock:  # replicas trace the step in threads of their own
             if self._sites is None:
                 self._define_sites(trace)
+            if self.op_sources_path is None and not tf.executing_eagerly():
+                try:
+                    self.op_sources_path = sources.write(self.logdir, trace, self.model.name)
+                except Exception:  # where ops come from is a help, never a reason to fail
+                    self.op_sources_path = ""
+                    logger.exception("tb_nanwatch: could not write the layers' op sources")
         loss_scaled = any(hasattr(o, "inner_optimizer") for o in self.optimizers)
         grad_sites = np.array([s["kind"] in stats.GRADIENT_KINDS for s in self._sites])
         copies = {}
