@@ -63,11 +63,13 @@ def write_bundle(
     architecture=None,
     rng=None,
     notes=None,
+    extra=None,
 ):
     """Writes the bundle into `run_dir` (replacing an older one) and returns its path.
 
     batch, weights, optimizer_variables: [(name, numpy array)], in order; policy: the dtype
-    policy's name; architecture: the model's JSON text or None; rng: JSON-able dict."""
+    policy's name; architecture: the model's JSON text or None; rng, extra: JSON-able dicts
+    (extra: more manifest fields, e.g. the first non-finite site the bundle is about)."""
     target = bundle_dir(run_dir)
     os.makedirs(str(run_dir), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".nanwatch_bundle.", dir=str(run_dir))
@@ -82,6 +84,7 @@ def write_bundle(
             "rng": rng or {},
             "notes": list(notes or []),
         }
+        manifest.update(extra or {})
         for part, filename in ARRAY_FILES.items():
             entries, arrays = [], {}
             for i, (name, value) in enumerate(
@@ -123,6 +126,8 @@ class Bundle:
         self.architecture = manifest.get("architecture")
         self.rng = manifest.get("rng") or {}
         self.notes = manifest.get("notes") or []
+        self.first_nonfinite = manifest.get("first_nonfinite")  # the site the bundle is about
+        self.jit_compile = bool(manifest.get("jit_compile", False))
         self.batch = parts["batch"]
         self.weights = parts["weights"]
         self.optimizer_variables = parts["optimizer_variables"]

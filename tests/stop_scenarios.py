@@ -141,3 +141,37 @@ PRODUCERS = {
     "optimizer_state": adam_slot_overflow,
     "float16": float16_overflow,
 }
+
+
+# Lives outside the model on purpose: stop mode does not roll it back, so a replay does not
+# see the first call again -- a fault that does not recur.
+_TRANSIENT_CALLS = tf.Variable(0, dtype=tf.int64, trainable=False, name="transient_calls")
+
+
+@keras.saving.register_keras_serializable(package="tb_nanwatch_tests")
+class TransientNaN(keras.layers.Layer):
+    """Identity, except that its first-ever call in this process outputs NaN (a transient fault)."""
+
+    def call(self, x):
+        calls = _TRANSIENT_CALLS.assign_add(1)
+        return tf.where(tf.equal(calls, 1), tf.fill(tf.shape(x), np.float32(np.nan)), x)
+
+
+def transient_fault():
+    _TRANSIENT_CALLS.assign(0)
+    x = _normal(12 * BATCH, 4)
+    y = _normal(12 * BATCH, 1, seed=1)
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(4, name="hidden"),
+                TransientNaN(name="flaky"),
+                keras.layers.Dense(1, name="head"),
+            ],
+            name="model",
+        )
+
+    return build, x, y, "mse", lambda: keras.optimizers.SGD(0.01), 0

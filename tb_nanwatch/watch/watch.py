@@ -448,6 +448,14 @@ class Watch:
             architecture=_architecture(self.model),
             rng=_rng_state(self.model),
             notes=notes,
+            extra={
+                "first_nonfinite": {
+                    key: self.first_nonfinite.get(key)
+                    for key in ("layer", "kind", "tensor", "nan", "posinf", "neginf")
+                },
+                "jit_compile": bool(getattr(self.model, "jit_compile", False)),
+                "model_name": self.model.name,
+            },
         )
 
     def _write_early_warning(self, warning):
