@@ -3,6 +3,7 @@
     .venv/bin/python bench/stop_mode.py                          # ~3 min on 2 cores
     .venv/bin/python bench/stop_mode.py --xla                    # also under jit_compile=True
     .venv/bin/python bench/stop_mode.py --out bench/RESULTS.md --json bench/out/stop_mode.json
+    .venv/bin/python bench/stop_mode.py --render bench/out/stop_mode.json --out bench/RESULTS.md
 
 Method (as bench/overhead.py): three copies of the same model (same seed) -- plain fit,
 NanWatchCallback(on_nonfinite="record") and NanWatchCallback(on_nonfinite="stop") -- each
@@ -15,6 +16,7 @@ stop/record and record/plain; reported: the median over rounds and the min-max.
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -36,7 +38,13 @@ def main():
     parser.add_argument("--xla", action="store_true", help="also measure jit_compile=True")
     parser.add_argument("--out", help="update this RESULTS.md")
     parser.add_argument("--json", help="save the raw numbers here")
+    parser.add_argument("--render", help="redo the table from this --json file, without running")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            results = json.load(f)
+        publish(results, render(results), None, args.out, "stop_mode")
+        return
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -46,14 +54,15 @@ def main():
 
     class StepTimer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            self.wall, self._prev = [], None
+            self.wall, self.cpu, self._prev = [], [], None
 
         def on_train_batch_end(self, batch, logs=None):
             float((logs or {}).get("loss", 0.0))  # host sync
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if self._prev is not None:
-                self.wall.append(now - self._prev)
-            self._prev = now
+                self.wall.append(now - self._prev[0])
+                self.cpu.append(cpu - self._prev[1])
+            self._prev = (now, cpu)
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.steps * BATCH, 784)).astype("float32")
@@ -96,15 +105,18 @@ def main():
             configs[name] = (model, callbacks + [timer], timer, time.perf_counter() - t0)
         order = list(configs)
         per_round = {name: [] for name in order}
+        cpu_round = {name: [] for name in order}
         for r in range(args.rounds):
             for name in order if r % 2 == 0 else order[::-1]:
                 model, callbacks, timer, _ = configs[name]
                 model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
                 per_round[name].append(statistics.median(timer.wall))
+                cpu_round[name].append(statistics.median(timer.cpu))
         ratios = {
             "stop/record": [s / r for s, r in zip(per_round["stop"], per_round["record"])],
             "record/plain": [r / p for r, p in zip(per_round["record"], per_round["plain"])],
             "stop/plain": [s / p for s, p in zip(per_round["stop"], per_round["plain"])],
+            "cpu stop/record": [s / r for s, r in zip(cpu_round["stop"], cpu_round["record"])],
         }
         results["sections"]["xla" if jit else "graph"] = {
             "step_ms": {n: [1000 * v for v in per_round[n]] for n in order},
@@ -118,8 +130,8 @@ def main():
 def render(results):
     lines = [
         "Stop mode vs record mode, 784-1024x3-10 MLP, batch 128, Adam (%s; %s; %d rounds of %d "
-        "steps; load average %.1f before, %.1f after). Command: `.venv/bin/python bench/stop_mode.py%s "
-        "--out bench/RESULTS.md`"
+        "steps; load average %.1f before, %.1f after). Command: `.venv/bin/python bench/stop_mode.py "
+        "--rounds %d --steps %d%s --out bench/RESULTS.md`"
         % (
             results["date"],
             results["machine"],
@@ -127,11 +139,13 @@ def render(results):
             results["steps"],
             results["load_before"],
             results["load_after"],
+            results["rounds"],
+            results["steps"],
             " --xla" if "xla" in results["sections"] else "",
         ),
         "",
-        "| train function | plain ms/step | record ms/step | stop ms/step | stop / record | record / plain | stop / plain |",
-        "|---|---|---|---|---|---|---|",
+        "| train function | plain ms/step | record ms/step | stop ms/step | stop / record | record / plain | stop / plain | CPU time stop / record |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(values):
@@ -140,7 +154,7 @@ def render(results):
     for section, data in results["sections"].items():
         ms = {n: statistics.median(v) for n, v in data["step_ms"].items()}
         lines.append(
-            "| %s | %.1f | %.1f | %.1f | %s | %s | %s |"
+            "| %s | %.1f | %.1f | %.1f | %s | %s | %s | %s |"
             % (
                 "jit_compile=True" if section == "xla" else "tf.function",
                 ms["plain"],
@@ -149,6 +163,7 @@ def render(results):
                 fmt(data["ratios"]["stop/record"]),
                 fmt(data["ratios"]["record/plain"]),
                 fmt(data["ratios"]["stop/plain"]),
+                fmt(data["ratios"]["cpu stop/record"]),
             )
         )
     lines.append("")

@@ -237,3 +237,38 @@ def test_stop_mode_under_mirrored_strategy(tmp_path):
     assert result["ended"] == 4
     assert result["differences"] == []
     assert bundle.describe(tmp_path)["step"] == 3
+
+
+def test_loss_scale_skips_do_not_stop_and_a_finite_run_is_plain_fit(tmp_path):
+    """mixed_float16: the LossScaleOptimizer skips steps whose scaled gradients overflow, by
+    design; stop mode lets them be, and the run ends bitwise where plain fit ends."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        x = np.random.default_rng(0).normal(size=(256, 8)).astype("float32")
+        y = (x.sum(axis=1, keepdims=True) * 300).astype("float32")
+
+        def build():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential(
+                [
+                    keras.Input((8,)),
+                    keras.layers.Dense(16, activation="relu", name="hidden"),
+                    keras.layers.Dense(1, dtype="float32", name="head"),
+                ],
+                name="model",
+            )
+            model.compile(optimizer="adam", loss="mse")
+            return model
+
+        model = build()
+        cb = tb_nanwatch.NanWatchCallback(str(tmp_path), log_every=4, on_nonfinite="stop")
+        counter = BatchCounter()
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[cb, counter])
+        plain = build()
+        plain.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert counter.ended == 32 and cb.watch.first_nonfinite is None
+    assert int(model.optimizer.iterations.numpy()) < 32  # some steps were skipped
+    assert bundle.describe(tmp_path) is None
+    assert_same_state(model, plain)

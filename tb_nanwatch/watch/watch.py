@@ -280,7 +280,7 @@ class Watch:
         first_step = int(poll[host.POLL["first_step"]])
         if first_step >= 0 and not self._first_written:
             self._write_first(first_step)
-            if self.on_nonfinite == "stop":
+            if self.on_nonfinite == "stop" and self.first_nonfinite is not None:
                 self._stop(first_step)
         skips = int(poll[host.POLL["skips"]])
         if skips > self._skips_seen:
