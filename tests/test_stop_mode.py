@@ -272,3 +272,38 @@ def test_loss_scale_skips_do_not_stop_and_a_finite_run_is_plain_fit(tmp_path):
     assert int(model.optimizer.iterations.numpy()) < 32  # some steps were skipped
     assert bundle.describe(tmp_path) is None
     assert_same_state(model, plain)
+
+
+def _matrix_cases():
+    from test_models import CASES
+
+    return {name: case for name, case in CASES.items() if case.target is not None}
+
+
+@pytest.mark.parametrize("name", sorted(_matrix_cases()))
+def test_stop_mode_on_the_model_matrix(name, tmp_path):
+    """The writer's model matrix (RNNs, nested and subclassed models, a GAN with two optimizers,
+    steps_per_execution, ...): a NaN written into a weight at the start of step 3 is the step's
+    fault; stop mode leaves every model and optimizer variable as it was at that step's start."""
+    import model_matrix as mm
+
+    case = _matrix_cases()[name]
+    tf.config.experimental.enable_op_determinism()
+    probe = mm.Probe(case, ground_truth=False)
+    cb = tb_nanwatch.NanWatchCallback(str(tmp_path), log_every=2, on_nonfinite="stop")
+    model = mm._fit(case, [cb, probe])
+    assert cb.watch.first_nonfinite["step"] == case.inject_step
+    assert model.stop_training
+    # What the step started from: the snapshot, with the injected NaN.
+    target = "model/" + case.target_variable(model).path
+    expected = [(n, a.copy()) if n != target else (n, _with_nan(a)) for n, a in probe.snapshot]
+    assert target in dict(expected)
+    state = mm.variable_values(model, case.optimizers(model))
+    assert mm.compare_bitwise(expected, state) == []
+    assert tb_nanwatch.load_bundle(tmp_path).step == case.inject_step
+
+
+def _with_nan(array):
+    array = array.copy()
+    array.reshape(-1)[0] = np.nan
+    return array
