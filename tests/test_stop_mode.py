@@ -162,7 +162,8 @@ def test_record_mode_is_unchanged_and_trains_on(tmp_path):
     assert not np.isfinite(model.weights[0].numpy()).all()
 
 
-def test_custom_loop_stop(tmp_path):
+@pytest.mark.parametrize("compiled", [True, False], ids=["tf_function", "eager"])
+def test_custom_loop_stop(compiled, tmp_path):
     build, x, y, _, _, _ = sc.log_of_zero()
 
     def run(on_nonfinite, logdir, steps=None):
@@ -174,7 +175,6 @@ def test_custom_loop_stop(tmp_path):
             else None
         )
 
-        @tf.function
         def train_step(xb, yb):
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(tf.square(model(xb, training=True) - yb))
@@ -183,6 +183,8 @@ def test_custom_loop_stop(tmp_path):
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
 
+        if compiled:
+            train_step = tf.function(train_step)
         if watch is None:
             optimizer.build(model.trainable_variables)
         for i in range(len(x) // sc.BATCH if steps is None else steps):

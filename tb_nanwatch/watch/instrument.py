@@ -39,6 +39,7 @@ class StepTrace:
         self.snapshots = None  # stop mode: guard.Snapshots of the variables the step may write
         self.batch = []  # stop mode: [(name, tensor)] of the data the step consumed
         self.layer_ops = []  # (layer path, first op index, end op index), calls in completion order
+        self.own_ops = []  # (first, end) op indices of the gradient probes tb_nanwatch added
 
 
 def _current_graph():
@@ -206,10 +207,12 @@ class Instrumentation:
             trace.activations[path].extend(floats)
         if "activation_grad" not in self.kinds:
             return outputs
+        first_own = op_count(trace.graph)
         probed = [
             grad_probe(trace, path, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
             for t in flat
         ]
+        trace.own_ops.append((first_own, op_count(trace.graph)))
         for t in probed:
             trace.produced_by[id(t)] = path
         return tf.nest.pack_sequence_as(outputs, probed)

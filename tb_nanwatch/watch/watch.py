@@ -201,7 +201,12 @@ class Watch:
                 self._define_sites(trace)
             if self.op_sources_path is None and not tf.executing_eagerly():
                 try:
-                    self.op_sources_path = sources.write(self.logdir, trace, self.model.name)
+                    self.op_sources_path = sources.write(
+                        self.logdir,
+                        trace,
+                        self.model.name,
+                        dict(self._instrumentation.layer_order),
+                    )
                 except Exception:  # where ops come from is a help, never a reason to fail
                     self.op_sources_path = ""
                     logger.exception("tb_nanwatch: could not write the layers' op sources")
