@@ -36,6 +36,12 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="steps per timed epoch")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--xla", action="store_true", help="also measure jit_compile=True")
+    parser.add_argument(
+        "--model",
+        default="mlp",
+        choices=("mlp", "mobilenetv2"),
+        help="mlp: 784-1024x3-10 at batch 128; mobilenetv2: 64x64, batch 16 (bench/real_models.py)",
+    )
     parser.add_argument("--out", help="update this RESULTS.md")
     parser.add_argument("--json", help="save the raw numbers here")
     parser.add_argument("--render", help="redo the table from this --json file, without running")
@@ -67,8 +73,23 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.steps * BATCH, 784)).astype("float32")
     y = keras.utils.to_categorical(rng.integers(0, 10, args.steps * BATCH), 10)
+    batch = BATCH
+    if args.model == "mobilenetv2":
+        import real_models
+
+        batch = real_models.MODELS["mobilenetv2"][0]
+        n = batch * args.steps
+        x = rng.normal(size=(n, 64, 64, 3)).astype("float32")
+        y = rng.integers(0, 10, n)
 
     def build(jit):
+        if args.model == "mobilenetv2":
+            keras.utils.set_random_seed(0)
+            model = keras.applications.MobileNetV2(
+                input_shape=(64, 64, 3), weights=None, classes=10
+            )
+            model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", jit_compile=jit)
+            return model
         keras.utils.set_random_seed(0)
         model = keras.Sequential(
             [keras.Input((784,))]
@@ -84,6 +105,8 @@ def main():
         "machine": "%s, %d cores, Python %s"
         % (platform.machine(), os.cpu_count(), platform.python_version()),
         "steps": args.steps,
+        "model": args.model,
+        "batch": BATCH if args.model == "mlp" else 16,
         "rounds": args.rounds,
         "sections": {},
     }
@@ -101,7 +124,7 @@ def main():
                 )
             timer = StepTimer()
             t0 = time.perf_counter()
-            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks + [timer])
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks + [timer])
             configs[name] = (model, callbacks + [timer], timer, time.perf_counter() - t0)
         order = list(configs)
         per_round = {name: [] for name in order}
@@ -109,7 +132,7 @@ def main():
         for r in range(args.rounds):
             for name in order if r % 2 == 0 else order[::-1]:
                 model, callbacks, timer, _ = configs[name]
-                model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=callbacks)
+                model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=callbacks)
                 per_round[name].append(statistics.median(timer.wall))
                 cpu_round[name].append(statistics.median(timer.cpu))
         ratios = {
@@ -124,15 +147,24 @@ def main():
             "ratios": ratios,
         }
     results["load_after"] = os.getloadavg()[0]
-    publish(results, render(results), args.json, args.out, "stop_mode")
+    publish(
+        results,
+        render(results),
+        args.json,
+        args.out,
+        "stop_mode" if args.model == "mlp" else "stop_mode_" + args.model,
+    )
 
 
 def render(results):
     lines = [
-        "Stop mode vs record mode, 784-1024x3-10 MLP, batch 128, Adam (%s; %s; %d rounds of %d "
+        "Stop mode vs record mode, %s, Adam (%s; %s; %d rounds of %d "
         "steps; load average %.1f before, %.1f after). Command: `.venv/bin/python bench/stop_mode.py "
-        "--rounds %d --steps %d%s --out bench/RESULTS.md`"
+        "--rounds %d --steps %d%s%s --out bench/RESULTS.md`"
         % (
+            "MobileNetV2 64x64, batch 16"
+            if results.get("model") == "mobilenetv2"
+            else "784-1024x3-10 MLP, batch 128",
             results["date"],
             results["machine"],
             results["rounds"],
@@ -142,6 +174,7 @@ def render(results):
             results["rounds"],
             results["steps"],
             " --xla" if "xla" in results["sections"] else "",
+            " --model mobilenetv2" if results.get("model") == "mobilenetv2" else "",
         ),
         "",
         "| train function | plain ms/step | record ms/step | stop ms/step | stop / record | record / plain | stop / plain | CPU time stop / record |",
