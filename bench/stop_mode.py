@@ -49,7 +49,7 @@ def main():
     if args.render:
         with open(args.render) as f:
             results = json.load(f)
-        publish(results, render(results), None, args.out, "stop_mode")
+        publish(results, render(results), None, args.out, section_name(results.get("model")))
         return
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -152,8 +152,13 @@ def main():
         render(results),
         args.json,
         args.out,
-        "stop_mode" if args.model == "mlp" else "stop_mode_" + args.model,
+        section_name(args.model),
     )
+
+
+def section_name(model):
+    """RESULTS.md's generated section of a model's figures."""
+    return "stop_mode" if model in (None, "mlp") else "stop_mode_" + model
 
 
 def render(results):
