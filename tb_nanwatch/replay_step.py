@@ -311,6 +311,25 @@ def _first_op(model, optimizer, loaded, x, y, sample_weight):
     return None
 
 
+def _forward_op(run_dir, op_type):
+    """For a gradient op with no user frame (`SqrtGrad`), the forward op it differentiates and
+    where the user's code created it, from the run's nanwatch_ops.json; None if not found."""
+    from tb_nanwatch import op_sources
+
+    if not op_type or not op_type.endswith("Grad"):
+        return None
+    forward_type = op_type[: -len("Grad")]
+    try:
+        record = op_sources.read_op_sources(run_dir)
+    except op_sources.OpSourcesError:
+        return None
+    for layer, entry in (record or {}).get("layers", {}).items():
+        for op in entry["ops"]:
+            if op["type"] == forward_type and op.get("source"):
+                return {"type": forward_type, "layer": layer, "source": op["source"][-1]}
+    return None
+
+
 def _load_model(loaded, model, custom_objects):
     if model is not None:
         return model
@@ -391,6 +410,8 @@ def replay(run_dir, model=None, custom_objects=None):
         input_location = _input_location(batch)
     elif site is not None:
         op = _first_op(model, optimizer, loaded, x, y, sample_weight)
+        if op is not None and op["source"] is None:
+            op["forward"] = _forward_op(run_dir, op["type"])
     if reproduced:
         verdict = "reproducible"
     elif (

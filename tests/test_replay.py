@@ -84,3 +84,22 @@ def test_replay_errors_are_clear(tmp_path):
         match=r"model/hidden/kernel has shape \(6, 8\), the bundle.s \(4, 4\)",
     ):
         tb_nanwatch.replay(tmp_path, model=other)
+
+
+def test_a_gradient_op_is_traced_back_to_the_forward_op_the_user_wrote(tmp_path):
+    model, record = stopped_run(sc.sqrt_gradient_at_zero, tmp_path)
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    assert result["verdict"] == "reproducible"
+    assert result["site"] == {"layer": "hidden", "kind": "activation_grad", "tensor": ""}
+    assert result["op"]["type"] == "SqrtGrad" and result["op"]["source"] is None
+    lines, start = inspect.getsourcelines(sc.SqrtAbs.call)
+    line = start + next(i for i, text in enumerate(lines) if "tf.sqrt" in text)
+    assert result["op"]["forward"] == {
+        "type": "Sqrt",
+        "layer": "sqrt_abs",
+        "source": {
+            "file": os.path.join(HERE, "stop_scenarios.py"),
+            "line": line,
+            "function": "call",
+        },
+    }
