@@ -239,6 +239,7 @@ def test_stop_mode_under_mirrored_strategy(tmp_path):
     assert result["ended"] == 4
     assert result["differences"] == []
     assert bundle.describe(tmp_path)["step"] == 3
+    assert result["batch_x"] and result["batch_y"]
 
 
 def test_loss_scale_skips_do_not_stop_and_a_finite_run_is_plain_fit(tmp_path):

@@ -14,8 +14,9 @@ in-place update (`assign_add`) of a variable whose buffer is still held must cop
 adopts without a copy (see `Instrumentation._apply`).
 """
 
+import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
+from tensorflow.python.ops import control_flow_util, resource_variable_ops
 
 from tb_nanwatch.watch import device
 
@@ -91,44 +92,54 @@ class BatchStore:
 
     They are written inside the step, only by the step that is found bad (a functional `If`),
     so a finite step copies nothing and nothing reaches the host until the record is read.
-    One variable per named tensor of the batch, of any shape (the last batch is smaller).
-    Under XLA a variable cannot change its shape: there the batch is kept only when its shape
-    is fully known when the step is traced (`skipped` names the others)."""
+    One variable per named tensor of the batch and per replica (each keeps its own shard, on
+    its own device, with no collective), of any shape (the last batch is smaller).  Under XLA
+    a variable cannot change its shape: there the batch is kept only when its shape is fully
+    known when the step is traced (`skipped` names the others)."""
 
     def __init__(self):
-        self._variables = {}  # name -> tf.Variable
+        self._variables = {}  # (name, replica) -> tf.Variable
         self.names = []  # in the order of the data's structure
+        self.replicas = 1
         self.skipped = []  # (name, why)
+
+    def _skip(self, name, why):
+        if name not in [n for n, _ in self.skipped]:
+            self.skipped.append((name, why))
 
     def keep_if(self, pred, named):
         """At trace time: the ops that copy `named` [(name, tensor)] when `pred` holds."""
         xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        context = tf.distribute.get_replica_context()
+        replica, place = 0, None
+        if context is not None and context.num_replicas_in_sync > 1:
+            replica = tf.get_static_value(context.replica_id_in_sync_group)
+            place = tf.nest.flatten(getattr(context, "devices", None) or [None])[0]
+            if replica is None:
+                for name, _ in named:
+                    self._skip(name, "the replica is not known when the step is traced")
+                return None
+            self.replicas = context.num_replicas_in_sync
         kept = []
         for name, tensor in named:
             if not isinstance(tensor, tf.Tensor):
                 continue
             static = tensor.shape.is_fully_defined()
             if xla and not static:
-                if name not in [n for n, _ in self.skipped]:
-                    self.skipped.append(
-                        (name, "its shape %s is not fully known under XLA" % tensor.shape)
-                    )
+                self._skip(name, "its shape %s is not fully known under XLA" % tensor.shape)
                 continue
-            variable = self._variables.get(name)
+            variable = self._variables.get((name, int(replica)))
             if variable is not None and xla and variable.shape != tensor.shape:
                 continue  # another trace's shape; XLA would refuse the write
             if variable is None:
-                with tf.init_scope():
-                    variable = self._variables[name] = tf.Variable(
-                        tf.zeros(
-                            tensor.shape if static else [0] * (tensor.shape.rank or 0),
-                            tensor.dtype,
-                        ),
-                        shape=tensor.shape if xla else tf.TensorShape(None),
-                        trainable=False,
-                        name="nanwatch_batch",
-                    )
-                self.names.append(name)
+                variable = self._variables[(name, int(replica))] = _local_variable(
+                    tensor.shape.as_list() if static else [0] * (tensor.shape.rank or 0),
+                    tensor.dtype,
+                    tensor.shape if xla else tf.TensorShape(None),
+                    place,
+                )
+                if name not in self.names:
+                    self.names.append(name)
             kept.append((variable, tensor))
         if not kept:
             return None
@@ -140,5 +151,24 @@ class BatchStore:
         return device.functional_cond(pred, keep, lambda: tf.constant(False))
 
     def read(self):
-        """[(name, numpy array)] of what was kept (host side)."""
-        return [(name, self._variables[name].numpy()) for name in self.names]
+        """[(name, numpy array)] of what was kept (host side); under several replicas, the
+        shards joined in replica order, as the global batch was split."""
+        out = []
+        for name in self.names:
+            shards = [
+                self._variables[(name, r)].numpy()
+                for r in range(self.replicas)
+                if (name, r) in self._variables
+            ]
+            out.append((name, shards[0] if len(shards) == 1 else np.concatenate(shards, 0)))
+        return out
+
+
+def _local_variable(initial_shape, dtype, shape, place):
+    """A plain variable on `place`, created outside the step and outside any strategy: a
+    ResourceVariable made directly goes past the strategy's variable creator (which would ask
+    every replica to agree, from inside one replica's trace)."""
+    with tf.init_scope(), tf.device(place):
+        return resource_variable_ops.ResourceVariable(
+            tf.zeros(initial_shape, dtype), shape=shape, trainable=False, name="nanwatch_batch"
+        )

@@ -124,7 +124,6 @@ class Watch:
             model, self.optimizers, kinds, self._end_step, stop=on_nonfinite == "stop"
         )
         self._batch_store = guard.BatchStore()
-        self._replicas = 1
         self.bundle_path = None  # stop mode: the repro bundle, once written
         self.op_sources_path = None  # nanwatch_ops.json, written at the first traced step
         self._sites = None  # fixed at the first traced step
@@ -222,11 +221,8 @@ class Watch:
         )
         if trace.snapshots is not None:
             trace.snapshots.restore_if(stopped)
-            context = tf.distribute.get_replica_context()
-            self._replicas = context.num_replicas_in_sync if context is not None else 1
-            if self._replicas == 1:
-                with self._lock:
-                    self._batch_store.keep_if(is_first, trace.batch)
+            with self._lock:
+                self._batch_store.keep_if(is_first, trace.batch)
 
     def _define_sites(self, trace):
         sites, getters = site_catalogue.build(
@@ -429,12 +425,7 @@ class Watch:
         """The repro bundle of `step`: the variables hold their values from before it (the
         step was rolled back on the device), the batch is in the device's batch store."""
         notes = []
-        if self._replicas > 1:
-            notes.append(
-                "the batch is not kept under %d replicas (only single-replica runs keep it)"
-                % self._replicas
-            )
-        elif not self._batch_store.names and not self._batch_store.skipped:
+        if not self._batch_store.names and not self._batch_store.skipped:
             notes.append("the step's batch was not seen (a custom loop without a model call)")
         for name, why in self._batch_store.skipped:
             notes.append("the batch's %s is not kept: %s" % (name, why))
@@ -446,7 +437,7 @@ class Watch:
         return bundle.write_bundle(
             self.logdir,
             step=step,
-            batch=self._batch_store.read() if self._replicas == 1 else [],
+            batch=self._batch_store.read(),
             weights=weights,
             optimizer_variables=optimizer_variables,
             policy=_policy_name(self.model),

@@ -54,9 +54,13 @@ differences = [
     if not np.array_equal(a.numpy(), b.numpy())
 ]
 record = cb.watch.first_nonfinite
+batch = tb_nanwatch.load_bundle(logdir).batch
 out = {
     "first": [record["step"], record["kind"]],
     "ended": Counter.ended,
     "differences": differences,
+    # The global batch of step 3, joined from the two replicas' shards.
+    "batch_x": bool(np.array_equal(batch["x"], x[48:64], equal_nan=True)),
+    "batch_y": bool(np.array_equal(batch["y"], x[48:64, :1], equal_nan=True)),
 }
 print("RESULT " + json.dumps(out))
