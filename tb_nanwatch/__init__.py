@@ -9,7 +9,24 @@ on first use; the reader, plugin and CLI never do.
 
 __version__ = "0.1.0"
 
-__all__ = ["NanWatchCallback", "Watch", "UnsupportedError", "__version__"]
+from tb_nanwatch.bundle import BundleError, load_bundle
+
+__all__ = [
+    "NanWatchCallback",
+    "Watch",
+    "UnsupportedError",
+    "load_bundle",
+    "BundleError",
+    "replay",
+    "__version__",
+]
+
+
+def replay(run_dir, model=None, custom_objects=None):
+    """Replays the run's repro bundle eagerly (needs TensorFlow); see `tb_nanwatch.replay_step`."""
+    from tb_nanwatch import replay_step as replay_module
+
+    return replay_module.replay(run_dir, model=model, custom_objects=custom_objects)
 
 
 def __getattr__(name):

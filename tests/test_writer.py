@@ -274,7 +274,7 @@ def test_nested_functional_and_subclassed_layer_paths(tmp_path):
     assert not any("BiasAdd" in l or "MatMul" in l for l in labels)
 
 
-def test_lean_setting_and_stop_on_nonfinite(tmp_path):
+def test_lean_setting_and_stop_mode(tmp_path):
     build, x, y, loss, _ = sc.forward_exp()
     model = build()
     model.compile(optimizer="adam", loss=loss)
@@ -282,7 +282,7 @@ def test_lean_setting_and_stop_on_nonfinite(tmp_path):
     cb = tb_nanwatch.NanWatchCallback(
         str(tmp_path / "run"),
         log_every=4,
-        stop_on_nonfinite=True,
+        on_nonfinite="stop",
         kinds=("input", "activation", "loss", "activation_grad", "weight_grad"),
     )
     model.fit(

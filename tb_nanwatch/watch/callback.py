@@ -1,10 +1,12 @@
 """`NanWatchCallback`: a `Watch` for `model.fit`, as a Keras callback."""
 
+import warnings
+
 import keras
 
 from tb_nanwatch.watch import flavour as flavours
 from tb_nanwatch.watch import instrument
-from tb_nanwatch.watch.watch import DEFAULT_FLIGHT_STEPS, DEFAULT_LOG_EVERY, Watch
+from tb_nanwatch.watch.watch import DEFAULT_FLIGHT_STEPS, DEFAULT_LOG_EVERY, ON_NONFINITE, Watch
 
 
 class NanWatchCallback(keras.callbacks.Callback):
@@ -34,8 +36,12 @@ class NanWatchCallback(keras.callbacks.Callback):
       flight_steps: steps kept at full resolution before the first non-finite.
       kinds: site kinds to watch (default all); e.g. leave out "weight" and
         "optimizer_state" for a leaner setting.
-      stop_on_nonfinite: stop training once the first non-finite record is on
-        disk (like TerminateOnNaN, but after recording).
+      on_nonfinite: "record" (default): record, never change what training computes;
+        "stop": the first non-finite step is rolled back on the device (it changes no
+        weight and no optimizer variable), its batch and the state before it are written
+        as a repro bundle into the logdir (`tb_nanwatch.load_bundle(logdir)`), and
+        training stops.
+      stop_on_nonfinite: deprecated; `True` means `on_nonfinite="stop"`.
       check_every: read the device's status every this many steps.
       optimizers: optimizers the model's `train_step` applies that are neither
         `model.optimizer` nor held by the model as attributes (those are found).
@@ -61,17 +67,41 @@ class NanWatchCallback(keras.callbacks.Callback):
         log_every=DEFAULT_LOG_EVERY,
         flight_steps=DEFAULT_FLIGHT_STEPS,
         kinds=None,
-        stop_on_nonfinite=False,
+        stop_on_nonfinite=None,
         check_every=1,
         optimizers=None,
+        on_nonfinite=None,
     ):
         super().__init__()
         self.logdir = str(logdir)
+        if stop_on_nonfinite is not None:
+            warnings.warn(
+                "NanWatchCallback(stop_on_nonfinite=...) is deprecated: use "
+                'on_nonfinite="stop" (roll the step back and stop) or "record"',
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            alias = "stop" if stop_on_nonfinite else "record"
+            if on_nonfinite is not None and on_nonfinite != alias:
+                raise ValueError(
+                    "stop_on_nonfinite=%r and on_nonfinite=%r disagree: pass on_nonfinite only"
+                    % (stop_on_nonfinite, on_nonfinite)
+                )
+            on_nonfinite = alias
+        on_nonfinite = on_nonfinite or "record"
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                "on_nonfinite must be one of %s, not %r" % (", ".join(ON_NONFINITE), on_nonfinite)
+            )
         self._options = dict(
-            log_every=log_every, flight_steps=flight_steps, kinds=kinds, check_every=check_every
+            log_every=log_every,
+            flight_steps=flight_steps,
+            kinds=kinds,
+            check_every=check_every,
+            on_nonfinite=on_nonfinite,
         )
         self._extra_optimizers = list(optimizers or [])
-        self.stop_on_nonfinite = stop_on_nonfinite
+        self.on_nonfinite = on_nonfinite
         self.watch = None
         self._train_function = None  # our traced train function, kept for the next fit()
         self._train_function_key = None
@@ -110,7 +140,8 @@ class NanWatchCallback(keras.callbacks.Callback):
             flavour.build(optimizer, variables, self.model.distribute_strategy)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.watch.after_step() and self.stop_on_nonfinite:
+        self.watch.after_step()
+        if self.watch.should_stop:
             self.model.stop_training = True
 
     def on_train_end(self, logs=None):

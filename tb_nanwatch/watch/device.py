@@ -349,7 +349,10 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
 
     tensors: per site, the list of tensors it reads this step (empty: not computed);
     dtypes: per site, its dtype; grad_sites: per site, whether it is a gradient, when a
-    LossScaleOptimizer skips steps whose only non-finite values are gradients."""
+    LossScaleOptimizer skips steps whose only non-finite values are gradients.
+
+    Returns (is_first, stopped): scalar bools, whether this step holds the run's first
+    non-finite value, and whether this or an earlier step did (what stop mode rolls back)."""
     n, cap = len(tensors), state.capacity
     ctx = tf.distribute.get_replica_context()
     if ctx is not None and ctx.num_replicas_in_sync == 1:
@@ -499,6 +502,7 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
             0,
         )
     )
+    return is_first, tf.logical_or(is_first, tf.logical_not(recording))
 
 
 def snapshot_rows(values):

@@ -17,6 +17,7 @@ import threading
 import tensorflow as tf
 
 from tb_nanwatch.watch import flavour as flavours
+from tb_nanwatch.watch import guard
 from tb_nanwatch.watch import sites as site_catalogue
 
 logger = logging.getLogger("tb_nanwatch.watch")
@@ -43,6 +44,10 @@ class StepTrace:
         self.layer_of = {}  # call -> the layer's path
         self._calls = {}  # call name without its number -> calls so far
         self._active = []  # (path, call) of the layer calls in progress, outermost first
+        self.snapshots = None  # stop mode: guard.Snapshots of the variables the step may write
+        self.batch = []  # stop mode: [(name, tensor)] of the data the step consumed
+        self.layer_ops = []  # (layer path, first op index, end op index), calls in completion order
+        self.own_ops = []  # (first, end) op indices of the gradient probes tb_nanwatch added
 
     def begin_call(self, path):
         """The name of a new call of the layer at `path` in this step (`sites.call_name`).  A
@@ -81,10 +86,16 @@ def _inside(graph, outer):
 class Instrumentation:
     """The wrappers of one Watch; `on_step_end(trace)` is called when a step's tensors are in."""
 
-    def __init__(self, model, optimizers, kinds, on_step_end):
+    def __init__(self, model, optimizers, kinds, on_step_end, stop=False):
         # Keras 3 or tf_keras: raises here, before anything is wrapped, if either cannot be watched.
         self.flavour = flavours.of_model(model)
         self.optimizer_flavours = [flavours.of_optimizer(o) for o in optimizers]
+        if stop and any(f is not flavours.KERAS3 for f in [self.flavour] + self.optimizer_flavours):
+            raise flavours.UnsupportedError(
+                'on_nonfinite="stop" needs Keras 3 models and optimizers; tf_keras is watched in '
+                'record mode (on_nonfinite="record")'
+            )
+        self.stop = stop  # stop mode: snapshots to restore, the batch to keep
         self.model = model
         self.optimizers = list(optimizers)
         self.kinds = kinds
@@ -118,7 +129,15 @@ class Instrumentation:
             return None
         if not begin:
             return None
-        trace = self.trace = StepTrace(graph)
+        trace = self.trace = self._new_trace(graph)
+        return trace
+
+    def _new_trace(self, graph, in_train_step=False):
+        trace = StepTrace(graph, in_train_step)
+        if self.stop:
+            # The value of every variable of the model when the step begins.
+            trace.snapshots = guard.Snapshots()
+            trace.snapshots.take(guard.model_variables(self.model))
         return trace
 
     # -- wrapping ---------------------------------------------------------------------------------
@@ -145,6 +164,11 @@ class Instrumentation:
                     flavour.apply_method,
                     functools.partial(self._apply, optimizer, flavour),
                 )
+                if self.stop:
+                    inner = site_catalogue.inner_optimizer(optimizer)
+                    for name in ("assign_add", "assign_sub"):
+                        if hasattr(inner, name):
+                            self._wrap(inner, name, functools.partial(_update_by_assign, name))
         except BaseException:
             self.uninstall()  # all or nothing
             raise
@@ -179,13 +203,15 @@ class Instrumentation:
 
     # -- the wrappers -----------------------------------------------------------------------------
     def _train_step(self, original, *args, **kwargs):
-        trace = self.trace = StepTrace(_current_graph(), in_train_step=True)
-        if "input" in self.kinds and args:
+        trace = self.trace = self._new_trace(_current_graph(), in_train_step=True)
+        if args:
             data = args[0]
             x = data[0] if isinstance(data, (tuple, list)) and data else data
-            trace.inputs.extend(site_catalogue.float_tensors(x))
-        if args:
-            self._capture_targets(trace, args[0])
+            if "input" in self.kinds:
+                trace.inputs.extend(site_catalogue.float_tensors(x))
+            if self.stop:
+                trace.batch = batch_tensors(data)
+            self._capture_targets(trace, data)
         logs = original(*args, **kwargs)
         self._finish(trace)
         return logs
@@ -221,8 +247,12 @@ class Instrumentation:
             finally:
                 self._local.suppressed -= 1
         trace = self._step_trace()
-        if trace is not None and not trace.in_train_step and "input" in self.kinds:
-            trace.inputs.extend(site_catalogue.float_tensors(args[0]))
+        if trace is not None and not trace.in_train_step:
+            if "input" in self.kinds:
+                trace.inputs.extend(site_catalogue.float_tensors(args[0]))
+            if self.stop and not trace.batch:
+                # A custom loop: the model's inputs are the batch this code sees.
+                trace.batch = named_tensors(args[0], "x")
         return original(*args, **kwargs)
 
     def _layer_call(self, path, original, *args, **kwargs):
@@ -237,10 +267,12 @@ class Instrumentation:
             producer = trace.produced_by.get(id(t))
             if producer is not None and call not in trace.consumers.setdefault(producer, []):
                 trace.consumers[producer].append(call)
+        first_op = op_count(trace.graph)
         try:
             outputs = original(*args, **kwargs)
         finally:
             trace.end_call()
+        trace.layer_ops.append((path, first_op, op_count(trace.graph)))
         if self.trace is not trace or not any(
             k in self.kinds for k in ("activation", "activation_grad")
         ):
@@ -254,10 +286,12 @@ class Instrumentation:
             trace.activations[call].extend(floats)
         if "activation_grad" not in self.kinds:
             return outputs
+        first_own = op_count(trace.graph)
         probed = [
             grad_probe(trace, call, t) if isinstance(t, tf.Tensor) and t.dtype.is_floating else t
             for t in flat
         ]
+        trace.own_ops.append((first_own, op_count(trace.graph)))
         for t in probed:
             trace.produced_by[id(t)] = call
         return tf.nest.pack_sequence_as(outputs, probed)
@@ -279,6 +313,16 @@ class Instrumentation:
         trace = self._step_trace(begin=False)
         grads, variables, args, kwargs = flavour.apply_arguments(optimizer, args, kwargs)
         learning_rate = applied_learning_rate(optimizer) if trace is not None else None
+        if trace is not None and trace.snapshots is not None and not _is_symbolic(grads):
+            if not optimizer.built and variables:
+                # Built here as apply() would build it, so that its new slots are snapshotted.
+                import keras
+
+                with keras.name_scope(optimizer.name, caller=optimizer):
+                    optimizer.build(variables)
+                optimizer.built = True
+            trace.snapshots.take(variables)
+            trace.snapshots.take(guard.optimizer_variables(optimizer))
         # Layers called inside the optimizer's own code are not part of the model's step.
         self._local.suppressed = self._suppressed + 1
         try:
@@ -322,6 +366,59 @@ def output_names(model):
     except Exception:  # a subclassed model that was never called has no outputs
         return ()
     return tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else ()
+
+
+def op_count(graph):
+    """How many ops `graph` holds so far (ops are numbered in creation order)."""
+    nodes = getattr(graph, "_nodes_by_id", None)
+    if nodes is not None:
+        return len(nodes)
+    return len(graph.get_operations()) if hasattr(graph, "get_operations") else 0
+
+
+def _update_by_assign(name, original, variable, value):
+    """Stop mode's `optimizer.assign_add` / `assign_sub`: `assign(variable +/- value)`, the same
+    elementwise sum, into a new buffer the variable adopts.  In place, it would first copy the
+    buffer that the step's snapshot still holds."""
+    target = guard.tf_variable(variable)
+    value = tf.cast(value, target.dtype)
+    if isinstance(value, tf.IndexedSlices) or not isinstance(target, tf.Variable):
+        return original(variable, value)
+    current = target.read_value()
+    target.assign(current + value if name == "assign_add" else current - value)
+
+
+def named_tensors(structure, prefix):
+    """[(name, tensor)] of a nested structure, named by its path: `x`, `x/0`, `x/image`."""
+    out = []
+
+    def visit(value, name):
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(value[key], "%s/%s" % (name, key))
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(item, "%s/%d" % (name, i))
+        elif isinstance(value, (tf.Tensor, tf.Variable)) or hasattr(value, "dtype"):
+            try:
+                out.append((name, tf.convert_to_tensor(value)))
+            except (TypeError, ValueError):
+                pass
+
+    visit(structure, prefix)
+    return out
+
+
+def batch_tensors(data):
+    """The tensors of a `train_step`'s data, named by Keras's structure: x, y, sample_weight."""
+    import keras
+
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    return (
+        named_tensors(x, "x")
+        + (named_tensors(y, "y") if y is not None else [])
+        + (named_tensors(sample_weight, "sample_weight") if sample_weight is not None else [])
+    )
 
 
 def _is_symbolic(values):

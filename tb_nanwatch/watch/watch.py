@@ -15,14 +15,15 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from tb_nanwatch import early_warning, stats, summary
-from tb_nanwatch.watch import device, distribute, host, instrument, reads
+from tb_nanwatch import bundle, early_warning, stats, summary
+from tb_nanwatch.watch import device, distribute, guard, host, instrument, reads, sources
 from tb_nanwatch.watch import sites as site_catalogue
 
 logger = logging.getLogger("tb_nanwatch.watch")
 
 DEFAULT_LOG_EVERY = 100  # 1,000,000 steps -> 10,000 rows per run
 DEFAULT_FLIGHT_STEPS = 32
+ON_NONFINITE = ("record", "stop")
 
 
 class Watch:
@@ -67,6 +68,12 @@ class Watch:
       check_every: the host reads one small vector every this many steps (a
         device sync on GPU); the first non-finite record is written then.
       group: write under `nanwatch/<group>/...` tags (a second model in one run).
+      on_nonfinite: "record" (default) records and never changes what training computes;
+        "stop" also rolls back, inside the step, every change the first non-finite step made
+        to the model's and the optimizers' variables, keeps that step's batch on the device,
+        writes a repro bundle (`tb_nanwatch.load_bundle`) and asks training to stop
+        (`after_step()` returns True, `should_stop` holds).  Every later step is rolled back
+        too, until training stops.
     """
 
     def __init__(
@@ -80,9 +87,14 @@ class Watch:
         kinds=None,
         check_every=1,
         group=None,
+        on_nonfinite="record",
     ):
         if log_every < 1 or flight_steps < 1 or check_every < 1:
             raise ValueError("log_every, flight_steps and check_every must be >= 1")
+        if on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                "on_nonfinite must be one of %s, not %r" % (", ".join(ON_NONFINITE), on_nonfinite)
+            )
         kinds = tuple(stats.KINDS if kinds is None else kinds)
         unknown = [k for k in kinds if k not in stats.KINDS]
         if unknown:
@@ -108,10 +120,14 @@ class Watch:
         self.kinds = kinds
         self.check_every = int(check_every)
         self.group = group
+        self.on_nonfinite = on_nonfinite
         self._lock = threading.Lock()
         self._instrumentation = instrument.Instrumentation(
-            model, self.optimizers, kinds, self._end_step
+            model, self.optimizers, kinds, self._end_step, stop=on_nonfinite == "stop"
         )
+        self._batch_store = guard.BatchStore()
+        self.bundle_path = None  # stop mode: the repro bundle, once written
+        self.op_sources_path = None  # nanwatch_ops.json, written at the first traced step
         self._sites = None  # fixed at the first traced step
         self._getters = None
         self._consumers = {}
@@ -239,6 +255,17 @@ class Watch:
         with self._lock:  # replicas trace the step in threads of their own
             if self._sites is None:
                 self._define_sites(trace, *built)
+            if self.op_sources_path is None and not tf.executing_eagerly():
+                try:
+                    self.op_sources_path = sources.write(
+                        self.logdir,
+                        trace,
+                        self.model.name,
+                        dict(self._instrumentation.layer_order),
+                    )
+                except Exception:  # where ops come from is a help, never a reason to fail
+                    self.op_sources_path = ""
+                    logger.exception("tb_nanwatch: could not write the layers' op sources")
         loss_scaled = any(hasattr(o, "inner_optimizer") for o in self.optimizers)
         grad_sites = np.array([s["kind"] in stats.GRADIENT_KINDS for s in self._sites])
         copies = {}
@@ -246,7 +273,7 @@ class Watch:
             [reads.for_reading(t, copies) for t in getter(trace)] for getter in self._getters
         ]
         dtypes = [tf.as_dtype(site["dtype"]) for site in self._sites]
-        device.device_step(
+        is_first, stopped = device.device_step(
             self._state, tensors, dtypes, self.log_every, grad_sites if loss_scaled else None
         )
         learning_rates = [None] * len(self.optimizers)
@@ -255,6 +282,10 @@ class Watch:
             if index is not None and lr is not None:
                 learning_rates[index] = reads.for_reading(lr, copies)
         device.record_learning_rates(self._state, learning_rates)
+        if trace.snapshots is not None:
+            trace.snapshots.restore_if(stopped)
+            with self._lock:
+                self._batch_store.keep_if(is_first, trace.batch)
 
     def _ensure_capacity(self, n_sites):
         """Device state for `n_sites`, at the first trace.  The state made before tracing is
@@ -328,6 +359,8 @@ class Watch:
         first_step = int(poll[host.POLL["first_step"]])
         if first_step >= 0 and not self._first_written:
             self._write_first(first_step)
+            if self.on_nonfinite == "stop" and self.first_nonfinite is not None:
+                self._stop(first_step)
         skips = int(poll[host.POLL["skips"]])
         if skips > self._skips_seen:
             self._write_skips(skips, int(poll[host.POLL["last_skip_step"]]))
@@ -483,6 +516,58 @@ class Watch:
             record["neginf"],
         )
 
+    @property
+    def should_stop(self):
+        """Stop mode: True once the first non-finite step was rolled back; train no further."""
+        return self.on_nonfinite == "stop" and self.first_nonfinite is not None
+
+    def _stop(self, step):
+        try:
+            self.bundle_path = self._write_bundle(step)
+        except Exception:  # the record is on disk; a bundle that cannot be written must say so
+            logger.exception("tb_nanwatch: could not write the repro bundle into %s", self.logdir)
+        logger.warning(
+            "tb_nanwatch: stop mode: step %d changed no variable of the model or optimizer; "
+            "training stops%s",
+            step,
+            "; repro bundle (the batch and the state before the step) at %s" % self.bundle_path
+            if self.bundle_path
+            else "",
+        )
+
+    def _write_bundle(self, step):
+        """The repro bundle of `step`: the variables hold their values from before it (the
+        step was rolled back on the device), the batch is in the device's batch store."""
+        notes = []
+        if not self._batch_store.names and not self._batch_store.skipped:
+            notes.append("the step's batch was not seen (a custom loop without a model call)")
+        for name, why in self._batch_store.skipped:
+            notes.append("the batch's %s is not kept: %s" % (name, why))
+        weights = [(_variable_name(v), _to_numpy(v)) for v in guard.model_variables(self.model)]
+        optimizer_variables = []
+        for optimizer in self.optimizers:
+            for v in guard.optimizer_variables(optimizer):
+                optimizer_variables.append((_variable_name(v), _to_numpy(v)))
+        return bundle.write_bundle(
+            self.logdir,
+            step=step,
+            batch=self._batch_store.read(),
+            weights=weights,
+            optimizer_variables=optimizer_variables,
+            policy=_policy_name(self.model),
+            architecture=_architecture(self.model),
+            rng=_rng_state(self.model),
+            notes=notes,
+            extra={
+                "first_nonfinite": {
+                    key: self.first_nonfinite.get(key)
+                    for key in ("layer", "kind", "tensor", "nan", "posinf", "neginf")
+                },
+                "jit_compile": bool(getattr(self.model, "jit_compile", False)),
+                "model_name": self.model.name,
+            },
+        )
+
     def _write_early_warning(self, warning):
         event = dict(warning, type="early_warning")
         self._ensure_writer().write_events(int(event["step"]), [event])
@@ -551,6 +636,57 @@ class Watch:
     def sites(self):
         """The site list (dicts of layer, kind, tensor, dtype, shape), once the step was traced."""
         return list(self._sites or [])
+
+
+def _variable_name(variable):
+    return str(getattr(variable, "path", None) or variable.name)
+
+
+def _to_numpy(variable):
+    return np.asarray(site_catalogue.variable_value(variable).numpy())
+
+
+def _policy_name(model):
+    policy = getattr(model, "dtype_policy", None)
+    if policy is None:
+        import keras
+
+        policy = keras.config.dtype_policy()
+    return getattr(policy, "name", str(policy))
+
+
+def _architecture(model):
+    """The model's architecture as Keras serialises it (JSON text), or None when it does not."""
+    try:
+        return model.to_json()
+    except Exception as e:  # subclassed models without get_config, custom objects, ...
+        logger.info("tb_nanwatch: the model's architecture does not serialise (%s)", e)
+        return None
+
+
+def _rng_state(model):
+    """Keras's RNG state where it keeps one: the global seed and its seed generator, and the
+    seed generators of the model's layers (their states are also among the weights)."""
+    out = {}
+    try:
+        from keras.src.backend.common import global_state
+
+        seed = global_state.get_global_attribute("global_random_seed")
+        if seed is not None:
+            out["global_random_seed"] = int(seed)
+        generator = global_state.get_global_attribute("global_seed_generator")
+        if generator is not None and getattr(generator, "state", None) is not None:
+            out["global_seed_generator_state"] = _to_numpy(generator.state).tolist()
+    except Exception:  # pragma: no cover - a Keras without these internals
+        pass
+    generators = {
+        _variable_name(v): _to_numpy(v).tolist()
+        for v in guard.model_variables(model)
+        if "seed_generator" in _variable_name(v)
+    }
+    if generators:
+        out["seed_generators"] = generators
+    return out
 
 
 # Watches still open at exit (a crash, an uncaught exception) flush what they have.

@@ -1,0 +1,105 @@
+"""Replay: the bundle's step run again eagerly names the op and its source line, and tells a
+reproducible blow-up from a transient one."""
+
+import inspect
+import os
+
+import numpy as np
+import pytest
+import stop_scenarios as sc
+
+import tb_nanwatch
+from tb_nanwatch import replay_step as replay_module
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def stopped_run(scenario, logdir, jit_compile=False):
+    build, x, y, loss, make_optimizer, _ = scenario()
+    model = build()
+    model.compile(optimizer=make_optimizer(), loss=loss, jit_compile=jit_compile)
+    cb = tb_nanwatch.NanWatchCallback(str(logdir), on_nonfinite="stop")
+    model.fit(x, y, batch_size=sc.BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[cb])
+    return model, cb.watch.first_nonfinite
+
+
+def test_log_of_zero_is_reproducible_with_its_op_and_line(tmp_path):
+    model, record = stopped_run(sc.log_of_zero, tmp_path)
+    before = [v.numpy() for v in model.variables]
+    # model=None: the bundle's architecture, deserialised with safe_mode on.
+    result = tb_nanwatch.replay(tmp_path).as_json()
+    assert result["step"] == record["step"] == 4
+    assert (result["verdict"], result["reproduced"]) == ("reproducible", True)
+    assert result["site"] == {"layer": "log_features", "kind": "activation", "tensor": ""}
+    lines, start = inspect.getsourcelines(sc.LogFeatures.call)
+    line = start + next(i for i, text in enumerate(lines) if "tf.math.log" in text)
+    assert result["op"]["type"] == "Log"
+    assert result["op"]["source"] == {
+        "file": os.path.join(HERE, "stop_scenarios.py"),
+        "line": line,
+        "function": "call",
+    }
+    assert result["remedies"] == []
+    # Replaying with the user's model leaves it as the bundle had it.
+    assert tb_nanwatch.replay(tmp_path, model=model).verdict == "reproducible"
+    for a, b in zip(model.variables, before):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_a_nan_input_is_located_in_the_batch(tmp_path):
+    stopped_run(sc.nan_input_row, tmp_path)
+    result = tb_nanwatch.replay(tmp_path).as_json()
+    assert result["verdict"] == "reproducible" and result["site"]["kind"] == "input"
+    assert result["op"] is None
+    assert result["input"] == [{"name": "x", "rows": [5], "elements": [[5, 2]], "count": 1}]
+
+
+def test_adam_slot_overflow_is_reproducible(tmp_path):
+    stopped_run(sc.adam_slot_overflow, tmp_path)
+    result = tb_nanwatch.replay(tmp_path).as_json()
+    assert result["verdict"] == "reproducible"
+    assert (result["site"]["kind"], result["site"]["tensor"]) == (
+        "optimizer_state",
+        "velocity/kernel",
+    )
+    assert result["op"]["type"] is not None
+
+
+def test_a_transient_fault_is_not_reproducible(tmp_path):
+    model, record = stopped_run(sc.transient_fault, tmp_path)
+    assert (record["step"], record["layer"], record["kind"]) == (0, "flaky", "activation")
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    assert (result["verdict"], result["reproduced"]) == ("not_reproducible", False)
+    assert result["site"] is None and result["op"] is None
+
+
+def test_replay_errors_are_clear(tmp_path):
+    with pytest.raises(tb_nanwatch.BundleError, match="no repro bundle"):
+        tb_nanwatch.replay(tmp_path)
+    stopped_run(sc.log_of_zero, tmp_path)
+    other = sc.nan_input_row()[0]()
+    other.compile(optimizer="adam", loss="mse")
+    with pytest.raises(
+        replay_module.ReplayError,
+        match=r"model/hidden/kernel has shape \(6, 8\), the bundle.s \(4, 4\)",
+    ):
+        tb_nanwatch.replay(tmp_path, model=other)
+
+
+def test_a_gradient_op_is_traced_back_to_the_forward_op_the_user_wrote(tmp_path):
+    model, record = stopped_run(sc.sqrt_gradient_at_zero, tmp_path)
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    assert result["verdict"] == "reproducible"
+    assert result["site"] == {"layer": "hidden", "kind": "activation_grad", "tensor": ""}
+    assert result["op"]["type"] == "SqrtGrad" and result["op"]["source"] is None
+    lines, start = inspect.getsourcelines(sc.SqrtAbs.call)
+    line = start + next(i for i, text in enumerate(lines) if "tf.sqrt" in text)
+    assert result["op"]["forward"] == {
+        "type": "Sqrt",
+        "layer": "sqrt_abs",
+        "source": {
+            "file": os.path.join(HERE, "stop_scenarios.py"),
+            "line": line,
+            "function": "call",
+        },
+    }
