@@ -44,6 +44,37 @@ export function warningWords(w) {
     (Number.isFinite(rate) ? ` (norm \u00d7${rate.toPrecision(3)} a step).` : ".");
 }
 
+function basename(path) {
+  return String(path || "").split(/[\\/]/).pop();
+}
+
+// `Log at my_layers.py:42 in call`: an op and the line of the user's code that made it.
+export function opWords(op) {
+  const source = op.source || op;
+  if (!source || !source.file) return String(op.type || "?");
+  return `${op.type} at ${basename(source.file)}:${source.line} in ${source.function}`;
+}
+
+// The failing step as the run directory keeps it: the replay's verdict and op, the producer's
+// ops in the user's code, the repro bundle and how to replay it.
+export function failingStepLines(facts) {
+  if (!facts) return [];
+  const lines = [];
+  const replay = facts.replay;
+  if (replay && replay.op) lines.push(`Op ${opWords(replay.op)}, ${replay.verdict} on replay.`);
+  else if (replay) lines.push(`On replay: ${replay.verdict}.`);
+  const ops = facts.producer_ops || [];
+  if (ops.length && !(replay && replay.op)) {
+    lines.push(`Its ops in your code: ${ops.slice(0, 4).map(opWords).join(", ")}${ops.length > 4 ? ", …" : ""}.`);
+  }
+  if (facts.bundle) {
+    const dir = String(facts.bundle.path).replace(/[\\/][^\\/]*$/, "");
+    lines.push(`Repro bundle of step ${facts.bundle.step} (the batch, and the state before it): ` +
+      `${facts.bundle.path}. Replay it: tb-nanwatch replay ${dir}`);
+  }
+  return lines;
+}
+
 function causeItem(d) {
   const li = el("li", "nw-cause");
   li.dataset.cause = d.cause;
@@ -82,6 +113,7 @@ export function renderDiagnosis(container, {run, group = null, version = "", blo
         box.appendChild(more);
       }
     }
+    for (const line of failingStepLines(answer.failing_step)) box.appendChild(el("div", "nw-failing-step", line));
     if (answer.early_warning) box.appendChild(el("div", "nw-early-warning", warningWords(answer.early_warning)));
     box.hidden = !box.childNodes.length;
   });

@@ -127,6 +127,22 @@ def build_parser():
         default=10,
         help="list at most N propagators per run (default 10; 0: all)",
     )
+    replay = sub.add_parser(
+        "replay",
+        help="run a stop-mode run's failing step again from its repro bundle (needs TensorFlow)",
+        description="Restores the repro bundle that on_nonfinite='stop' wrote into RUN_DIR, runs "
+        "that one step again eagerly, and says whether the same site goes non-finite "
+        "(reproducible, not_reproducible: a transient fault, or xla_only), which op, and at which "
+        "line of your code.  The result is kept in RUN_DIR for the report and the tab.",
+    )
+    replay.add_argument("run_dir", metavar="RUN_DIR", help="the run directory holding the bundle")
+    replay.add_argument("--json", action="store_true", help="print the result as JSON")
+    replay.add_argument(
+        "--custom-objects",
+        metavar="MODULE",
+        help="a module of yours whose classes and functions the model needs to be rebuilt "
+        "(its public names are passed as custom_objects; the model is loaded in safe mode)",
+    )
     return parser
 
 
@@ -488,6 +504,49 @@ def _silence_stdout():
 _log_handler = logging.StreamHandler()
 
 
+def run_replay(args, out):
+    """`tb-nanwatch replay RUN_DIR`: exit 1 when the step went non-finite again, 0 when not."""
+    import importlib
+    import json
+
+    import tb_nanwatch
+    from tb_nanwatch import bundle, failing_step
+
+    if not os.path.isdir(args.run_dir):
+        raise UsageError("%s: no such directory" % args.run_dir)
+    custom = None
+    if args.custom_objects:
+        try:
+            module = importlib.import_module(args.custom_objects)
+        except ImportError as e:
+            raise UsageError("--custom-objects %s: %s" % (args.custom_objects, e))
+        custom = {k: v for k, v in vars(module).items() if not k.startswith("_") and callable(v)}
+    try:
+        result = tb_nanwatch.replay(args.run_dir, custom_objects=custom).as_json()
+    except bundle.BundleError as e:
+        raise UsageError(str(e))
+    if args.json:
+        out.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        site = result.get("site") or {}
+        out.write("step %s replayed from its bundle: %s\n" % (result["step"], result["verdict"]))
+        if site:
+            out.write(
+                "  first non-finite: %s\n"
+                % " ".join(
+                    p for p in (site.get("layer"), site.get("kind"), site.get("tensor")) if p
+                )
+            )
+        if result.get("op"):
+            out.write("  op: %s\n" % failing_step.op_words(result["op"]))
+        if result.get("input"):
+            out.write("  in the batch: %s\n" % json.dumps(result["input"], default=str))
+        for note in result.get("notes", []):
+            out.write("  note: %s\n" % note)
+    out.flush()
+    return EXIT_NONFINITE if result.get("site") else EXIT_FINITE
+
+
 def main(argv=None):
     out, err = sys.stdout, sys.stderr
     for stream in (out, err):
@@ -506,6 +565,8 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         if args.command == "report":
             return run_report(args, out, err)
+        if args.command == "replay":
+            return run_replay(args, out)
         raise UsageError("unknown command %r" % args.command)  # pragma: no cover - argparse checks
     except UsageError as e:
         err.write("%s: error: %s\n" % (PROG, e))

@@ -30,6 +30,7 @@ from tb_nanwatch import (
     cache,
     diagnosis,
     early_warning,
+    failing_step,
     heatmap,
     metadata,
     reader,
@@ -367,17 +368,21 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         return entry.memo("precursors", lambda: diagnosis.precursors(entry.data))
 
     def diagnosis_impl(self, ctx, eid, run, group=None):
-        """The causes and the early warning of the run, computed once per version of its data."""
+        """The causes and the early warning of the run, computed once per version of its data,
+        and what its directory keeps about the failing step (bundle, ops, replay), read anew."""
         entry = self._entry(ctx, eid, run, group)
-        return entry.memo(
+        view = entry.data
+        answer = entry.memo(
             "diagnosis",
             lambda: report.jsonable(
                 {
-                    "diagnosis": diagnosis.diagnose(entry.data),
-                    "early_warning": early_warning.as_json(early_warning.from_run(entry.data)),
+                    "diagnosis": diagnosis.diagnose(view),
+                    "early_warning": early_warning.as_json(early_warning.from_run(view)),
                 }
             ),
         )
+        facts = failing_step.facts(view.run_dir, view.first.get("layer") if view.first else None)
+        return dict(answer, failing_step=report.jsonable(facts))
 
     def overview_impl(self, ctx, eid):
         """Every run's state in one list: its first non-finite step and site, or finite (with

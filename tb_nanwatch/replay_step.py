@@ -199,8 +199,6 @@ def _step(model, optimizer, x, y, sample_weight, hooks, check):
     in the Watch's execution order and returns True to stop there."""
     import tensorflow as tf
 
-    from tb_nanwatch.watch import sites
-
     name = model.name
     x, y, sample_weight = (
         None if part is None else tf.nest.map_structure(tf.convert_to_tensor, part)
@@ -252,15 +250,12 @@ def _step(model, optimizer, x, y, sample_weight, hooks, check):
         ):
             return
     optimizer.apply(weight_grads, weights)
-    inner = sites.inner_optimizer(optimizer)
-    for v in weights:
+    from tb_nanwatch.watch import flavour as flavours
+
+    per_variable = flavours.of_optimizer(optimizer).variable_slots(optimizer, weights)
+    for v, slots in zip(weights, per_variable):
         path = owner.get(id(v), name)
-        try:
-            index = inner._get_variable_index(v)
-        except (AttributeError, KeyError):
-            index = None
-        for slot_name, slot_variables in sites.optimizer_slots(optimizer):
-            slot = slot_variables[index] if index is not None else None
+        for slot_name, slot in slots:
             if (
                 slot is not None
                 and _nonfinite(slot)
@@ -428,4 +423,13 @@ def replay(run_dir, model=None, custom_objects=None):
                 % (site["layer"], site["kind"])
             )
     _restore(model, optimizer, loaded)  # leave the model as the bundle had it
-    return ReplayResult(loaded.step, verdict, reproduced, site, op, input_location, recorded, notes)
+    result = ReplayResult(
+        loaded.step, verdict, reproduced, site, op, input_location, recorded, notes
+    )
+    try:  # kept beside the run's records: the report and the tab say what the replay found
+        from tb_nanwatch import failing_step
+
+        failing_step.write_replay(run_dir, result.as_json())
+    except OSError as e:
+        result.notes.append("the result could not be kept in %s: %s" % (run_dir, e))
+    return result

@@ -10,10 +10,11 @@ the report and the tab say the same.
 
 import json
 import math
+import os
 
 import numpy as np
 
-from tb_nanwatch import diagnosis, early_warning, heatmap, runview, stats
+from tb_nanwatch import diagnosis, early_warning, failing_step, heatmap, runview, stats
 from tb_nanwatch.words import COUNT_LABELS, clean, counts_words, fmt, kind_words, site_words  # noqa: F401
 
 LOSS_SCALE_SKIP = runview.LOSS_SCALE_SKIP
@@ -41,6 +42,10 @@ class RunReport:
         self.diagnosis = diagnosis.diagnose(view)
         self.early_warning = early_warning.from_run(view)
         self.loss_progress = view.loss_progress
+        # The failing step's bundle, the producer layer's ops and their lines, the replay.
+        self.failing = failing_step.facts(
+            view.run_dir, self.first.get("layer") if self.first else None
+        )
         self._frozen = None
 
     def freeze(self, max_propagators=10, trend_steps=12):
@@ -131,6 +136,9 @@ class RunReport:
             "diagnosis": jsonable(self.diagnosis),
             "early_warning": jsonable(early_warning.as_json(self.early_warning)),
             "loss_progress": jsonable(self.loss_progress),
+            "bundle": jsonable((self.failing or {}).get("bundle")),
+            "producer_ops": jsonable((self.failing or {}).get("producer_ops", [])),
+            "replay": jsonable((self.failing or {}).get("replay")),
         }
         if self.group is not None:
             out["group"] = self.group
@@ -215,6 +223,7 @@ class RunReport:
                 "              computed in the backward pass of: %s"
                 % ", ".join(clean(x) for x in f["backward_of"])
             )
+        lines += self.failing_step_lines()
         if f.get("source") == "rows":
             lines.append(
                 "              (the first-non-finite record is missing, e.g. the run was killed while"
@@ -265,6 +274,35 @@ class RunReport:
         if len(self.other_events) > 5:
             lines.append("  ... and %d more events (--json has all)" % (len(self.other_events) - 5))
         lines.append("  watched: %s" % _steps(self.steps_watched, self.last_step))
+        return lines
+
+    def failing_step_lines(self):
+        """Where the producer's ops come from in the user's code, the replay's verdict and the
+        repro bundle, when the run directory holds them."""
+        facts = self.failing or {}
+        lines = []
+        replay = facts.get("replay")
+        if replay and replay.get("op"):
+            lines.append(
+                "              op %s, %s on replay"
+                % (clean(failing_step.op_words(replay["op"])), clean(replay.get("verdict")))
+            )
+        elif replay:
+            lines.append("              on replay: %s" % clean(replay.get("verdict")))
+        ops = facts.get("producer_ops") or []
+        if ops and not (replay and replay.get("op")):
+            shown = ", ".join(clean(failing_step.op_words(op)) for op in ops[:4])
+            more = " and %d more" % (len(ops) - 4) if len(ops) > 4 else ""
+            lines.append("              its ops in your code: %s%s" % (shown, more))
+        if facts.get("bundle"):
+            b = facts["bundle"]
+            lines.append(
+                "  repro bundle: %s (step %d: the batch, and the weights and optimizer state "
+                "before it); replay it: tb-nanwatch replay %s"
+                % (clean(b["path"]), b["step"], clean(os.path.dirname(b["path"])))
+            )
+        for problem in facts.get("problems", []):
+            lines.append("  (%s)" % clean(problem))
         return lines
 
     def why_lines(self, lead):

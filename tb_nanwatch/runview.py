@@ -409,6 +409,7 @@ class RunBuilder:
             index=self.index,
             damage=list(damage),
             stat_names=self.stat_names,
+            run_dir=self.run_dir,
         )
 
     def _initial(self, since):
@@ -502,8 +503,10 @@ class RunView(SiteLookup):
         damage=(),
         stat_names=None,
         initial=None,
+        run_dir=None,
     ):
         self.run, self.group, self.sites = run, group, sites
+        self.run_dir = run_dir  # the run's directory when read from its files, else None
         self.line = line
         self.flight_steps = np.asarray(flight_steps, dtype=np.int64)
         self.flight_rows = flight_rows

@@ -170,6 +170,10 @@ def test_exit_status_zero_when_every_run_is_finite(finite_logdir):
                     "last": pytest.approx(0.05995),
                     "progress": False,
                 },
+                # No stop mode, no trace record, no replay: none of the failing step's facts.
+                "bundle": None,
+                "producer_ops": [],
+                "replay": None,
             }
         ]
     }
