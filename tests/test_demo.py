@@ -191,3 +191,22 @@ def test_unknown_run_is_a_usage_error(tmp_path):
     proc = _run_all("--only", "no_such_run", "--logdir", str(tmp_path), timeout=60)
     assert proc.returncode == 2
     assert "no_such_run" in proc.stderr
+
+
+def test_cli_and_tab_agree_on_every_demo_run(demo):
+    """One RunView behind both: the report's JSON and the tab's routes say the same of each run."""
+    import damage_helpers as dh
+    from test_plugin_backend import App
+
+    logdir, _ = demo
+    rc, out, err = dh.run_cli(logdir, "--json")
+    entries = {e["run"]: e for e in json.loads(out)["runs"]}
+    app = App(logdir)
+    overview = {(o["run"], o["group"]): o for o in app.json("/overview")}
+    assert set(entries) == {run for run, _ in overview}
+    for run, entry in entries.items():
+        assert app.json("/first_nonfinite", run=run) == entry["first_nonfinite"], run
+        line = overview[(run, None)]
+        assert line["loss_scale_skips"] == entry["skipped_steps"], run
+        assert line["state"] == ("nonfinite" if entry["first_nonfinite"] else line["state"]), run
+        assert app.json("/diagnosis", run=run)["diagnosis"] == entry["diagnosis"], run

@@ -81,7 +81,10 @@ def test_route_answers_what_the_report_says(app, logdir):
         "unscaled_inputs",
         "optimizer_state_overflow",
     ]
-    assert app.json("/diagnosis", run="healthy") == {"diagnosis": [], "early_warning": None}
+    healthy = app.json("/diagnosis", run="healthy")
+    assert healthy["diagnosis"] == [] and healthy["early_warning"] is None
+    # No stop mode here: no bundle, no replay (the failing step's facts, read from the run).
+    assert healthy["failing_step"]["bundle"] is None and healthy["failing_step"]["replay"] is None
 
 
 def test_route_errors(app):
