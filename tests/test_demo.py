@@ -208,5 +208,5 @@ def test_cli_and_tab_agree_on_every_demo_run(demo):
         assert app.json("/first_nonfinite", run=run) == entry["first_nonfinite"], run
         line = overview[(run, None)]
         assert line["loss_scale_skips"] == entry["skipped_steps"], run
-        assert line["state"] == ("nonfinite" if entry["first_nonfinite"] else line["state"]), run
+        assert (line["state"] == "nonfinite") == (entry["first_nonfinite"] is not None), run
         assert app.json("/diagnosis", run=run)["diagnosis"] == entry["diagnosis"], run
