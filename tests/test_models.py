@@ -412,15 +412,10 @@ def cases():
 
 CASES = cases()
 
-# Cases whose watched training is known to differ from plain fit's, with the measured difference
-# (22:40 UTC, commit 859602d; issue 9 point 4: the cause is being researched).  A fix makes
-# these XPASS, which fails (strict): then delete the entry.
-KNOWN_DIFFERENT = {
-    "resnet50": "2 of 322 variables (conv1_conv kernel and bias) differ after 1 SGD step at 64x64: Grappler's "
-    "memory optimizer turns the 3-term gradient AddN at conv1's output into accumulating assigns "
-    "when its whole-graph peak-memory estimate passes 80% of the CPU device's limit, and the "
-    "statistics' memory moves the estimate (at 32x32 Adam it differs in some runs, not in others)",
-}
+# Cases whose watched training is known to differ from plain fit's, with the measured
+# difference and its cause (an xfail that may pass).  None today: ResNet50's (Grappler's memory
+# optimizer, see device.flatten) is fixed, and test_application checks it.
+KNOWN_DIFFERENT = {}
 
 
 def within(path, layer):

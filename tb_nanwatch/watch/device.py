@@ -86,6 +86,8 @@ class DeviceState:
         # The learning rate each watched optimizer applied at the last step (NaN: none yet), read
         # by the host when it writes a row.
         self.learning_rates = var(tf.fill([optimizers], np.float64(np.nan)))
+        # [1, -1], read in the step as a value Grappler cannot fold (see `flatten`).
+        self.opaque_shape = var(tf.constant([1, -1], tf.int32))
 
     def reset_accumulators(self):
         self.acc.assign(host.initial_accumulators(self.capacity))
@@ -104,17 +106,40 @@ def _shared_constant(value, dtype):
     return cache[key]
 
 
-def flatten(tensor):
+def flatten(tensor, opaque_shape=None):
     """A watched tensor as the step reads it: 1-D, half precision widened to float32 (a
-    float16 sum of squares overflows at 65,504 and would raise false alarms)."""
-    flat = tf.reshape(tensor, _shared_constant([-1], tf.int32))
+    float16 sum of squares overflows at 65,504 and would raise false alarms).
+
+    With `opaque_shape` ([1, -1] read from a variable), [1, n] instead, whose length Grappler's
+    shape inference cannot know (nor merge the reshape away).  The statistics hold every
+    watched tensor until they run, and Grappler's memory optimizer (SchedulingPass) counts
+    what is live in its static schedule: past 80% of the device's memory limit (256 MB for a
+    CPU) it turns each AddN of 3+ inputs with an input live at the peak into accumulating
+    assigns, which round differently (ResNet50's gradient at conv1: its weights alone are
+    100 MB, and the held gradients and activations doubled the estimate).  A tensor of unknown shape counts as
+    one element there, so what the watch holds does not move that decision.  At run time it
+    is the same reshape (no copy)."""
+    size = tensor.shape.num_elements()
+    if opaque_shape is None:
+        flat = tf.reshape(tensor, _shared_constant([-1], tf.int32))
+    else:
+        flat = tf.reshape(tensor, opaque_shape)
+        flat.set_shape([1, size])  # for the trace only (chunk plans)
     return tf.cast(flat, tf.float32) if flat.dtype in HALF else flat
 
 
+def one_dimensional(piece):
+    """A piece from `flatten` as 1-D (inside the statistics' branch: Grappler's estimate of
+    the step's memory does not look there)."""
+    if piece.shape.rank == 1:
+        return piece
+    return tf.reshape(piece, _shared_constant([-1], tf.int32))
+
+
 def l2_norm(flat):
-    """The once-per-step read of a 1-D tensor.  `reduce_euclidean_norm` is one pass with no
-    temporary, but XLA has no kernel for it; there the square fuses into the sum."""
-    axis = _shared_constant([0], tf.int32)
+    """The once-per-step read of a piece from `flatten`.  `reduce_euclidean_norm` is one pass
+    with no temporary, but XLA has no kernel for it; there the square fuses into the sum."""
+    axis = _shared_constant(list(range(flat.shape.rank)), tf.int32)
     if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
         return tf.sqrt(tf.raw_ops.Sum(input=tf.square(flat), axis=axis))
     return tf.raw_ops.EuclideanNorm(input=flat, axis=axis)
@@ -257,6 +282,7 @@ def site_moments(pieces, piece_site, tiny, n_sites):
     chunk's copy alive at a time), then pieces combined into their sites."""
     if not pieces:
         return tf.constant(np.tile(_NO_MOMENTS, (n_sites, 1)))
+    pieces = [one_dimensional(p) for p in pieces]
     out, previous = [], []
     for chunk in plan_chunks(pieces):
         with tf.control_dependencies(previous):
@@ -358,9 +384,12 @@ def device_step(state, tensors, dtypes, log_every, grad_sites=None):
     if ctx is not None and ctx.num_replicas_in_sync == 1:
         ctx = None
     pieces, piece_site = [], []
+    in_xla = control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    # XLA needs a constant shape (and Grappler does not rewrite what XLA compiles).
+    opaque_shape = None if in_xla or tf.executing_eagerly() else state.opaque_shape.read_value()
     for site, site_tensors in enumerate(tensors):
         for t in site_tensors:
-            pieces.append(flatten(t))
+            pieces.append(flatten(t, opaque_shape))
             piece_site.append(site)
     piece_site = np.array(piece_site, dtype=np.int32)
     segments = tf.constant(piece_site, tf.int32)

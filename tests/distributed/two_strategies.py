@@ -21,15 +21,16 @@ y = x[:, :1] * 2
 
 
 class Repeat(keras.layers.Layer):
-    """Calls one Dense four times: calls no functional graph shows, so the sites outnumber the
-    estimate the device state was made with before tracing."""
+    """Calls one Dense eight times: calls no functional graph shows, so the sites outnumber the
+    estimate the device state was made with before tracing (which has room for a few target
+    sites too)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.inner = keras.layers.Dense(16, activation="tanh", use_bias=False, name="inner")
 
     def call(self, x):
-        for _ in range(4):
+        for _ in range(8):
             x = self.inner(x)
         return x
 
