@@ -839,7 +839,8 @@ def _replay_overflow(ev, replay):
         op["dtype"],
         _g(dtype_limits(op["dtype"])[0]),
     )
-    return Finding(0.95, text, [ev.producer] if ev.producer is not None else [], [ev.until])
+    # A fact seen on the op itself, as sure as a non-finite input.
+    return Finding(1.0, text, [ev.producer] if ev.producer is not None else [], [ev.until])
 
 
 def _with_replay(ev, replay, cause_id, finding):

@@ -465,7 +465,7 @@ def _adam_epsilon(ctx):
 
 CLIP = ("clip the gradients (global_clipnorm=1.0)", _clip_gradients)
 LOWER_LR = ("lower the learning rate 10x", _lower_learning_rate)
-FLOAT32 = ("compute the layer in float32", _layer_in_float32)
+FLOAT32 = ("compute the layer in float32 (its variables keep their dtype)", _layer_in_float32)
 STANDARDISE = ("standardise the inputs", _standardise_inputs)
 EPSILON = ("epsilon 1e-7 in the optimizer", _adam_epsilon)
 
@@ -503,7 +503,8 @@ def _diagnosed_causes(run_dir, step, op):
 
 
 def _try(model, optimizer, loaded, ctx, apply):
-    """(applied, finite_after, why): restores the bundle's state, applies, reruns, undoes."""
+    """(applied, finite_after, why or the first non-finite site with it): restores the
+    bundle's state, applies, reruns, undoes."""
     _restore(model, optimizer, loaded)
     outcome = apply(ctx)
     if isinstance(outcome, str):
@@ -524,11 +525,12 @@ def _try(model, optimizer, loaded, ctx, apply):
         return True, False, "the step failed with it: %s" % str(e).splitlines()[0][:200]
     finally:
         outcome()
-    return True, not found, None
+    return True, not found, found[0] if found else None
 
 
 def try_remedies(run_dir, model, optimizer, loaded, x, y, sample_weight, layer_path, op=None):
-    """[{cause, remedy, applied, finite_after[, why]}] for the causes the diagnosis names."""
+    """[{cause, remedy, applied, finite_after[, why][, nonfinite_at]}] for the causes the
+    diagnosis names; finite_after is None for a remedy that was not applied."""
     from tb_nanwatch.watch import sites
 
     layer = dict(sites.layer_paths(model)).get(layer_path)
@@ -545,7 +547,9 @@ def try_remedies(run_dir, model, optimizer, loaded, x, y, sample_weight, layer_p
         }
         applied, finite_after, why = _try(model, optimizer, loaded, ctx, apply)
         entry = {"cause": cause, "remedy": words, "applied": applied, "finite_after": finite_after}
-        if why:
+        if isinstance(why, tuple):  # where the step still went non-finite with it
+            entry["nonfinite_at"] = dict(zip(("layer", "kind", "tensor"), why))
+        elif why:
             entry["why"] = why
         out.append(entry)
 

@@ -49,7 +49,13 @@ def test_log_of_zero_is_reproducible_with_its_op_and_line(tmp_path):
         "why": replay_module.NOT_MECHANICAL,
     }
     assert result["remedies"][1:] == [
-        {"cause": None, "remedy": words, "applied": True, "finite_after": False}
+        {
+            "cause": None,
+            "remedy": words,
+            "applied": True,
+            "finite_after": False,
+            "nonfinite_at": result["site"],
+        }
         for words in ("clip the gradients (global_clipnorm=1.0)", "lower the learning rate 10x")
     ]
     # Replaying with the user's model leaves it as the bundle had it, optimizer settings included.
@@ -140,7 +146,7 @@ def test_a_float16_overflow_read_as_a_domain_error_is_ranked_by_the_replay(tmp_p
     )
     assert result["remedies"][0] == {
         "cause": "reduced_precision_overflow",
-        "remedy": "compute the layer in float32",
+        "remedy": "compute the layer in float32 (its variables keep their dtype)",
         "applied": True,
         "finite_after": True,
     }
@@ -151,8 +157,33 @@ def test_a_float16_overflow_read_as_a_domain_error_is_ranked_by_the_replay(tmp_p
     ranked = diagnosis.diagnose(runview.from_files("run", tmp_path))
     assert [d["cause"] for d in ranked] == ["reduced_precision_overflow", "domain_error"]
     assert "op Exp at stop_scenarios.py" in ranked[0]["evidence"]
-    assert "compute the layer in float32 made the step finite" in ranked[0]["evidence"]
+    assert (
+        "compute the layer in float32 (its variables keep their dtype) made the step finite"
+        in (ranked[0]["evidence"])
+    )
     assert ranked[1]["score"] < before_replay[0]["score"]
     # A replay of another step says nothing about this one.
     stale = dict(result, step=result["step"] + 1)
     assert diagnosis.diagnose(runview.from_files("run", tmp_path), replay=stale) == before_replay
+
+
+def test_a_float16_kernel_gradient_overflow_stays_reduced_precision_overflow(tmp_path):
+    """The float16 Dense's kernel gradient overflows: computing the layer in float32 does not
+    hold (the gradient is still float16, the kernel's dtype) and the trial says where it went
+    non-finite; the overflow seen on the op keeps reduced_precision_overflow first."""
+    from tb_nanwatch import diagnosis, runview
+
+    model, record = stopped_run(sc.float16_overflow, tmp_path)
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    float32 = next(r for r in result["remedies"] if r["cause"] == "reduced_precision_overflow")
+    assert (float32["applied"], float32["finite_after"]) == (True, False)
+    assert float32["nonfinite_at"] == {
+        "layer": "big_init",
+        "kind": "weight_grad",
+        "tensor": "kernel",
+    }
+    standardise = next(r for r in result["remedies"] if r["cause"] == "unscaled_inputs")
+    assert standardise["remedy"] == "standardise the inputs" and standardise["applied"]
+    ranked = diagnosis.diagnose(runview.from_files("run", tmp_path))
+    assert ranked[0]["cause"] == "reduced_precision_overflow"
+    assert "did not make the step finite" in ranked[0]["evidence"]
