@@ -50,6 +50,13 @@ def test_stop_report_replay_report(tmp_path):
     result = json.loads(out.getvalue())
     assert rc == 1 and result["verdict"] == "reproducible" and result["op"]["type"] == "Log"
 
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["replay", str(run)]) == 1
+    assert "  remedy on replay: lower the learning rate 10x: did not hold (a usual guess)\n" in (
+        out.getvalue()
+    )
+
     rc, text, _ = dh.run_cli(tmp_path / "logs")
     assert "op Log at %s, reproducible on replay" % where in text
     # The remedies tried on the same state and batch, and whether each held.
