@@ -187,3 +187,25 @@ def test_a_float16_kernel_gradient_overflow_stays_reduced_precision_overflow(tmp
     ranked = diagnosis.diagnose(runview.from_files("run", tmp_path))
     assert ranked[0]["cause"] == "reduced_precision_overflow"
     assert "did not make the step finite" in ranked[0]["evidence"]
+
+
+def test_the_optimizer_remedies_undo_what_they_change():
+    """epsilon 1e-7 applies only where it is 0, and each trial's undo puts back what it set."""
+    import keras
+
+    adam = keras.optimizers.Adam(1e-3, epsilon=0.0)
+    undo = replay_module._adam_epsilon({"optimizer": adam})
+    assert adam.epsilon == 1e-7
+    undo()
+    assert adam.epsilon == 0.0
+    assert replay_module._adam_epsilon({"optimizer": keras.optimizers.Adam()}) == (
+        "epsilon is already 1e-07"
+    )
+    undo = replay_module._lower_learning_rate({"optimizer": adam})
+    assert float(adam.learning_rate) == pytest.approx(1e-4)
+    undo()
+    assert float(adam.learning_rate) == pytest.approx(1e-3)
+    schedule = keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5)
+    assert "schedule" in replay_module._lower_learning_rate(
+        {"optimizer": keras.optimizers.SGD(schedule)}
+    )
