@@ -16,6 +16,10 @@ Verdict: "reproducible" when the replay's first site is the recorded one; "not_r
 when the replay stays finite (a transient fault: hardware, a race, state outside the model);
 "xla_only" when the run was compiled with XLA, eager stays finite, and the same step compiled
 again does go non-finite.  A replay that goes non-finite at another site is not "reproduced".
+
+Remedies: for each cause the run's diagnosis names, its remedy is tried on the same state and
+batch where it can be applied mechanically (`MECHANICAL`), each trial from the restored state
+and undone after; see `try_remedies`.
 """
 
 import json
