@@ -55,6 +55,14 @@ export function opWords(op) {
   return `${op.type} at ${basename(source.file)}:${source.line} in ${source.function}`;
 }
 
+// The remedies a replay applied to the failing step's state and batch, and whether each held
+// (tb_nanwatch/failing_step.py remedy_words says the same in the report).
+export function remedyWords(replay) {
+  return ((replay && replay.remedies) || []).filter((r) => r.applied).map((r) =>
+    `${r.remedy}: ${r.finite_after ? "finite after" : "did not hold"}` +
+    (r.cause === null || r.cause === undefined ? " (a usual guess)" : ""));
+}
+
 // The failing step as the run directory keeps it: the replay's verdict and op, the producer's
 // ops in the user's code, the repro bundle and how to replay it.
 export function failingStepLines(facts) {
@@ -63,6 +71,8 @@ export function failingStepLines(facts) {
   const replay = facts.replay;
   if (replay && replay.op) lines.push(`Op ${opWords(replay.op)}, ${replay.verdict} on replay.`);
   else if (replay) lines.push(`On replay: ${replay.verdict}.`);
+  const tried = remedyWords(replay);
+  if (tried.length) lines.push(`Remedies on replay: ${tried.join("; ")}.`);
   const ops = facts.producer_ops || [];
   if (ops.length && !(replay && replay.op)) {
     lines.push(`Its ops in your code: ${ops.slice(0, 4).map(opWords).join(", ")}${ops.length > 4 ? ", …" : ""}.`);

@@ -541,6 +541,8 @@ def run_replay(args, out):
             out.write("  op: %s\n" % failing_step.op_words(result["op"]))
         if result.get("input"):
             out.write("  in the batch: %s\n" % json.dumps(result["input"], default=str))
+        for words in failing_step.remedy_words(result):
+            out.write("  remedy on replay: %s\n" % words)
         for note in result.get("notes", []):
             out.write("  note: %s\n" % note)
     out.flush()

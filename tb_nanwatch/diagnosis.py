@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from tb_nanwatch import causes, runview, stats, summary, words
+from tb_nanwatch import causes, failing_step, runview, stats, summary, words
 
 UNDERFLOW_FRACTION = 0.9  # nearly all of a half-precision tensor below the smallest normal
 # Where underflow is damage rather than ReLU's honest zeros: slots and weight gradients.
@@ -809,15 +809,84 @@ RULES = {
 }
 
 
-def diagnose(run_data):
+REMEDY_HELD = 0.1  # a cause's score when its remedy made the replayed step finite ...
+REMEDY_FAILED = -0.2  # ... and when it did not
+
+
+def _replay_of(ev, replay):
+    """The replay's result for this run's first non-finite step (read from the run directory
+    when not given), or None."""
+    if replay is None and ev.data.run_dir:
+        try:
+            replay = failing_step.read_replay(ev.data.run_dir)
+        except (OSError, ValueError):
+            return None  # the report says the file is damaged (failing_step.facts)
+    if not replay or ev.first is None or replay.get("step") != ev.until:
+        return None
+    return replay
+
+
+def _replay_overflow(ev, replay):
+    """A Finding when the replay's first non-finite op overflowed (+-Inf) in half precision:
+    the logs may show only the NaN that inf / inf made of it, which reads as a domain error."""
+    op = replay.get("op") or {}
+    values = op.get("values") or []
+    if op.get("dtype") not in _HALF or not ("+Inf" in values or "-Inf" in values):
+        return None
+    text = "on replay, op %s output %s in %s (largest finite value %s)" % (
+        failing_step.op_words(op),
+        " and ".join(v for v in values if v != "NaN"),
+        op["dtype"],
+        _g(dtype_limits(op["dtype"])[0]),
+    )
+    # A fact seen on the op itself, as sure as a non-finite input.
+    return Finding(1.0, text, [ev.producer] if ev.producer is not None else [], [ev.until])
+
+
+def _with_replay(ev, replay, cause_id, finding):
+    """The finding adjusted by what the replay found: an overflow in half precision ranks
+    reduced_precision_overflow first and a domain error below it; a remedy of the cause that
+    held raises it, one that did not lowers it."""
+    overflow = _replay_overflow(ev, replay)
+    if overflow is not None and cause_id == "reduced_precision_overflow":
+        if finding is None or finding.score < overflow.score:
+            finding = Finding(
+                overflow.score,
+                (finding.evidence + "; " if finding else "") + overflow.evidence,
+                overflow.sites,
+                overflow.steps,
+            )
+    if finding is None:
+        return None
+    if overflow is not None and cause_id == "domain_error":
+        finding.score = min(finding.score, 0.5)
+        finding.evidence += "; but on replay the op overflowed in %s" % replay["op"]["dtype"]
+    for trial in replay.get("remedies") or []:
+        if trial.get("cause") != cause_id or not trial.get("applied"):
+            continue
+        held = bool(trial.get("finite_after"))
+        finding.score = min(1.0, max(0.0, finding.score + (REMEDY_HELD if held else REMEDY_FAILED)))
+        finding.evidence += "; on replay, %s %s" % (
+            trial.get("remedy"),
+            "made the step finite" if held else "did not make the step finite",
+        )
+    return finding
+
+
+def diagnose(run_data, replay=None):
     """[{cause, title, evidence, remedy, sites, steps, score}], most likely first; [] for a
-    finite run with no warning sign.  `report --json`'s "diagnosis" and the tab's banner."""
+    finite run with no warning sign.  `report --json`'s "diagnosis" and the tab's banner.
+    What a replay of the failing step found (`replay`, else the run directory's
+    nanwatch_replay.json) adjusts the ranking (`_with_replay`)."""
     ev = Evidence(run_data)
+    replay = _replay_of(ev, replay)
     found = []
     for order, cause in enumerate(causes.CAUSES):
         if cause.blowup and ev.first is None:
             continue
         finding = RULES[cause.id](ev)
+        if replay is not None:
+            finding = _with_replay(ev, replay, cause.id, finding)
         if finding is None:
             continue
         found.append(

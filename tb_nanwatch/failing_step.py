@@ -78,3 +78,21 @@ def op_words(op):
         source.get("line"),
         source.get("function"),
     )
+
+
+def remedy_words(replay):
+    """["compute the layer in float32: finite after", "clip the gradients ...: did not hold",
+    ...] for the remedies a replay tried, in its order; a cause's remedy that cannot be
+    applied mechanically is left out (the diagnosis gives it)."""
+    out = []
+    for trial in (replay or {}).get("remedies") or []:
+        if not trial.get("applied"):
+            continue
+        words = "%s: %s" % (
+            trial.get("remedy"),
+            "finite after" if trial.get("finite_after") else "did not hold",
+        )
+        if trial.get("cause") is None:
+            words += " (a usual guess)"
+        out.append(words)
+    return out

@@ -16,6 +16,10 @@ Verdict: "reproducible" when the replay's first site is the recorded one; "not_r
 when the replay stays finite (a transient fault: hardware, a race, state outside the model);
 "xla_only" when the run was compiled with XLA, eager stays finite, and the same step compiled
 again does go non-finite.  A replay that goes non-finite at another site is not "reproduced".
+
+Remedies: for each cause the run's diagnosis names, its remedy is tried on the same state and
+batch where it can be applied mechanically (`MECHANICAL`), each trial from the restored state
+and undone after; see `try_remedies`.
 """
 
 import json
@@ -42,7 +46,7 @@ class ReplayResult:
         self.op = op
         self.input = input_location
         self.recorded = recorded
-        self.remedies = []
+        self.remedies = []  # [{cause, remedy, applied, finite_after[, why]}]
         self.notes = notes
 
     def as_json(self):
@@ -295,11 +299,16 @@ def _first_op(model, optimizer, loaded, x, y, sample_weight):
             if user
             else None
         )
+        dtype = re.search(r"dtype: <dtype: '(\w+)'>", message)
         return {
             "type": op_type,
             "name": name.group(1) if name else None,
             "source": source,
             "layer": hooks.failed_in[-1] if hooks.failed_in else None,
+            # The output's dtype and what it held: an overflow (+-Inf) in float16 is a
+            # precision problem, a NaN out of finite inputs a domain error.
+            "dtype": dtype.group(1) if dtype else None,
+            "values": [w for w in ("NaN", "+Inf", "-Inf") if "# of %s elements" % w in message],
         }
     finally:
         tf.debugging.disable_check_numerics()
@@ -368,6 +377,207 @@ def _xla_reproduces(model, optimizer, loaded, x, y, sample_weight):
     return _nonfinite(loss) or any(_nonfinite(v) for v in model.variables + optimizer.variables)
 
 
+# -- Remedies tried on the same state and batch ------------------------------------------------
+#
+# Each trial restores the bundle's state, changes one thing, reruns the step (pass 1's checks)
+# and undoes the change: the model and optimizer end as the bundle had them.  A trial is
+# (words, apply) where apply(ctx) returns an undo function, or a string: why it cannot apply.
+
+
+def _optimizer_of(optimizer):
+    return getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
+
+
+def _clip_gradients(ctx):
+    opt = _optimizer_of(ctx["optimizer"])
+    saved = (opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
+    opt.clipnorm, opt.global_clipnorm, opt.clipvalue = None, 1.0, None
+
+    def undo():
+        opt.clipnorm, opt.global_clipnorm, opt.clipvalue = saved
+
+    return undo
+
+
+def _lower_learning_rate(ctx):
+    from keras.optimizers import schedules
+
+    opt = _optimizer_of(ctx["optimizer"])
+    if isinstance(opt._learning_rate, schedules.LearningRateSchedule) or callable(
+        opt._learning_rate
+    ):
+        return "the learning rate is a schedule: lower its initial value in your code"
+    old = float(np.asarray(opt.learning_rate))
+    opt.learning_rate = old / 10.0
+
+    def undo():
+        opt.learning_rate = old
+
+    return undo
+
+
+def _layer_in_float32(ctx):
+    layer = ctx["layer"]
+    if layer is None:
+        return "no layer produced the first non-finite value"
+    policy = layer.dtype_policy
+    if policy.compute_dtype not in ("float16", "bfloat16"):
+        return "%s already computes in %s" % (ctx["layer_path"], policy.compute_dtype)
+    layer.dtype_policy = "float32"
+
+    def undo():
+        layer.dtype_policy = policy
+
+    return undo
+
+
+def _standardise_inputs(ctx):
+    """Per-feature mean and std of the bundle's batch (the batch is all the replay has)."""
+    x = ctx["x"]
+    import tensorflow as tf
+
+    def standardise(a):
+        a = np.asarray(a)
+        if a.dtype.kind != "f" or a.ndim < 2:
+            return a
+        std = a.std(axis=0)
+        return ((a - a.mean(axis=0)) / np.where(std > 0, std, 1.0)).astype(a.dtype)
+
+    saved = ctx["x"]
+    ctx["x"] = tf.nest.map_structure(standardise, x)
+
+    def undo():
+        ctx["x"] = saved
+
+    return undo
+
+
+def _adam_epsilon(ctx):
+    opt = _optimizer_of(ctx["optimizer"])
+    if not hasattr(opt, "epsilon"):
+        return "%s has no epsilon" % type(opt).__name__
+    old = opt.epsilon
+    if old:
+        return "epsilon is already %g" % old
+    opt.epsilon = 1e-7
+
+    def undo():
+        opt.epsilon = old
+
+    return undo
+
+
+CLIP = ("clip the gradients (global_clipnorm=1.0)", _clip_gradients)
+LOWER_LR = ("lower the learning rate 10x", _lower_learning_rate)
+FLOAT32 = ("compute the layer in float32 (its variables keep their dtype)", _layer_in_float32)
+STANDARDISE = ("standardise the inputs", _standardise_inputs)
+EPSILON = ("epsilon 1e-7 in the optimizer", _adam_epsilon)
+
+# The remedies of causes.py that a replay can apply without the user's code; a cause that is
+# not here (or whose list is empty) needs a change to the data, the model or its code.
+MECHANICAL = {
+    "unscaled_inputs": [STANDARDISE],
+    "reduced_precision_overflow": [FLOAT32],
+    "reduced_precision_underflow": [FLOAT32, EPSILON],
+    "loss_scale_collapse": [FLOAT32, CLIP],
+    "learning_rate_too_high": [LOWER_LR, CLIP],
+    "exploding_gradients": [CLIP, LOWER_LR],
+    "optimizer_state_overflow": [CLIP],
+    "vanishing_gradients": [LOWER_LR],
+}
+# Tried when no named cause has a mechanical remedy, to say whether the usual guesses would help.
+USUAL_GUESSES = [CLIP, LOWER_LR]
+NOT_MECHANICAL = "its remedy is a change to the data, the model or the code (see the diagnosis)"
+
+
+def _diagnosed_causes(run_dir, step, op):
+    """The cause IDs the diagnosis names for the run, most likely first, with what this replay
+    found of the op (not a previous replay's remedies); [] if unreadable."""
+    import os
+
+    from tb_nanwatch import diagnosis, runview
+
+    try:
+        view = runview.from_files(os.path.basename(os.path.normpath(str(run_dir))), run_dir)
+        found = {"step": step, "op": op, "remedies": []}
+        return [d["cause"] for d in diagnosis.diagnose(view, replay=found)]
+    except Exception as e:  # a damaged or unreadable log: the replay stands without remedies
+        logger.warning("no diagnosis for %s, no remedy tried: %s", run_dir, e)
+        return []
+
+
+def _try(model, optimizer, loaded, ctx, apply):
+    """(applied, finite_after, why or the first non-finite site with it): restores the
+    bundle's state, applies, reruns, undoes."""
+    _restore(model, optimizer, loaded)
+    outcome = apply(ctx)
+    if isinstance(outcome, str):
+        return False, None, outcome
+    found = []
+    try:
+        with _LayerHooks(model) as hooks:
+            _step(
+                model,
+                optimizer,
+                ctx["x"],
+                ctx["y"],
+                ctx["sample_weight"],
+                hooks,
+                lambda site: found.append(site) or True,
+            )
+    except Exception as e:  # the change broke the step (a dtype mismatch ...): it did not hold
+        return True, False, "the step failed with it: %s" % str(e).splitlines()[0][:200]
+    finally:
+        outcome()
+    return True, not found, found[0] if found else None
+
+
+def try_remedies(run_dir, model, optimizer, loaded, x, y, sample_weight, layer_path, op=None):
+    """[{cause, remedy, applied, finite_after[, why][, nonfinite_at]}] for the causes the
+    diagnosis names; finite_after is None for a remedy that was not applied."""
+    from tb_nanwatch.watch import sites
+
+    layer = dict(sites.layer_paths(model)).get(layer_path)
+    out = []
+
+    def record(cause, words, apply):
+        ctx = {
+            "optimizer": optimizer,
+            "layer": layer,
+            "layer_path": layer_path,
+            "x": x,
+            "y": y,
+            "sample_weight": sample_weight,
+        }
+        applied, finite_after, why = _try(model, optimizer, loaded, ctx, apply)
+        entry = {"cause": cause, "remedy": words, "applied": applied, "finite_after": finite_after}
+        if isinstance(why, tuple):  # where the step still went non-finite with it
+            entry["nonfinite_at"] = dict(zip(("layer", "kind", "tensor"), why))
+        elif why:
+            entry["why"] = why
+        out.append(entry)
+
+    named = _diagnosed_causes(run_dir, loaded.step, op)
+    for cause in named:
+        trials = MECHANICAL.get(cause)
+        if not trials:
+            out.append(
+                {
+                    "cause": cause,
+                    "remedy": None,
+                    "applied": False,
+                    "finite_after": None,
+                    "why": NOT_MECHANICAL,
+                }
+            )
+        for words, apply in trials or []:
+            record(cause, words, apply)
+    if named and not any(e["applied"] for e in out):
+        for words, apply in USUAL_GUESSES:  # cause None: not a named cause's remedy
+            record(None, words, apply)
+    return out
+
+
 def replay(run_dir, model=None, custom_objects=None):
     """Replays the repro bundle of `run_dir` (see the module's docstring); a `ReplayResult`."""
     loaded = bundle_module.load_bundle(run_dir)
@@ -422,10 +632,16 @@ def replay(run_dir, model=None, custom_objects=None):
                 "the replay went non-finite at another site (%s, %s) than the run"
                 % (site["layer"], site["kind"])
             )
+    remedies = []
+    if site is not None:  # a step that stays finite on replay has nothing to remedy
+        remedies = try_remedies(
+            run_dir, model, optimizer, loaded, x, y, sample_weight, site["layer"], op
+        )
     _restore(model, optimizer, loaded)  # leave the model as the bundle had it
     result = ReplayResult(
         loaded.step, verdict, reproduced, site, op, input_location, recorded, notes
     )
+    result.remedies = remedies
     try:  # kept beside the run's records: the report and the tab say what the replay found
         from tb_nanwatch import failing_step
 

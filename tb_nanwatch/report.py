@@ -289,6 +289,9 @@ class RunReport:
             )
         elif replay:
             lines.append("              on replay: %s" % clean(replay.get("verdict")))
+        tried = failing_step.remedy_words(replay)
+        if tried:
+            lines.append("              remedies on replay: %s" % clean("; ".join(tried)))
         ops = facts.get("producer_ops") or []
         if ops and not (replay and replay.get("op")):
             shown = ", ".join(clean(failing_step.op_words(op)) for op in ops[:4])

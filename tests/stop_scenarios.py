@@ -134,6 +134,37 @@ def float16_overflow():
     return build, x, y, "mse", lambda: keras.optimizers.Adam(1e-3), 3
 
 
+@keras.saving.register_keras_serializable(package="tb_nanwatch_tests")
+class ExpNormalise(keras.layers.Layer):
+    """A softmax written by hand: exp(x) / sum(exp(x)).  In float16 exp passes 65,504 for
+    x > 11.1, and inf / inf makes the output NaN (not Inf): the logs alone read a domain error."""
+
+    def call(self, x):
+        e = tf.math.exp(x)
+        return e / tf.reduce_sum(e, axis=-1, keepdims=True)
+
+
+def float16_exp_overflow():
+    """exp overflows in a float16 layer at step 2 (one input row x20): its output is NaN."""
+    x = _normal(12 * BATCH, 4)
+    x[2 * BATCH + 3] *= 20.0
+    x[2 * BATCH + 3, 0] = 14.0
+    y = _normal(12 * BATCH, 1, seed=1)
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential(
+            [
+                keras.Input((4,)),
+                ExpNormalise(name="exp_normalise", dtype="float16"),
+                keras.layers.Dense(1, name="head"),
+            ],
+            name="model",
+        )
+
+    return build, x, y, "mse", lambda: keras.optimizers.SGD(0.01), 2
+
+
 PRODUCERS = {
     "input": nan_input_row,
     "activation": log_of_zero,

@@ -7,11 +7,16 @@ import inspect
 import io
 import json
 import os
+import shutil
+import subprocess
 
 import damage_helpers as dh
+import pytest
 import stop_scenarios as sc
 from test_plugin_backend import App
 from test_replay import stopped_run
+
+FRONTEND = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frontend")
 
 
 def _log_line():
@@ -45,11 +50,59 @@ def test_stop_report_replay_report(tmp_path):
     result = json.loads(out.getvalue())
     assert rc == 1 and result["verdict"] == "reproducible" and result["op"]["type"] == "Log"
 
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["replay", str(run)]) == 1
+    assert "  remedy on replay: lower the learning rate 10x: did not hold (a usual guess)\n" in (
+        out.getvalue()
+    )
+
     rc, text, _ = dh.run_cli(tmp_path / "logs")
     assert "op Log at %s, reproducible on replay" % where in text
+    # The remedies tried on the same state and batch, and whether each held.
+    assert (
+        "remedies on replay: clip the gradients (global_clipnorm=1.0): did not hold (a usual "
+        "guess); lower the learning rate 10x: did not hold (a usual guess)" in text
+    )
     (entry,) = json.loads(dh.run_cli(tmp_path / "logs", "--json")[1])["runs"]
     assert entry["replay"]["verdict"] == "reproducible"
     # The tab's /diagnosis says the same.
     answer = App(tmp_path / "logs").json("/diagnosis", run="log_of_zero")
     assert answer["failing_step"]["replay"]["op"]["type"] == "Log"
     assert answer["failing_step"]["bundle"]["step"] == 4
+
+
+def test_the_tab_says_which_remedies_held():
+    """frontend/diagnosis.js's failingStepLines, run by node on a replay's result."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    replay = {
+        "verdict": "reproducible",
+        "op": {"type": "Exp", "source": {"file": "/x/my_layers.py", "line": 9, "function": "call"}},
+        "remedies": [
+            {
+                "cause": "reduced_precision_overflow",
+                "remedy": "compute the layer in float32",
+                "applied": True,
+                "finite_after": True,
+            },
+            {"cause": "domain_error", "remedy": None, "applied": False, "finite_after": None},
+            {"cause": None, "remedy": "clip the gradients", "applied": True, "finite_after": False},
+        ],
+    }
+    script = (
+        "const m = await import(%s); console.log(JSON.stringify(m.failingStepLines({replay: %s})));"
+        % (json.dumps("file://" + os.path.join(FRONTEND, "diagnosis.js")), json.dumps(replay))
+    )
+    out = subprocess.run(
+        [node, "--experimental-detect-module", "--input-type=module", "-e", script],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert json.loads(out) == [
+        "Op Exp at my_layers.py:9 in call, reproducible on replay.",
+        "Remedies on replay: compute the layer in float32: finite after; "
+        "clip the gradients: did not hold (a usual guess).",
+    ]

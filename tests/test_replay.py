@@ -39,11 +39,31 @@ def test_log_of_zero_is_reproducible_with_its_op_and_line(tmp_path):
         "line": line,
         "function": "call",
     }
-    assert result["remedies"] == []
-    # Replaying with the user's model leaves it as the bundle had it.
+    # domain_error's remedy is a change to the layer's code: not applied, and said why; the
+    # usual guesses are tried on the same state and batch instead, and do not hold.
+    assert result["remedies"][0] == {
+        "cause": "domain_error",
+        "remedy": None,
+        "applied": False,
+        "finite_after": None,
+        "why": replay_module.NOT_MECHANICAL,
+    }
+    assert result["remedies"][1:] == [
+        {
+            "cause": None,
+            "remedy": words,
+            "applied": True,
+            "finite_after": False,
+            "nonfinite_at": result["site"],
+        }
+        for words in ("clip the gradients (global_clipnorm=1.0)", "lower the learning rate 10x")
+    ]
+    # Replaying with the user's model leaves it as the bundle had it, optimizer settings included.
     assert tb_nanwatch.replay(tmp_path, model=model).verdict == "reproducible"
     for a, b in zip(model.variables, before):
         np.testing.assert_array_equal(a.numpy(), b)
+    assert model.optimizer.global_clipnorm is None
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.01)
 
 
 def test_a_nan_input_is_located_in_the_batch(tmp_path):
@@ -103,3 +123,89 @@ def test_a_gradient_op_is_traced_back_to_the_forward_op_the_user_wrote(tmp_path)
             "function": "call",
         },
     }
+
+
+def test_a_float16_overflow_read_as_a_domain_error_is_ranked_by_the_replay(tmp_path):
+    """exp overflows in a float16 layer; inf / inf leaves only NaN in the logs, which read as a
+    domain error.  The replay sees Exp output +Inf in float16, tries the layer in float32 (it
+    holds), and the diagnosis then ranks reduced_precision_overflow first."""
+    from tb_nanwatch import diagnosis, runview
+
+    model, record = stopped_run(sc.float16_exp_overflow, tmp_path)
+    assert (record["layer"], record["nan"], record["posinf"]) == ("exp_normalise", 3, 0)
+    before_replay = diagnosis.diagnose(runview.from_files("run", tmp_path))
+    assert [d["cause"] for d in before_replay] == ["domain_error"]
+    weights = [v.numpy() for v in model.variables]
+
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    assert result["verdict"] == "reproducible"
+    assert (result["op"]["type"], result["op"]["dtype"], result["op"]["values"]) == (
+        "Exp",
+        "float16",
+        ["+Inf"],
+    )
+    assert result["remedies"][0] == {
+        "cause": "reduced_precision_overflow",
+        "remedy": "compute the layer in float32 (its variables keep their dtype)",
+        "applied": True,
+        "finite_after": True,
+    }
+    assert model.get_layer("exp_normalise").dtype_policy.compute_dtype == "float16"
+    for a, b in zip(model.variables, weights):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+    ranked = diagnosis.diagnose(runview.from_files("run", tmp_path))
+    assert [d["cause"] for d in ranked] == ["reduced_precision_overflow", "domain_error"]
+    assert "op Exp at stop_scenarios.py" in ranked[0]["evidence"]
+    assert (
+        "compute the layer in float32 (its variables keep their dtype) made the step finite"
+        in (ranked[0]["evidence"])
+    )
+    assert ranked[1]["score"] < before_replay[0]["score"]
+    # A replay of another step says nothing about this one.
+    stale = dict(result, step=result["step"] + 1)
+    assert diagnosis.diagnose(runview.from_files("run", tmp_path), replay=stale) == before_replay
+
+
+def test_a_float16_kernel_gradient_overflow_stays_reduced_precision_overflow(tmp_path):
+    """The float16 Dense's kernel gradient overflows: computing the layer in float32 does not
+    hold (the gradient is still float16, the kernel's dtype) and the trial says where it went
+    non-finite; the overflow seen on the op keeps reduced_precision_overflow first."""
+    from tb_nanwatch import diagnosis, runview
+
+    model, record = stopped_run(sc.float16_overflow, tmp_path)
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    float32 = next(r for r in result["remedies"] if r["cause"] == "reduced_precision_overflow")
+    assert (float32["applied"], float32["finite_after"]) == (True, False)
+    assert float32["nonfinite_at"] == {
+        "layer": "big_init",
+        "kind": "weight_grad",
+        "tensor": "kernel",
+    }
+    standardise = next(r for r in result["remedies"] if r["cause"] == "unscaled_inputs")
+    assert standardise["remedy"] == "standardise the inputs" and standardise["applied"]
+    ranked = diagnosis.diagnose(runview.from_files("run", tmp_path))
+    assert ranked[0]["cause"] == "reduced_precision_overflow"
+    assert "did not make the step finite" in ranked[0]["evidence"]
+
+
+def test_the_optimizer_remedies_undo_what_they_change():
+    """epsilon 1e-7 applies only where it is 0, and each trial's undo puts back what it set."""
+    import keras
+
+    adam = keras.optimizers.Adam(1e-3, epsilon=0.0)
+    undo = replay_module._adam_epsilon({"optimizer": adam})
+    assert adam.epsilon == 1e-7
+    undo()
+    assert adam.epsilon == 0.0
+    assert replay_module._adam_epsilon({"optimizer": keras.optimizers.Adam()}) == (
+        "epsilon is already 1e-07"
+    )
+    undo = replay_module._lower_learning_rate({"optimizer": adam})
+    assert float(adam.learning_rate) == pytest.approx(1e-4)
+    undo()
+    assert float(adam.learning_rate) == pytest.approx(1e-3)
+    schedule = keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.5)
+    assert "schedule" in replay_module._lower_learning_rate(
+        {"optimizer": keras.optimizers.SGD(schedule)}
+    )
