@@ -525,6 +525,16 @@ def run_replay(args, out):
         result = tb_nanwatch.replay(args.run_dir, custom_objects=custom).as_json()
     except bundle.BundleError as e:
         raise UsageError(str(e))
+    except (TypeError, ValueError) as e:
+        if "Could not locate" not in str(e):
+            raise
+        # Keras could not rebuild the model: a layer or function of the user's own code.
+        missing = str(e).split("Could not locate", 1)[1].split(".")[0].strip()
+        raise UsageError(
+            "the bundle's model needs your code to be rebuilt (could not locate %s): name the "
+            "module that defines it, tb-nanwatch replay %s --custom-objects MODULE"
+            % (missing, args.run_dir)
+        )
     if args.json:
         out.write(json.dumps(result, indent=2, default=str) + "\n")
     else:

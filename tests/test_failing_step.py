@@ -106,3 +106,29 @@ def test_the_tab_says_which_remedies_held():
         "Remedies on replay: compute the layer in float32: finite after; "
         "clip the gradients: did not hold (a usual guess).",
     ]
+
+
+def test_replay_command_names_the_missing_custom_objects(tmp_path):
+    """`tb-nanwatch replay` in a fresh process: a model with a layer of the user's own code
+    cannot be rebuilt without it, and the error says how to give it."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "log_of_zero"
+    stopped_run(sc.log_of_zero, run)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PYTHONPATH", None)
+    command = [sys.executable, "-m", "tb_nanwatch.cli", "replay", str(run)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--custom-objects MODULE" in proc.stderr and "LogFeatures" in proc.stderr
+    env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        command + ["--custom-objects", "stop_scenarios"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "reproducible" in proc.stdout and "op: Log at stop_scenarios.py:" in proc.stdout
