@@ -964,3 +964,172 @@ def healthy_batchnorm(logdir, callbacks):
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return _fit(model, x, y, logdir, callbacks, epochs=4)
+
+
+# --------------------------------------------------- added after the first run (same rules apply)
+
+
+@case(None, "CNN on raw 0..255 pixel values (not rescaled), Adam")
+def healthy_raw_pixels(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+    rng = np.random.default_rng(50)
+    y = rng.integers(0, 2, 256)
+    x = rng.uniform(0, 160, (256, 12, 12, 1)).astype("float32")
+    x[y == 1, 2:10, 2:10] += 90.0
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(True))
+    return _fit(model, x, y, logdir, callbacks, epochs=4)
+
+
+@case("domain_error", "custom angle layer tf.acos of a linear Dense output (outside [-1, 1])")
+def domain_acos(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+
+    class Angle(keras.layers.Layer):
+        def call(self, x):
+            return tf.acos(x)
+
+    rng, x, y = _standard(np, seed=51)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4), Angle(), keras.layers.Dense(1)]
+    )
+    model.compile("adam", "mse")
+    _fit(model, x, y, logdir, callbacks)
+
+
+@case(None, "MultiHeadAttention block with LayerNormalization under mixed_float16")
+def healthy_attention_mixed(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        rng = np.random.default_rng(52)
+        x = rng.standard_normal((256, 10, 16)).astype("float32")
+        y = (x[:, :, 0].mean(axis=1) > 0).astype("int32")
+        inp = keras.Input((10, 16))
+        h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(inp, inp)
+        h = keras.layers.LayerNormalization()(h + inp)
+        h = keras.layers.GlobalAveragePooling1D()(h)
+        out = keras.layers.Dense(2, dtype="float32")(h)
+        model = keras.Model(inp, out)
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return _fit(model, x, y, logdir, callbacks, epochs=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@case("nonfinite_target", "class_weight from a 'balanced' formula with a class absent (0/0)")
+def target_class_weight_nan(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+    rng, x, _ = _standard(np, seed=53)
+    y = rng.integers(0, 2, 512)  # 3 classes declared, class 2 never occurs
+    counts = np.bincount(y, minlength=3).astype("float32")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        balanced = counts.sum() / (3 * counts) * (counts > 0) * 1.0  # Inf * 0 = NaN for class 2
+    class_weight = {i: float(w) for i, w in enumerate(balanced)}
+    y[300] = 2  # one late example of the missing class
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    _fit(model, x, y, logdir, callbacks, class_weight=class_weight, shuffle=False)
+
+
+@case(None, "regression with outlier targets (up to 50) and a Huber loss")
+def healthy_huber(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+    rng, x, y = _standard(np, seed=54)
+    y[rng.integers(0, 512, 20)] = 50.0
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile("adam", keras.losses.Huber())
+    return _fit(model, x, y, logdir, callbacks, epochs=4)
+
+
+@case("reduced_precision_overflow", "mixed_float16 logits divided by a temperature of 1e-5")
+def fp16_temperature(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+
+    class Temperature(keras.layers.Layer):
+        def call(self, x):
+            return x / 1e-5
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        rng, x, _ = _standard(np, seed=55, d=16)
+        y = rng.integers(0, 4, 512)
+        model = keras.Sequential(
+            [
+                keras.Input((16,)),
+                keras.layers.Dense(32, activation="relu"),
+                keras.layers.Dense(4),
+                Temperature(),
+                keras.layers.Activation("softmax", dtype="float32"),
+            ]
+        )
+        model.compile("adam", "sparse_categorical_crossentropy")
+        _fit(model, x, y, logdir, callbacks)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@case(None, "imbalanced binary classification with class_weight, Adam")
+def healthy_class_weight(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+    rng, x, _ = _standard(np, seed=56)
+    y = (x[:, 0] > 1.0).astype("int32")
+    counts = np.bincount(y, minlength=2)
+    class_weight = {i: float(len(y) / (2 * c)) for i, c in enumerate(counts)}
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1, "sigmoid"),
+        ]
+    )
+    model.compile("adam", "binary_crossentropy")
+    return _fit(model, x, y, logdir, callbacks, epochs=4, class_weight=class_weight)
+
+
+@case(None, "8 Dense + BatchNormalization layers, SGD 0.1 with momentum")
+def healthy_deep_bn(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+    rng, x, y = _standard(np, seed=57, d=16)
+    layers = [keras.Input((16,))]
+    for _ in range(8):
+        layers += [
+            keras.layers.Dense(32),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+        ]
+    layers += [keras.layers.Dense(1)]
+    model = keras.Sequential(layers)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    return _fit(model, x, y, logdir, callbacks, epochs=4)
+
+
+@case(None, "masked Embedding (mask_zero) + LSTM with dropout on padded sequences")
+def healthy_masked_lstm(logdir, callbacks):
+    keras, np, tf, _ = _tf()
+    rng = np.random.default_rng(58)
+    tokens = rng.integers(1, 60, (384, 15))
+    lengths = rng.integers(4, 16, 384)
+    tokens[np.arange(15)[None, :] >= lengths[:, None]] = 0
+    y = (np.where(tokens > 0, tokens, 0).sum(axis=1) / np.maximum(lengths, 1) > 30).astype("int32")
+    model = keras.Sequential(
+        [
+            keras.Input((15,), dtype="int32"),
+            keras.layers.Embedding(60, 16, mask_zero=True),
+            keras.layers.LSTM(16, dropout=0.1),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model.compile("adam", "binary_crossentropy")
+    return _fit(model, tokens, y, logdir, callbacks, epochs=4)

@@ -42,20 +42,32 @@ def make_counter():
 
     class FirstBadStep(keras.callbacks.Callback):
         """The first global batch whose loss or whose update (weights, optimizer slots) is
-        non-finite; stops training two batches later (nothing after it is scored)."""
+        non-finite; stops training two batches later (nothing after it is scored).
+
+        Keras logs the epoch's running mean of the loss (a float32 sum of loss * batch size),
+        which can overflow while every batch's loss is finite; a float64 tracker, reset before
+        each batch, makes `logs["loss"]` this batch's loss (a displayed metric only: the weights
+        are computed as without it)."""
 
         def __init__(self):
             super().__init__()
             self.step = 0
             self.first_bad = None
             self.what = None
-            self.first_loss = None
-            self.last_loss = None
+            self.losses = []  # each batch's loss
+
+        def on_train_begin(self, logs=None):
+            if getattr(self.model, "_loss_tracker", None) is not None:
+                self.model._loss_tracker = keras.metrics.Mean(name="loss", dtype="float64")
+
+        def on_train_batch_begin(self, batch, logs=None):
+            tracker = getattr(self.model, "_loss_tracker", None)
+            if tracker is not None:
+                tracker.reset_state()
 
         def on_train_batch_end(self, batch, logs=None):
             loss = float((logs or {}).get("loss", 0.0))
-            if self.first_loss is None:
-                self.first_loss = loss
+            self.losses.append(loss)
             if self.first_bad is None:
                 bad = None
                 if not math.isfinite(loss):
@@ -71,9 +83,6 @@ def make_counter():
             elif self.step >= self.first_bad + 2:
                 self.model.stop_training = True
             self.step += 1
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.last_loss = float((logs or {}).get("loss", float("nan")))
 
     return FirstBadStep()
 
@@ -94,8 +103,9 @@ def train_case(c, logdir):
         "seconds": round(time.time() - t0, 1),
         "counter_first_bad": counter.first_bad,
         "counter_what": counter.what,
-        "first_loss": counter.first_loss,
-        "last_loss": counter.last_loss,
+        # the mean loss of the first and of the last 3 batches (healthy runs must make progress)
+        "first_loss": sum(counter.losses[:3]) / 3 if len(counter.losses) >= 6 else None,
+        "last_loss": sum(counter.losses[-3:]) / 3 if len(counter.losses) >= 6 else None,
         "train_error": error,
     }
 
