@@ -221,6 +221,18 @@ def as_markdown():
             "",
             "*Remedy.* %s" % c.remedy,
         ]
+    lines += [
+        "",
+        "## How well the causes are named",
+        "",
+        "Measured on blow-ups and healthy runs written from the descriptions above by someone who had",
+        "not read the rules (`bench/eval_causes/cases.py`), half of them used for tuning, half held out:",
+        "top-1 and top-2 right, false alarms on healthy runs, and whether the first non-finite step",
+        "agrees with an independent batch counter. The figures and the held-out cases one by one are in",
+        "[cause_evaluation.md](cause_evaluation.md); recompute them (about a minute on 2 cores) with",
+        "",
+        "    .venv/bin/python bench/eval_causes/run_eval.py --out docs/cause_evaluation.md",
+    ]
     return "\n".join(lines) + "\n"
 
 

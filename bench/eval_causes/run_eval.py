@@ -1,0 +1,297 @@
+"""How well does tb_nanwatch name the cause?  Train every case of cases.py, read the report, score it.
+
+    .venv/bin/python bench/eval_causes/run_eval.py [--out docs/cause_evaluation.md] [--json FILE]
+                                                   [--only NAME,...] [--keep DIR]
+
+Each case trains into its own logdir with `NanWatchCallback` and, beside it, an independent
+batch counter (`FirstBadStep`): after every batch it checks the batch's loss and every model
+and optimizer variable for NaN/Inf, so the first bad step it records is the global batch whose
+loss or update went non-finite -- without tb_nanwatch.  Then `tb-nanwatch report LOGDIR --json`
+(a subprocess, as a user runs it) gives the ranked `diagnosis` and `first_nonfinite`.
+
+Scores, for each half (tune = even index in CASES, held-out = odd index):
+  blow-ups: top-1 (the first cause named is the intended one), top-2 (it is among the first two),
+            first step agrees (report's first_nonfinite step == the counter's first bad step);
+  healthy:  false alarms (any cause or an early warning), and whether the loss went down.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import cases as cases_module  # noqa: E402
+
+BEGIN, END = "<!-- cause_evaluation:begin -->", "<!-- cause_evaluation:end -->"
+COMMAND = ".venv/bin/python bench/eval_causes/run_eval.py --out docs/cause_evaluation.md"
+
+
+def make_counter():
+    import keras
+    import numpy as np
+
+    class FirstBadStep(keras.callbacks.Callback):
+        """The first global batch whose loss or whose update (weights, optimizer slots) is
+        non-finite; stops training two batches later (nothing after it is scored).
+
+        Keras logs the epoch's running mean of the loss (a float32 sum of loss * batch size),
+        which can overflow while every batch's loss is finite; a float64 tracker, reset before
+        each batch, makes `logs["loss"]` this batch's loss (a displayed metric only: the weights
+        are computed as without it)."""
+
+        def __init__(self):
+            super().__init__()
+            self.step = 0
+            self.first_bad = None
+            self.what = None
+            self.losses = []  # each batch's loss
+
+        def on_train_begin(self, logs=None):
+            if getattr(self.model, "_loss_tracker", None) is not None:
+                self.model._loss_tracker = keras.metrics.Mean(name="loss", dtype="float64")
+
+        def on_train_batch_begin(self, batch, logs=None):
+            tracker = getattr(self.model, "_loss_tracker", None)
+            if tracker is not None:
+                tracker.reset_state()
+
+        def on_train_batch_end(self, batch, logs=None):
+            loss = float((logs or {}).get("loss", 0.0))
+            self.losses.append(loss)
+            if self.first_bad is None:
+                bad = None
+                if not math.isfinite(loss):
+                    bad = "loss"
+                else:
+                    for v in list(self.model.weights) + list(self.model.optimizer.variables):
+                        a = np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+                        if a.dtype.kind == "f" and not np.isfinite(a).all():
+                            bad = "variable %s" % (getattr(v, "path", None) or v.name)
+                            break
+                if bad:
+                    self.first_bad, self.what = self.step, bad
+            elif self.step >= self.first_bad + 2:
+                self.model.stop_training = True
+            self.step += 1
+
+    return FirstBadStep()
+
+
+def train_case(c, logdir):
+    import keras
+
+    keras.utils.set_random_seed(1234)
+    keras.backend.clear_session()
+    counter = make_counter()
+    t0 = time.time()
+    error = None
+    try:
+        c.fn(logdir, [counter])
+    except Exception as e:  # a case that crashes is scored as a miss, with its error shown
+        error = "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    return {
+        "seconds": round(time.time() - t0, 1),
+        "counter_first_bad": counter.first_bad,
+        "counter_what": counter.what,
+        # the mean loss of the first and of the last 3 batches (healthy runs must make progress)
+        "first_loss": sum(counter.losses[:3]) / 3 if len(counter.losses) >= 6 else None,
+        "last_loss": sum(counter.losses[-3:]) / 3 if len(counter.losses) >= 6 else None,
+        "train_error": error,
+    }
+
+
+def read_report(logdir):
+    exe = os.path.join(os.path.dirname(sys.executable), "tb-nanwatch")
+    p = subprocess.run([exe, "report", logdir, "--json"], capture_output=True, text=True)
+    if p.returncode not in (0, 1) or not p.stdout.strip():
+        return {"report_error": (p.stderr or p.stdout).strip()[-300:]}
+    body = json.loads(p.stdout)
+    runs = body.get("runs") or []
+    if not runs:
+        return {"report_error": "no run in the report"}
+    run = runs[0]
+    first = run.get("first_nonfinite")
+    return {
+        "causes": [d.get("cause") for d in run.get("diagnosis") or []],
+        "report_first_step": first.get("step") if isinstance(first, dict) else None,
+        "early_warning": run.get("early_warning"),
+    }
+
+
+def score(results):
+    halves = {}
+    for half in ("tune", "held-out"):
+        rs = [r for r in results if r["half"] == half]
+        blow = [r for r in rs if r["cause"] is not None]
+        healthy = [r for r in rs if r["cause"] is None]
+        stepped = [r for r in blow if r["counter_first_bad"] is not None]
+        halves[half] = {
+            "blowups": len(blow),
+            "top1": sum(r["top1"] for r in blow),
+            "top2": sum(r["top2"] for r in blow),
+            "went_nonfinite_per_counter": len(stepped),
+            "report_saw_nonfinite": sum(r.get("report_first_step") is not None for r in blow),
+            "first_step_agrees": sum(r["step_agrees"] is True for r in stepped),
+            "healthy": len(healthy),
+            "false_alarms": sum(r["false_alarm"] for r in healthy),
+            "healthy_progressed": sum(r["progressed"] is True for r in healthy),
+        }
+    return halves
+
+
+def evaluate(only=None, keep=None):
+    base = keep or tempfile.mkdtemp(prefix="eval_causes_")
+    results = []
+    for i, c in enumerate(cases_module.CASES):
+        if only and c.name not in only:
+            continue
+        logdir = os.path.join(base, c.name)
+        r = {"index": i, "name": c.name, "cause": c.cause, "what": c.what}
+        r["half"] = "tune" if i % 2 == 0 else "held-out"
+        r.update(train_case(c, logdir))
+        r.update(read_report(logdir))
+        causes = r.get("causes") or []
+        if c.cause is None:
+            r["false_alarm"] = bool(causes) or bool(r.get("early_warning"))
+            fl, ll = r["first_loss"], r["last_loss"]
+            r["progressed"] = (
+                fl is not None and ll is not None and math.isfinite(ll) and ll < fl
+            ) and r["counter_first_bad"] is None
+        else:
+            r["top1"] = causes[:1] == [c.cause]
+            r["top2"] = c.cause in causes[:2]
+            cf, rf = r["counter_first_bad"], r.get("report_first_step")
+            r["step_agrees"] = None if cf is None else (rf == cf)
+        print(
+            "%-28s %-28s top: %-40s step counter=%s report=%s (%.0fs)%s"
+            % (
+                c.name,
+                c.cause,
+                ",".join(causes[:2]) or "-",
+                r["counter_first_bad"],
+                r.get("report_first_step"),
+                r["seconds"],
+                " ERROR " + (r["train_error"] or r.get("report_error", ""))
+                if r["train_error"] or r.get("report_error")
+                else "",
+            ),
+            flush=True,
+        )
+        results.append(r)
+    return results, base
+
+
+def pct(a, b):
+    return "%d/%d (%.0f%%)" % (a, b, 100.0 * a / b) if b else "0/0"
+
+
+def as_markdown(results, halves):
+    lines = [
+        BEGIN,
+        "",
+        "Measured %s with `%s` (%d cases: tune = even index in `CASES`, held-out = odd)."
+        % (time.strftime("%Y-%m-%d", time.gmtime()), COMMAND, len(results)),
+        "",
+        "| half | blow-ups | top-1 right | right in top 2 | first step = counter's | healthy runs "
+        "| false alarms (a cause or an early warning) | healthy runs whose loss went down |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for half, h in halves.items():
+        lines.append(
+            "| %s | %d | %s | %s | %s | %d | %s | %s |"
+            % (
+                half,
+                h["blowups"],
+                pct(h["top1"], h["blowups"]),
+                pct(h["top2"], h["blowups"]),
+                pct(h["first_step_agrees"], h["went_nonfinite_per_counter"]),
+                h["healthy"],
+                pct(h["false_alarms"], h["healthy"]),
+                pct(h["healthy_progressed"], h["healthy"]),
+            )
+        )
+    lines += [
+        "",
+        "Held-out half, case by case (`counter`: the first bad global batch by the independent "
+        "counter; `report`: `first_nonfinite.step` of `tb-nanwatch report --json`):",
+        "",
+        "| case | what it does | intended cause | top-1 given | top-2 given | first step counter / report |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["half"] != "held-out":
+            continue
+        causes = r.get("causes") or []
+        top1 = causes[0] if causes else "-"
+        top2 = causes[1] if len(causes) > 1 else "-"
+        if r["cause"] is None:
+            ew = " + early warning" if r.get("early_warning") else ""
+            top1 = (top1 + ew) if causes or ew else "- (no alarm)"
+        mark = lambda ok: " ✓" if ok else ""  # noqa: E731
+        lines.append(
+            "| `%s` | %s | %s | `%s`%s | `%s`%s | %s / %s |"
+            % (
+                r["name"],
+                r["what"].replace("|", "\\|"),
+                "healthy" if r["cause"] is None else "`%s`" % r["cause"],
+                top1,
+                mark(r.get("top1")),
+                top2,
+                mark(r.get("top2") and not r.get("top1")),
+                "-" if r["counter_first_bad"] is None else r["counter_first_bad"],
+                "-" if r.get("report_first_step") is None else r["report_first_step"],
+            )
+        )
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_out(path, block):
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text + ("\n" if text else "") + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="replace the evaluation block of this markdown file")
+    ap.add_argument("--json", help="write the per-case results here")
+    ap.add_argument("--only", help="comma-separated case names (a partial run scores only those)")
+    ap.add_argument("--keep", help="train into this directory (default: a temp directory)")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    t0 = time.time()
+    results, base = evaluate(only, args.keep)
+    halves = score(results)
+    print(json.dumps(halves, indent=2))
+    print("%.0f s" % (time.time() - t0))
+    if args.keep:
+        print("logdirs under %s" % base)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"halves": halves, "cases": results}, f, indent=2, default=str)
+    if args.out:
+        write_out(args.out, as_markdown(results, halves))
+
+
+if __name__ == "__main__":
+    main()
