@@ -132,47 +132,60 @@ class FileDamage:
         )
 
 
-def _frame_at(buf, pos):
-    """(data end, problem) of the frame at `pos`: problem None when the whole frame verifies."""
-    size = len(buf)
-    if size - pos < HEADER_BYTES:
-        return None, "truncated: the last record is incomplete"
+FRAME_OK, FRAME_NEED_MORE, FRAME_BAD = "ok", "need more", "bad"
+
+
+def frame_at(buf, pos, more_in_file=0):
+    """(status, end, problem) of the frame at `pos` of `buf`, with `more_in_file` bytes of the
+    file after `buf` (0: `buf` ends where the file does): FRAME_OK with the frame's end,
+    FRAME_NEED_MORE when the frame runs past `buf` but not past the file, FRAME_BAD with the
+    problem in words.  Lengths are checked against what the file holds before anything is read."""
+    left = len(buf) - pos
+    if left < HEADER_BYTES:
+        if more_in_file > 0:
+            return FRAME_NEED_MORE, None, None
+        return FRAME_BAD, None, "truncated: the last record is incomplete"
     length, length_crc = struct.unpack_from("<QI", buf, pos)
     if masked_crc32c(buf[pos : pos + 8]) != length_crc:
-        return None, "bad record header (length checksum)"
-    if length > size - pos - HEADER_BYTES - FOOTER_BYTES:
-        # A checksummed length that runs past the end: the file was cut inside this record.
-        return None, "truncated: the last record is incomplete (it claims %d bytes, %d remain)" % (
-            length,
-            size - pos - HEADER_BYTES,
-        )
+        return FRAME_BAD, None, "bad record header (length checksum)"
     end = pos + HEADER_BYTES + length
+    if end + FOOTER_BYTES > len(buf):
+        if length <= left + more_in_file - HEADER_BYTES - FOOTER_BYTES:
+            return FRAME_NEED_MORE, None, None
+        # A checksummed length that runs past the end: the file was cut inside this record.
+        return (
+            FRAME_BAD,
+            None,
+            "truncated: the last record is incomplete (it claims %d bytes, %d remain)"
+            % (length, left + more_in_file - HEADER_BYTES),
+        )
     (data_crc,) = struct.unpack_from("<I", buf, end)
     if masked_crc32c(buf[pos + HEADER_BYTES : end]) != data_crc:
-        return None, "bad record data (checksum)"
-    return end + FOOTER_BYTES, None
+        return FRAME_BAD, None, "bad record data (checksum)"
+    return FRAME_OK, end + FOOTER_BYTES, None
 
 
-def _resync(buf, start):
-    """The next offset >= start where a whole frame verifies, or len(buf)."""
+def resync(buf, start, more_in_file=0):
+    """The next offset >= start of `buf` where a frame verifies (or may: it runs past `buf`),
+    else len(buf), or, with more of the file to come, the last bytes that could still start one."""
     pos = start
     while pos < len(buf):
         found = _candidates(buf, pos, len(buf))
         if not found:
-            return len(buf)
+            break
         for candidate in found:
-            if _frame_at(buf, candidate)[1] is None:
+            if frame_at(buf, candidate, more_in_file)[0] != FRAME_BAD:
                 return candidate
         pos = found[-1] + 1
-    return len(buf)
+    return max(start, len(buf) - (HEADER_BYTES - 1)) if more_in_file else len(buf)
 
 
 def iter_records(buf, damage):
     """Yields (offset, data) of every intact frame of `buf`; records the rest in `damage`."""
     pos, size = 0, len(buf)
     while pos < size:
-        end, problem = _frame_at(buf, pos)
-        if problem is None:
+        status, end, problem = frame_at(buf, pos)
+        if status == FRAME_OK:
             damage.records += 1
             yield pos, bytes(buf[pos + HEADER_BYTES : end - FOOTER_BYTES])
             pos = end
@@ -180,7 +193,7 @@ def iter_records(buf, damage):
         if pos == 0 and problem.startswith("bad record header"):
             problem = "not a readable event file (bad first record header)"
         damage.add(pos, problem)
-        nxt = _resync(buf, pos + 1)
+        nxt = resync(buf, pos + 1)
         damage.skipped_bytes += nxt - pos
         pos = nxt
 
@@ -273,6 +286,24 @@ def _elements(tensor_proto):
     return n
 
 
+class TensorRefused(ValueError):
+    """A summary tensor that is not decoded: its shape claims too much, or it cannot be."""
+
+
+def tensor_value(tensor_proto):
+    """The numpy value of a summary tensor; TensorRefused (in words) for a shape past
+    MAX_TENSOR_ELEMENTS or a proto numpy cannot decode."""
+    elements = _elements(tensor_proto)
+    if elements is None or elements > MAX_TENSOR_ELEMENTS:
+        raise TensorRefused(
+            "tensor shape %s refused" % [d.size for d in tensor_proto.tensor_shape.dim]
+        )
+    try:
+        return tensor_util.make_ndarray(tensor_proto)
+    except Exception as e:  # hostile protos make numpy raise all sorts
+        raise TensorRefused("tensor cannot be decoded (%s)" % e)
+
+
 class _Series:
     """One tag of one run: its first metadata and its tensors."""
 
@@ -337,22 +368,10 @@ class LogdirProvider(tb_provider.DataProvider):
                     tags[value.tag] = series
                 if series.plugin_name not in self._plugins or not value.HasField("tensor"):
                     continue
-                elements = _elements(value.tensor)
-                if elements is None or elements > MAX_TENSOR_ELEMENTS:
-                    damage.add(
-                        offset,
-                        "tag %s step %d: tensor shape %s refused"
-                        % (value.tag, event.step, [d.size for d in value.tensor.tensor_shape.dim]),
-                    )
-                    continue
                 try:
-                    array = tensor_util.make_ndarray(value.tensor)
-                except Exception as e:  # hostile protos make numpy raise all sorts
-                    damage.add(
-                        offset,
-                        "tag %s step %d: tensor cannot be decoded (%s)"
-                        % (value.tag, event.step, e),
-                    )
+                    array = tensor_value(value.tensor)
+                except TensorRefused as e:
+                    damage.add(offset, "tag %s step %d: %s" % (value.tag, event.step, e))
                     continue
                 series.data.append(
                     tb_provider.TensorDatum(step=event.step, wall_time=event.wall_time, numpy=array)

@@ -14,7 +14,6 @@ incomplete last frame is left for the next call (its writer may still be writing
 """
 
 import os
-import struct
 
 from google.protobuf import message as pb_message
 from tensorboard.compat.proto import event_pb2
@@ -28,7 +27,6 @@ ROWS_SUFFIX = ".rows"
 CHUNK_BYTES = 32 * 2**20
 
 _HEADER, _FOOTER = eventfile.HEADER_BYTES, eventfile.FOOTER_BYTES
-_OK, _NEED_MORE, _BAD = "ok", "need more", "bad"
 
 
 def run_files(run_dir):
@@ -54,34 +52,6 @@ def run_files(run_dir):
         if n.endswith(ROWS_SUFFIX) and os.path.isfile(os.path.join(rows_dir, n))
     )
     return out
-
-
-def _frame(buf, pos, more_in_file):
-    """(status, end, problem) of the frame at `pos` of `buf`, `more_in_file` bytes of the
-    file following `buf`: _OK with the frame's end, _NEED_MORE when the frame runs past
-    `buf` but not past the file, _BAD with the problem in words."""
-    left = len(buf) - pos
-    if left < _HEADER:
-        if more_in_file > 0:
-            return _NEED_MORE, None, None
-        return _BAD, None, "truncated: the last record is incomplete"
-    length, length_crc = struct.unpack_from("<QI", buf, pos)
-    if eventfile.masked_crc32c(buf[pos : pos + 8]) != length_crc:
-        return _BAD, None, "bad record header (length checksum)"
-    end = pos + _HEADER + length
-    if end + _FOOTER > len(buf):
-        if length <= left + more_in_file - _HEADER - _FOOTER:
-            return _NEED_MORE, None, None
-        return (
-            _BAD,
-            None,
-            "truncated: the last record is incomplete (it claims %d bytes, %d remain)"
-            % (length, left + more_in_file - _HEADER),
-        )
-    (data_crc,) = struct.unpack_from("<I", buf, end)
-    if eventfile.masked_crc32c(buf[pos + _HEADER : end]) != data_crc:
-        return _BAD, None, "bad record data (checksum)"
-    return _OK, end + _FOOTER, None
 
 
 class _File:
@@ -115,17 +85,17 @@ class _File:
                 more = size - base - len(buf)  # bytes of the file after `buf`
                 pos = 0
                 while pos < len(buf):
-                    status, end, problem = _frame(buf, pos, more)
-                    if status == _NEED_MORE:
+                    status, end, problem = eventfile.frame_at(buf, pos, more)
+                    if status == eventfile.FRAME_NEED_MORE:
                         break
-                    if status == _OK:
+                    if status == eventfile.FRAME_OK:
                         event = self._event(buf, pos, end, base)
                         if event is not None:
                             yield base + pos, event
                         pos = end
                         continue
                     if problem.startswith("truncated") and not more:
-                        nxt = _resync(buf, pos + 1, more)
+                        nxt = eventfile.resync(buf, pos + 1, more)
                         if nxt >= len(buf):
                             # An incomplete last frame: maybe still being written; read it
                             # again next time.
@@ -137,7 +107,7 @@ class _File:
                     if base + pos == 0 and problem.startswith("bad record header"):
                         problem = "not a readable event file (bad first record header)"
                     self.damage.add(base + pos, problem)
-                    nxt = _resync(buf, pos + 1, more)
+                    nxt = eventfile.resync(buf, pos + 1, more)
                     self.damage.skipped_bytes += nxt - pos
                     pos = nxt
                 base, buf = base + pos, buf[pos:]
@@ -176,22 +146,6 @@ class _File:
                 pending = self.pending[1]
             words = pending if words is None else "%s; %s" % (words, pending)
         return words
-
-
-def _resync(buf, start, more_in_file):
-    """The next offset >= start of `buf` where a frame verifies (or may, running past
-    `buf`), else len(buf) minus what could still start a frame."""
-    pos = start
-    while pos < len(buf):
-        found = eventfile._candidates(buf, pos, len(buf))
-        if not found:
-            break
-        for candidate in found:
-            status, _, _ = _frame(buf, candidate, more_in_file)
-            if status != _BAD:
-                return candidate
-        pos = found[-1] + 1
-    return max(start, len(buf) - (_HEADER - 1)) if more_in_file else len(buf)
 
 
 class RunFiles:
@@ -282,12 +236,12 @@ def edge_rows(run_dir, group=None, max_bytes=16 * 2**20):
                 start = max(0, size - tail)
                 f.seek(start)
                 buf = memoryview(f.read(size - start))
-                pos = 0 if start == 0 else _resync(buf, 0, 0)
+                pos = 0 if start == 0 else eventfile.resync(buf, 0, 0)
                 events = []
                 while pos < len(buf):
-                    status, end, _ = _frame(buf, pos, 0)
-                    if status != _OK:
-                        pos = _resync(buf, pos + 1, 0)
+                    status, end, _ = eventfile.frame_at(buf, pos, 0)
+                    if status != eventfile.FRAME_OK:
+                        pos = eventfile.resync(buf, pos + 1, 0)
                         continue
                     events.append(
                         (

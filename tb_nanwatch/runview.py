@@ -20,7 +20,6 @@ import threading
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2
-from tensorboard.util import tensor_util
 
 from tb_nanwatch import eventfile, metadata, runfiles, stats, timeline, validation
 
@@ -437,17 +436,10 @@ class RunBuilder:
 
 def _tensor(value, step, dropped):
     """The numpy value of a summary tensor, or None (said in `dropped`)."""
-    proto = value.tensor
-    elements = eventfile._elements(proto)
-    if elements is None or elements > eventfile.MAX_TENSOR_ELEMENTS:
-        dropped.add(
-            value.tag, step, "tensor shape %s refused" % [d.size for d in proto.tensor_shape.dim]
-        )
-        return None
     try:
-        return tensor_util.make_ndarray(proto)
-    except Exception as e:  # hostile protos make numpy raise all sorts
-        dropped.add(value.tag, step, "tensor cannot be decoded (%s)" % e)
+        return eventfile.tensor_value(value.tensor)
+    except eventfile.TensorRefused as e:
+        dropped.add(value.tag, step, e)
         return None
 
 
@@ -748,22 +740,23 @@ def _row_span(view):
 
 
 def _read_event_at(f, offset):
-    """The Event of the frame at `offset` of an open file, or None if it does not verify."""
+    """The Event of the frame at `offset` of an open file, or None if it does not verify (the
+    file changed since it was indexed)."""
     f.seek(offset)
     header = f.read(eventfile.HEADER_BYTES)
     if len(header) < eventfile.HEADER_BYTES:
         return None
-    length, length_crc = struct.unpack("<QI", header)
-    if eventfile.masked_crc32c(header[:8]) != length_crc:
+    (length,) = struct.unpack_from("<Q", header)
+    if length > os.fstat(f.fileno()).st_size - offset:  # never read past what the file holds
         return None
-    data = f.read(length + eventfile.FOOTER_BYTES)
-    if len(data) < length + eventfile.FOOTER_BYTES:
-        return None
-    (data_crc,) = struct.unpack_from("<I", data, length)
-    if eventfile.masked_crc32c(data[:length]) != data_crc:
+    frame = memoryview(header + f.read(length + eventfile.FOOTER_BYTES))
+    status, end, _ = eventfile.frame_at(frame, 0)
+    if status != eventfile.FRAME_OK:
         return None
     try:
-        return event_pb2.Event.FromString(data[:length])
+        return event_pb2.Event.FromString(
+            frame[eventfile.HEADER_BYTES : end - eventfile.FOOTER_BYTES]
+        )
     except Exception:
         return None
 
