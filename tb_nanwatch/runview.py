@@ -13,7 +13,6 @@ TensorBoard data provider already holds).  A zoomed window that needs finer rows
 view keeps is read again from the run's files (`RunView.rows_in`).
 """
 
-import json
 import os
 import struct
 import threading
@@ -127,7 +126,6 @@ class RunBuilder:
         self.sites = []
         self.stat_names = list(stats.STAT_NAMES)
         self.timeline = None
-        self.flight = []  # (wall time, step, row)
         self.firsts = []  # (wall time, record)
         self.events = []  # (wall time, step, [events])
         self.sessions = []
@@ -135,10 +133,11 @@ class RunBuilder:
         self.index = _Index()
         self._pending = []  # rows read but not yet decoded: (tag, step, wall, array, path, offset)
         self._session_starts = []  # previous sessions' last wall times
-        self.version = 0
         self._headless = []  # rows dropped for want of a site list: (tag, step)
         self._flight_pending = []  # flight rows as read (few): decoded when a view is made
         self._initial_pending = []  # the state before the first update, as read (one a session)
+        # Set by add_run_data: what a data provider already decoded, taken as it is.
+        self._provided = None  # {"warnings", "flight": (steps, rows), "initial"}
 
     # -- records in ---------------------------------------------------------------
     def add_event(self, event, path=None, offset=None):
@@ -157,7 +156,6 @@ class RunBuilder:
                 self._take_content(value.tag, record, value.metadata.plugin_data.content)
             if not value.HasField("tensor"):
                 continue
-            self.version += 1
             array = _tensor(value, event.step, self.dropped)
             if array is None:
                 continue
@@ -348,9 +346,11 @@ class RunBuilder:
         first = getattr(data, "first_nonfinite", None)
         self.firsts = [] if first is None else [(0.0, first)]
         self.events = [(0.0, None, list(getattr(data, "events", [])))]
-        self._provider_warnings = list(getattr(data, "warnings", []))
-        self._provider_flight = (data.flight_steps, data.flight_rows)
-        self._provider_initial = getattr(data, "initial", None)
+        self._provided = {
+            "warnings": list(getattr(data, "warnings", [])),
+            "flight": (data.flight_steps, data.flight_rows),
+            "initial": getattr(data, "initial", None),
+        }
         self.timeline = timeline.Timeline(
             len(self.sites), until=self._until(), eligible=self._eligible()
         )
@@ -358,7 +358,6 @@ class RunBuilder:
             self.timeline.add_table_rows(
                 data.steps[start : start + BLOCK_ROWS], data.rows[start : start + BLOCK_ROWS]
             )
-        self.version += 1
 
     # -- the view -----------------------------------------------------------------
     def view(self, damage=()):
@@ -375,7 +374,7 @@ class RunBuilder:
             if since is None or wall > since
             for e in kept
         ]
-        warnings = list(getattr(self, "_provider_warnings", [])) + self.dropped.words()
+        warnings = (self._provided or {}).get("warnings", []) + self.dropped.words()
         headless = len(self._headless) + (len(self._pending) if self.content is None else 0)
         if headless:
             warnings.append(
@@ -413,8 +412,8 @@ class RunBuilder:
 
     def _initial(self, since):
         """The latest session's `initial` row ([n_sites, n_stats], table layout), or None."""
-        if hasattr(self, "_provider_initial"):
-            return self._provider_initial
+        if self._provided is not None:
+            return self._provided["initial"]
         pending = [p for p in self._initial_pending if since is None or p[2] > since]
         if self.content is None or not pending:
             return None
@@ -424,8 +423,8 @@ class RunBuilder:
         return metadata.decode_rows(stored, timeline.DISK, steps)[0]
 
     def _flight(self, since):
-        if hasattr(self, "_provider_flight"):
-            return self._provider_flight
+        if self._provided is not None:
+            return self._provided["flight"]
         pending = [p for p in self._flight_pending if since is None or p[2] > since]
         if self.content is None or not pending:
             return np.zeros(0, np.int64), np.zeros((0, len(self.sites), len(stats.STATS)))
@@ -838,7 +837,6 @@ class RunSource:
         self.run, self.run_dir = run, run_dir
         self.files = runfiles.RunFiles(run_dir)
         self._builders = {}  # group -> RunBuilder
-        self._groups = set()
         self._views = {}
         self._fingerprint = None
         self._lock = threading.Lock()
@@ -852,27 +850,22 @@ class RunSource:
         for path, offset, event in self.files.read_new():
             if not event.HasField("summary"):
                 continue
-            for value in event.summary.value:
-                parsed = metadata.parse_block_tag(value.tag)
-                if parsed is None:
-                    continue
-                group = parsed[0]
-                self._groups.add(group)
+            groups = {
+                parsed[0]
+                for parsed in (metadata.parse_block_tag(v.tag) for v in event.summary.value)
+                if parsed is not None
+            }
+            for group in groups:  # each builder takes the values of its own group
                 builder = self._builders.get(group)
                 if builder is None:
                     builder = self._builders[group] = RunBuilder(self.run, group, self.run_dir)
-            # Each builder takes the values of its own group from the event.
-            for group in {
-                (metadata.parse_block_tag(v.tag) or (False,))[0] for v in event.summary.value
-            }:
-                if group in self._builders:
-                    self._builders[group].add_event(event, path, offset)
+                builder.add_event(event, path, offset)
         self._views = {}
         return True
 
     def groups(self):
         """The site lists with nanwatch data, the default one (None) first."""
-        return sorted(self._groups, key=lambda g: (g is not None, g or ""))
+        return sorted(self._builders, key=lambda g: (g is not None, g or ""))
 
     def view(self, group=None):
         with self._lock:  # requests come in threads; a file is read by one at a time
@@ -922,10 +915,6 @@ def edge_progress(run_dir, group=None):
         return None
     steps, rows = builder.timeline.rows()
     return stats.loss_progress(builder.sites, steps, rows)
-
-
-def dumps(value):
-    return json.dumps(value, sort_keys=True)
 
 
 def is_local_dir(path):

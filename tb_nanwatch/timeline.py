@@ -22,7 +22,6 @@ import numpy as np
 from tb_nanwatch import metadata, stats
 
 STEPS = stats.STAT_INDEX["steps"]
-FIRST = stats.STAT_INDEX["first_nonfinite_step"]
 _SUM_STATS = tuple(k for k, st in enumerate(stats.STATS) if st.aggregate == "sum")
 # What one run's kept rows may take, as stored (float32, 64 bytes a site): 1,000 sites keep
 # about 500 rows (the default heatmap's columns), 5,000 about 100.
