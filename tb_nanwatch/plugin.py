@@ -368,20 +368,22 @@ class NanWatchPlugin(base_plugin.TBPlugin):
         return entry.memo("precursors", lambda: diagnosis.precursors(entry.data))
 
     def diagnosis_impl(self, ctx, eid, run, group=None):
-        """The causes and the early warning of the run, computed once per version of its data,
-        and what its directory keeps about the failing step (bundle, ops, replay), read anew."""
+        """The causes and the early warning of the run, and what its directory keeps about the
+        failing step (bundle, ops, replay), read anew: the causes are computed once per version
+        of the run's data and of its replay (a replay reorders them)."""
         entry = self._entry(ctx, eid, run, group)
         view = entry.data
+        facts = failing_step.facts(view.run_dir, view.first.get("layer") if view.first else None)
+        replay = (facts or {}).get("replay")
         answer = entry.memo(
-            "diagnosis",
+            ("diagnosis", json.dumps(replay, sort_keys=True, default=str)),
             lambda: report.jsonable(
                 {
-                    "diagnosis": diagnosis.diagnose(view),
+                    "diagnosis": diagnosis.diagnose(view, replay=replay),
                     "early_warning": early_warning.as_json(early_warning.from_run(view)),
                 }
             ),
         )
-        facts = failing_step.facts(view.run_dir, view.first.get("layer") if view.first else None)
         return dict(answer, failing_step=report.jsonable(facts))
 
     def overview_impl(self, ctx, eid):

@@ -38,14 +38,15 @@ class RunReport:
         self.skipped_steps = view.skipped_steps
         self.other_events = view.other_events
         self.propagators = view.propagators
-        self.precursors = diagnosis.precursors(view)
-        self.diagnosis = diagnosis.diagnose(view)
-        self.early_warning = early_warning.from_run(view)
-        self.loss_progress = view.loss_progress
-        # The failing step's bundle, the producer layer's ops and their lines, the replay.
+        # The failing step's bundle, the producer layer's ops and their lines, the replay
+        # (read once: the diagnosis ranks with the same replay).
         self.failing = failing_step.facts(
             view.run_dir, self.first.get("layer") if self.first else None
         )
+        self.precursors = diagnosis.precursors(view)
+        self.diagnosis = diagnosis.diagnose(view, replay=(self.failing or {}).get("replay"))
+        self.early_warning = early_warning.from_run(view)
+        self.loss_progress = view.loss_progress
         self._frozen = None
 
     def freeze(self, max_propagators=10, trend_steps=12):

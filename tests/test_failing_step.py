@@ -132,3 +132,20 @@ def test_replay_command_names_the_missing_custom_objects(tmp_path):
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "reproducible" in proc.stdout and "op: Log at stop_scenarios.py:" in proc.stdout
+
+
+def test_the_tab_ranks_again_after_a_replay(tmp_path):
+    """The tab's causes are cached per version of the run's data; a replay written later (a
+    file beside the records) must still reorder them, as it does the report's."""
+    import tb_nanwatch
+
+    run = tmp_path / "logs" / "softmax_fp16"
+    stopped_run(sc.float16_exp_overflow, run)
+    app = App(tmp_path / "logs")
+    before = [d["cause"] for d in app.json("/diagnosis", run="softmax_fp16")["diagnosis"]]
+    assert before[0] == "domain_error"
+    assert tb_nanwatch.replay(run).verdict == "reproducible"
+    after = [d["cause"] for d in app.json("/diagnosis", run="softmax_fp16")["diagnosis"]]
+    (entry,) = json.loads(dh.run_cli(tmp_path / "logs", "--json")[1])["runs"]
+    assert after[0] == "reduced_precision_overflow"
+    assert after == [d["cause"] for d in entry["diagnosis"]]
