@@ -14,6 +14,44 @@ import collections
 
 Cause = collections.namedtuple("Cause", ["id", "title", "rule", "remedy", "blowup"])
 
+# The thresholds of the rules: `diagnosis` reads them from here and the rules' words below
+# quote them, so docs/causes.md states what the code does.
+UNDERFLOW_FRACTION = 0.9  # nearly all of a half-precision tensor below the smallest normal
+HEADROOM_DOUBLINGS = 1.0  # max |x| within a factor 2 of the dtype's largest finite value
+INPUT_SCALE = 50.0  # standardised data stays within about +-5
+HUGE_LOSS = 1e6
+OUTPUT_VS_LOSS = 0.1  # |output| below a tenth of sqrt(loss): the targets make the loss
+INIT_RATIO = 5.0  # a weight's RMS over the scale of its role
+RECURRENT_INIT_RATIO = 2.0  # ... for a recurrent kernel, whose excess compounds per time step
+INIT_GAIN = 8.0  # a layer's output RMS over its input's, before the first update
+EMBEDDING_SCALE = 1.0  # the RMS of an embedding table, at most, as training starts
+NORM_SCALE = 1.0  # a normalisation layer's scale (gamma) as training starts
+DOMAIN_HEADROOM = 8.0  # +Inf with more doublings left than this at the step before: not an overflow
+DOMAIN_INPUT = 1e6  # ... and from an input below this (exp, division), not a huge matmul
+OVERFLOWED_OUTPUT = (
+    1e6  # a model output this large makes +Inf of any loss: overflow, not the formula
+)
+GROWTH_TOTAL = 10.0  # weights: at least 10x overall ...
+GROWTH_STEADY = 0.7  # ... steadily (R^2 of log norm against step at least 0.7) ...
+GROWTH_RATE = 1.05  # ... at 5% or more per step
+GRADIENT_DEPTH_RATIO = 1e3  # first layer's activation gradient norm over the last layer's
+GRADIENT_GROWTH = 100.0
+UPDATE_JUMP = 10.0  # one update multiplies a weight's norm by this much: the gradient, not the rate
+RECURRENT_STATE = 1e6  # a recurrent layer's output over its input's largest |x|: the state exploded
+VANISHED_ROWS = 3
+VANISHED_FRACTION = 0.5
+
+
+def _x(value):
+    """A threshold in words: 50, 1e+06 -> 1e6, 0.1."""
+    text = "%g" % value
+    return text.replace("e+0", "e").replace("e+", "e")
+
+
+def _pct(fraction):
+    return "%g%%" % (100 * fraction)
+
+
 CAUSES = (
     Cause(
         "nonfinite_input",
@@ -41,8 +79,9 @@ CAUSES = (
     Cause(
         "unscaled_inputs",
         "Inputs far outside the unit range",
-        "An input site's largest |x| before the first non-finite step is above 50 (standardised data stays "
-        "within about +-5). Ranked by how far: 1e2 is a contributing condition, 1e6 and up the root cause.",
+        "An input site's largest |x| before the first non-finite step is above %s (standardised data stays "
+        "within about +-5). Ranked by how far: 1e2 is a contributing condition, 1e6 and up the root cause."
+        % _x(INPUT_SCALE),
         "Standardise the inputs: `norm = keras.layers.Normalization(); norm.adapt(x_train)` as the model's "
         "first layer, or `x = (x - x.mean(0)) / x.std(0)` with the training set's mean and std.",
         True,
@@ -50,10 +89,12 @@ CAUSES = (
     Cause(
         "unscaled_targets",
         "Targets so large that the loss is huge from the start",
-        "The loss at the first logged step is above 1e6 (or the loss itself is the producer, +Inf, at the "
-        "first step) while the model's output is small: |output| below a tenth of sqrt(loss), so the "
-        "targets, not the predictions, make the loss huge. The evidence quotes the target sites' largest "
-        "|y| where the targets are watched.",
+        "The loss at the first logged step is above %s (or the loss itself is the producer, +Inf, at the "
+        "first step) while the model's output is small: |output| below %s x sqrt(loss), so the "
+        "targets, not the predictions, make the loss huge. Where the targets are watched (the `target` "
+        "sites) their largest |y| is a fact: targets below %s x sqrt(loss) cannot make that loss (a loss "
+        "multiplied by a constant, or a formula that diverges, can), and the cause is not named."
+        % (_x(HUGE_LOSS), _x(OUTPUT_VS_LOSS), _x(OUTPUT_VS_LOSS)),
         "Scale the targets, and undo it on the predictions: `y_mean, y_std = y.mean(), y.std(); "
         "model.fit(x, (y - y_mean) / y_std)`, then `model.predict(x) * y_std + y_mean`; or log-transform "
         "positive targets (`np.log1p(y)`).",
@@ -63,15 +104,23 @@ CAUSES = (
         "large_initial_weights",
         "Initial weights far above the Glorot/He scale",
         "A layer with a kernel whose output at the first logged step, computed before the first update, "
-        "has more than 8x the RMS of its input (He/Glorot weights keep it near 1). Without that evidence: "
-        "a weight's RMS as training started more than 5x the scale of its role (a weight's role is what "
+        "has more than %sx the RMS of its input (He/Glorot weights keep it near 1). Without that evidence: "
+        "a weight's RMS as training started more than %sx the scale of its role (a weight's role is what "
         "it is to its layer, recorded by the writer): a kernel or a custom matrix, the He scale "
-        "sqrt(2 / fan_in) (fan_in: the product of all but its last dimension); a recurrent kernel, "
-        "sqrt(2 / units), its excess counted once per time step of the layer's input; an embedding "
-        "table, 1; a normalisation scale (gamma), 1. The RMS is read from the `initial` record written "
+        "sqrt(2 / fan_in) (fan_in: the product of all but its last dimension); an embedding "
+        "table, %s; a normalisation scale (gamma), %s; a recurrent kernel, more than %sx sqrt(2 / units), "
+        "since it multiplies the state once per time step and its excess compounds (counted once per "
+        "time step of the layer's input in the ranking). The RMS is read from the `initial` record written "
         "before the first update (ranked higher: a fact). Logs without that record have the weights only "
         "after step 0's update: there the RMS at the first step counts unless the layer's gain says the "
-        "first update, not the initialisation, made it large.",
+        "first update, not the initialisation, made it large."
+        % (
+            _x(INIT_GAIN),
+            _x(INIT_RATIO),
+            _x(EMBEDDING_SCALE),
+            _x(NORM_SCALE),
+            _x(RECURRENT_INIT_RATIO),
+        ),
         "Use the default initialiser, or one that scales with the fan-in: "
         '`keras.layers.Dense(n, kernel_initializer="he_normal")` for ReLU layers, "glorot_uniform" '
         "(Keras' default) otherwise; "
@@ -83,9 +132,10 @@ CAUSES = (
     Cause(
         "reduced_precision_underflow",
         "Half precision underflows to zero",
-        "A float16/bfloat16 optimizer slot or weight gradient has 90% or more of its elements below the "
+        "A float16/bfloat16 optimizer slot or weight gradient has %s or more of its elements below the "
         "dtype's smallest normal value (zeros included) before the first non-finite step (or anywhere in "
-        "a finite run): e.g. Adam's velocity g^2 flushed to 0 makes m / (sqrt(v) + eps) explode.",
+        "a finite run): e.g. Adam's velocity g^2 flushed to 0 makes m / (sqrt(v) + eps) explode."
+        % _pct(UNDERFLOW_FRACTION),
         "Keep variables and optimizer slots in float32: `keras.mixed_precision.set_global_policy("
         '"mixed_float16")` instead of `set_dtype_policy("float16")`; Keras then also scales the loss '
         "so that small gradients survive.",
@@ -94,7 +144,11 @@ CAUSES = (
     Cause(
         "reduced_precision_overflow",
         "A float16/bfloat16 value passes its dtype's largest value",
-        "The producer is a float16/bfloat16 site that went +-Inf (float16's largest finite value is 65504).",
+        "The producer is a float16/bfloat16 site that went +-Inf (float16's largest finite value is 65504); "
+        "or a float16/bfloat16 layer's output went NaN and the layer computes an op that overflows first "
+        "(Exp, Pow, Square, Softplus ... in the run's op inventory, `nanwatch_ops.json`): Inf / Inf and "
+        "Inf - Inf make the NaN, as in a hand-written softmax exp(x) / sum(exp(x)); or the replay of the "
+        "failing step saw an op's output overflow in half precision.",
         "Compute in float16 but keep the variables in float32 (`keras.mixed_precision.set_global_policy("
         '"mixed_float16")`), keep the last layer in float32 (`Dense(..., dtype="float32")`), and scale '
         "inputs and initial weights so activations stay far below 65504.",
@@ -103,8 +157,10 @@ CAUSES = (
     Cause(
         "unstable_loss",
         "The loss itself is not defined for the predictions",
-        "The producer is the loss (with NaN or -Inf, or +Inf without a huge loss before it) while every "
-        "site before it, the model's output included, was finite: e.g. log(0) of a saturated sigmoid.",
+        "The producer is the loss (with NaN or -Inf, or +Inf without a loss above %s before it) while "
+        "every site before it, the model's output included, was finite and, for +Inf, below %s in "
+        "magnitude (a larger output overflows any loss: that is growth, not the formula): e.g. log(0) "
+        "of a saturated sigmoid." % (_x(HUGE_LOSS), _x(OVERFLOWED_OUTPUT)),
         "Use Keras' own loss, which is computed stably from the logits "
         '(`loss="binary_crossentropy"`, or `keras.losses.BinaryCrossentropy(from_logits=True)` on a '
         "linear output), or keep a hand-written loss away from its singularities: "
@@ -114,11 +170,13 @@ CAUSES = (
     Cause(
         "domain_error",
         "An op inside a layer (or its gradient) is outside its domain",
-        "The producer is a layer's output, or the gradient w.r.t. a layer's output, that went NaN, -Inf "
-        "or +Inf while everything before it in the step was finite, far from overflow: its headroom at "
-        "the step before was more than 8 doublings and (for an output) its input's largest |x| below 1e6. "
-        "Typical: log or division by 0, sqrt or pow of a negative number, the gradient of sqrt or "
-        "tf.norm at 0. NaN and -Inf rank above a lone +Inf.",
+        "The producer is a layer's output, the gradient w.r.t. a layer's output, or the gradient w.r.t. a "
+        "layer's weight, that went NaN, -Inf or +Inf while everything before it in the step was finite, "
+        "far from overflow: its headroom at the step before was more than %s doublings and (for an "
+        "output) its input's largest |x| below %s. Typical: log or division by 0, sqrt or pow of a "
+        "negative number, the gradient of sqrt or tf.norm at 0 (w.r.t. a layer's input or its own "
+        "weights, e.g. a distance to a learned centre). NaN and -Inf rank above a lone +Inf."
+        % (_x(DOMAIN_HEADROOM), _x(DOMAIN_INPUT)),
         "Keep the op inside its domain where the layer computes it: `tf.math.log(x + eps)`, "
         "`tf.math.divide_no_nan(a, b)`, `tf.sqrt(tf.maximum(x, 0.0) + 1e-12)` instead of `tf.norm` for "
         "distances that can be 0, `tf.math.abs(x) ** p` for a fractional power.",
@@ -128,10 +186,11 @@ CAUSES = (
         "learning_rate_too_high",
         "The learning rate is too high: the weights grow geometrically",
         "A weight that multiplies (a kernel, recurrent kernel, embedding table, normalisation scale or "
-        "custom matrix, by its role) grows its L2 norm steadily step over step before the first non-finite step: at least 10x "
-        "overall, at 5% or more per step, steadily: log norm against step is a line (R^2 at least 0.7: "
-        "an unstable SGD oscillates while its amplitude grows) or the norm grows in at least 70% of the "
-        "steps (a divergence that accelerates).",
+        "custom matrix, by its role) grows its L2 norm steadily step over step before the first "
+        "non-finite step: at least %sx overall, at %s or more per step, steadily: log norm against step "
+        "is a line (R^2 at least %s: an unstable SGD oscillates while its amplitude grows) or the norm "
+        "grows in at least %s of the steps (a divergence that accelerates)."
+        % (_x(GROWTH_TOTAL), _pct(GROWTH_RATE - 1), _x(GROWTH_STEADY), _pct(GROWTH_STEADY)),
         "Lower the learning rate (`keras.optimizers.SGD(learning_rate=lr / 10)`), or make it adapt: "
         "`keras.optimizers.Adam(1e-3)`, a warm-up schedule, or `clipnorm=1.0` to bound each update.",
         True,
@@ -140,12 +199,30 @@ CAUSES = (
         "exploding_gradients",
         "Gradients grow layer over layer backward, or step over step",
         "At the last finite step, with 3 or more layers, the norm of the gradient w.r.t. the first layer's "
-        "output is more than 1000x that w.r.t. the last layer's (gradients multiply backward through the "
-        "layers), or a weight gradient's norm grows steadily 100x or more over the steps before the first "
-        "non-finite step (ranked lower when the weights grew with it).",
+        "output is more than %sx that w.r.t. the last layer's (gradients multiply backward through the "
+        "layers), or a weight gradient's norm grows steadily %sx or more over the steps before the first "
+        "non-finite step (ranked lower when the weights grew with it), or a single update multiplied a "
+        "weight's norm by %s or more (from the `initial` record or the row before): a gradient far "
+        "larger than the weights, where a learning rate that is merely too high makes them grow step "
+        "after step." % (_x(GRADIENT_DEPTH_RATIO), _x(GRADIENT_GROWTH), _x(UPDATE_JUMP)),
         "Clip the gradients (`keras.optimizers.Adam(clipnorm=1.0)`, or `global_clipnorm=1.0`), and make "
         "depth trainable: He/Glorot initialisation, `keras.layers.BatchNormalization()` or "
         "`LayerNormalization()` between layers, residual connections, LSTM/GRU instead of SimpleRNN.",
+        True,
+    ),
+    Cause(
+        "recurrent_explosion",
+        "The state of a recurrent layer explodes through time",
+        "A recurrent layer's output (its state) overflows, or reaches more than %s x its input's largest "
+        "|x|, before the first non-finite value: the recurrent kernel multiplies the state once per time "
+        "step, and with a gain (its RMS x sqrt(units), 1 for Keras' orthogonal default) above 1 the state "
+        "grows like gain^T over T time steps (unbounded activations: ReLU, linear). Ranked first when the "
+        "recurrent kernel started at a sane scale (`large_initial_weights` otherwise); the evidence "
+        "quotes the gain as training started and at the last finite step." % _x(RECURRENT_STATE),
+        'Bound the state: `activation="tanh"` (Keras\' default) instead of ReLU or linear in '
+        "`SimpleRNN`, or `keras.layers.LSTM`/`GRU`, whose gates keep it bounded; keep "
+        '`recurrent_initializer="orthogonal"`; clip the gradients (`keras.optimizers.Adam(clipnorm=1.0)`) '
+        "so that training does not push the gain above 1; shorter sequences.",
         True,
     ),
     Cause(
@@ -156,6 +233,18 @@ CAUSES = (
         "|g| > sqrt(largest value) (1.8e19 in float32).",
         "Bound the gradients before they reach the slots: `keras.optimizers.Adam(clipnorm=1.0)`; and "
         "remove what makes them huge (unscaled inputs or targets, a loss summed instead of averaged).",
+        True,
+    ),
+    Cause(
+        "optimizer_zero_division",
+        "The optimizer's update divides 0 by 0",
+        "The producer is a weight that went NaN at its update while its gradient and the optimizer "
+        "slots it is updated from were finite: an adaptive optimizer (Adam, RMSprop, Adagrad, Nadam, "
+        "Adamax ...) with `epsilon=0` computes m / sqrt(v) = 0 / 0 on the elements that never had a "
+        "gradient (an embedding row no batch used, a dead ReLU unit, a feature that is always 0). The "
+        "evidence quotes the share of the gradient that was exactly 0 at that step.",
+        "Keep the optimizer's epsilon above 0: `keras.optimizers.Adam(epsilon=1e-7)` (Keras' default), "
+        "also for `RMSprop`, `Adagrad`, `Nadam` and `Adamax`.",
         True,
     ),
     Cause(
@@ -174,9 +263,9 @@ CAUSES = (
         "vanishing_gradients",
         "Gradients or activations stuck at exactly zero",
         "The gradient of a weight that multiplies (a kernel, recurrent kernel, embedding table, "
-        "normalisation scale or custom matrix) is exactly 0 in every element, or a hidden layer's output is all "
-        "zeros (dead ReLU), in at least half of the logged rows and at least 3 of them: that part of the "
-        "model no longer trains.",
+        "normalisation scale or custom matrix) is exactly 0 in every element, or a hidden layer's output "
+        "is all zeros (dead ReLU), in at least %s of the logged rows and at least %d of them: that part "
+        "of the model no longer trains." % (_pct(VANISHED_FRACTION), VANISHED_ROWS),
         'Keep the gradient alive: He initialisation (`kernel_initializer="he_normal"`), '
         '`activation="leaky_relu"` or `"gelu"` instead of ReLU, a lower learning rate, '
         "`BatchNormalization()`; under half precision use `mixed_float16`, not `float16`.",

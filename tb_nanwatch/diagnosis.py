@@ -14,12 +14,34 @@ import math
 
 import numpy as np
 
-from tb_nanwatch import causes, failing_step, runview, stats, summary, words
+from tb_nanwatch import causes, failing_step, op_sources, runview, stats, summary, words
+from tb_nanwatch.causes import (  # the rules' thresholds, quoted in the causes' words
+    DOMAIN_HEADROOM,
+    DOMAIN_INPUT,
+    EMBEDDING_SCALE,
+    GRADIENT_DEPTH_RATIO,
+    GRADIENT_GROWTH,
+    GROWTH_RATE,
+    GROWTH_STEADY,
+    GROWTH_TOTAL,
+    HEADROOM_DOUBLINGS,
+    HUGE_LOSS,
+    INIT_GAIN,
+    INIT_RATIO,
+    INPUT_SCALE,
+    NORM_SCALE,
+    OUTPUT_VS_LOSS,
+    OVERFLOWED_OUTPUT,
+    RECURRENT_INIT_RATIO,
+    RECURRENT_STATE,
+    UNDERFLOW_FRACTION,
+    UPDATE_JUMP,
+    VANISHED_FRACTION,
+    VANISHED_ROWS,
+)
 
-UNDERFLOW_FRACTION = 0.9  # nearly all of a half-precision tensor below the smallest normal
 # Where underflow is damage rather than ReLU's honest zeros: slots and weight gradients.
 UNDERFLOW_KINDS = ("optimizer_state", "weight_grad")
-HEADROOM_DOUBLINGS = 1.0  # max |x| within a factor 2 of the dtype's largest finite value
 _HALF = ("float16", "bfloat16")
 
 
@@ -96,24 +118,10 @@ def _keep(found, step, site, sign, value, text):
 
 
 # -- causes ---------------------------------------------------------------------
-# Thresholds of the rules in causes.CAUSES (whose `rule` texts quote them).
-INPUT_SCALE = 50.0  # standardised data stays within about +-5
-HUGE_LOSS = 1e6
-OUTPUT_VS_LOSS = 0.1  # |output| below a tenth of sqrt(loss): the targets make the loss
-INIT_RATIO = 5.0  # kernel RMS over the He scale sqrt(2 / fan_in)
-INIT_GAIN = 8.0  # a layer's output RMS over its input's, before the first update
-EMBEDDING_SCALE = 1.0  # the RMS of an embedding table, at most, as training starts
-NORM_SCALE = 1.0  # a normalisation layer's scale (gamma) as training starts
 INITIAL_FACT = 0.1  # score added when a weight's scale is read from the initial record
-DOMAIN_HEADROOM = 8.0  # +Inf with more doublings left than this at the step before: not an overflow
-DOMAIN_INPUT = 1e6  # ... and from an input below this (exp, division), not a huge matmul
-GROWTH_TOTAL = 10.0  # weights: at least 10x overall ...
-GROWTH_STEADY = 0.7  # ... steadily (R^2 of log norm against step at least 0.7) ...
-GROWTH_RATE = 1.05  # ... at 5% or more per step
-GRADIENT_DEPTH_RATIO = 1e3  # first layer's kernel gradient norm over the last layer's
-GRADIENT_GROWTH = 100.0
-VANISHED_ROWS = 3
-VANISHED_FRACTION = 0.5
+# Ops that overflow before anything else in a layer: a NaN out of a half-precision layer that
+# computes one is Inf / Inf or Inf - Inf, not an op outside its domain.
+OVERFLOWING_OPS = ("Exp", "Expm1", "Pow", "Square", "Softplus", "Sinh", "Cosh", "Exp2")
 
 
 def dtype_limits(dtype):
@@ -323,11 +331,17 @@ def rule_unscaled_targets(ev):
         and not ev.first.get("neginf", 0)
     )
     if overflowed:
+        limit = dtype_limits(ev.sites[loss].get("dtype") or "float32") or dtype_limits("float32")
+        if not out_abs < OUTPUT_VS_LOSS * math.sqrt(limit[0]) or not _targets_can_make(
+            ev, limit[0]
+        ):
+            return None  # the output overflows the loss by itself, or the targets are small
         return Finding(
             0.9,
             "the loss overflowed to +Inf at step %d, the first step, while the model's output "
-            "(%s) was at most %s in magnitude: the targets are beyond 1e19"
-            % (start, ev.label(out), _g(out_abs)),
+            "(%s) was at most %s in magnitude: the targets are beyond %s"
+            % (start, ev.label(out), _g(out_abs), _g(math.sqrt(limit[0])))
+            + _measured_targets(ev),
             [loss, out],
             [start],
         )
@@ -335,6 +349,7 @@ def rule_unscaled_targets(ev):
         ev.nonfinite()[0, loss]
         or not (loss_value > HUGE_LOSS)
         or not (out_abs < OUTPUT_VS_LOSS * math.sqrt(loss_value))
+        or not _targets_can_make(ev, loss_value)
     ):
         return None
     # Targets pull on the output: its gradient is large (a loss summed over many terms, with no
@@ -352,14 +367,28 @@ def rule_unscaled_targets(ev):
     return Finding(0.9, text + _measured_targets(ev), [loss, out], [start])
 
 
+def _largest_target(ev):
+    """(largest |y| of the watched targets at the first logged step, its site), or None when the
+    logs do not watch targets."""
+    found = [(ev.col("max_abs")[0, i], i) for i in ev.indices("target") if ev.col("size")[0, i] > 0]
+    found = [(v, i) for v, i in found if np.isfinite(v)]
+    return max(found) if found else None
+
+
+def _targets_can_make(ev, loss_value):
+    """False when the watched targets are too small to make a loss of `loss_value` (a squared
+    error needs |y| of about sqrt(loss)); True when they can, or are not watched."""
+    largest = _largest_target(ev)
+    return largest is None or largest[0] >= OUTPUT_VS_LOSS * math.sqrt(loss_value)
+
+
 def _measured_targets(ev):
     """'; measured: ... largest |y| ...' from the target sites at the first logged step (logs that
     watch targets), else ''."""
-    found = [(ev.col("max_abs")[0, i], i) for i in ev.indices("target") if ev.col("size")[0, i] > 0]
-    found = [(v, i) for v, i in found if np.isfinite(v)]
-    if not found:
+    largest = _largest_target(ev)
+    if largest is None:
         return ""
-    value, site = max(found)
+    value, site = largest
     return "; measured: %s has largest |y| %s at step %d" % (ev.label(site), _g(value), ev.steps[0])
 
 
@@ -392,8 +421,9 @@ def rule_large_initial_weights(ev):
             continue
         he = expected[0]
         initial = _initial_rms(ev, site)
+        limit = _init_limit(ev.sites[site])
         if initial is not None:  # the weights as training started: no first update to tell apart
-            if initial > INIT_RATIO * he and (best is None or initial / he > best[0]):
+            if initial > limit * he and (best is None or initial / he > best[0]):
                 best = (initial / he, site, initial, he, None)
             continue
         norm, size = ev.col("norm")[0, site], ev.col("size")[0, site]
@@ -402,7 +432,7 @@ def rule_large_initial_weights(ev):
             if np.isfinite(norm) and size > 0
             else math.hypot(ev.col("std")[0, site], ev.col("mean")[0, site])
         )
-        if not (np.isfinite(rms) and rms > INIT_RATIO * he):
+        if not (np.isfinite(rms) and rms > limit * he):
             continue
         # Weights are logged after the step's update; the layer's output at the first step was
         # computed before it, so a large gain there shows the initial weights, not a wild first update.
@@ -435,6 +465,12 @@ def rule_large_initial_weights(ev):
     score = 0.5 + 0.1 * math.log10(ratio) * steps
     score += INITIAL_FACT if _initial_rms(ev, site) is not None else 0.0
     return Finding(min(0.9, score), text, [site], [ev.steps[0]])
+
+
+def _init_limit(site):
+    """How many times its role's scale a weight may start at: a recurrent kernel's excess
+    compounds once per time step, so it gets less."""
+    return RECURRENT_INIT_RATIO if stats.weight_role(site) == "recurrent_kernel" else INIT_RATIO
 
 
 def _time_steps(ev, site):
@@ -516,10 +552,53 @@ def rule_reduced_precision_underflow(ev):
     )
 
 
+def _layer_op_types(ev, layer):
+    """{op type: count} the run's op inventory (nanwatch_ops.json) holds for `layer`, or {}."""
+    if not ev.data.run_dir:
+        return {}
+    try:
+        record = op_sources.read_op_sources(ev.data.run_dir)
+    except op_sources.OpSourcesError:
+        return {}  # the report says the file is damaged (failing_step.facts)
+    layers = (record or {}).get("layers") or {}
+    return (layers.get(layer) or {}).get("op_types") or {}
+
+
+def _half_overflow_op(ev):
+    """The op type that overflows first in the half-precision layer whose output is the NaN
+    producer (from the op inventory), or None."""
+    if ev.producer is None:
+        return None
+    site = ev.sites[ev.producer]
+    if site["kind"] != "activation" or site.get("dtype") not in _HALF or not ev.first.get("nan"):
+        return None
+    ops = _layer_op_types(ev, site["layer"])
+    found = [op for op in OVERFLOWING_OPS if ops.get(op)]
+    return found[0] if found else None
+
+
 def rule_reduced_precision_overflow(ev):
     if ev.producer is None:
         return None
     site = ev.sites[ev.producer]
+    op = _half_overflow_op(ev)
+    if op is not None:
+        return Finding(
+            0.85,
+            "%s (%s) went %s at step %d, and the layer computes %s, which passes %s's largest "
+            "finite value %s long before its input does: Inf / Inf or Inf - Inf made the NaN"
+            % (
+                ev.label(ev.producer),
+                site["dtype"],
+                ev.counts_words(ev.first),
+                ev.until,
+                op,
+                site["dtype"],
+                _g(dtype_limits(site["dtype"])[0]),
+            ),
+            [ev.producer],
+            [ev.until],
+        )
     if site.get("dtype") not in _HALF or not (ev.first.get("posinf") or ev.first.get("neginf")):
         return None
     limit = dtype_limits(site["dtype"])[0]
@@ -542,14 +621,16 @@ def rule_unstable_loss(ev):
     loss = ev.loss_site()
     if ev.producer is None or ev.producer != loss:
         return None
+    out = ev.output_site()
     if ev.first.get("nan") or ev.first.get("neginf"):
         score = 0.8
     else:
         before = ev.finite_before("max_abs")[:, loss]
         if np.nanmax(before, initial=0.0) > HUGE_LOSS:
             return None  # a huge loss that grew into +Inf: targets or divergence, not the loss's formula
+        if out is not None and ev.at(ev.until, "max_abs", out) >= OVERFLOWED_OUTPUT:
+            return None  # the output itself is huge: any loss of it overflows
         score = 0.6
-    out = ev.output_site()
     text = "the loss went %s at step %d" % (ev.counts_words(ev.first), ev.until)
     sites = [loss]
     if out is not None:
@@ -571,10 +652,12 @@ def rule_domain_error(ev):
     if ev.producer is None:
         return None
     site = ev.sites[ev.producer]
-    if site["kind"] not in ("activation", "activation_grad"):
+    if site["kind"] not in ("activation", "activation_grad", "weight_grad"):
         return None
     if ev.first.get("posinf") and site.get("dtype") in _HALF:
         return None  # reduced_precision_overflow
+    if _half_overflow_op(ev) is not None:
+        return None  # a half-precision layer that overflows first: Inf / Inf made the NaN
     headroom = ev.finite_before("headroom")[:, ev.producer]
     measured = headroom[np.isfinite(headroom)]
     if len(measured) and measured[-1] <= DOMAIN_HEADROOM:
@@ -598,6 +681,12 @@ def rule_domain_error(ev):
             lo, hi = ev.at(ev.until, "min", prev[-1]), ev.at(ev.until, "max", prev[-1])
             if np.isfinite(lo) and np.isfinite(hi):
                 text += " (its input, %s, in [%s, %s])" % (ev.label(prev[-1]), _g(lo), _g(hi))
+    elif site["kind"] == "weight_grad":
+        text = what + (
+            " while the loss and every gradient before it were finite: an op of %s has an "
+            "undefined gradient w.r.t. this weight there (e.g. sqrt or tf.norm of a difference "
+            "that is 0)" % site["layer"]
+        )
     else:
         text = (
             what
@@ -671,11 +760,10 @@ def rule_exploding_gradients(ev):
                     [ev.steps[i]],
                 )
     best = _kernel_growth(ev, "weight_grad")
-    if best is None:
-        return None
+    grown = best is not None and best[0][0] >= GRADIENT_GROWTH and best[0][1] >= GROWTH_STEADY
+    if not grown:
+        return _update_jump(ev)
     (ratio, growing, rate, i, j), site = best
-    if not (ratio >= GRADIENT_GROWTH and growing >= GROWTH_STEADY):
-        return None
     weights = _kernel_growth(ev, "weight")
     weights_grew = weights is not None and weights[0][0] >= GROWTH_TOTAL
     g = ev.col("norm")[:, site]
@@ -694,6 +782,171 @@ def rule_exploding_gradients(ev):
         [site],
         [ev.steps[i], ev.steps[j]],
     )
+
+
+def _update_jump(ev):
+    """A Finding when one update multiplied a multiplying weight's norm by UPDATE_JUMP or more
+    (before the first non-finite step), from the initial record or the row of the step before."""
+    norms = ev.finite_before("norm")
+    initial = getattr(ev.data, "initial", None)
+    col = stats.STAT_INDEX
+    best = None
+    for site in ev.indices("weight", multiplying_only=True):
+        before = []  # (norm before the update, where it was read, the step after it)
+        if initial is not None and site < len(initial) and len(ev.steps) and ev.steps[0] == 0:
+            before.append((initial[site, col["norm"]], "as training started", 0))
+        for i in range(1, len(ev.steps)):
+            if ev.steps[i] == ev.steps[i - 1] + 1:
+                before.append((norms[i - 1, site], "at step %d" % ev.steps[i - 1], i))
+        for was, when, i in before:
+            now = norms[i, site]
+            if not (np.isfinite(was) and was > 0 and np.isfinite(now)):
+                continue
+            if now / was >= UPDATE_JUMP and (best is None or now / was > best[0]):
+                best = (now / was, site, was, when, i)
+    if best is None:
+        return None
+    jump, site, was, when, i = best
+    grad = ev.data.site_index(
+        ev.sites[site]["layer"], "weight_grad", ev.sites[site].get("tensor", "")
+    )
+    text = "one update multiplied the norm of %s by %s: from %s %s to %s at step %d" % (
+        ev.label(site),
+        _g(jump),
+        _g(was),
+        when,
+        _g(norms[i, site]),
+        ev.steps[i],
+    )
+    sites = [site]
+    if grad is not None and np.isfinite(ev.col("norm")[i, grad]):
+        text += "; its gradient's norm was %s" % _g(ev.col("norm")[i, grad])
+        sites.append(grad)
+    return Finding(0.6, text, sites, [ev.steps[i]])
+
+
+def _recurrent_layers(ev):
+    """[(recurrent kernel site, the layer's output site, the site before it)] of the run."""
+    found = []
+    for site in ev.indices("weight"):
+        if stats.weight_role(ev.sites[site]) != "recurrent_kernel":
+            continue
+        layer = ev.sites[site]["layer"]
+        outer = (layer, layer.rpartition("/")[0])
+        out = [i for i in ev.indices("activation") if ev.sites[i]["layer"] in outer]
+        if not out:
+            continue
+        prev = [i for i in range(out[0]) if ev.sites[i]["kind"] in ("input", "activation")]
+        found.append((site, out[0], prev[-1] if prev else None))
+    return found
+
+
+def _gain(rms, site):
+    """A recurrent kernel's gain: its RMS x sqrt(units), about its spectral radius (1 for an
+    orthogonal matrix)."""
+    shape = site.get("shape") or []
+    return rms * math.sqrt(shape[-1]) if shape else float("nan")
+
+
+def rule_recurrent_explosion(ev):
+    if ev.first is None:
+        return None
+    max_abs = ev.col("max_abs")
+    nonfinite = ev.nonfinite()
+    best = None
+    for kernel, out, prev in _recurrent_layers(ev):
+        # Where the state first exploded: the producer, or a row before the blow-up whose output
+        # is RECURRENT_STATE x its input.
+        rows = np.nonzero(ev.steps <= ev.until)[0]
+        for i in rows:
+            inp = max_abs[i, prev] if prev is not None else float("nan")
+            if not (np.isfinite(inp) and not nonfinite[i, prev]):
+                continue
+            exploded = ev.producer == out and ev.steps[i] == ev.until
+            ratio = max_abs[i, out] / max(inp, 1e-12)
+            if exploded or (not nonfinite[i, out] and ratio > RECURRENT_STATE):
+                if best is None or ev.steps[i] < ev.steps[best[3]]:
+                    best = (kernel, out, prev, i, exploded)
+                break
+    if best is None:
+        return None
+    kernel, out, prev, i, exploded = best
+    site = ev.sites[kernel]
+    text = "%s %s at step %d while its input (%s) was at most %s" % (
+        ev.label(out),
+        "went %s" % ev.counts_words(ev.first)
+        if exploded
+        else "reached |h| %s" % _g(max_abs[i, out]),
+        ev.steps[i],
+        ev.label(prev),
+        _g(max_abs[i, prev]),
+    )
+    steps = _time_steps(ev, kernel)
+    if steps > 1:
+        text += ", over %d time steps" % steps
+    initial = _initial_rms(ev, kernel)
+    sane = True
+    if initial is not None:
+        gain = _gain(initial, site)
+        text += "; the recurrent kernel's gain (RMS x sqrt(units)) was %s as training started" % _g(
+            gain
+        )
+        scale = _initial_scale(site)
+        sane = scale is None or initial <= _init_limit(site) * scale[0]
+    last = np.nonzero(np.isfinite(ev.finite_before("norm")[:, kernel]))[0]
+    if len(last):
+        rms = _rms(ev, last[-1], kernel)
+        text += "%s %s at step %d" % (
+            " and"
+            if initial is not None
+            else "; the recurrent kernel's gain (RMS x sqrt(units)) was",
+            _g(_gain(rms, site)),
+            ev.steps[last[-1]],
+        )
+    # A kernel that started far too large is large_initial_weights' finding; this one explains
+    # how it blew up.
+    # Keras' recurrent cells compute nothing outside its domain: a NaN out of one is Inf - Inf.
+    score = (0.85 if exploded else 0.8) if sane else 0.55
+    return Finding(score, text, [out, kernel], [ev.steps[i]])
+
+
+def rule_optimizer_zero_division(ev):
+    if ev.producer is None:
+        return None
+    site = ev.sites[ev.producer]
+    if site["kind"] != "weight" or not ev.first.get("nan") or ev.first.get("posinf"):
+        return None
+    tensor = site.get("tensor", "")
+    grad = ev.data.site_index(site["layer"], "weight_grad", tensor)
+    if grad is None or not np.isfinite(ev.at(ev.until, "max_abs", grad)):
+        return None
+    slots = [
+        i
+        for i in ev.indices("optimizer_state")
+        if ev.sites[i]["layer"] == site["layer"]
+        and ev.sites[i].get("tensor", "").split("/")[-1] == tensor.split("/")[-1]
+    ]
+    if any(not np.isfinite(ev.at(ev.until, "max_abs", i)) for i in slots):
+        return None
+    zeros = ev.at(ev.until, "zero_frac", grad)
+    text = "%s went %s at step %d, at its update, while its gradient%s were finite" % (
+        ev.label(ev.producer),
+        ev.counts_words(ev.first),
+        ev.until,
+        " and its optimizer slots" if slots else "",
+    )
+    size = int(np.prod(site.get("shape") or [0]))
+    if np.isfinite(zeros) and zeros > 0:
+        text += (
+            "; %.0f%% of the gradient was exactly 0 at that step (m / sqrt(v) = 0 / 0 there)"
+            % (100 * zeros)
+        )
+    elif size > 0:  # a step's sampled statistics can be lost with it: the count is kept
+        text += "; %d of its %d elements: those whose gradient and slots were 0 (0 / 0)" % (
+            int(ev.first.get("nan", 0)),
+            size,
+        )
+    return Finding(0.85 if slots else 0.7, text, [ev.producer, grad] + slots, [ev.until])
 
 
 def rule_optimizer_state_overflow(ev):
@@ -803,7 +1056,9 @@ RULES = {
     "domain_error": rule_domain_error,
     "learning_rate_too_high": rule_learning_rate_too_high,
     "exploding_gradients": rule_exploding_gradients,
+    "recurrent_explosion": rule_recurrent_explosion,
     "optimizer_state_overflow": rule_optimizer_state_overflow,
+    "optimizer_zero_division": rule_optimizer_zero_division,
     "loss_scale_collapse": rule_loss_scale_collapse,
     "vanishing_gradients": rule_vanishing_gradients,
 }

@@ -483,6 +483,7 @@ MECHANICAL = {
     "learning_rate_too_high": [LOWER_LR, CLIP],
     "exploding_gradients": [CLIP, LOWER_LR],
     "optimizer_state_overflow": [CLIP],
+    "optimizer_zero_division": [EPSILON],
     "vanishing_gradients": [LOWER_LR],
 }
 # Tried when no named cause has a mechanical remedy, to say whether the usual guesses would help.

@@ -179,6 +179,41 @@ def test_docs_page_is_generated_from_the_table():
         assert "## %s" % c.id in page and c.remedy in page and c.rule in page
 
 
+# Each threshold the rules use, and a cause whose words quote it.
+QUOTED_THRESHOLDS = {
+    "INPUT_SCALE": "unscaled_inputs",
+    "HUGE_LOSS": "unscaled_targets",
+    "OUTPUT_VS_LOSS": "unscaled_targets",
+    "INIT_GAIN": "large_initial_weights",
+    "INIT_RATIO": "large_initial_weights",
+    "RECURRENT_INIT_RATIO": "large_initial_weights",
+    "DOMAIN_HEADROOM": "domain_error",
+    "DOMAIN_INPUT": "domain_error",
+    "OVERFLOWED_OUTPUT": "unstable_loss",
+    "GROWTH_TOTAL": "learning_rate_too_high",
+    "GROWTH_STEADY": "learning_rate_too_high",
+    "GRADIENT_DEPTH_RATIO": "exploding_gradients",
+    "GRADIENT_GROWTH": "exploding_gradients",
+    "UPDATE_JUMP": "exploding_gradients",
+    "RECURRENT_STATE": "recurrent_explosion",
+    "VANISHED_ROWS": "vanishing_gradients",
+}
+
+
+def test_the_rules_words_quote_the_thresholds_the_code_uses():
+    """One place: diagnosis reads each threshold from causes, whose words quote it."""
+    for name, cause in QUOTED_THRESHOLDS.items():
+        value = getattr(causes, name)
+        assert getattr(diagnosis, name) is value, name
+        assert causes._x(value) in causes.CAUSES_BY_ID[cause].rule, (name, cause)
+    assert "%g%%" % (100 * causes.UNDERFLOW_FRACTION) in (
+        causes.CAUSES_BY_ID["reduced_precision_underflow"].rule
+    )
+    assert (
+        "%g%%" % (100 * causes.VANISHED_FRACTION) in causes.CAUSES_BY_ID["vanishing_gradients"].rule
+    )
+
+
 def test_every_remedy_names_the_keras_code_to_change():
     for c in causes.CAUSES:
         assert "`" in c.remedy, c.id
@@ -477,3 +512,130 @@ def test_finite_run_with_a_warning_says_why_to_worry():
         and "1. vanishing_gradients" in text
     )
     assert "why" not in "\n".join(report.RunReport(Run().data()).text())
+
+
+# -- facts over inference: watched targets, overflow, weight gradients, new causes -----
+
+
+def with_target(sites):
+    """The sites with the batch's targets watched, as the writer puts them: before the loss."""
+    loss = next(i for i, s in enumerate(sites) if s["kind"] == "loss")
+    target = summary.make_site("", "target", "", "float32", (32, 1))
+    return sites[:loss] + [target] + sites[loss:]
+
+
+def test_small_watched_targets_cannot_make_a_huge_loss():
+    """A loss multiplied by 1e18 is huge from the start while the targets are small: the watched
+    targets' largest |y| is a fact that rules unscaled_targets out (it stays named when they are
+    huge)."""
+
+    def run_with_targets(largest_target):
+        run = Run(with_target(mlp_sites()))
+        run.set(run.index("", "loss"), max_abs=5.5e18)
+        run.set(run.index("dense_2", "activation_grad"), max_abs=6e3)
+        run.set(run.index("", "target"), max_abs=largest_target)
+        run.blow_up(6, run.index("dense_1", "activation"))
+        return run
+
+    assert "unscaled_targets" not in run_with_targets(3.2).causes()
+    found = diagnosis.diagnose(run_with_targets(4e9).data())
+    assert found[0]["cause"] == "unscaled_targets" and "largest |y| 4e+09" in found[0]["evidence"]
+
+
+def test_a_loss_overflowed_by_a_huge_output_is_not_the_loss_formula():
+    run = Run()
+    run.set(run.index("dense_2", "activation"), at=slice(0, 3), max_abs=1.1e37)
+    run.blow_up(2, run.index("", "loss"))
+    assert "unstable_loss" not in run.causes()
+    small = Run()
+    small.set(small.index("dense_2", "activation"), max_abs=2.7)
+    small.blow_up(2, small.index("", "loss"))
+    assert small.causes()[0] == "unstable_loss"
+
+
+def test_domain_error_in_a_weight_gradient():
+    """tf.norm(x - centre) at 0: the gradient w.r.t. the layer's own weight is 0/0."""
+    run = Run()
+    run.blow_up(0, run.index("dense", "weight_grad", "kernel"), kind="nan", count=8)
+    f = first_finding(run)
+    assert f["cause"] == "domain_error"
+    assert "undefined gradient w.r.t. this weight" in f["evidence"]
+
+
+def test_one_update_that_multiplies_the_weights_is_an_exploding_gradient():
+    """A summed loss through a deep ReLU stack: step 0's update makes the kernels 30x larger and
+    the next forward pass overflows; there are not enough steps for a growth trend."""
+    run = Run()
+    kernel = run.index("dense_1", "weight", "kernel")
+    run.set(kernel, at=0, norm=4.0)
+    run.set(kernel, at=1, norm=120.0)
+    run.set(run.index("dense_1", "weight_grad", "kernel"), at=1, norm=6.7e3)
+    run.set(run.index("dense_2", "activation"), at=slice(0, 4), max_abs=1e37)
+    run.blow_up(2, run.index("", "loss"))
+    f = first_finding(run)
+    assert f["cause"] == "exploding_gradients"
+    assert "one update multiplied the norm of dense_1, weight kernel by 30" in f["evidence"]
+    assert "6.7e+03" in f["evidence"]
+
+
+def test_optimizer_zero_division():
+    """Adam with epsilon=0: a weight goes NaN at its update, its gradient and slots finite."""
+    run = Run()
+    run.set(run.index("dense", "weight_grad", "kernel"), at=4, zero_frac=0.375)
+    run.blow_up(4, run.index("dense", "weight", "kernel"), kind="nan", count=48)
+    f = first_finding(run)
+    assert f["cause"] == "optimizer_zero_division"
+    assert "38% of the gradient was exactly 0" in f["evidence"]
+    # A weight that a non-finite slot made NaN is not a division of 0 by 0.
+    slot = Run()
+    slot.blow_up(4, slot.index("dense", "weight", "kernel"), kind="nan", count=48)
+    slot.set(slot.index("dense", "optimizer_state", "velocity/kernel"), at=4, max_abs=np.inf)
+    assert "optimizer_zero_division" not in slot.causes()
+
+
+def rnn_sites(time_steps=40, units=16):
+    """input [batch, time, features] -> SimpleRNN -> Dense, trained with SGD."""
+    cell = "simple_rnn/simple_rnn_cell"
+    return [
+        summary.make_site("input_layer", "input", "", "float32", (32, time_steps, 4)),
+        summary.make_site("simple_rnn", "activation", "", "float32", (32, units)),
+        summary.make_site("dense", "activation", "", "float32", (32, 1)),
+        summary.make_site("", "loss", "", "float32", ()),
+        summary.make_site("dense", "activation_grad", "", "float32", (32, 1)),
+        summary.make_site("dense", "weight_grad", "kernel", "float32", (units, 1)),
+        summary.make_site("simple_rnn", "activation_grad", "", "float32", (32, units)),
+        summary.make_site(cell, "weight_grad", "kernel", "float32", (4, units)),
+        summary.make_site(cell, "weight_grad", "recurrent_kernel", "float32", (units, units)),
+        summary.make_site(cell, "weight", "kernel", "float32", (4, units)),
+        summary.make_site(cell, "weight", "recurrent_kernel", "float32", (units, units)),
+        summary.make_site("dense", "weight", "kernel", "float32", (units, 1)),
+    ]
+
+
+def test_recurrent_explosion_names_the_layer_and_its_gain():
+    run = Run(rnn_sites())
+    state = run.index("simple_rnn", "activation")
+    run.set(run.index("input_layer", "input"), max_abs=3.0)
+    run.set(state, at=slice(5, 9), max_abs=np.array([2e7, 1e12, 1e20, 1e30]))
+    run.set(run.index("dense", "activation"), at=slice(5, 9), max_abs=1e31)
+    recurrent = run.index("simple_rnn/simple_rnn_cell", "weight", "recurrent_kernel")
+    run.set(recurrent, at=slice(0, 8), norm=np.linspace(4.0, 24.0, 8))  # RMS x 4 = gain
+    run.blow_up(8, run.index("", "loss"))
+    f = first_finding(run)
+    assert f["cause"] == "recurrent_explosion"
+    assert "reached |h| 2e+07 at step 5" in f["evidence"] and "over 40 time steps" in f["evidence"]
+    assert "was 6 at step 7" in f["evidence"]  # norm 24 over 256 elements: RMS 1.5, x sqrt(16)
+    assert {"layer": "simple_rnn", "kind": "activation", "tensor": ""} in f["sites"]
+
+
+def test_a_recurrent_kernel_started_too_large_is_the_initialisation():
+    """RMS 1.0 over 32 units: 4x sqrt(2 / units); below the 5x of other kernels, but it
+    multiplies the state at each of 40 steps."""
+    run = Run(rnn_sites(units=32))
+    recurrent = run.index("simple_rnn/simple_rnn_cell", "weight", "recurrent_kernel")
+    run.set(recurrent, norm=1.0 * 32)
+    run.set(run.index("simple_rnn", "activation"), at=slice(0, 3), max_abs=6e30)
+    run.set(run.index("dense", "activation"), at=slice(0, 3), max_abs=6e30)
+    run.blow_up(0, run.index("", "loss"))
+    found = run.causes()
+    assert found[:2] == ["large_initial_weights", "recurrent_explosion"]
