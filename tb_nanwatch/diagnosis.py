@@ -585,8 +585,9 @@ def rule_reduced_precision_overflow(ev):
     if op is not None:
         return Finding(
             0.85,
-            "%s (%s) went %s at step %d, and the layer computes %s, which passes %s's largest "
-            "finite value %s long before its input does: Inf / Inf or Inf - Inf made the NaN"
+            "%s (%s) went %s at step %d, and the layer computes %s, an op that overflows %s "
+            "(largest finite value %s) before anything else in it: Inf / Inf or Inf - Inf made "
+            "the NaN"
             % (
                 ev.label(ev.producer),
                 site["dtype"],

@@ -126,13 +126,19 @@ def test_a_gradient_op_is_traced_back_to_the_forward_op_the_user_wrote(tmp_path)
 
 
 def test_a_float16_overflow_read_as_a_domain_error_is_ranked_by_the_replay(tmp_path):
-    """exp overflows in a float16 layer; inf / inf leaves only NaN in the logs, which read as a
-    domain error.  The replay sees Exp output +Inf in float16, tries the layer in float32 (it
-    holds), and the diagnosis then ranks reduced_precision_overflow first."""
+    """exp overflows in a float16 layer; inf / inf leaves only NaN in the logs.  The op
+    inventory (Exp in the layer) already names the overflow; without it the logs read as a
+    domain error, and the replay, which sees Exp output +Inf in float16 and tries the layer in
+    float32 (it holds), ranks reduced_precision_overflow first."""
     from tb_nanwatch import diagnosis, runview
 
     model, record = stopped_run(sc.float16_exp_overflow, tmp_path)
     assert (record["layer"], record["nan"], record["posinf"]) == ("exp_normalise", 3, 0)
+    with_inventory = diagnosis.diagnose(runview.from_files("run", tmp_path))
+    assert [d["cause"] for d in with_inventory] == ["reduced_precision_overflow"]
+    assert "computes Exp" in with_inventory[0]["evidence"]
+    inventory = tmp_path / "nanwatch_ops.json"
+    inventory.rename(tmp_path / "ops.json.away")  # logs of a run without the op inventory
     before_replay = diagnosis.diagnose(runview.from_files("run", tmp_path))
     assert [d["cause"] for d in before_replay] == ["domain_error"]
     weights = [v.numpy() for v in model.variables]
@@ -165,6 +171,10 @@ def test_a_float16_overflow_read_as_a_domain_error_is_ranked_by_the_replay(tmp_p
     # A replay of another step says nothing about this one.
     stale = dict(result, step=result["step"] + 1)
     assert diagnosis.diagnose(runview.from_files("run", tmp_path), replay=stale) == before_replay
+    (tmp_path / "ops.json.away").rename(inventory)
+    both = diagnosis.diagnose(runview.from_files("run", tmp_path))
+    assert [d["cause"] for d in both] == ["reduced_precision_overflow"]
+    assert both[0]["score"] >= with_inventory[0]["score"]
 
 
 def test_a_float16_kernel_gradient_overflow_stays_reduced_precision_overflow(tmp_path):

@@ -35,10 +35,15 @@ def _tf():
     return keras, np, tf, tb_nanwatch
 
 
+# Keyword arguments of every case's NanWatchCallback: run_eval.py's replay pass sets
+# on_nonfinite="stop" to get the failing step's repro bundle.
+WATCH_OPTIONS = {}
+
+
 def _fit(model, x, y=None, logdir=None, callbacks=(), epochs=3, batch_size=32, **kw):
     import tb_nanwatch
 
-    cbs = [tb_nanwatch.NanWatchCallback(logdir)] + list(callbacks)
+    cbs = [tb_nanwatch.NanWatchCallback(logdir, **WATCH_OPTIONS)] + list(callbacks)
     return model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=cbs, **kw)
 
 

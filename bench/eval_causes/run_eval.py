@@ -110,6 +110,54 @@ def train_case(c, logdir):
     }
 
 
+def replay_case(c, logdir):
+    """The replay pass: trains the case again with on_nonfinite="stop" (the failing step is
+    rolled back and its repro bundle written), replays that step on the live model
+    (`tb_nanwatch.replay`, which tries the diagnosed causes' mechanical remedies and keeps its
+    result beside the run), and reads the report again, as a user who ran
+    `tb-nanwatch replay RUN_DIR` does."""
+    import keras
+
+    import tb_nanwatch
+    from tb_nanwatch import bundle
+
+    keras.utils.set_random_seed(1234)
+    keras.backend.clear_session()
+    counter = make_counter()  # holds the model for the replay
+    cases_module.WATCH_OPTIONS["on_nonfinite"] = "stop"
+    try:
+        c.fn(logdir, [counter])
+    except Exception as e:
+        return {"replay_error": "training: %s" % str(e).splitlines()[0][:200]}
+    finally:
+        cases_module.WATCH_OPTIONS.pop("on_nonfinite", None)
+    if not os.path.isdir(bundle.bundle_dir(logdir)):
+        return {"replay_error": "no repro bundle written"}
+    try:
+        result = tb_nanwatch.replay(logdir, model=counter.model).as_json()
+    except Exception as e:  # a replay that fails is scored as no remedy tried
+        return {"replay_error": "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:200])}
+    after = read_report(logdir)
+    return {
+        "replay_verdict": result.get("verdict"),
+        "replay_op": (result.get("op") or {}).get("type"),
+        "replay_remedies": result.get("remedies") or [],
+        "causes_after_replay": after.get("causes") or [],
+    }
+
+
+def remedy_outcome(r):
+    """(applicable, held) for the remedy of the cause named first after the replay: the first
+    mechanical remedy of that cause the replay applied, and whether the step was finite with it."""
+    top = (r.get("causes_after_replay") or [None])[0]
+    trials = [
+        e for e in r.get("replay_remedies") or [] if e.get("cause") == top and e.get("applied")
+    ]
+    if top is None or not trials:
+        return False, False
+    return True, bool(trials[0].get("finite_after"))
+
+
 def read_report(logdir):
     exe = os.path.join(os.path.dirname(sys.executable), "tb-nanwatch")
     p = subprocess.run([exe, "report", logdir, "--json"], capture_output=True, text=True)
@@ -146,10 +194,21 @@ def score(results):
             "false_alarms": sum(r["false_alarm"] for r in healthy),
             "healthy_progressed": sum(r["progressed"] is True for r in healthy),
         }
+        replayed = [r for r in blow if "causes_after_replay" in r]
+        if replayed:
+            outcomes = [remedy_outcome(r) for r in replayed]
+            halves[half].update(
+                replayed=len(replayed),
+                top1_after_replay=sum(
+                    r["causes_after_replay"][:1] == [r["cause"]] for r in replayed
+                ),
+                remedy_applicable=sum(a for a, _ in outcomes),
+                remedy_held=sum(h for a, h in outcomes if a),
+            )
     return halves
 
 
-def evaluate(only=None, keep=None):
+def evaluate(only=None, keep=None, replay=False):
     base = keep or tempfile.mkdtemp(prefix="eval_causes_")
     results = []
     for i, c in enumerate(cases_module.CASES):
@@ -172,8 +231,20 @@ def evaluate(only=None, keep=None):
             r["top2"] = c.cause in causes[:2]
             cf, rf = r["counter_first_bad"], r.get("report_first_step")
             r["step_agrees"] = None if cf is None else (rf == cf)
+            if replay:
+                r.update(replay_case(c, logdir + ".stop"))
+        replayed = ""
+        if "causes_after_replay" in r:
+            applicable, held = remedy_outcome(r)
+            replayed = " | replay %s: %s, remedy %s" % (
+                r["replay_verdict"],
+                ",".join(r["causes_after_replay"][:2]) or "-",
+                ("held" if held else "failed") if applicable else "n/a",
+            )
+        elif r.get("replay_error"):
+            replayed = " | replay error: %s" % r["replay_error"]
         print(
-            "%-28s %-28s top: %-40s step counter=%s report=%s (%.0fs)%s"
+            "%-28s %-28s top: %-40s step counter=%s report=%s (%.0fs)%s%s"
             % (
                 c.name,
                 c.cause,
@@ -181,6 +252,7 @@ def evaluate(only=None, keep=None):
                 r["counter_first_bad"],
                 r.get("report_first_step"),
                 r["seconds"],
+                replayed,
                 " ERROR " + (r["train_error"] or r.get("report_error", ""))
                 if r["train_error"] or r.get("report_error")
                 else "",
@@ -275,10 +347,16 @@ def main(argv=None):
     ap.add_argument("--json", help="write the per-case results here")
     ap.add_argument("--only", help="comma-separated case names (a partial run scores only those)")
     ap.add_argument("--keep", help="train into this directory (default: a temp directory)")
+    ap.add_argument(
+        "--replay",
+        action="store_true",
+        help="also train each blow-up in stop mode, replay its failing step with the diagnosed "
+        "causes' remedies and score the ranking after the replay and the first remedy",
+    )
     args = ap.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
     t0 = time.time()
-    results, base = evaluate(only, args.keep)
+    results, base = evaluate(only, args.keep, args.replay)
     halves = score(results)
     print(json.dumps(halves, indent=2))
     print("%.0f s" % (time.time() - t0))
