@@ -58,9 +58,18 @@ export function opWords(op) {
 // The remedies a replay applied to the failing step's state and batch, and whether each held
 // (tb_nanwatch/failing_step.py remedy_words says the same in the report).
 export function remedyWords(replay) {
-  return ((replay && replay.remedies) || []).filter((r) => r.applied).map((r) =>
+  const trials = (replay && replay.remedies) || [];
+  const words = trials.filter((r) => r.applied).map((r) =>
     `${r.remedy}: ${r.finite_after ? "finite after" : "did not hold"}` +
     (r.cause === null || r.cause === undefined ? " (a usual guess)" : ""));
+  const untried = new Map(); // why -> remedies that could not be tried for it
+  for (const r of trials) {
+    if (r.applied || !r.remedy || !r.why) continue;
+    if (!untried.has(r.why)) untried.set(r.why, []);
+    if (!untried.get(r.why).includes(r.remedy)) untried.get(r.why).push(r.remedy);
+  }
+  for (const [why, remedies] of untried) words.push(`${remedies.join(", ")}: not tried (${why})`);
+  return words;
 }
 
 // The failing step as the run directory keeps it: the replay's verdict and op, the producer's

@@ -11,6 +11,8 @@ has one; the others are warnings and are named for finite runs too.
 """
 
 import collections
+import os
+import sys
 
 Cause = collections.namedtuple("Cause", ["id", "title", "rule", "remedy", "blowup"])
 
@@ -277,12 +279,14 @@ CAUSE_IDS = tuple(c.id for c in CAUSES)
 CAUSES_BY_ID = {c.id: c for c in CAUSES}
 
 
-def as_markdown():
-    """docs/causes.md: every cause with its evidence rule and remedy."""
+def as_markdown(summary=""):
+    """docs/causes.md: every cause with its evidence rule and remedy, and the measured block
+    `summary` (run_eval.py's figures)."""
     lines = [
         "# The causes tb_nanwatch names",
         "",
-        "<!-- generated from tb_nanwatch/causes.py by `python -m tb_nanwatch.causes > docs/causes.md`;",
+        "<!-- generated from tb_nanwatch/causes.py by `python -m tb_nanwatch.causes --write docs/causes.md`",
+        "     (the measured block at the end is bench/eval_causes/run_eval.py's);",
         "     tests/test_diagnosis.py fails when this page and the table disagree -->",
         "",
         "`tb-nanwatch report` (text and `--json`) and the NanWatch tab's banner name the causes below,",
@@ -314,16 +318,47 @@ def as_markdown():
         "",
         "## How well the causes are named",
         "",
-        "Measured on blow-ups and healthy runs written from the descriptions above by someone who had",
-        "not read the rules (`bench/eval_causes/cases.py`), half of them used for tuning, half held out:",
-        "top-1 and top-2 right, false alarms on healthy runs, and whether the first non-finite step",
-        "agrees with an independent batch counter. The figures and the held-out cases one by one are in",
-        "[cause_evaluation.md](cause_evaluation.md); recompute them (about a minute on 2 cores) with",
+        "Measured on blow-ups and healthy runs written from the descriptions above by people who had",
+        "not read the rules: `bench/eval_causes/cases.py` (half of it used for tuning, half held out)",
+        "and `bench/eval_causes/fresh_cases.py` (written while the rules were tuned, run once after).",
+        "Top-1 and top-2 right, false alarms (a cause or an early warning) on healthy runs, and, after a",
+        "replay of the failing step, whether the remedy of the cause named first kept the step finite.",
+        "The cases one by one are in [cause_evaluation.md](cause_evaluation.md); recompute both (a few",
+        "minutes on 2 cores) with",
         "",
-        "    .venv/bin/python bench/eval_causes/run_eval.py --out docs/cause_evaluation.md",
+        "    " + EVALUATION_COMMAND,
+        "",
+        SUMMARY_BEGIN,
+        summary.strip() or "(not measured yet)",
+        SUMMARY_END,
     ]
     return "\n".join(lines) + "\n"
 
 
+EVALUATION_COMMAND = ".venv/bin/python bench/eval_causes/run_eval.py --replay --out docs"
+# run_eval.py writes the measured figures between these markers; the rest of the page is the table's.
+SUMMARY_BEGIN, SUMMARY_END = "<!-- evaluation:begin -->", "<!-- evaluation:end -->"
+
+
+def summary_of(page):
+    """The measured block of a docs/causes.md page ('' when it has none)."""
+    if SUMMARY_BEGIN not in page or SUMMARY_END not in page:
+        return ""
+    return page[page.index(SUMMARY_BEGIN) + len(SUMMARY_BEGIN) : page.index(SUMMARY_END)].strip()
+
+
+def write_page(path, summary=None):
+    """Writes docs/causes.md from the table, keeping the measured block already there unless
+    `summary` replaces it."""
+    if summary is None and os.path.exists(path):
+        with open(path) as f:
+            summary = summary_of(f.read())
+    with open(path, "w") as f:
+        f.write(as_markdown(summary or ""))
+
+
 if __name__ == "__main__":
-    print(as_markdown(), end="")
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write_page(sys.argv[2])
+    else:
+        print(as_markdown(), end="")

@@ -545,7 +545,7 @@ def rule_reduced_precision_underflow(ev):
     if ev.first is not None:
         text += "; then the first non-finite value at step %d" % ev.until
     return Finding(
-        0.9 if ev.first is not None else 0.6,
+        0.95 if ev.first is not None else 0.6,
         text,
         [s for _, s in found if s is not None],
         [p["step"] for p, _ in found],
@@ -1095,8 +1095,9 @@ def _replay_overflow(ev, replay):
         op["dtype"],
         _g(dtype_limits(op["dtype"])[0]),
     )
-    # A fact seen on the op itself, as sure as a non-finite input.
-    return Finding(1.0, text, [ev.producer] if ev.producer is not None else [], [ev.until])
+    # A fact seen on the op itself; an underflow before it (rule_reduced_precision_underflow,
+    # 0.95) is its root and stays above it.
+    return Finding(0.9, text, [ev.producer] if ev.producer is not None else [], [ev.until])
 
 
 def _with_replay(ev, replay, cause_id, finding):
@@ -1117,15 +1118,23 @@ def _with_replay(ev, replay, cause_id, finding):
     if overflow is not None and cause_id == "domain_error":
         finding.score = min(finding.score, 0.5)
         finding.evidence += "; but on replay the op overflowed in %s" % replay["op"]["dtype"]
-    for trial in replay.get("remedies") or []:
-        if trial.get("cause") != cause_id or not trial.get("applied"):
-            continue
-        held = bool(trial.get("finite_after"))
-        finding.score = min(1.0, max(0.0, finding.score + (REMEDY_HELD if held else REMEDY_FAILED)))
+    trials = [
+        t for t in replay.get("remedies") or [] if t.get("cause") == cause_id and t.get("applied")
+    ]
+    for trial in trials:
         finding.evidence += "; on replay, %s %s" % (
             trial.get("remedy"),
-            "made the step finite" if held else "did not make the step finite",
+            "made the step finite" if trial.get("finite_after") else "did not make the step finite",
         )
+    if trials:  # once per cause: one of its remedies held, or none did
+        held = any(t.get("finite_after") for t in trials)
+        # An overflow seen on the op is a fact; the variants a replay can apply (a layer's compute
+        # dtype, not its variables') failing does not make it less of one.
+        confirmed = overflow is not None and cause_id == "reduced_precision_overflow"
+        if held or not confirmed:
+            finding.score = min(
+                1.0, max(0.0, finding.score + (REMEDY_HELD if held else REMEDY_FAILED))
+            )
     return finding
 
 

@@ -82,11 +82,14 @@ def op_words(op):
 
 def remedy_words(replay):
     """["compute the layer in float32: finite after", "clip the gradients ...: did not hold",
-    ...] for the remedies a replay tried, in its order; a cause's remedy that cannot be
-    applied mechanically is left out (the diagnosis gives it)."""
-    out = []
+    "clip ..., lower ...: not tried (why)", ...] for the remedies a replay tried, in its order,
+    then those it could not try, grouped by why; a cause's remedy that is a change to the data,
+    the model or the code is left out (the diagnosis gives it)."""
+    out, untried = [], {}
     for trial in (replay or {}).get("remedies") or []:
         if not trial.get("applied"):
+            if trial.get("remedy") and trial.get("why"):
+                untried.setdefault(trial["why"], []).append(trial["remedy"])
             continue
         words = "%s: %s" % (
             trial.get("remedy"),
@@ -95,4 +98,6 @@ def remedy_words(replay):
         if trial.get("cause") is None:
             words += " (a usual guess)"
         out.append(words)
+    for why, remedies in untried.items():
+        out.append("%s: not tried (%s)" % (", ".join(dict.fromkeys(remedies)), why))
     return out

@@ -210,6 +210,17 @@ def _step(model, optimizer, x, y, sample_weight, hooks, check):
     )
     if any(_nonfinite(t) for t in _float_tensors(x)) and check((name, "input", "")):
         return
+    # What the loss consumes besides the model's output, named as the Watch names its sites.
+    from tb_nanwatch.watch import instrument
+    from tb_nanwatch.watch import sites as site_catalogue
+
+    outputs = instrument.output_names(model)
+    for kind, part in (("target", y), ("sample_weight", sample_weight)):
+        for tensor_name, t in (
+            site_catalogue.named_float_tensors(part, outputs) if part is not None else []
+        ):
+            if _nonfinite(t) and check((name, kind, tensor_name)):
+                return
     with tf.GradientTape() as tape:
         y_pred = model(x, training=True)
         loss = model.compute_loss(
@@ -431,8 +442,47 @@ def _layer_in_float32(ctx):
     return undo
 
 
+def _model_in_float32(ctx):
+    """Every half-precision layer computes in float32: whether half precision is the fault at
+    all, when the producer's layer alone is not enough (its gradient comes from the layers
+    after it, a later layer overflows on its output)."""
+    changed = []
+    for layer in ctx["model"]._flatten_layers(include_self=False):
+        policy = layer.dtype_policy
+        if policy.compute_dtype in ("float16", "bfloat16"):
+            changed.append((layer, policy))
+            layer.dtype_policy = "float32"
+    if not changed:
+        return "no layer computes in float16 or bfloat16"
+
+    def undo():
+        for layer, policy in changed:
+            layer.dtype_policy = policy
+
+    return undo
+
+
+def _clip_values(ctx):
+    """Each gradient element to [-1, 1]: no square is computed, where a global norm of gradients
+    beyond 1e19 overflows float32 itself."""
+    opt = _optimizer_of(ctx["optimizer"])
+    saved = (opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
+    opt.clipnorm, opt.global_clipnorm, opt.clipvalue = None, None, 1.0
+
+    def undo():
+        opt.clipnorm, opt.global_clipnorm, opt.clipvalue = saved
+
+    return undo
+
+
 def _standardise_inputs(ctx):
     """Per-feature mean and std of the bundle's batch (the batch is all the replay has)."""
+    if ctx["step"]:
+        # The weights were fit to the raw scale by the steps before: this batch alone tests nothing.
+        return (
+            "the weights before step %d were trained on the unscaled inputs: standardise them "
+            "from the start of training" % ctx["step"]
+        )
     x = ctx["x"]
     import tensorflow as tf
 
@@ -470,6 +520,8 @@ def _adam_epsilon(ctx):
 CLIP = ("clip the gradients (global_clipnorm=1.0)", _clip_gradients)
 LOWER_LR = ("lower the learning rate 10x", _lower_learning_rate)
 FLOAT32 = ("compute the layer in float32 (its variables keep their dtype)", _layer_in_float32)
+FLOAT32_MODEL = ("compute every layer in float32 (variables keep their dtype)", _model_in_float32)
+CLIP_VALUE = ("clip each gradient value to [-1, 1] (clipvalue=1.0)", _clip_values)
 STANDARDISE = ("standardise the inputs", _standardise_inputs)
 EPSILON = ("epsilon 1e-7 in the optimizer", _adam_epsilon)
 
@@ -477,12 +529,12 @@ EPSILON = ("epsilon 1e-7 in the optimizer", _adam_epsilon)
 # not here (or whose list is empty) needs a change to the data, the model or its code.
 MECHANICAL = {
     "unscaled_inputs": [STANDARDISE],
-    "reduced_precision_overflow": [FLOAT32],
+    "reduced_precision_overflow": [FLOAT32, FLOAT32_MODEL],
     "reduced_precision_underflow": [FLOAT32, EPSILON],
     "loss_scale_collapse": [FLOAT32, CLIP],
     "learning_rate_too_high": [LOWER_LR, CLIP],
     "exploding_gradients": [CLIP, LOWER_LR],
-    "optimizer_state_overflow": [CLIP],
+    "optimizer_state_overflow": [CLIP, CLIP_VALUE],
     "optimizer_zero_division": [EPSILON],
     "vanishing_gradients": [LOWER_LR],
 }
@@ -533,16 +585,42 @@ def _try(model, optimizer, loaded, ctx, apply):
     return True, not found, found[0] if found else None
 
 
-def try_remedies(run_dir, model, optimizer, loaded, x, y, sample_weight, layer_path, op=None):
+# Where a replayed step can go non-finite before the optimizer's update: a remedy of the update
+# (clipping, the learning rate, epsilon) cannot change it at that step.
+FORWARD_KINDS = ("input", "target", "sample_weight", "activation", "loss")
+UPDATE_REMEDIES = (_clip_gradients, _clip_values, _lower_learning_rate, _adam_epsilon)
+FORWARD_FAILURE = (
+    "the step went non-finite in its forward pass, before the update this changes: a replay of "
+    "the step cannot tell whether it would have helped on the steps before"
+)
+
+
+def try_remedies(
+    run_dir, model, optimizer, loaded, x, y, sample_weight, layer_path, op=None, kind=None
+):
     """[{cause, remedy, applied, finite_after[, why][, nonfinite_at]}] for the causes the
-    diagnosis names; finite_after is None for a remedy that was not applied."""
+    diagnosis names; finite_after is None for a remedy that was not applied.  `kind`: the
+    kind of site the replay went non-finite at (a forward one leaves update remedies out)."""
     from tb_nanwatch.watch import sites
 
     layer = dict(sites.layer_paths(model)).get(layer_path)
     out = []
 
     def record(cause, words, apply):
+        if kind in FORWARD_KINDS and apply in UPDATE_REMEDIES:
+            out.append(
+                {
+                    "cause": cause,
+                    "remedy": words,
+                    "applied": False,
+                    "finite_after": None,
+                    "why": FORWARD_FAILURE,
+                }
+            )
+            return
         ctx = {
+            "step": loaded.step,
+            "model": model,
             "optimizer": optimizer,
             "layer": layer,
             "layer_path": layer_path,
@@ -612,7 +690,7 @@ def replay(run_dir, model=None, custom_objects=None):
         == (recorded.get("layer"), recorded.get("kind"), recorded.get("tensor") or "")
     )
     op, input_location = None, None
-    if site is not None and site["kind"] == "input":
+    if site is not None and site["kind"] in ("input", "target", "sample_weight"):
         input_location = _input_location(batch)
     elif site is not None:
         op = _first_op(model, optimizer, loaded, x, y, sample_weight)
@@ -636,7 +714,7 @@ def replay(run_dir, model=None, custom_objects=None):
     remedies = []
     if site is not None:  # a step that stays finite on replay has nothing to remedy
         remedies = try_remedies(
-            run_dir, model, optimizer, loaded, x, y, sample_weight, site["layer"], op
+            run_dir, model, optimizer, loaded, x, y, sample_weight, site["layer"], op, site["kind"]
         )
     _restore(model, optimizer, loaded)  # leave the model as the bundle had it
     result = ReplayResult(

@@ -16,6 +16,8 @@ import stop_scenarios as sc
 from test_plugin_backend import App
 from test_replay import stopped_run
 
+from tb_nanwatch import failing_step
+
 FRONTEND = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "frontend")
 
 
@@ -53,16 +55,17 @@ def test_stop_report_replay_report(tmp_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli.main(["replay", str(run)]) == 1
-    assert "  remedy on replay: lower the learning rate 10x: did not hold (a usual guess)\n" in (
-        out.getvalue()
+    assert (
+        "  remedy on replay: clip the gradients (global_clipnorm=1.0), lower the learning rate 10x: "
+        "not tried (the step went non-finite in its forward pass" in out.getvalue()
     )
 
     rc, text, _ = dh.run_cli(tmp_path / "logs")
     assert "op Log at %s, reproducible on replay" % where in text
     # The remedies tried on the same state and batch, and whether each held.
     assert (
-        "remedies on replay: clip the gradients (global_clipnorm=1.0): did not hold (a usual "
-        "guess); lower the learning rate 10x: did not hold (a usual guess)" in text
+        "remedies on replay: clip the gradients (global_clipnorm=1.0), lower the learning rate "
+        "10x: not tried (the step went non-finite in its forward pass" in text
     )
     (entry,) = json.loads(dh.run_cli(tmp_path / "logs", "--json")[1])["runs"]
     assert entry["replay"]["verdict"] == "reproducible"
@@ -89,6 +92,13 @@ def test_the_tab_says_which_remedies_held():
             },
             {"cause": "domain_error", "remedy": None, "applied": False, "finite_after": None},
             {"cause": None, "remedy": "clip the gradients", "applied": True, "finite_after": False},
+            {
+                "cause": "x",
+                "remedy": "lower the rate",
+                "applied": False,
+                "why": "before the update",
+            },
+            {"cause": "y", "remedy": "clip", "applied": False, "why": "before the update"},
         ],
     }
     script = (
@@ -104,8 +114,14 @@ def test_the_tab_says_which_remedies_held():
     assert json.loads(out) == [
         "Op Exp at my_layers.py:9 in call, reproducible on replay.",
         "Remedies on replay: compute the layer in float32: finite after; "
-        "clip the gradients: did not hold (a usual guess).",
+        "clip the gradients: did not hold (a usual guess); "
+        "lower the rate, clip: not tried (before the update).",
     ]
+    # The report says the same.
+    assert (
+        "Remedies on replay: %s." % "; ".join(failing_step.remedy_words(replay))
+        == json.loads(out)[1]
+    )
 
 
 def test_replay_command_names_the_missing_custom_objects(tmp_path):

@@ -40,7 +40,8 @@ def test_log_of_zero_is_reproducible_with_its_op_and_line(tmp_path):
         "function": "call",
     }
     # domain_error's remedy is a change to the layer's code: not applied, and said why; the
-    # usual guesses are tried on the same state and batch instead, and do not hold.
+    # usual guesses change the update, which comes after the forward pass that went non-finite:
+    # a replay of this step cannot test them, and says so instead of "did not hold".
     assert result["remedies"][0] == {
         "cause": "domain_error",
         "remedy": None,
@@ -52,9 +53,9 @@ def test_log_of_zero_is_reproducible_with_its_op_and_line(tmp_path):
         {
             "cause": None,
             "remedy": words,
-            "applied": True,
-            "finite_after": False,
-            "nonfinite_at": result["site"],
+            "applied": False,
+            "finite_after": None,
+            "why": replay_module.FORWARD_FAILURE,
         }
         for words in ("clip the gradients (global_clipnorm=1.0)", "lower the learning rate 10x")
     ]
@@ -72,6 +73,25 @@ def test_a_nan_input_is_located_in_the_batch(tmp_path):
     assert result["verdict"] == "reproducible" and result["site"]["kind"] == "input"
     assert result["op"] is None
     assert result["input"] == [{"name": "x", "rows": [5], "elements": [[5, 2]], "count": 1}]
+
+
+def test_a_nan_label_is_reproducible_at_the_target_site(tmp_path):
+    """The replay checks the targets as the Watch does: before the forward pass, at the target
+    site, and locates the label in the batch (it was 'not reproducible' at the loss before)."""
+
+    def nan_label_row():
+        build, x, y, loss, make_optimizer, _ = sc.nan_input_row()
+        x = np.nan_to_num(x)
+        y = y.copy()
+        y[3 * sc.BATCH + 1, 0] = np.nan
+        return build, x, y, loss, make_optimizer, 3
+
+    model, record = stopped_run(nan_label_row, tmp_path)
+    assert (record["step"], record["kind"]) == (3, "target")
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    assert result["verdict"] == "reproducible"
+    assert result["site"] == {"layer": "model", "kind": "target", "tensor": ""}
+    assert result["input"] == [{"name": "y", "rows": [1], "elements": [[1, 0]], "count": 1}]
 
 
 def test_adam_slot_overflow_is_reproducible(tmp_path):
@@ -193,7 +213,11 @@ def test_a_float16_kernel_gradient_overflow_stays_reduced_precision_overflow(tmp
         "tensor": "kernel",
     }
     standardise = next(r for r in result["remedies"] if r["cause"] == "unscaled_inputs")
-    assert standardise["remedy"] == "standardise the inputs" and standardise["applied"]
+    assert standardise["remedy"] == "standardise the inputs"
+    if record["step"]:  # weights already fit to the raw inputs: this batch alone tests nothing
+        assert not standardise["applied"] and "trained on the unscaled inputs" in standardise["why"]
+    else:
+        assert standardise["applied"]
     ranked = diagnosis.diagnose(runview.from_files("run", tmp_path))
     assert ranked[0]["cause"] == "reduced_precision_overflow"
     assert "did not make the step finite" in ranked[0]["evidence"]
@@ -219,3 +243,29 @@ def test_the_optimizer_remedies_undo_what_they_change():
     assert "schedule" in replay_module._lower_learning_rate(
         {"optimizer": keras.optimizers.SGD(schedule)}
     )
+    adam.clipnorm = 2.0
+    undo = replay_module._clip_values({"optimizer": adam})
+    assert (adam.clipvalue, adam.clipnorm, adam.global_clipnorm) == (1.0, None, None)
+    undo()
+    assert (adam.clipvalue, adam.clipnorm, adam.global_clipnorm) == (None, 2.0, None)
+
+
+def test_every_layer_in_float32_is_tried_and_undone():
+    """The model-wide float32 trial sets every half-precision layer to float32 and leaves every
+    policy as it was."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, name="first", dtype="mixed_float16"),
+            keras.layers.Dense(1, name="second", dtype="mixed_float16"),
+        ]
+    )
+    undo = replay_module._model_in_float32({"model": model})
+    assert [layer.dtype_policy.compute_dtype for layer in model.layers] == ["float32"] * 2
+    undo()
+    assert [layer.dtype_policy.name for layer in model.layers] == ["mixed_float16"] * 2
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    assert "no layer computes in float16" in replay_module._model_in_float32({"model": plain})

@@ -1,17 +1,24 @@
-"""How well does tb_nanwatch name the cause?  Train every case of cases.py, read the report, score it.
+"""How well does tb_nanwatch name the cause?  Train every case, read the report, score it.
 
-    .venv/bin/python bench/eval_causes/run_eval.py [--out docs/cause_evaluation.md] [--json FILE]
+    .venv/bin/python bench/eval_causes/run_eval.py [--replay] [--out docs] [--json FILE]
                                                    [--only NAME,...] [--keep DIR]
 
+The cases: cases.py (tune = even index in CASES, held-out = odd index) and fresh_cases.py
+("fresh": written by someone who had not read the rules while they were tuned, run once after).
 Each case trains into its own logdir with `NanWatchCallback` and, beside it, an independent
 batch counter (`FirstBadStep`): after every batch it checks the batch's loss and every model
 and optimizer variable for NaN/Inf, so the first bad step it records is the global batch whose
 loss or update went non-finite -- without tb_nanwatch.  Then `tb-nanwatch report LOGDIR --json`
 (a subprocess, as a user runs it) gives the ranked `diagnosis` and `first_nonfinite`.
+With --replay each blow-up trains again with on_nonfinite="stop", its failing step is replayed
+(`tb_nanwatch.replay`, which tries the diagnosed causes' mechanical remedies) and the report is
+read again.
 
-Scores, for each half (tune = even index in CASES, held-out = odd index):
+Scores, for each half:
   blow-ups: top-1 (the first cause named is the intended one), top-2 (it is among the first two),
             first step agrees (report's first_nonfinite step == the counter's first bad step);
+            with --replay, top-1 after the replay, and of the blow-ups whose first cause then has
+            a mechanical remedy, how many stayed finite with its first remedy;
   healthy:  false alarms (any cause or an early warning), and whether the loss went down.
 """
 
@@ -32,8 +39,24 @@ sys.path.insert(0, ROOT)
 
 import cases as cases_module  # noqa: E402
 
+from tb_nanwatch import causes as causes_table  # noqa: E402
+
+
+def suites():
+    """[(module, half of a case by its index)]: cases.py split by index into tune (even) and
+    held-out (odd); fresh_cases.py, written while the rules were tuned, all "fresh"."""
+    found = [(cases_module, lambda i: "tune" if i % 2 == 0 else "held-out")]
+    try:
+        import fresh_cases
+    except ImportError:
+        return found
+    return found + [(fresh_cases, lambda i: "fresh")]
+
+
+HALVES = ("tune", "held-out", "fresh")
+
 BEGIN, END = "<!-- cause_evaluation:begin -->", "<!-- cause_evaluation:end -->"
-COMMAND = ".venv/bin/python bench/eval_causes/run_eval.py --out docs/cause_evaluation.md"
+COMMAND = causes_table.EVALUATION_COMMAND
 
 
 def make_counter():
@@ -147,15 +170,16 @@ def replay_case(c, logdir):
 
 
 def remedy_outcome(r):
-    """(applicable, held) for the remedy of the cause named first after the replay: the first
-    mechanical remedy of that cause the replay applied, and whether the step was finite with it."""
+    """(applicable, held) for the remedy of the cause named first after the replay: whether the
+    replay could apply it mechanically (one of its variants, `replay_step.MECHANICAL`), and
+    whether the step was finite with one of them."""
     top = (r.get("causes_after_replay") or [None])[0]
     trials = [
         e for e in r.get("replay_remedies") or [] if e.get("cause") == top and e.get("applied")
     ]
     if top is None or not trials:
         return False, False
-    return True, bool(trials[0].get("finite_after"))
+    return True, any(e.get("finite_after") for e in trials)
 
 
 def read_report(logdir):
@@ -178,8 +202,10 @@ def read_report(logdir):
 
 def score(results):
     halves = {}
-    for half in ("tune", "held-out"):
+    for half in HALVES:
         rs = [r for r in results if r["half"] == half]
+        if not rs:
+            continue
         blow = [r for r in rs if r["cause"] is not None]
         healthy = [r for r in rs if r["cause"] is None]
         stepped = [r for r in blow if r["counter_first_bad"] is not None]
@@ -211,12 +237,12 @@ def score(results):
 def evaluate(only=None, keep=None, replay=False):
     base = keep or tempfile.mkdtemp(prefix="eval_causes_")
     results = []
-    for i, c in enumerate(cases_module.CASES):
+    every = [(i, c, half(i)) for module, half in suites() for i, c in enumerate(module.CASES)]
+    for i, c, half in every:
         if only and c.name not in only:
             continue
         logdir = os.path.join(base, c.name)
-        r = {"index": i, "name": c.name, "cause": c.cause, "what": c.what}
-        r["half"] = "tune" if i % 2 == 0 else "held-out"
+        r = {"index": i, "name": c.name, "cause": c.cause, "what": c.what, "half": half}
         r.update(train_case(c, logdir))
         r.update(read_report(logdir))
         causes = r.get("causes") or []
@@ -267,25 +293,26 @@ def pct(a, b):
     return "%d/%d (%.0f%%)" % (a, b, 100.0 * a / b) if b else "0/0"
 
 
-def as_markdown(results, halves):
+def summary_table(halves):
+    """The figures per half, as a markdown table (docs/causes.md and cause_evaluation.md)."""
     lines = [
-        BEGIN,
+        "Measured %s with `%s`." % (time.strftime("%Y-%m-%d", time.gmtime()), COMMAND),
         "",
-        "Measured %s with `%s` (%d cases: tune = even index in `CASES`, held-out = odd)."
-        % (time.strftime("%Y-%m-%d", time.gmtime()), COMMAND, len(results)),
-        "",
-        "| half | blow-ups | top-1 right | right in top 2 | first step = counter's | healthy runs "
-        "| false alarms (a cause or an early warning) | healthy runs whose loss went down |",
-        "|---|---|---|---|---|---|---|---|",
+        "| half | blow-ups | top-1 right | right in top 2 | top-1 right after the replay "
+        "| first remedy kept the replayed step finite | first step = counter's | healthy runs "
+        "| false alarms | healthy runs whose loss went down |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for half, h in halves.items():
         lines.append(
-            "| %s | %d | %s | %s | %s | %d | %s | %s |"
+            "| %s | %d | %s | %s | %s | %s | %s | %d | %s | %s |"
             % (
                 half,
                 h["blowups"],
                 pct(h["top1"], h["blowups"]),
                 pct(h["top2"], h["blowups"]),
+                pct(h["top1_after_replay"], h["replayed"]) if "replayed" in h else "-",
+                pct(h["remedy_held"], h["remedy_applicable"]) if "replayed" in h else "-",
                 pct(h["first_step_agrees"], h["went_nonfinite_per_counter"]),
                 h["healthy"],
                 pct(h["false_alarms"], h["healthy"]),
@@ -294,38 +321,68 @@ def as_markdown(results, halves):
         )
     lines += [
         "",
-        "Held-out half, case by case (`counter`: the first bad global batch by the independent "
-        "counter; `report`: `first_nonfinite.step` of `tb-nanwatch report --json`):",
-        "",
-        "| case | what it does | intended cause | top-1 given | top-2 given | first step counter / report |",
-        "|---|---|---|---|---|---|",
+        "*tune*: the even cases of `cases.py`, which the rules were tuned on; *held-out*: its odd "
+        "cases; *fresh*: `fresh_cases.py`, scored once after the tuning. *First remedy*: of the "
+        "blow-ups whose first cause (after the replay) has a remedy a replay can apply "
+        "mechanically, how many stayed finite with the first one; *false alarms*: a cause or an "
+        "early warning on a healthy run.",
     ]
-    for r in results:
-        if r["half"] != "held-out":
+    return "\n".join(lines)
+
+
+def as_markdown(results, halves):
+    lines = [BEGIN, "", summary_table(halves)]
+    for half in ("held-out", "fresh"):
+        shown = [r for r in results if r["half"] == half]
+        if not shown:
             continue
-        causes = r.get("causes") or []
-        top1 = causes[0] if causes else "-"
-        top2 = causes[1] if len(causes) > 1 else "-"
-        if r["cause"] is None:
-            ew = " + early warning" if r.get("early_warning") else ""
-            top1 = (top1 + ew) if causes or ew else "- (no alarm)"
-        mark = lambda ok: " ✓" if ok else ""  # noqa: E731
-        lines.append(
-            "| `%s` | %s | %s | `%s`%s | `%s`%s | %s / %s |"
-            % (
-                r["name"],
-                r["what"].replace("|", "\\|"),
-                "healthy" if r["cause"] is None else "`%s`" % r["cause"],
-                top1,
-                mark(r.get("top1")),
-                top2,
-                mark(r.get("top2") and not r.get("top1")),
-                "-" if r["counter_first_bad"] is None else r["counter_first_bad"],
-                "-" if r.get("report_first_step") is None else r["report_first_step"],
-            )
-        )
+        lines += [
+            "",
+            "The %s cases one by one (`counter`: the first bad global batch by the independent "
+            "counter; `report`: `first_nonfinite.step` of `tb-nanwatch report --json`; after the "
+            "replay: the first cause then, and whether its first mechanical remedy held):" % half,
+            "",
+            "| case | what it does | intended cause | top-1 given | top-2 given | after the replay "
+            "| first step counter / report |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in shown:
+            lines.append(case_row(r))
     lines += ["", END]
     return "\n".join(lines)
+
+
+def case_row(r):
+    causes = r.get("causes") or []
+    top1 = causes[0] if causes else "-"
+    top2 = causes[1] if len(causes) > 1 else "-"
+    if r["cause"] is None:
+        ew = " + early warning" if r.get("early_warning") else ""
+        top1 = (top1 + ew) if causes or ew else "- (no alarm)"
+    mark = lambda ok: " ✓" if ok else ""  # noqa: E731
+    after = "-"
+    if "causes_after_replay" in r:
+        applicable, held = remedy_outcome(r)
+        first = (r["causes_after_replay"] or ["-"])[0]
+        after = "`%s`%s, remedy %s" % (
+            first,
+            mark(first == r["cause"]),
+            ("held" if held else "did not hold") if applicable else "not mechanical",
+        )
+    elif r.get("replay_error"):
+        after = "replay failed: %s" % r["replay_error"].replace("|", "\\|")[:80]
+    return "| `%s` | %s | %s | `%s`%s | `%s`%s | %s | %s / %s |" % (
+        r["name"],
+        r["what"].replace("|", "\\|"),
+        "healthy" if r["cause"] is None else "`%s`" % r["cause"],
+        top1,
+        mark(r.get("top1")),
+        top2,
+        mark(r.get("top2") and not r.get("top1")),
+        after,
+        "-" if r["counter_first_bad"] is None else r["counter_first_bad"],
+        "-" if r.get("report_first_step") is None else r["report_first_step"],
+    )
 
 
 def write_out(path, block):
@@ -343,7 +400,11 @@ def write_out(path, block):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="replace the evaluation block of this markdown file")
+    ap.add_argument(
+        "--out",
+        help="a docs directory: replace the evaluation blocks of its cause_evaluation.md (case "
+        "by case) and causes.md (the figures)",
+    )
     ap.add_argument("--json", help="write the per-case results here")
     ap.add_argument("--only", help="comma-separated case names (a partial run scores only those)")
     ap.add_argument("--keep", help="train into this directory (default: a temp directory)")
@@ -368,7 +429,8 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({"halves": halves, "cases": results}, f, indent=2, default=str)
     if args.out:
-        write_out(args.out, as_markdown(results, halves))
+        write_out(os.path.join(args.out, "cause_evaluation.md"), as_markdown(results, halves))
+        causes_table.write_page(os.path.join(args.out, "causes.md"), summary_table(halves))
 
 
 if __name__ == "__main__":
