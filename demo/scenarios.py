@@ -1002,6 +1002,109 @@ def sentinel_target_clipnorm(logdir, facts):
     return _fit(model, x, y, logdir, facts, epochs=1)
 
 
+def _token_data(n=512, vocab=200, used=100, length=6):
+    """Token sequences that use only the first `used` ids of a `vocab`-row table: the other rows
+    never get a gradient (ids reserved for later, a vocabulary built on more data)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, used, size=(n, length)).astype("int32")
+    y = (tokens.mean(axis=1, keepdims=True) / used - 0.5).astype("float32")
+    return tokens, y
+
+
+def _token_model(vocab=200):
+    keras = _keras()
+    return keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(vocab, 16),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+@scenario(
+    "adam_epsilon_zero",
+    "variant",
+    "An embedding model trained with Adam(epsilon=0)",
+    "Not from the articles: rows of the embedding table that no batch uses keep m = v = 0, and "
+    "Adam's update m / (sqrt(v) + epsilon) is 0 / 0 = NaN there at the first step.",
+)
+def adam_epsilon_zero(logdir, facts):
+    keras = _keras()
+    tokens, y = _token_data()
+    model = _token_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3, epsilon=0.0), loss="mse")
+    return _fit(model, tokens, y, logdir, facts, epochs=1)
+
+
+@scenario(
+    "adam_epsilon_default",
+    "fixed",
+    "The same model with Adam's default epsilon (1e-7)",
+    "The remedy for optimizer_zero_division.",
+    fixes="adam_epsilon_zero",
+)
+def adam_epsilon_default(logdir, facts):
+    keras = _keras()
+    tokens, y = _token_data()
+    model = _token_model()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    return _fit(model, tokens, y, logdir, facts, epochs=1)
+
+
+def _sequence_data(n=256, steps=200):
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_normal((n, steps, 2))).astype("float32")
+    y = x[:, -20:, :1].mean(axis=1).astype("float32")
+    return x, y
+
+
+def _recurrent_model(activation, gain):
+    keras = _keras()
+    return keras.Sequential(
+        [
+            keras.Input((200, 2)),
+            keras.layers.SimpleRNN(
+                16,
+                activation=activation,
+                recurrent_initializer=keras.initializers.Identity(gain=gain),
+            ),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+@scenario(
+    "irnn_long",
+    "variant",
+    "A ReLU SimpleRNN with an identity recurrent kernel (an IRNN) of gain 1.2 over 200 steps",
+    "Not from the articles: identity initialisation keeps a ReLU RNN's state, and a gain a little "
+    "above 1 multiplies it 1.2x per time step: 1.2^200 overflows float32 in the forward pass.",
+)
+def irnn_long(logdir, facts):
+    keras = _keras()
+    x, y = _sequence_data()
+    model = _recurrent_model("relu", 1.2)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
+@scenario(
+    "irnn_tanh",
+    "fixed",
+    "The same RNN with tanh (Keras' default activation), whose state stays in [-1, 1]",
+    "The remedy for recurrent_explosion.",
+    fixes="irnn_long",
+)
+def irnn_tanh(logdir, facts):
+    keras = _keras()
+    x, y = _sequence_data()
+    model = _recurrent_model("tanh", 1.2)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    return _fit(model, x, y, logdir, facts, epochs=1)
+
+
 # The demo run of each cause (tb_nanwatch/causes.py) whose diagnosis names it first, and the
 # run with its remedy applied, which stays finite.  tests/test_diagnosis_demo.py trains and checks them.
 CAUSE_DEMOS = collections.OrderedDict(
@@ -1017,7 +1120,9 @@ CAUSE_DEMOS = collections.OrderedDict(
         ("domain_error", ("custom_pair_distance", "custom_pair_distance_fixed")),
         ("learning_rate_too_high", ("lr_gradual", "lr_gradual_fixed")),
         ("exploding_gradients", ("deep_linear_gain3", "deep_linear_gain3_clipnorm")),
+        ("recurrent_explosion", ("irnn_long", "irnn_tanh")),
         ("optimizer_state_overflow", ("sentinel_target", "sentinel_target_clipnorm")),
+        ("optimizer_zero_division", ("adam_epsilon_zero", "adam_epsilon_default")),
         ("loss_scale_collapse", ("targets_mixed_float16", "targets_mixed_float16_fixed")),
         ("vanishing_gradients", ("dead_relu", "dead_relu_fixed")),
     ]

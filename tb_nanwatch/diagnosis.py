@@ -659,6 +659,10 @@ def rule_domain_error(ev):
         return None  # reduced_precision_overflow
     if _half_overflow_op(ev) is not None:
         return None  # a half-precision layer that overflows first: Inf / Inf made the NaN
+    if any(out == ev.producer for _, out, _ in _recurrent_layers(ev)) and rule_recurrent_explosion(
+        ev
+    ):
+        return None  # a recurrent state that exploded through time: Inf - Inf made the NaN
     headroom = ev.finite_before("headroom")[:, ev.producer]
     measured = headroom[np.isfinite(headroom)]
     if len(measured) and measured[-1] <= DOMAIN_HEADROOM:
@@ -906,8 +910,9 @@ def rule_recurrent_explosion(ev):
         )
     # A kernel that started far too large is large_initial_weights' finding; this one explains
     # how it blew up.
-    # Keras' recurrent cells compute nothing outside its domain: a NaN out of one is Inf - Inf.
-    score = (0.85 if exploded else 0.8) if sane else 0.55
+    # Keras' recurrent cells compute nothing outside their domain: a NaN out of one whose state
+    # exploded is Inf - Inf, so this outranks a domain error at the same layer.
+    score = (0.85 if ev.producer == out else 0.8) if sane else 0.55
     return Finding(score, text, [out, kernel], [ev.steps[i]])
 
 
@@ -1169,4 +1174,16 @@ def diagnose(run_data, replay=None):
                 ),
             )
         )
+    by_cause = {f["cause"]: i for i, (_, _, f) in enumerate(found)}
+    under, over = (
+        by_cause.get("reduced_precision_underflow"),
+        by_cause.get("reduced_precision_overflow"),
+    )
+    if ev.first is not None and under is not None and over is not None:
+        # An underflow before the blow-up is the root of the overflow it leads to (m / sqrt(v)
+        # with v flushed to 0), however sure the replay made the overflow.
+        key, order, finding = found[under]  # keys are -score: most likely first
+        key = min(key, found[over][0] - 0.01)
+        finding["score"] = round(-key, 2)
+        found[under] = (key, order, finding)
     return [f for _, _, f in sorted(found, key=lambda x: x[:2])]

@@ -298,10 +298,9 @@ def merge_flight(steps, rows, flight_steps, flight_rows):
     Flight rows stand at step resolution.  A logged row ending at a flight step lends the
     flight row what it measured and the flight row lacks (sampled statistics are measured
     on a row's last step); a logged row whose steps all lie within the flight rows' steps
-    is then left out; a logged row that reaches into them is shown up to the step before
-    the first flight step (or from the step after the last one), its `steps` column saying
-    the steps it is shown for, its counts less the flight rows' (exact), its extremes as
-    logged (they may come from the overlapped steps).  Returns (steps, rows)."""
+    is then left out.  A logged row that reaches into them is shown for the rest of its
+    steps: the part before the first flight step and the part after the last one, each a row
+    whose `steps` column says the steps it covers (`_residual`).  Returns (steps, rows)."""
     steps = np.asarray(steps, dtype=np.int64)
     flight_steps = np.asarray(flight_steps, dtype=np.int64)
     firsts = steps - covered_steps(rows) + 1 if len(steps) else steps.copy()
@@ -315,31 +314,83 @@ def merge_flight(steps, rows, flight_steps, flight_rows):
         if j is not None:
             flight_rows[i] = np.where(np.isnan(flight_rows[i]), rows[j], flight_rows[i])
     flight_rows[..., STEPS] = np.where(np.isnan(flight_rows[..., STEPS]), np.nan, 1.0)
-    inside = (lo <= firsts) & (steps <= hi)
-    before = np.nonzero(~inside & (firsts < lo))[0]
-    after = np.nonzero(~inside & (firsts >= lo))[0]
-    out_steps = np.concatenate([steps[before], flight_steps, steps[after]])
-    out = np.concatenate([rows[before], flight_rows, rows[after]])
-    # Logged rows reaching into the flight rows' steps are shown for the rest of theirs.
-    for position, i in [(p, i) for p, i in enumerate(before) if steps[i] >= lo] + [
-        (len(before) + len(flight_steps) + p, i) for p, i in enumerate(after) if firsts[i] <= hi
-    ]:
+    before_steps, before_rows, after_steps, after_rows = [], [], [], []
+    for i in range(len(steps)):
         first, last = int(firsts[i]), int(steps[i])
-        if last >= lo and first < lo:
-            last = lo - 1
-        else:
-            first = hi + 1
-        row = out[position]
-        row[:, STEPS] = np.where(np.isnan(row[:, STEPS]), np.nan, last - first + 1)
-        # Counts (sum rules) are exact: the flight rows' share is taken out.  Extremes stay
-        # as logged: they cover the overlapped steps too.
-        share = (flight_steps >= firsts[i]) & (flight_steps <= steps[i])
-        for k in _SUM_STATS:
-            if k != STEPS:
-                taken = np.nansum(flight_rows[share][..., k], axis=0)
-                row[:, k] = np.where(np.isnan(row[:, k]), np.nan, np.maximum(row[:, k] - taken, 0))
-        out_steps[position] = last
+        if lo <= first and last <= hi:
+            continue  # all its steps have flight rows
+        if last < lo or first > hi:
+            (before_steps if last < lo else after_steps).append(last)
+            (before_rows if last < lo else after_rows).append(rows[i])
+            continue
+        share = (flight_steps >= first) & (flight_steps <= last)
+        before, after = _residual(rows[i], first, last, lo, hi, flight_rows[share])
+        if before is not None:
+            before_steps.append(lo - 1)
+            before_rows.append(before)
+        if after is not None:
+            after_steps.append(last)
+            after_rows.append(after)
+    width = rows.shape[1:] if len(steps) else flight_rows.shape[1:]
+    out_steps = np.array(before_steps + list(flight_steps) + after_steps, dtype=np.int64)
+    out = np.concatenate(
+        [
+            np.array(before_rows).reshape((-1,) + width),
+            flight_rows,
+            np.array(after_rows).reshape((-1,) + width),
+        ]
+    )
     return out_steps, out
+
+
+# What the before part of a logged row keeps (the row's last step is not in it): its counts,
+# `size` and the first non-finite step; the rest was measured at, or over, steps it lacks.
+_BEFORE_KEEPS = frozenset(_SUM_STATS) | {
+    stats.STAT_INDEX["size"],
+    stats.STAT_INDEX["first_nonfinite_step"],
+}
+_NONFINITE_COUNTS = tuple(
+    stats.STAT_INDEX[k] for k in ("nan", "posinf", "neginf", "nonfinite_steps")
+)
+_FIRST_BAD = stats.STAT_INDEX["first_nonfinite_step"]
+
+
+def _residual(row, first, last, lo, hi, flight_share):
+    """(before, after): the parts of a logged row covering [first, last] outside the flight
+    rows' steps [lo, hi], each a row or None.  Counts are exact: the flight rows' share is
+    taken out, and the non-finite counts left go to the before part when the row's first
+    non-finite step is before `lo`, else to the after part.  The row's last-step statistics
+    (and its maxima over all steps, which may come from the flight steps) stay with the after
+    part; the before part keeps only what `_BEFORE_KEEPS` names."""
+    left = row.copy()
+    for k in _SUM_STATS:
+        taken = np.nansum(flight_share[..., k], axis=0)
+        left[:, k] = np.where(np.isnan(row[:, k]), np.nan, np.maximum(row[:, k] - taken, 0))
+    first_bad = row[:, _FIRST_BAD]
+    bad_before = first_bad < lo  # NaN (none): False
+    parts = []
+    for part_first, part_last, holds in (
+        (first, lo - 1, bad_before),
+        (hi + 1, last, ~bad_before),
+    ):
+        if part_first > part_last:
+            parts.append(None)
+            continue
+        part = left.copy()
+        part[:, STEPS] = np.where(np.isnan(row[:, STEPS]), np.nan, part_last - part_first + 1)
+        for k in _NONFINITE_COUNTS:
+            part[:, k] = np.where(holds | np.isnan(part[:, k]), part[:, k], 0.0)
+        any_bad = np.nan_to_num(part[:, stats.STAT_INDEX["nonfinite_steps"]]) > 0
+        # At or after the part's first step when the row's first one was in the flight steps.
+        part[:, _FIRST_BAD] = np.where(
+            any_bad, np.clip(np.nan_to_num(first_bad, nan=part_first), part_first, None), np.nan
+        )
+        if part_last != last:
+            for k in range(part.shape[-1]):
+                if k not in _BEFORE_KEEPS:
+                    part[:, k] = np.nan
+        parts.append(part)
+    return parts[0], parts[1]
 
 
 def row_first_steps(steps, rows):

@@ -26,6 +26,8 @@ CAUSES = (
     "optimizer_state_overflow",
     "loss_scale_collapse",
     "vanishing_gradients",
+    "recurrent_explosion",
+    "optimizer_zero_division",
 )
 HEALTHY = ("lr_gradual_fixed", "nan_in_data_fixed")
 RUNS = sorted({n for c in CAUSES for n in scenarios.CAUSE_DEMOS[c]} | set(HEALTHY))

@@ -116,3 +116,38 @@ def test_fold_as_stored_agrees_with_the_tables_rules():
     want = stats.aggregate(rows, [0, 4, 8], 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)  # float32
     assert got[1, 1, COL["first_nonfinite_step"]] == 57
+
+
+def test_merge_flight_splits_a_row_that_spans_the_flight_steps():
+    """log_every=100 over a 42-step run whose blow-up is at step 39: one logged row covers
+    steps 1-41 and the flight recorder steps 8-39.  The part before (1-7) has no NaN and no
+    statistic measured at step 41; the part after (40-41) has the NaN left and the row's
+    last-step statistics.  (The steps before were shown as one row 'at step 7' holding the NaN
+    of steps 40-41 and the norm of step 41.)"""
+    steps = np.array([0, 41])
+    rows = np.zeros((2, 1, len(stats.STATS)))
+    rows[..., COL["steps"]] = np.array([1, 41])[:, None]
+    rows[:, 0, COL["norm"]] = [3.6, 1.9e36]
+    rows[:, 0, COL["first_nonfinite_step"]] = [np.nan, 39]
+    rows[1, 0, COL["nan"]] = 3 * 512
+    rows[1, 0, COL["nonfinite_steps"]] = 3
+    flight_steps = np.arange(8, 40)
+    flight = np.full((32, 1, len(stats.STATS)), np.nan)
+    flight[..., COL["steps"]] = 1
+    flight[..., COL["nan"]] = 0
+    flight[..., COL["nonfinite_steps"]] = 0
+    flight[..., COL["norm"]] = np.linspace(3.7, 5.8e21, 32)[:, None]
+    flight[-1, 0, COL["nan"]] = 512
+    flight[-1, 0, COL["nonfinite_steps"]] = 1
+    merged_steps, merged = timeline.merge_flight(steps, rows, flight_steps, flight)
+    firsts = merged_steps - timeline.covered_steps(merged) + 1
+    assert list(zip(firsts, merged_steps))[:2] == [(0, 0), (1, 7)]
+    assert (firsts[-1], merged_steps[-1]) == (40, 41)
+    before, after = merged[1, 0], merged[-1, 0]
+    assert before[COL["nan"]] == 0 and np.isnan(before[COL["first_nonfinite_step"]])
+    assert np.isnan(before[COL["norm"]])  # measured at step 41, not in 1-7
+    assert after[COL["nan"]] == 2 * 512 and after[COL["nonfinite_steps"]] == 2
+    assert after[COL["norm"]] == 1.9e36 and after[COL["first_nonfinite_step"]] == 40
+    # Every count is kept exactly once.
+    assert merged[:, 0, COL["nan"]].sum() == rows[:, 0, COL["nan"]].sum()
+    assert timeline.covered_steps(merged).sum() == 42
