@@ -74,7 +74,10 @@ def input_blank_frame(logdir, callbacks):
     _fit(model, x, y, logdir, callbacks, shuffle=False)
 
 
-@case(None, "small Transformer encoder text classifier, AdamW with a warm-up + cosine schedule")
+@case(
+    None,
+    "small Transformer encoder text classifier, AdamW warming up over 12 steps, then decaying towards 0 (CosineDecay)",
+)
 def healthy_transformer(logdir, callbacks):
     keras, np, tf, _ = _tf()
     rng = np.random.default_rng(102)
