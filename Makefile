@@ -63,6 +63,10 @@ bench: $(STAMP)
 bench-plugin: $(STAMP)
 	$(BIN)/python bench/plugin_scale.py
 
+# How well the causes are named (docs/causes.md, docs/cause_evaluation.md): a few minutes.
+bench-causes: $(STAMP)
+	$(BIN)/python bench/eval_causes/run_eval.py --replay --out docs
+
 # On a CUDA machine: its own venv (tensorflow[and-cuda], keras-hub), then ResNet50, GPT-2 and an
 # XLA Transformer against plain fit.  GPU_CHECK_CPU_SMOKE=1: tiny sizes on the CPU.
 bench-gpu:

@@ -299,7 +299,7 @@ def summary_table(halves):
         "Measured %s with `%s`." % (time.strftime("%Y-%m-%d", time.gmtime()), COMMAND),
         "",
         "| half | blow-ups | top-1 right | right in top 2 | top-1 right after the replay "
-        "| first remedy kept the replayed step finite | first step = counter's | healthy runs "
+        "| its remedy kept the replayed step finite | first step = counter's | healthy runs "
         "| false alarms | healthy runs whose loss went down |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -322,10 +322,11 @@ def summary_table(halves):
     lines += [
         "",
         "*tune*: the even cases of `cases.py`, which the rules were tuned on; *held-out*: its odd "
-        "cases; *fresh*: `fresh_cases.py`, scored once after the tuning. *First remedy*: of the "
-        "blow-ups whose first cause (after the replay) has a remedy a replay can apply "
-        "mechanically, how many stayed finite with the first one; *false alarms*: a cause or an "
-        "early warning on a healthy run.",
+        "cases; *fresh*: `fresh_cases.py`, scored once after the tuning. *Its remedy*: of the "
+        "blow-ups whose first cause (after the replay) has a remedy the replay could apply "
+        "mechanically (`replay_step.MECHANICAL`, not tried when the step went non-finite before "
+        "the update it changes), how many stayed finite with one of its variants; *false "
+        "alarms*: a cause or an early warning on a healthy run.",
     ]
     return "\n".join(lines)
 
@@ -340,7 +341,8 @@ def as_markdown(results, halves):
             "",
             "The %s cases one by one (`counter`: the first bad global batch by the independent "
             "counter; `report`: `first_nonfinite.step` of `tb-nanwatch report --json`; after the "
-            "replay: the first cause then, and whether its first mechanical remedy held):" % half,
+            "replay: the first cause then, and whether one of its mechanical remedies held):"
+            % half,
             "",
             "| case | what it does | intended cause | top-1 given | top-2 given | after the replay "
             "| first step counter / report |",
