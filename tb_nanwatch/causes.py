@@ -189,7 +189,8 @@ CAUSES = (
         "The learning rate is too high: the weights grow geometrically",
         "A weight that multiplies (a kernel, recurrent kernel, embedding table, normalisation scale or "
         "custom matrix, by its role) grows its L2 norm steadily step over step before the first "
-        "non-finite step: at least %sx overall, at %s or more per step, steadily: log norm against step "
+        "non-finite step, from its last lowest point (after a warm-up, or a schedule that grows): at "
+        "least %sx overall, at %s or more per step, steadily: log norm against step "
         "is a line (R^2 at least %s: an unstable SGD oscillates while its amplitude grows) or the norm "
         "grows in at least %s of the steps (a divergence that accelerates)."
         % (_x(GROWTH_TOTAL), _pct(GROWTH_RATE - 1), _x(GROWTH_STEADY), _pct(GROWTH_STEADY)),
@@ -200,9 +201,12 @@ CAUSES = (
     Cause(
         "exploding_gradients",
         "Gradients grow layer over layer backward, or step over step",
-        "At the last finite step, with 3 or more layers, the norm of the gradient w.r.t. the first layer's "
-        "output is more than %sx that w.r.t. the last layer's (gradients multiply backward through the "
-        "layers), or a weight gradient's norm grows steadily %sx or more over the steps before the first "
+        "With 3 or more layers, the norm of the gradient w.r.t. the first layer's output is more than "
+        "%sx that w.r.t. the last layer's (gradients multiply backward through the layers): at the first "
+        "logged step, before the weights could grow, a root cause (ranked above the weights' growth, "
+        "below `large_initial_weights` when that fires); at the last finite step, a symptom of weights "
+        "that grew (ranked lower). Or a weight gradient's norm grows steadily %sx or more over the steps "
+        "before the first "
         "non-finite step (ranked lower when the weights grew with it), or a single update multiplied a "
         "weight's norm by %s or more (from the `initial` record or the row before): a gradient far "
         "larger than the weights, where a learning rate that is merely too high makes them grow step "

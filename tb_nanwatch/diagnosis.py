@@ -245,6 +245,14 @@ def _steady_growth(values, steps):
     keep = np.isfinite(values) & (values > 0)
     if keep.sum() < 4:
         return None
+    # From the lowest point before the peak: the growth that led to the blow-up, not the steps
+    # before it started (a warm-up, a schedule that grows).
+    at = np.nonzero(keep)[0]
+    rising = values[at][: int(np.argmax(values[at])) + 1][::-1]
+    start = at[len(rising) - 1 - int(np.argmin(rising))]  # the last lowest point
+    keep[:start] = False
+    if keep.sum() < 4:
+        return None
     v, t = values[keep], steps[keep]
     ratio = v[-1] / v[0]
     logs = np.log(v)
@@ -743,17 +751,28 @@ def rule_exploding_gradients(ev):
         measured = np.nonzero(
             np.isfinite(norms[:, grads]).all(axis=1) & (norms[:, grads] > 0).all(axis=1)
         )[0]
-        if len(measured):
-            i = measured[-1]
-            last, first = grads[0], grads[-1]
+        last, first = grads[0], grads[-1]
+        # At the first measured step the weights are as initialised: gradients that multiply
+        # through the layers there explode by depth (a root cause, unless the initial weights
+        # are too large, which is large_initial_weights'); at the last finite step weights that
+        # grew may be what multiplies them (a symptom, ranked lower).
+        at_start = 0.8 if rule_large_initial_weights(ev) is None else 0.6
+        for i, score, when in (
+            (measured[:1], at_start, ", before the weights could grow,"),
+            (measured[-1:], 0.6, ""),
+        ):
+            if not len(i):
+                continue
+            i = i[0]
             ratio = norms[i, first] / norms[i, last]
             if ratio > GRADIENT_DEPTH_RATIO:
                 return Finding(
-                    0.7,
-                    "at step %d the norm of %s is %s, %sx that of %s (%s): gradients "
+                    score,
+                    "at step %d%s the norm of %s is %s, %sx that of %s (%s): gradients "
                     "multiply backward through %d layers"
                     % (
                         ev.steps[i],
+                        when,
                         ev.label(first),
                         _g(norms[i, first]),
                         _g(ratio),

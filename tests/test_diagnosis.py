@@ -640,3 +640,29 @@ def test_a_recurrent_kernel_started_too_large_is_the_initialisation():
     run.blow_up(0, run.index("", "loss"))
     found = run.causes()
     assert found[:2] == ["large_initial_weights", "recurrent_explosion"]
+
+
+def test_gradients_that_explode_by_depth_at_the_start_outrank_the_weights_growth():
+    """A deep net whose gradients multiply 1e4x backward at step 0, before any weight grew, and
+    whose weights then grow: the depth is the root, the growth its consequence."""
+    run = Run()
+    for i, layer in enumerate(("dense_2", "dense_1", "dense")):  # backward order
+        run.set(run.index(layer, "activation_grad"), at=0, norm=0.01 * 1e2**i)
+    run.set(
+        run.index("dense", "weight", "kernel"), at=slice(0, 30), norm=1.3 * 1.25 ** np.arange(30)
+    )
+    run.blow_up(30, run.index("dense_1", "activation"))
+    found = run.causes()
+    assert found[:2] == ["exploding_gradients", "learning_rate_too_high"]
+    assert "before the weights could grow" in first_finding(run)["evidence"]
+
+
+def test_growth_is_read_from_where_it_starts_after_a_warm_up():
+    """A warm-up schedule that overshoots: the kernel is flat for 20 steps, then grows 1.6x a
+    step until the blow-up; the flat part does not hide the growth."""
+    run = Run()
+    norms = np.r_[np.full(20, 2.4), 2.4 * 1.6 ** np.arange(1, 11)]
+    run.set(run.index("dense", "weight", "kernel"), at=slice(0, 30), norm=norms)
+    run.blow_up(30, run.index("dense_1", "activation"))
+    f = first_finding(run)
+    assert f["cause"] == "learning_rate_too_high" and "x1.6 a step" in f["evidence"]
