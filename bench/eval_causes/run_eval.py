@@ -3,8 +3,9 @@
     .venv/bin/python bench/eval_causes/run_eval.py [--replay] [--out docs] [--json FILE]
                                                    [--only NAME,...] [--keep DIR]
 
-The cases: cases.py (tune = even index in CASES, held-out = odd index) and fresh_cases.py
-("fresh": written by someone who had not read the rules while they were tuned, run once after).
+The cases: cases.py (tune = even index in CASES, held-out = odd index), fresh_cases.py
+("fresh": written by someone who had not read the rules while they were tuned) and
+fresh2_cases.py ("fresh 2": the same, written while the last change to the rules was made).
 Each case trains into its own logdir with `NanWatchCallback` and, beside it, an independent
 batch counter (`FirstBadStep`): after every batch it checks the batch's loss and every model
 and optimizer variable for NaN/Inf, so the first bad step it records is the global batch whose
@@ -44,16 +45,18 @@ from tb_nanwatch import causes as causes_table  # noqa: E402
 
 def suites():
     """[(module, half of a case by its index)]: cases.py split by index into tune (even) and
-    held-out (odd); fresh_cases.py, written while the rules were tuned, all "fresh"."""
+    held-out (odd); fresh_cases.py all "fresh", fresh2_cases.py all "fresh 2"."""
     found = [(cases_module, lambda i: "tune" if i % 2 == 0 else "held-out")]
-    try:
-        import fresh_cases
-    except ImportError:
-        return found
-    return found + [(fresh_cases, lambda i: "fresh")]
+    for name, half in (("fresh_cases", "fresh"), ("fresh2_cases", "fresh 2")):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        found.append((module, lambda i, half=half: half))
+    return found
 
 
-HALVES = ("tune", "held-out", "fresh")
+HALVES = ("tune", "held-out", "fresh", "fresh 2")
 
 BEGIN, END = "<!-- cause_evaluation:begin -->", "<!-- cause_evaluation:end -->"
 COMMAND = causes_table.EVALUATION_COMMAND
@@ -322,7 +325,9 @@ def summary_table(halves):
     lines += [
         "",
         "*tune*: the even cases of `cases.py`, which the rules were tuned on; *held-out*: its odd "
-        "cases; *fresh*: `fresh_cases.py`, scored once after the tuning. *Its remedy*: of the "
+        "cases; *fresh*, *fresh 2*: `fresh_cases.py`, `fresh2_cases.py`, written by people who "
+        "had not read the rules (see the page's text for when each was first scored). "
+        "*Its remedy*: of the "
         "blow-ups whose first cause (after the replay) has a remedy the replay could apply "
         "mechanically (`replay_step.MECHANICAL`, not tried when the step went non-finite before "
         "the update it changes), how many stayed finite with one of its variants; *false "
@@ -333,7 +338,7 @@ def summary_table(halves):
 
 def as_markdown(results, halves):
     lines = [BEGIN, "", summary_table(halves)]
-    for half in ("held-out", "fresh"):
+    for half in ("held-out", "fresh", "fresh 2"):
         shown = [r for r in results if r["half"] == half]
         if not shown:
             continue
