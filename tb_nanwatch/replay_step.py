@@ -683,6 +683,11 @@ def replay(run_dir, model=None, custom_objects=None):
     if found:
         layer, kind, tensor = found[0]
         site = {"layer": layer, "kind": kind, "tensor": tensor}
+        outer = (recorded or {}).get("layer") or ""
+        if outer and layer.startswith(outer + "/") and kind == recorded.get("kind"):
+            # A layer run inside a nested graph (an RNN cell in its layer's loop) is watched
+            # through the layer around it; eagerly its own calls are seen.
+            site["layer"] = outer
     reproduced = bool(
         site
         and recorded

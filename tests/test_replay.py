@@ -269,3 +269,38 @@ def test_every_layer_in_float32_is_tried_and_undone():
     assert [layer.dtype_policy.name for layer in model.layers] == ["mixed_float16"] * 2
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     assert "no layer computes in float16" in replay_module._model_in_float32({"model": plain})
+
+
+def test_a_recurrent_cell_is_replayed_as_the_layer_the_watch_names(tmp_path):
+    """The Watch sees an RNN cell through its layer (the cell runs in the layer's loop); the
+    eager replay sees the cell's own calls.  The same site, reproducible."""
+    import keras
+
+    def exploding_irnn():
+        rng = np.random.default_rng(2)
+        x = np.abs(rng.normal(size=(64, 300, 2))).astype("float32")
+        y = rng.normal(size=(64, 1)).astype("float32")
+
+        def build():
+            keras.utils.set_random_seed(0)
+            return keras.Sequential(
+                [
+                    keras.Input((300, 2)),
+                    keras.layers.SimpleRNN(
+                        8,
+                        activation="relu",
+                        recurrent_initializer=keras.initializers.Identity(gain=1.5),
+                        name="rnn",
+                    ),
+                    keras.layers.Dense(1, name="head"),
+                ],
+                name="model",
+            )
+
+        return build, x, y, "mse", lambda: keras.optimizers.SGD(1e-3), 0
+
+    model, record = stopped_run(exploding_irnn, tmp_path)
+    assert (record["layer"], record["kind"]) == ("rnn", "activation")
+    result = tb_nanwatch.replay(tmp_path, model=model).as_json()
+    assert result["verdict"] == "reproducible"
+    assert result["site"] == {"layer": "rnn", "kind": "activation", "tensor": ""}
