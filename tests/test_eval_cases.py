@@ -49,3 +49,24 @@ def test_the_fresh_batch_covers_every_blow_up_cause_twice():
     blowup = [c.id for c in causes.CAUSES if c.blowup]
     assert all(counts.get(cause, 0) >= 2 for cause in blowup), counts
     assert counts[None] >= 8
+
+
+def test_the_second_fresh_batch_covers_every_blow_up_cause_twice():
+    """fresh2_cases.py, written after both other batches and apart from them: two blow-ups per
+    blow-up cause, at least 8 healthy runs, names unique across all three batches, and the
+    counterfactual switch off."""
+    here = os.path.join(ROOT, "bench", "eval_causes")
+    fresh2 = load_cases("fresh2_cases")
+    others = load_cases() + load_cases("fresh_cases")
+    names = {c.name for c in fresh2} | {c.name for c in others}
+    assert len(names) == len(fresh2) + len(others), "case names must be unique"
+    counts = {}
+    for c in fresh2:
+        assert c.cause is None or c.cause in causes.CAUSE_IDS
+        assert callable(c.fn) and c.what
+        counts[c.cause] = counts.get(c.cause, 0) + 1
+    blowup = [c.id for c in causes.CAUSES if c.blowup]
+    assert all(counts.get(cause, 0) >= 2 for cause in blowup), counts
+    assert counts[None] >= 8
+    with open(os.path.join(here, "fresh2_cases.py")) as f:
+        assert "\nUNDO = False\n" in f.read()

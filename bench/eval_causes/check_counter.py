@@ -1,7 +1,8 @@
-"""Ground truth for fresh_cases.py, without tb_nanwatch's diagnosis: train each case beside the
+"""Ground truth for fresh_cases.py (or fresh2_cases.py), without tb_nanwatch's diagnosis: train each case beside the
 independent batch counter of run_eval.py and print what the counter saw.
 
-    .venv/bin/python bench/eval_causes/check_counter.py [--only NAME,...] [--json FILE]
+    .venv/bin/python bench/eval_causes/check_counter.py [--suite fresh|fresh2] [--only NAME,...]
+        [--json FILE]
 
 For each case: its intended cause, the counter's first bad global batch and what went non-finite
 there (the loss, or which model/optimizer variable), the mean loss of the first and of the last
@@ -22,8 +23,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import fresh2_cases  # noqa: E402
 import fresh_cases  # noqa: E402
 import run_eval  # noqa: E402
+
+SUITES = {"fresh": fresh_cases, "fresh2": fresh2_cases}
 
 
 def verdict(c, r):
@@ -41,17 +45,19 @@ def verdict(c, r):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=sorted(SUITES), default="fresh", help="which batch")
     ap.add_argument("--only", help="comma-separated case names")
     ap.add_argument("--json", help="write the per-case results here")
     args = ap.parse_args(argv)
+    suite = SUITES[args.suite]
     only = set(args.only.split(",")) if args.only else None
-    unknown = (only or set()) - {c.name for c in fresh_cases.CASES}
+    unknown = (only or set()) - {c.name for c in suite.CASES}
     if unknown:
         ap.error("no such case: %s" % ", ".join(sorted(unknown)))
     base = tempfile.mkdtemp(prefix="fresh_counter_")
     results, t0 = [], time.time()
     try:
-        for c in fresh_cases.CASES:
+        for c in suite.CASES:
             if only and c.name not in only:
                 continue
             r = {"name": c.name, "cause": c.cause, "what": c.what}
