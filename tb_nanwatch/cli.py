@@ -510,7 +510,7 @@ def run_replay(args, out):
     import json
 
     import tb_nanwatch
-    from tb_nanwatch import bundle, failing_step
+    from tb_nanwatch import bundle, failing_step, replay_step
 
     if not os.path.isdir(args.run_dir):
         raise UsageError("%s: no such directory" % args.run_dir)
@@ -523,7 +523,7 @@ def run_replay(args, out):
         custom = {k: v for k, v in vars(module).items() if not k.startswith("_") and callable(v)}
     try:
         result = tb_nanwatch.replay(args.run_dir, custom_objects=custom).as_json()
-    except bundle.BundleError as e:
+    except (bundle.BundleError, replay_step.ReplayError) as e:
         raise UsageError(str(e))
     except (TypeError, ValueError) as e:
         if "Could not locate" not in str(e):

@@ -209,6 +209,14 @@ class Evidence:
         found = self.indices("loss")
         return found[0] if found else None
 
+    def output_sites(self):
+        """The model's outputs: the layers its watched targets are named after (the heads of a
+        multi-output model), else the last activation before the loss."""
+        named = {self.sites[i].get("tensor") for i in self.indices("target")} - {""}
+        heads = [i for i in self.indices("activation") if self.sites[i]["layer"] in named]
+        out = self.output_site()
+        return heads or ([out] if out is not None else [])
+
     def output_site(self):
         """The last activation before the loss: the model's output."""
         loss = self.loss_site()
@@ -323,9 +331,17 @@ def rule_unscaled_inputs(ev):
 
 
 def rule_unscaled_targets(ev):
-    loss, out = ev.loss_site(), ev.output_site()
-    if ev.first is None or loss is None or out is None or not len(ev.steps):
+    loss = ev.loss_site()
+    if ev.first is None or loss is None or not len(ev.steps):
         return None
+    for out in ev.output_sites():  # a multi-output model: each head and its targets
+        found = _unscaled_targets_at(ev, loss, out)
+        if found is not None:
+            return found
+    return None
+
+
+def _unscaled_targets_at(ev, loss, out):
     start = ev.steps[0]
     out_abs = ev.col("max_abs")[0, out]
     loss_value = ev.col("max_abs")[0, loss]
@@ -751,7 +767,11 @@ def rule_exploding_gradients(ev):
         measured = np.nonzero(
             np.isfinite(norms[:, grads]).all(axis=1) & (norms[:, grads] > 0).all(axis=1)
         )[0]
-        last, first = grads[0], grads[-1]
+        # The output's gradient: the heads' (of a multi-output model) largest, else the
+        # first in backward order.
+        heads = {ev.sites[i]["layer"] for i in ev.output_sites()}
+        outputs = [i for i in grads if ev.sites[i]["layer"] in heads] or grads[:1]
+        first = grads[-1]
         # At the first measured step the weights are as initialised: gradients that multiply
         # through the layers there explode by depth (a root cause, unless the initial weights
         # are too large, which is large_initial_weights'); at the last finite step weights that
@@ -764,6 +784,7 @@ def rule_exploding_gradients(ev):
             if not len(i):
                 continue
             i = i[0]
+            last = outputs[int(np.argmax(norms[i, outputs]))]
             ratio = norms[i, first] / norms[i, last]
             if ratio > GRADIENT_DEPTH_RATIO:
                 return Finding(

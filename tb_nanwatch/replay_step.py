@@ -223,9 +223,17 @@ def _step(model, optimizer, x, y, sample_weight, hooks, check):
                 return
     with tf.GradientTape() as tape:
         y_pred = model(x, training=True)
-        loss = model.compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
+        try:
+            loss = model.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+        except ValueError as e:
+            if "No loss to compute" not in str(e):
+                raise
+            raise ReplayError(
+                "the model has no compiled loss (its train_step computes one of its own): the "
+                "replay runs Keras' own step, compile(loss=...) to replay it"
+            ) from e
         loss = optimizer.scale_loss(loss)
     seen = []
     for path, t in hooks.outputs:

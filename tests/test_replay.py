@@ -124,6 +124,12 @@ def test_replay_errors_are_clear(tmp_path):
         match=r"model/hidden/kernel has shape \(6, 8\), the bundle.s \(4, 4\)",
     ):
         tb_nanwatch.replay(tmp_path, model=other)
+    # A model whose train_step computes its own loss: compile() has none to replay.
+    build, _, _, _, make_optimizer, _ = sc.log_of_zero()
+    own_loss = build()
+    own_loss.compile(optimizer=make_optimizer())
+    with pytest.raises(replay_module.ReplayError, match="no compiled loss"):
+        tb_nanwatch.replay(tmp_path, model=own_loss)
 
 
 def test_a_gradient_op_is_traced_back_to_the_forward_op_the_user_wrote(tmp_path):

@@ -121,3 +121,31 @@ def test_a_custom_add_weight_is_judged_as_a_matrix(tmp_path):
     cause, site = first_cause(rd)
     assert cause["cause"] == "large_initial_weights", diagnosis.diagnose(rd)
     assert (site["tensor"], site["role"]) == ("mixing", "matrix")
+
+
+class LinearCell(keras.layers.Layer):
+    """A custom RNN cell that keeps its weights under attributes of its own, named by role."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.state_size = units, units
+
+    def build(self, input_shape):
+        self.w_in = self.add_weight(name="kernel", shape=(input_shape[-1], self.units))
+        self.w_state = self.add_weight(
+            name="recurrent_kernel", shape=(self.units, self.units), initializer="orthogonal"
+        )
+
+    def call(self, x, states):
+        h = x @ self.w_in + states[0] @ self.w_state
+        return h, [h]
+
+
+def test_a_custom_cells_weights_get_their_role_from_their_names(tmp_path):
+    """The writer knows a weight's role from the layer attribute that holds it, else from the
+    name it was given (the cell's `w_state` is its recurrent kernel)."""
+    layers = [L.Embedding(50, 4), L.RNN(LinearCell(8)), L.Dense(1)]
+    _, rd = train(tmp_path, layers, keras.optimizers.SGD(0.001), epochs=1)
+    roles = {s["tensor"]: s["role"] for s in rd.sites if s["kind"] == "weight"}
+    assert roles["recurrent_kernel"] == "recurrent_kernel"
+    assert roles["embeddings"] == "embedding"

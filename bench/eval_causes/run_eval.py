@@ -5,7 +5,8 @@
 
 The cases: cases.py (tune = even index in CASES, held-out = odd index), fresh_cases.py
 ("fresh": written by someone who had not read the rules while they were tuned) and
-fresh2_cases.py ("fresh 2": the same, written while the last change to the rules was made).
+fresh2_cases.py and fresh3_cases.py ("fresh 2", "fresh 3": the same, each written while a change
+to the rules was made).
 Each case trains into its own logdir with `NanWatchCallback` and, beside it, an independent
 batch counter (`FirstBadStep`): after every batch it checks the batch's loss and every model
 and optimizer variable for NaN/Inf, so the first bad step it records is the global batch whose
@@ -45,9 +46,13 @@ from tb_nanwatch import causes as causes_table  # noqa: E402
 
 def suites():
     """[(module, half of a case by its index)]: cases.py split by index into tune (even) and
-    held-out (odd); fresh_cases.py all "fresh", fresh2_cases.py all "fresh 2"."""
+    held-out (odd); fresh_cases.py all "fresh", fresh2_cases.py "fresh 2", fresh3 "fresh 3"."""
     found = [(cases_module, lambda i: "tune" if i % 2 == 0 else "held-out")]
-    for name, half in (("fresh_cases", "fresh"), ("fresh2_cases", "fresh 2")):
+    for name, half in (
+        ("fresh_cases", "fresh"),
+        ("fresh2_cases", "fresh 2"),
+        ("fresh3_cases", "fresh 3"),
+    ):
         try:
             module = __import__(name)
         except ImportError:
@@ -56,7 +61,7 @@ def suites():
     return found
 
 
-HALVES = ("tune", "held-out", "fresh", "fresh 2")
+HALVES = ("tune", "held-out", "fresh", "fresh 2", "fresh 3")
 
 BEGIN, END = "<!-- cause_evaluation:begin -->", "<!-- cause_evaluation:end -->"
 COMMAND = causes_table.EVALUATION_COMMAND
@@ -325,7 +330,8 @@ def summary_table(halves):
     lines += [
         "",
         "*tune*: the even cases of `cases.py`, which the rules were tuned on; *held-out*: its odd "
-        "cases; *fresh*, *fresh 2*: `fresh_cases.py`, `fresh2_cases.py`, written by people who "
+        "cases; *fresh*, *fresh 2*, *fresh 3*: `fresh_cases.py`, `fresh2_cases.py`, "
+        "`fresh3_cases.py`, written by people who "
         "had not read the rules (see the page's text for when each was first scored). "
         "*Its remedy*: of the "
         "blow-ups whose first cause (after the replay) has a remedy the replay could apply "
@@ -338,7 +344,7 @@ def summary_table(halves):
 
 def as_markdown(results, halves):
     lines = [BEGIN, "", summary_table(halves)]
-    for half in ("held-out", "fresh", "fresh 2"):
+    for half in ("held-out", "fresh", "fresh 2", "fresh 3"):
         shown = [r for r in results if r["half"] == half]
         if not shown:
             continue

@@ -9,7 +9,7 @@ producer; later ones are propagators.
 
 import tensorflow as tf
 
-from tb_nanwatch import summary
+from tb_nanwatch import stats, summary
 from tb_nanwatch.watch import flavour as flavours
 
 
@@ -135,7 +135,9 @@ def weight_role(layer, variable):
             continue
         if held is variable:
             return role
-    return "matrix" if len(variable.shape) >= 2 else "vector"
+    # A custom layer that keeps it under another attribute may still name it by its role
+    # (add_weight(name="recurrent_kernel")): the name, else the rank.
+    return stats.weight_role({"tensor": variable.name, "shape": list(variable.shape)})
 
 
 def _describe(tensors):
