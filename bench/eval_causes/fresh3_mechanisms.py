@@ -5,7 +5,10 @@ rate too high, independent of tb_nanwatch's diagnosis (plain Keras and run_eval'
   the ratio first / last hidden layer (growth layer over layer backward), and the RMS of the
   first and last hidden outputs;
 - the same training with the learning rate divided by 10 and by 100: an exploding gradient still
-  blows up at a sane (lower) rate; a learning rate that is too high does not.
+  blows up at a sane (lower) rate; a learning rate that is too high does not;
+- for the optimizer_state_overflow cases, the loss and the largest |gradient| on the first batch
+  at the initial weights: finite, and above sqrt(float32 max) = 1.8e19, so g^2 overflows in the
+  slot while the gradient it is built from is finite.
 
     .venv/bin/python bench/eval_causes/fresh3_mechanisms.py
 """
@@ -60,6 +63,40 @@ def gradient_profile(model, x, y):
     norms = [float(tf.norm(g)) if g is not None else float("nan") for g in grads]
     rms = [float(np.sqrt(np.mean(np.square(o)))) for o in outs[:-1]]
     return norms, rms
+
+
+SLOT_NAMES = ["slot_amsgrad_fixed_sigma", "slot_rmsprop_inverse_target_variance"]
+
+
+def slot_gradients():
+    import keras
+    import tensorflow as tf
+
+    saved = fresh3_cases._fit
+    for name in SLOT_NAMES:
+        c = next(c for c in fresh3_cases.CASES if c.name == name)
+        got = {}
+
+        def probe(model, x, y=None, logdir=None, callbacks=(), **kw):
+            first = lambda a: [v[:32] for v in a] if isinstance(a, (list, tuple)) else a[:32]  # noqa: E731
+            xb, yb = first(x), first(y)
+            with tf.GradientTape() as tape:
+                loss = model.compute_loss(x=xb, y=yb, y_pred=model(xb, training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            got["loss"] = float(loss)
+            got["gmax"] = max(float(tf.reduce_max(tf.abs(g))) for g in grads)
+
+        fresh3_cases._fit = probe
+        try:
+            keras.utils.set_random_seed(1234)
+            c.fn(None, [])
+        finally:
+            fresh3_cases._fit = saved
+        print(
+            "%-38s loss %.3g, largest |gradient| %.3g: finite %s, g^2 above float32's max %s"
+            % (name, got["loss"], got["gmax"], got["gmax"] < float("inf"), got["gmax"] > 1.8e19),
+            flush=True,
+        )
 
 
 def main():
@@ -120,3 +157,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    slot_gradients()
