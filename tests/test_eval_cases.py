@@ -70,3 +70,26 @@ def test_the_second_fresh_batch_covers_every_blow_up_cause_twice():
     assert counts[None] >= 8
     with open(os.path.join(here, "fresh2_cases.py")) as f:
         assert "\nUNDO = False\n" in f.read()
+
+
+def test_the_third_fresh_batch_covers_every_blow_up_cause_twice():
+    """fresh3_cases.py, written after the three other files and apart from them: two blow-ups
+    per blow-up cause, at least 8 healthy runs, at most 2 custom train_steps, names unique
+    across all four files, and the counterfactual switch off."""
+    here = os.path.join(ROOT, "bench", "eval_causes")
+    fresh3 = load_cases("fresh3_cases")
+    others = load_cases() + load_cases("fresh_cases") + load_cases("fresh2_cases")
+    names = {c.name for c in fresh3} | {c.name for c in others}
+    assert len(names) == len(fresh3) + len(others), "case names must be unique"
+    counts = {}
+    for c in fresh3:
+        assert c.cause is None or c.cause in causes.CAUSE_IDS
+        assert callable(c.fn) and c.what
+        counts[c.cause] = counts.get(c.cause, 0) + 1
+    blowup = [c.id for c in causes.CAUSES if c.blowup]
+    assert all(counts.get(cause, 0) >= 2 for cause in blowup), counts
+    assert counts[None] >= 8
+    with open(os.path.join(here, "fresh3_cases.py")) as f:
+        source = f.read()
+    assert "\nUNDO = False\n" in source
+    assert source.count("def train_step(") <= 2

@@ -1,7 +1,7 @@
-"""Ground truth for fresh_cases.py (or fresh2_cases.py), without tb_nanwatch's diagnosis: train each case beside the
+"""Ground truth for fresh_cases.py (or fresh2_cases.py, fresh3_cases.py), without tb_nanwatch's diagnosis: train each case beside the
 independent batch counter of run_eval.py and print what the counter saw.
 
-    .venv/bin/python bench/eval_causes/check_counter.py [--suite fresh|fresh2] [--only NAME,...]
+    .venv/bin/python bench/eval_causes/check_counter.py [--suite fresh|fresh2|fresh3] [--only NAME,...]
         [--json FILE]
 
 For each case: its intended cause, the counter's first bad global batch and what went non-finite
@@ -24,10 +24,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import fresh2_cases  # noqa: E402
+import fresh3_cases  # noqa: E402
 import fresh_cases  # noqa: E402
 import run_eval  # noqa: E402
 
-SUITES = {"fresh": fresh_cases, "fresh2": fresh2_cases}
+SUITES = {"fresh": fresh_cases, "fresh2": fresh2_cases, "fresh3": fresh3_cases}
 
 
 def verdict(c, r):
