@@ -108,8 +108,13 @@ def watched_variables(model, optimizers):
         flavour = flavours.of_optimizer(optimizer)
         if flavour.built(optimizer):
             for per_variable in flavour.variable_slots(optimizer, variables):
-                out.extend(slot for _, slot in per_variable if slot is not None)
+                out.extend(slot for _, slot in per_variable if _float_slot(slot))
     return out
+
+
+def _float_slot(slot):
+    """A slot with statistics to take: Adafactor keeps int32 placeholders for 1-D weights."""
+    return slot is not None and tf.as_dtype(slot.dtype).is_floating
 
 
 # Layer attributes that hold a weight of a known role (stats.WEIGHT_ROLES).
@@ -257,6 +262,8 @@ def build(trace, model_name, layer_order, kinds, flavour=flavours.KERAS3):
         for v, variable_slots in zip(variables, slots):
             path, name = owner.get(id(v), model_name), flavour.variable_name(v)
             for slot_name, slot in variable_slots:
+                if not _float_slot(slot):
+                    continue
                 add(
                     path,
                     "optimizer_state",
