@@ -206,10 +206,13 @@ def build(trace, model_name, layer_order, kinds, flavour=flavours.KERAS3):
     if trace.losses or "loss" in kinds:
         add(model_name, "loss", "", lambda tr: tr.losses, *_describe(trace.losses))
 
+    # A variable without a gradient in the apply (a train_step that built its gradient list
+    # before the model was built) has no weight_grad site; its slots and value still do.
     applied = [
         (i, j, v)
-        for i, (_, _, variables) in enumerate(trace.applies)
+        for i, (_, grads, variables) in enumerate(trace.applies)
         for j, v in enumerate(variables)
+        if j < len(grads)
     ]
     recorded = {layer_of(call) for call in forward}
     owner, role = {}, {}
