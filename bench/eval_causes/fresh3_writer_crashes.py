@@ -1,16 +1,16 @@
-"""Two trainings that crash inside tb_nanwatch's writer (not Keras), found while writing
-fresh3_cases.py and left out of that batch (a scored case must not crash):
+"""Two trainings that crashed inside tb_nanwatch's writer (not Keras), found while writing
+fresh3_cases.py and left out of that batch (a scored case must not crash); both are fixed:
 
 - `adafactor`: keras.optimizers.Adafactor keeps int32 placeholder variables for the factored
-  moments of 1-D weights (named "bias", shape ()); the initial snapshot runs IsFinite on them:
-  InvalidArgumentError "Value for attr 'T' of int32 is not in the list of allowed values".
-- `accumulation`: a custom train_step that takes one GradientTape per micro-batch (4 per step)
-  and applies the averaged gradients once: IndexError in the gradient getter of sites.py
-  (`tr.applies[i][1][j]`).
+  moments of 1-D weights; the initial snapshot ran IsFinite on them (InvalidArgumentError).
+  Now such slots are not sites: it trains (tests/test_models.py, case `adafactor`).
+- `accumulation`: a custom train_step that takes one GradientTape per micro-batch and applies
+  the averaged gradients once, on a subclassed model not built before fit: its first trace
+  applies an empty gradient list, and the writer raised IndexError in a gradient getter. Now
+  it fails with Keras' own error, as plain fit does (tests/test_custom_steps.py).
 
     .venv/bin/python bench/eval_causes/fresh3_writer_crashes.py   # prints each case's outcome
-
-Both train without the callback (checked by passing `--plain`).
+    .venv/bin/python bench/eval_causes/fresh3_writer_crashes.py --plain   # without the callback
 """
 
 import sys
