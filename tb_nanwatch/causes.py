@@ -162,7 +162,9 @@ CAUSES = (
         "The producer is the loss (with NaN or -Inf, or +Inf without a loss above %s before it) while "
         "every site before it, the model's output included, was finite and, for +Inf, below %s in "
         "magnitude (a larger output overflows any loss: that is growth, not the formula): e.g. log(0) "
-        "of a saturated sigmoid." % (_x(HUGE_LOSS), _x(OVERFLOWED_OUTPUT)),
+        "of a saturated sigmoid. (A loss that is finite while its gradient is not, e.g. sqrt of a "
+        "distance that is 0, is `domain_error`: its remedy is the op's.)"
+        % (_x(HUGE_LOSS), _x(OVERFLOWED_OUTPUT)),
         "Use Keras' own loss, which is computed stably from the logits "
         '(`loss="binary_crossentropy"`, or `keras.losses.BinaryCrossentropy(from_logits=True)` on a '
         "linear output), or keep a hand-written loss away from its singularities: "
@@ -236,7 +238,8 @@ CAUSES = (
         "An optimizer slot passes the dtype's largest value",
         "The producer is an optimizer slot (e.g. Adam's velocity, the running mean of g^2) that went "
         "+Inf or NaN while the weight gradient it is built from was finite: g^2 overflows when "
-        "|g| > sqrt(largest value) (1.8e19 in float32).",
+        "|g| > sqrt(largest value) (1.8e19 in float32). A slot that went NaN, no Inf, while g^2 was "
+        "below the largest value did not overflow: that is `optimizer_zero_division`.",
         "Bound the gradients before they reach the slots: `keras.optimizers.Adam(clipnorm=1.0)`; and "
         "remove what makes them huge (unscaled inputs or targets, a loss summed instead of averaged).",
         True,
@@ -247,10 +250,13 @@ CAUSES = (
         "The producer is a weight that went NaN at its update while its gradient and the optimizer "
         "slots it is updated from were finite: an adaptive optimizer (Adam, RMSprop, Adagrad, Nadam, "
         "Adamax ...) with `epsilon=0` computes m / sqrt(v) = 0 / 0 on the elements that never had a "
-        "gradient (an embedding row no batch used, a dead ReLU unit, a feature that is always 0). The "
+        "gradient (an embedding row no batch used, a dead ReLU unit, a feature that is always 0). Or "
+        "the producer is an optimizer slot that went NaN, no Inf, while its gradient was finite "
+        "with g^2 below the dtype's largest value: nothing overflowed, so the slot's update divided "
+        "0 by 0 (Adadelta's sqrt(delta + epsilon) / sqrt(accumulator + epsilon) with both 0). The "
         "evidence quotes the share of the gradient that was exactly 0 at that step.",
         "Keep the optimizer's epsilon above 0: `keras.optimizers.Adam(epsilon=1e-7)` (Keras' default), "
-        "also for `RMSprop`, `Adagrad`, `Nadam` and `Adamax`.",
+        "also for `RMSprop`, `Adagrad`, `Adadelta`, `Nadam` and `Adamax`.",
         True,
     ),
     Cause(

@@ -956,10 +956,43 @@ def rule_recurrent_explosion(ev):
     return Finding(score, text, [out, kernel], [ev.steps[i]])
 
 
+def _slot_without_overflow(ev):
+    """(slot site, its gradient site, largest |g|) when the producer is an optimizer slot that
+    went NaN, no Inf, while its weight's gradient was finite with g^2 far below the dtype's
+    largest value: nothing overflowed, so the update divided 0 by 0; else None."""
+    if ev.producer is None:
+        return None
+    site = ev.sites[ev.producer]
+    if site["kind"] != "optimizer_state" or not ev.first.get("nan"):
+        return None
+    if ev.first.get("posinf") or ev.first.get("neginf"):
+        return None
+    grad = ev.data.site_index(site["layer"], "weight_grad", site.get("tensor", "").split("/")[-1])
+    if grad is None:
+        return None
+    g = ev.at(ev.until, "max_abs", grad)
+    limit = (dtype_limits(site.get("dtype", "float32")) or dtype_limits("float32"))[0]
+    if not (np.isfinite(g) and g * g < limit):
+        return None
+    return ev.producer, grad, g
+
+
 def rule_optimizer_zero_division(ev):
     if ev.producer is None:
         return None
     site = ev.sites[ev.producer]
+    in_slot = _slot_without_overflow(ev)
+    if in_slot is not None:
+        slot, grad, g = in_slot
+        return Finding(
+            0.8,
+            "%s went %s at step %d while its gradient (%s) was finite, largest |g| %s, far "
+            "from overflowing: the update divided 0 by 0 (an epsilon of 0 where the gradient "
+            "and the slots are 0)"
+            % (ev.label(slot), ev.counts_words(ev.first), ev.until, ev.label(grad), _g(g)),
+            [slot, grad],
+            [ev.until],
+        )
     if site["kind"] != "weight" or not ev.first.get("nan") or ev.first.get("posinf"):
         return None
     tensor = site.get("tensor", "")
@@ -996,8 +1029,8 @@ def rule_optimizer_zero_division(ev):
 
 
 def rule_optimizer_state_overflow(ev):
-    if ev.producer is None:
-        return None
+    if ev.producer is None or _slot_without_overflow(ev) is not None:
+        return None  # a NaN slot with a small gradient: optimizer_zero_division
     site = ev.sites[ev.producer]
     if site["kind"] != "optimizer_state" or not (ev.first.get("posinf") or ev.first.get("nan")):
         return None

@@ -666,3 +666,18 @@ def test_growth_is_read_from_where_it_starts_after_a_warm_up():
     run.blow_up(30, run.index("dense_1", "activation"))
     f = first_finding(run)
     assert f["cause"] == "learning_rate_too_high" and "x1.6 a step" in f["evidence"]
+
+
+def test_a_nan_slot_with_a_small_gradient_divided_zero_by_zero():
+    """Adadelta with epsilon=0: its delta accumulator goes NaN (0/0) while the gradient is
+    0.07 at most; nothing overflowed, so it is not optimizer_state_overflow."""
+    run = Run()
+    run.set(run.index("dense", "weight_grad", "kernel"), at=0, max_abs=0.0677)
+    run.blow_up(0, run.index("dense", "optimizer_state", "velocity/kernel"), kind="nan", count=8)
+    f = first_finding(run)
+    assert f["cause"] == "optimizer_zero_division" and "largest |g| 0.0677" in f["evidence"]
+    assert "optimizer_state_overflow" not in run.causes()
+    overflow = Run()
+    overflow.set(overflow.index("dense", "weight_grad", "kernel"), at=3, max_abs=1.85e19)
+    overflow.blow_up(3, overflow.index("dense", "optimizer_state", "velocity/kernel"), kind="nan")
+    assert overflow.causes()[0] == "optimizer_state_overflow"
