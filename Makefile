@@ -63,7 +63,7 @@ bench: $(STAMP)
 bench-plugin: $(STAMP)
 	$(BIN)/python bench/plugin_scale.py
 
-# How well the causes are named (docs/causes.md, docs/cause_evaluation.md): a few minutes.
+# How well the causes are named (docs/causes.md, docs/cause_evaluation.md): about 15 minutes.
 bench-causes: $(STAMP)
 	$(BIN)/python bench/eval_causes/run_eval.py --replay --out docs
 
