@@ -14,7 +14,7 @@ Same form as cases.py: each case is `fn(logdir, callbacks)`, a small real Keras 
 to do (None for a healthy run).  Nothing heavy is imported at import time.
 
 `UNDO = True` makes every blow-up build its counterfactual instead: the same training with the one
-thing its cause names undone (fresh3_counterfactuals.py runs them; the scored batch never does).
+thing its cause names undone (`counterfactuals.py --suite fresh3` runs them; the scored batch never does).
 """
 
 import os

@@ -1,15 +1,19 @@
-"""Counterfactuals for the fresh3_cases.py blow-ups, independent of tb_nanwatch's diagnosis: each
-blow-up trained again with `fresh3_cases.UNDO = True` (the one thing its cause names undone: a 10x
+"""Counterfactuals for the blow-ups of fresh2_cases.py or fresh3_cases.py, independent of
+tb_nanwatch's diagnosis: each blow-up trained again with the suite's `UNDO = True` (the one thing
+its cause names undone: a 10x
 lower rate, epsilon > 0 / a non-zero accumulator, standardised data, He init or a zero-init
 residual branch, float32, a guarded op, gain < 1) must stay finite per run_eval's batch counter.
 
-    .venv/bin/python bench/eval_causes/fresh3_counterfactuals.py [--only NAME,...]
+    .venv/bin/python bench/eval_causes/counterfactuals.py --suite fresh3 [--only NAME,...]
+
+(fresh_cases.py has its own, fresh_counterfactuals.py: its cases have no UNDO switch.)
 
 Prints, per case, the counter's first bad step as built and as undone; exit 1 when a case does
 not blow up as built or does not stay finite once undone.
 """
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -17,26 +21,27 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import fresh3_cases  # noqa: E402
 import run_eval  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=("fresh2", "fresh3"), required=True)
     ap.add_argument("--only", help="comma-separated case names")
     args = ap.parse_args(argv)
+    suite = importlib.import_module(args.suite + "_cases")
     only = set(args.only.split(",")) if args.only else None
     failed = []
-    for c in fresh3_cases.CASES:
+    for c in suite.CASES:
         if c.cause is None or (only and c.name not in only):
             continue
         row = {}
         for undo in (False, True):
-            fresh3_cases.UNDO = undo
+            suite.UNDO = undo
             try:
-                row[undo] = run_eval.train_case(c, tempfile.mkdtemp(prefix="fresh3_cf_"))
+                row[undo] = run_eval.train_case(c, tempfile.mkdtemp(prefix="%s_cf_" % args.suite))
             finally:
-                fresh3_cases.UNDO = False
+                suite.UNDO = False
         built, undone = row[False], row[True]
         ok = (
             built["counter_first_bad"] is not None
