@@ -14,15 +14,41 @@ import collections
 
 Case = collections.namedtuple("Case", ["name", "cause", "fn", "what"])
 
+
+def registry(found):
+    """A `@case(cause, what)` decorator that appends each case to the list `found` (every
+    suite keeps a `CASES` of its own)."""
+
+    def case(cause, what):
+        def register(fn):
+            found.append(Case(fn.__name__, cause, fn, what))
+            return fn
+
+        return register
+
+    return case
+
+
+class policy:
+    """A global dtype policy for the duration of a case (float32 again after it, even when the
+    case fails)."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        import keras
+
+        keras.mixed_precision.set_global_policy(self.name)
+
+    def __exit__(self, *exc):
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+
+
 CASES = []
-
-
-def case(cause, what):
-    def register(fn):
-        CASES.append(Case(fn.__name__, cause, fn, what))
-        return fn
-
-    return register
+case = registry(CASES)
 
 
 def _tf():

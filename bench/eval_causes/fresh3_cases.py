@@ -22,7 +22,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cases import Case, _fit, _tf  # noqa: E402
+from cases import _fit, _tf, registry  # noqa: E402
+from cases import policy as _policy
 
 CASES = []
 
@@ -30,29 +31,7 @@ CASES = []
 UNDO = False
 
 
-def case(cause, what):
-    def register(fn):
-        CASES.append(Case(fn.__name__, cause, fn, what))
-        return fn
-
-    return register
-
-
-class _policy:
-    """A dtype policy for the duration of a case (restored even when the case fails)."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        import keras
-
-        keras.mixed_precision.set_global_policy(self.name)
-
-    def __exit__(self, *exc):
-        import keras
-
-        keras.mixed_precision.set_global_policy("float32")
+case = registry(CASES)
 
 
 def _graph(np, rng, nodes, degree, isolated=()):
