@@ -135,6 +135,11 @@ def dtype_limits(dtype):
     return float(info.max), float(info.tiny)
 
 
+def largest_value(site):
+    """The largest finite value of a site's dtype (float32's for an unknown one)."""
+    return (dtype_limits(site.get("dtype") or "float32") or dtype_limits("float32"))[0]
+
+
 def _site_json(site):
     return {"layer": site["layer"], "kind": site["kind"], "tensor": site.get("tensor", "")}
 
@@ -203,6 +208,26 @@ class Evidence:
             i
             for i, s in enumerate(self.sites)
             if s["kind"] == kind and (not multiplying_only or _multiplies(s))
+        ]
+
+    def gradient_of(self, site):
+        """The weight_grad site of a weight, or of one of its optimizer slots
+        (`velocity/kernel`), or None."""
+        s = self.sites[site]
+        tensor = s.get("tensor", "")
+        if s["kind"] == "optimizer_state":
+            tensor = tensor.split("/")[-1]
+        return self.data.site_index(s["layer"], "weight_grad", tensor)
+
+    def slots_of(self, site):
+        """The optimizer slot sites of a weight site."""
+        s = self.sites[site]
+        name = s.get("tensor", "").split("/")[-1]
+        return [
+            i
+            for i in self.indices("optimizer_state")
+            if self.sites[i]["layer"] == s["layer"]
+            and self.sites[i].get("tensor", "").split("/")[-1] == name
         ]
 
     def loss_site(self):
@@ -355,16 +380,14 @@ def _unscaled_targets_at(ev, loss, out):
         and not ev.first.get("neginf", 0)
     )
     if overflowed:
-        limit = dtype_limits(ev.sites[loss].get("dtype") or "float32") or dtype_limits("float32")
-        if not out_abs < OUTPUT_VS_LOSS * math.sqrt(limit[0]) or not _targets_can_make(
-            ev, limit[0]
-        ):
+        limit = largest_value(ev.sites[loss])
+        if not out_abs < OUTPUT_VS_LOSS * math.sqrt(limit) or not _targets_can_make(ev, limit):
             return None  # the output overflows the loss by itself, or the targets are small
         return Finding(
             0.9,
             "the loss overflowed to +Inf at step %d, the first step, while the model's output "
             "(%s) was at most %s in magnitude: the targets are beyond %s"
-            % (start, ev.label(out), _g(out_abs), _g(math.sqrt(limit[0])))
+            % (start, ev.label(out), _g(out_abs), _g(math.sqrt(limit)))
             + _measured_targets(ev),
             [loss, out],
             [start],
@@ -852,9 +875,7 @@ def _update_jump(ev):
     if best is None:
         return None
     jump, site, was, when, i = best
-    grad = ev.data.site_index(
-        ev.sites[site]["layer"], "weight_grad", ev.sites[site].get("tensor", "")
-    )
+    grad = ev.gradient_of(site)
     text = "one update multiplied the norm of %s by %s: from %s %s to %s at step %d" % (
         ev.label(site),
         _g(jump),
@@ -967,12 +988,11 @@ def _slot_without_overflow(ev):
         return None
     if ev.first.get("posinf") or ev.first.get("neginf"):
         return None
-    grad = ev.data.site_index(site["layer"], "weight_grad", site.get("tensor", "").split("/")[-1])
+    grad = ev.gradient_of(ev.producer)
     if grad is None:
         return None
     g = ev.at(ev.until, "max_abs", grad)
-    limit = (dtype_limits(site.get("dtype", "float32")) or dtype_limits("float32"))[0]
-    if not (np.isfinite(g) and g * g < limit):
+    if not (np.isfinite(g) and g * g < largest_value(site)):
         return None
     return ev.producer, grad, g
 
@@ -995,16 +1015,10 @@ def rule_optimizer_zero_division(ev):
         )
     if site["kind"] != "weight" or not ev.first.get("nan") or ev.first.get("posinf"):
         return None
-    tensor = site.get("tensor", "")
-    grad = ev.data.site_index(site["layer"], "weight_grad", tensor)
+    grad = ev.gradient_of(ev.producer)
     if grad is None or not np.isfinite(ev.at(ev.until, "max_abs", grad)):
         return None
-    slots = [
-        i
-        for i in ev.indices("optimizer_state")
-        if ev.sites[i]["layer"] == site["layer"]
-        and ev.sites[i].get("tensor", "").split("/")[-1] == tensor.split("/")[-1]
-    ]
+    slots = ev.slots_of(ev.producer)
     if any(not np.isfinite(ev.at(ev.until, "max_abs", i)) for i in slots):
         return None
     zeros = ev.at(ev.until, "zero_frac", grad)
@@ -1034,20 +1048,19 @@ def rule_optimizer_state_overflow(ev):
     site = ev.sites[ev.producer]
     if site["kind"] != "optimizer_state" or not (ev.first.get("posinf") or ev.first.get("nan")):
         return None
-    tensor = site.get("tensor", "").split("/")[-1]
-    grad = ev.data.site_index(site["layer"], "weight_grad", tensor)
+    grad = ev.gradient_of(ev.producer)
     text = "%s went %s at step %d" % (ev.label(ev.producer), ev.counts_words(ev.first), ev.until)
     sites = [ev.producer]
-    limits = dtype_limits(site.get("dtype", "float32")) or dtype_limits("float32")
+    limit = largest_value(site)
     if grad is not None:
         g = ev.at(ev.until, "max_abs", grad)
         if np.isfinite(g):
             text += " while its gradient (%s) was finite, largest |g| %s" % (ev.label(grad), _g(g))
-            if g * g > limits[0]:
+            if g * g > limit:
                 text += ": g^2 = %s passes %s's largest value %s" % (
                     _g(g * g),
                     site.get("dtype", "float32"),
-                    _g(limits[0]),
+                    _g(limit),
                 )
             sites.append(grad)
     return Finding(0.7, text, sites, [ev.until])
