@@ -186,6 +186,14 @@ class Evidence:
         self.steps = view.timeline_steps
         self.before = view.before
         self.events = view.events
+        self._findings = {}
+
+    def finding(self, cause_id):
+        """RULES[cause_id]'s Finding on this evidence, or None; each rule runs once (a rule
+        that defers to another asks here)."""
+        if cause_id not in self._findings:
+            self._findings[cause_id] = RULES[cause_id](self)
+        return self._findings[cause_id]
 
     def col(self, name):
         """[n_steps, n_sites] of one statistic over the timeline."""
@@ -523,14 +531,21 @@ def _init_limit(site):
 def _time_steps(ev, site):
     """The sequence length a recurrent kernel runs over: the time axis of the input of the layer
     that owns its cell (the site before that layer's output, [batch, time, features]), or 1."""
-    layer = ev.sites[site]["layer"]
-    outer = [layer, layer.rpartition("/")[0]]
-    out = [i for i in ev.indices("activation") if ev.sites[i]["layer"] in outer]
-    prev = [
-        i for i in range(out[0] if out else 0) if ev.sites[i]["kind"] in ("input", "activation")
-    ]
-    shape = ev.sites[prev[-1]].get("shape") or [] if prev else []
+    _, prev = _cell_output(ev, site)
+    shape = ev.sites[prev].get("shape") or [] if prev is not None else []
     return int(shape[1]) if len(shape) == 3 and shape[1] and shape[1] > 1 else 1
+
+
+def _cell_output(ev, site):
+    """(the output site of the layer that owns weight `site`'s cell, the input or activation
+    site before it); (None, None) when the layer's output is not watched."""
+    layer = ev.sites[site]["layer"]
+    outer = (layer, layer.rpartition("/")[0])
+    out = [i for i in ev.indices("activation") if ev.sites[i]["layer"] in outer]
+    if not out:
+        return None, None
+    prev = [i for i in range(out[0]) if ev.sites[i]["kind"] in ("input", "activation")]
+    return out[0], prev[-1] if prev else None
 
 
 def _initial_rms(ev, site):
@@ -706,8 +721,8 @@ def rule_domain_error(ev):
         return None  # reduced_precision_overflow
     if _half_overflow_op(ev) is not None:
         return None  # a half-precision layer that overflows first: Inf / Inf made the NaN
-    if any(out == ev.producer for _, out, _ in _recurrent_layers(ev)) and rule_recurrent_explosion(
-        ev
+    if any(out == ev.producer for _, out, _ in _recurrent_layers(ev)) and ev.finding(
+        "recurrent_explosion"
     ):
         return None  # a recurrent state that exploded through time: Inf - Inf made the NaN
     headroom = ev.finite_before("headroom")[:, ev.producer]
@@ -799,7 +814,7 @@ def rule_exploding_gradients(ev):
         # through the layers there explode by depth (a root cause, unless the initial weights
         # are too large, which is large_initial_weights'); at the last finite step weights that
         # grew may be what multiplies them (a symptom, ranked lower).
-        at_start = 0.8 if rule_large_initial_weights(ev) is None else 0.6
+        at_start = 0.8 if ev.finding("large_initial_weights") is None else 0.6
         for i, score, when in (
             (measured[:1], at_start, ", before the weights could grow,"),
             (measured[-1:], 0.6, ""),
@@ -897,13 +912,9 @@ def _recurrent_layers(ev):
     for site in ev.indices("weight"):
         if stats.weight_role(ev.sites[site]) != "recurrent_kernel":
             continue
-        layer = ev.sites[site]["layer"]
-        outer = (layer, layer.rpartition("/")[0])
-        out = [i for i in ev.indices("activation") if ev.sites[i]["layer"] in outer]
-        if not out:
-            continue
-        prev = [i for i in range(out[0]) if ev.sites[i]["kind"] in ("input", "activation")]
-        found.append((site, out[0], prev[-1] if prev else None))
+        out, prev = _cell_output(ev, site)
+        if out is not None:
+            found.append((site, out, prev))
     return found
 
 
@@ -920,10 +931,10 @@ def rule_recurrent_explosion(ev):
     max_abs = ev.col("max_abs")
     nonfinite = ev.nonfinite()
     best = None
+    rows = np.nonzero(ev.steps <= ev.until)[0]
     for kernel, out, prev in _recurrent_layers(ev):
         # Where the state first exploded: the producer, or a row before the blow-up whose output
         # is RECURRENT_STATE x its input.
-        rows = np.nonzero(ev.steps <= ev.until)[0]
         for i in rows:
             inp = max_abs[i, prev] if prev is not None else float("nan")
             if not (np.isfinite(inp) and not nonfinite[i, prev]):
@@ -1240,7 +1251,7 @@ def diagnose(run_data, replay=None):
     for order, cause in enumerate(causes.CAUSES):
         if cause.blowup and ev.first is None:
             continue
-        finding = RULES[cause.id](ev)
+        finding = ev.finding(cause.id)
         if replay is not None:
             finding = _with_replay(ev, replay, cause.id, finding)
         if finding is None:
