@@ -29,6 +29,7 @@ import re
 import numpy as np
 
 from tb_nanwatch import bundle as bundle_module
+from tb_nanwatch import stats
 
 logger = logging.getLogger("tb_nanwatch.replay")
 
@@ -407,15 +408,20 @@ def _optimizer_of(optimizer):
     return getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
 
 
-def _clip_gradients(ctx):
+def _clipping(ctx, global_clipnorm=None, clipvalue=None):
+    """The optimizer's clipping set to these (the others off); the undo puts all three back."""
     opt = _optimizer_of(ctx["optimizer"])
     saved = (opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
-    opt.clipnorm, opt.global_clipnorm, opt.clipvalue = None, 1.0, None
+    opt.clipnorm, opt.global_clipnorm, opt.clipvalue = None, global_clipnorm, clipvalue
 
     def undo():
         opt.clipnorm, opt.global_clipnorm, opt.clipvalue = saved
 
     return undo
+
+
+def _clip_gradients(ctx):
+    return _clipping(ctx, global_clipnorm=1.0)
 
 
 def _lower_learning_rate(ctx):
@@ -473,14 +479,7 @@ def _model_in_float32(ctx):
 def _clip_values(ctx):
     """Each gradient element to [-1, 1]: no square is computed, where a global norm of gradients
     beyond 1e19 overflows float32 itself."""
-    opt = _optimizer_of(ctx["optimizer"])
-    saved = (opt.clipnorm, opt.global_clipnorm, opt.clipvalue)
-    opt.clipnorm, opt.global_clipnorm, opt.clipvalue = None, None, 1.0
-
-    def undo():
-        opt.clipnorm, opt.global_clipnorm, opt.clipvalue = saved
-
-    return undo
+    return _clipping(ctx, clipvalue=1.0)
 
 
 def _standardise_inputs(ctx):
@@ -593,9 +592,8 @@ def _try(model, optimizer, loaded, ctx, apply):
     return True, not found, found[0] if found else None
 
 
-# Where a replayed step can go non-finite before the optimizer's update: a remedy of the update
-# (clipping, the learning rate, epsilon) cannot change it at that step.
-FORWARD_KINDS = ("input", "target", "sample_weight", "activation", "loss")
+# A remedy of the update (clipping, the learning rate, epsilon) cannot change a step that went
+# non-finite in its forward pass (stats.PHASES).
 UPDATE_REMEDIES = (_clip_gradients, _clip_values, _lower_learning_rate, _adam_epsilon)
 FORWARD_FAILURE = (
     "the step went non-finite in its forward pass, before the update this changes: a replay of "
@@ -615,7 +613,7 @@ def try_remedies(
     out = []
 
     def record(cause, words, apply):
-        if kind in FORWARD_KINDS and apply in UPDATE_REMEDIES:
+        if stats.PHASES.get(kind) == "forward" and apply in UPDATE_REMEDIES:
             out.append(
                 {
                     "cause": cause,

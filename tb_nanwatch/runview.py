@@ -24,7 +24,6 @@ from tb_nanwatch import eventfile, metadata, runfiles, stats, timeline, validati
 
 LOSS_SCALE_SKIP = "loss_scale_skip"
 EARLY_WARNING = "early_warning"
-GRADIENT_KINDS = ("activation_grad", "weight_grad")
 FIRST_NONFINITE_FIELDS = ("step", "layer", "kind", "tensor", "nan", "posinf", "neginf")
 # A re-run into the same directory starts a new writer session when a row's step is not
 # past the last one's; the same step again within this many seconds is one writer writing
@@ -297,7 +296,7 @@ class RunBuilder:
     def _eligible(self):
         if not self._skips():
             return None
-        return np.array([s["kind"] not in GRADIENT_KINDS for s in self.sites], dtype=bool)
+        return np.array([s["kind"] not in stats.GRADIENT_KINDS for s in self.sites], dtype=bool)
 
     def _add_flight(self, tag, step, wall, array):
         self._flight_pending.append((tag, step, wall, array, None, None))
@@ -791,7 +790,7 @@ def _first_from_rows(view):
     # Steps the LossScaleOptimizer skipped hold non-finite gradients by design: without
     # the record, a run with skips can only be judged by its other sites.
     eligible = np.array(
-        [not (skipped and s["kind"] in GRADIENT_KINDS) for s in view.sites], dtype=bool
+        [not (skipped and s["kind"] in stats.GRADIENT_KINDS) for s in view.sites], dtype=bool
     )
     if not len(view.timeline_steps) or not len(view.sites):
         return None
